@@ -1,0 +1,156 @@
+/* Shared structs, limits and maps of the merbridge-py datapath.
+ *
+ * Every hook's .c file includes this header; the loader compiles them as one
+ * unit so the maps exist once. The Python mirror of these structs is
+ * merbridge_py/layout.py (tests/test_layout.py checks they agree).
+ *
+ * Mesh constants (MESH_*) come from the mesh profile as -D defines.
+ */
+#pragma once
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <linux/socket.h>
+
+#ifndef MESH_OUTBOUND_PORT
+#error "MESH_* constants are passed by the loader (merbridge_py/mesh.py)"
+#endif
+
+#define MAX_OUTBOUND_RULES 128
+#define MAX_INBOUND_RULES 128
+#define MAX_PODS 1024
+#define MAX_CONNECTIONS 65536
+
+/* SO_ORIGINAL_DST from linux/netfilter_ipv4.h; not pulled in to keep includes UAPI-only. */
+#define SOL_IP_LEVEL 0
+#define SO_ORIGINAL_DST_OPT 80
+
+/* Policy rules are first-match lists, in the order istio-iptables appends its
+ * nat rules for the same annotations; no match means "not captured". This
+ * mirrors the iptables chain exactly instead of re-deriving Istio's precedence
+ * in C. Addresses are network order, ports host order, port 0 = any port. */
+struct outbound_rule {
+    __u32 addr;
+    __u32 mask;
+    __u16 port;
+    __u8 capture;
+    __u8 pad;
+};
+
+struct inbound_rule {
+    __u16 port;
+    __u8 capture;
+    __u8 pad;
+};
+
+struct pod_policy {
+    __u32 pod_ip;            /* network order */
+    __u16 n_outbound;
+    __u16 n_inbound;
+    struct outbound_rule outbound[MAX_OUTBOUND_RULES];
+    struct inbound_rule inbound[MAX_INBOUND_RULES];
+};
+
+/* A connection seen from one of its ends: addresses network order, ports host
+ * order. original_dst keys use the client's view, sock_pairs keys each
+ * socket's own view (so a sender finds its peer by swapping the halves). */
+struct sock_tuple {
+    __u32 local_ip;
+    __u32 remote_ip;
+    __u16 local_port;
+    __u16 remote_port;
+};
+
+struct original_dst {
+    __u32 ip;      /* network order */
+    __u16 port;    /* host order */
+    __u16 pad;
+};
+
+/* Runtime switches, one entry in datapath_config. */
+struct datapath_config {
+    __u32 splice;  /* 0: redirect only, no sockhash insertion */
+};
+
+/* Counters, one slot each in the per-CPU array datapath_counters. */
+enum counter {
+    CNT_REDIRECT_OUTBOUND = 0,   /* app connect -> local outbound listener */
+    CNT_REDIRECT_INBOUND,        /* proxy connect -> same-node pod's inbound listener */
+    CNT_ORIGINAL_DST_ANSWERED,
+    CNT_ORIGINAL_DST_MISS,       /* not ours: the kernel's (conntrack) answer stands */
+    CNT_ORIGINAL_DST_REFUSED,    /* would have named the proxy's own listener: call failed */
+    CNT_SPLICE_MSGS,
+    CNT_SPLICE_BYTES,
+    CNT_SPLICE_MISS,             /* peer not in the sockhash: sent through TCP */
+    CNT_SOCKHASH_INSERT,
+    CNT_ERR_SOCKHASH_INSERT,
+    CNT_ERR_BIND,
+    CNT_ERR_MAP_UPDATE,
+    CNT_MAX,
+};
+
+/* pod_policy: which pods are accelerated, keyed by their network namespace's
+ * cookie. User space fills it, so a pod knows it is meshed from its first
+ * connection on (Merbridge learnt this by failing one connection). */
+BPF_HASH(pod_policy, __u64, struct pod_policy, MAX_PODS);
+/* local_pod_ip: pod IP -> netns cookie, for "is this destination a pod on this node". */
+BPF_HASH(local_pod_ip, __u32, __u64, MAX_PODS);
+/* connect_original_dst: socket cookie -> where the app meant to go, between
+ * connect() and the connection being established. Deleted when consumed or on
+ * close; LRU only as a backstop for connects that never reach the TCP stack. */
+BPF_TABLE("lru_hash", __u64, struct original_dst, connect_original_dst, MAX_CONNECTIONS);
+/* original_dst: the redirected connection's 4-tuple -> original destination,
+ * read by the proxy's getsockopt(SO_ORIGINAL_DST); deleted when the client closes. */
+BPF_TABLE("lru_hash", struct sock_tuple, struct original_dst, original_dst, MAX_CONNECTIONS);
+/* sock_pairs: sockets keyed by (local, remote) so a sender finds its peer. */
+BPF_SOCKHASH(sock_pairs, struct sock_tuple, MAX_CONNECTIONS);
+BPF_ARRAY(config, struct datapath_config, 1);
+BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
+
+/* bcc 0.26 declares bpf_get_socket_cookie as returning u32; the kernel returns u64. */
+static __u64 (*socket_cookie64)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+static __always_inline void count(__u32 slot, __u64 n)
+{
+    __u64 *value = counters.lookup(&slot);
+    if (value)
+        *value += n;   /* per-CPU slot: no atomics needed */
+}
+
+static __always_inline int is_loopback(__u32 ip_net)
+{
+    return (bpf_ntohl(ip_net) >> 24) == 127;
+}
+
+static __always_inline int splice_enabled(void)
+{
+    __u32 zero = 0;
+    struct datapath_config *cfg = config.lookup(&zero);
+    return cfg && cfg->splice;
+}
+
+/* First-match walk of a pod's outbound rules, as the ISTIO_OUTPUT chain does. */
+static __always_inline int outbound_captured(struct pod_policy *p, __u32 ip_net, __u16 port)
+{
+    for (int i = 0; i < MAX_OUTBOUND_RULES; i++) {
+        if (i >= p->n_outbound)
+            break;
+        struct outbound_rule *r = &p->outbound[i];
+        if ((ip_net & r->mask) == r->addr && (r->port == 0 || r->port == port))
+            return r->capture;
+    }
+    return 0;
+}
+
+/* First-match walk of a pod's inbound rules, as the ISTIO_INBOUND chain does. */
+static __always_inline int inbound_captured(struct pod_policy *p, __u16 port)
+{
+    for (int i = 0; i < MAX_INBOUND_RULES; i++) {
+        if (i >= p->n_inbound)
+            break;
+        struct inbound_rule *r = &p->inbound[i];
+        if (r->port == 0 || r->port == port)
+            return r->capture;
+    }
+    return 0;
+}

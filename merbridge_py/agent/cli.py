@@ -1,0 +1,135 @@
+"""`merbridge-py run`: the node agent (the DaemonSet's process)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from . import logs
+
+log = logging.getLogger("merbridge_py.agent")
+
+
+class InputError(click.ClickException):
+    """A bad input file: one line on stderr, exit code 2 like a usage error."""
+
+    exit_code = 2
+
+EXAMPLES = """
+\b
+examples:
+  # a simulated node: pods from a file, programs on a child cgroup
+  merbridge-py run --cgroup /sys/fs/cgroup/unified/mbp-tb/node1 --pods-file pods.json
+  # in a cluster (the DaemonSet): pods from the API server, NODE_NAME from the downward API
+  merbridge-py run --cgroup /sys/fs/cgroup --bpffs /sys/fs/bpf/merbridge-py --metrics-addr 0.0.0.0:15019
+  # print the exact eBPF program text that would be compiled, and exit
+  merbridge-py run --ebpf
+"""
+
+
+@click.command(epilog=EXAMPLES)
+@click.option("--cgroup", type=click.Path(path_type=Path), help="cgroup v2 directory whose processes are accelerated.")
+@click.option("--pods-file", type=click.Path(path_type=Path), help="Pods from this file (Pod, PodList; YAML or JSON) instead of the API server.")
+@click.option("--kubeconfig", type=click.Path(path_type=Path), help="Kubeconfig (default: in-cluster config).")
+@click.option("--node-name", envvar="NODE_NAME", help="This node's name (env NODE_NAME).")
+@click.option("--bpffs", type=click.Path(path_type=Path), default=Path("/sys/fs/bpf/merbridge-py"), show_default=True,
+              help="Directory on a bpffs for this agent's pins.")
+@click.option("--metrics-addr", default="127.0.0.1:15019", show_default=True, help="HOST:PORT for /metrics, /healthz, /readyz, /status.")
+@click.option("--mesh", default="istio", show_default=True, help="Mesh profile.")
+@click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True)
+@click.option("--no-splice", is_flag=True, help="Redirect and answer SO_ORIGINAL_DST, but do not splice sockets.")
+@click.option("--ebpf", "print_ebpf", is_flag=True, hidden=True, help="Print the eBPF program text and exit.")
+def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log_format, no_splice, print_ebpf):
+    """Load the eBPF datapath and keep it in step with this node's pods."""
+    from ..datapath import Datapath, DatapathError, open_cgroup, program_text
+    from ..kheaders import HeadersNotFound
+    from ..mesh import get_profile
+    from .http import parse_addr
+
+    try:
+        profile = get_profile(mesh)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--mesh")
+    if print_ebpf:
+        click.echo("// cflags: " + " ".join(profile.cflags()))
+        click.echo(program_text())
+        return
+    logs.setup(log_format)
+    if cgroup is None:
+        raise click.UsageError("--cgroup is required: the cgroup v2 directory whose pods are accelerated")
+    try:
+        parse_addr(metrics_addr)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--metrics-addr")
+    source_factory = _source_factory(pods_file, kubeconfig, node_name)
+    try:  # fail on a wrong --cgroup before spending a second compiling
+        os.close(open_cgroup(cgroup))
+    except DatapathError as e:
+        raise click.ClickException(str(e))
+
+    from .core import Agent
+    from .http import AgentHTTPServer
+    from .metrics import AgentMetrics
+
+    datapath = Datapath(profile, cgroup, bpffs, splice=not no_splice)
+    metrics = AgentMetrics()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        datapath.load()
+        datapath.attach()
+    except (DatapathError, HeadersNotFound) as e:
+        datapath.close()
+        raise click.ClickException(str(e))
+    metrics.datapath = datapath
+    metrics.attached.set(1)
+    agent = Agent(datapath, profile, metrics=metrics)
+    source = source_factory(agent.update_pods)
+    metrics.source = source
+    http = None
+    threads = []
+    try:
+        http = AgentHTTPServer(metrics_addr, agent, metrics, lambda: datapath.attached)
+        http.start()
+        log.info("datapath attached to %s; serving on %s:%d", cgroup, http.httpd.server_address[0], http.port)
+        threads = [threading.Thread(target=source.run, args=(stop,), name="source", daemon=True),
+                   threading.Thread(target=agent.run, args=(stop,), name="reconcile", daemon=True)]
+        for t in threads:
+            t.start()
+        while not stop.wait(1.0):
+            pass
+        log.info("stopping: detaching programs and removing pins")
+    except OSError as e:
+        raise click.ClickException(f"cannot serve on --metrics-addr {metrics_addr}: {e.strerror}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        if http:
+            http.stop()
+        datapath.close()
+        log.info("stopped; nothing left attached or pinned")
+
+
+def _source_factory(pods_file, kubeconfig, node_name):
+    """Validate the source's arguments up front (so a bad file is a one-line
+    error before anything is attached) and return a constructor."""
+    if pods_file is not None:
+        from .pods_file import PodsFileError, PodsFileSource, load_pods
+        try:
+            load_pods(pods_file)
+        except PodsFileError as e:
+            raise InputError(str(e))
+        return lambda on_change: PodsFileSource(pods_file, on_change)
+    if not node_name:
+        raise click.UsageError("without --pods-file the agent watches the API server and needs --node-name "
+                               "(or env NODE_NAME, from the downward API in the DaemonSet)")
+    from .kube_source import KubePodSource
+    return lambda on_change: KubePodSource(node_name, on_change,
+                                           kubeconfig=str(kubeconfig) if kubeconfig else None)

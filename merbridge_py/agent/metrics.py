@@ -1,0 +1,91 @@
+"""Prometheus metrics of the agent. Datapath counters are counted in the
+kernel where the event happens (a per-CPU array) and read at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..layout import Counter as Slot
+
+# kernel counter slot -> (metric, labels)
+_KERNEL_COUNTERS = {
+    Slot.REDIRECT_OUTBOUND: ("merbridge_redirects", {"direction": "outbound"}),
+    Slot.REDIRECT_INBOUND: ("merbridge_redirects", {"direction": "inbound"}),
+    Slot.ORIGINAL_DST_ANSWERED: ("merbridge_original_dst_queries", {"result": "answered"}),
+    Slot.ORIGINAL_DST_MISS: ("merbridge_original_dst_queries", {"result": "miss"}),
+    Slot.ORIGINAL_DST_REFUSED: ("merbridge_original_dst_queries", {"result": "refused"}),
+    Slot.SPLICE_MSGS: ("merbridge_spliced_messages", {}),
+    Slot.SPLICE_BYTES: ("merbridge_spliced_bytes", {}),
+    Slot.SPLICE_MISS: ("merbridge_splice_misses", {}),
+    Slot.SOCKHASH_INSERT: ("merbridge_sockhash_inserts", {}),
+    Slot.ERR_SOCKHASH_INSERT: ("merbridge_datapath_errors", {"kind": "sockhash_insert"}),
+    Slot.ERR_BIND: ("merbridge_datapath_errors", {"kind": "bind"}),
+    Slot.ERR_MAP_UPDATE: ("merbridge_datapath_errors", {"kind": "map_update"}),
+}
+_HELP = {
+    "merbridge_redirects": "Connections redirected by the connect hook",
+    "merbridge_original_dst_queries": "getsockopt(SO_ORIGINAL_DST) calls seen, by result",
+    "merbridge_spliced_messages": "Messages handed socket-to-socket by sk_msg",
+    "merbridge_spliced_bytes": "Bytes handed socket-to-socket by sk_msg",
+    "merbridge_splice_misses": "Messages of spliced sockets whose peer was not in the sockhash (sent via TCP)",
+    "merbridge_sockhash_inserts": "Sockets put into the sockhash",
+    "merbridge_datapath_errors": "Errors in the kernel datapath, by kind",
+}
+
+
+def reason_category(reason: str) -> str:
+    """A low-cardinality label for a skip reason: the text before any detail."""
+    text = reason.split(":", 1)[1] if reason.startswith("not accelerated") and ":" in reason else reason
+    head = text.strip().split(";")[0].split("(")[0]
+    words = [w for w in head.replace("=", " ").split() if w.isalpha() or "-" in w or "/" in w][:4]
+    return "_".join(w.lower().strip(".,") for w in words) or "other"
+
+
+class AgentMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.datapath = None
+        self.source = None
+        self._pods: list = []
+        self.reconcile_errors = Counter("merbridge_reconcile_errors", "Failed reconcile passes (retried)",
+                                        registry=self.registry)
+        self.datapath_errors = self.reconcile_errors
+        self.attached = Gauge("merbridge_datapath_attached", "1 while the eBPF programs are attached",
+                              registry=self.registry)
+        self.registry.register(self)
+
+    def observe_pods(self, statuses) -> None:
+        self._pods = list(statuses)
+
+    def collect(self):
+        accelerated = GaugeMetricFamily("merbridge_pods_accelerated", "Pods on this node served by eBPF")
+        accelerated.add_metric([], sum(1 for s in self._pods if s.accelerated))
+        yield accelerated
+        skipped = GaugeMetricFamily("merbridge_pods_skipped", "Pods left on iptables, by reason", labels=["reason"])
+        by_reason: dict[str, int] = {}
+        for s in self._pods:
+            if not s.accelerated:
+                cat = "pending_netns" if s.pending else reason_category(s.reason)
+                by_reason[cat] = by_reason.get(cat, 0) + 1
+        for cat, n in sorted(by_reason.items()):
+            skipped.add_metric([cat], n)
+        yield skipped
+        restarts = CounterMetricFamily("merbridge_watch_restarts", "Times the pod watch was re-established")
+        restarts.add_metric([], getattr(self.source, "watch_restarts", 0))
+        yield restarts
+        dp = self.datapath
+        if dp is None or dp.bpf is None:
+            return
+        families: dict[str, CounterMetricFamily] = {}
+        values = dp.counters()
+        for slot, (name, labels) in _KERNEL_COUNTERS.items():
+            fam = families.get(name)
+            if fam is None:
+                fam = families[name] = CounterMetricFamily(name, _HELP[name], labels=sorted(labels))
+            fam.add_metric([labels[k] for k in sorted(labels)], values[slot.name.lower()])
+        yield from families.values()
+        occupancy = GaugeMetricFamily("merbridge_map_entries", "Entries in each datapath map", labels=["map"])
+        for name, n in dp.map_sizes().items():
+            occupancy.add_metric([name], n)
+        yield occupancy

@@ -1,0 +1,365 @@
+"""The kernel half, driven from user space: compile the eBPF programs with bcc,
+attach them to a cgroup v2 directory, pin their maps and programs under bpffs,
+write per-pod state, read counters, and take everything down again.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import kheaders, layout
+from .mesh import MeshProfile
+
+log = logging.getLogger("merbridge_py.datapath")
+
+EBPF_DIR_ENV = "MERBRIDGE_EBPF_DIR"
+HEADER = "merbridge.h"
+BPF_F_ALLOW_MULTI = 2  # share the cgroup with other eBPF tools (Cilium, ...)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One program: its source file, function, and where it attaches."""
+
+    source: str
+    function: str
+    prog_type: str      # name in bcc's BPFProgType
+    attach_type: str    # name in bcc's BPFAttachType
+    on_cgroup: bool     # False: attaches to the sockhash
+
+
+HOOKS = (
+    Hook("connect.bpf.c", "sock4_connect", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", True),
+    Hook("sockops.bpf.c", "sockops", "SOCK_OPS", "CGROUP_SOCK_OPS", True),
+    Hook("sk_msg.bpf.c", "sk_msg_splice", "SK_MSG", "SK_MSG_VERDICT", False),
+    Hook("getsockopt.bpf.c", "sockopt_original_dst", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT", True),
+)
+
+
+class DatapathError(RuntimeError):
+    pass
+
+
+def ebpf_dir() -> Path:
+    env = os.environ.get(EBPF_DIR_ENV)
+    d = Path(env) if env else Path(__file__).resolve().parent.parent / "ebpf"
+    if not (d / HEADER).is_file():
+        raise DatapathError(f"eBPF sources not found in {d}; set {EBPF_DIR_ENV} to the repository's ebpf/ directory")
+    return d
+
+
+def program_text(directory: Path | None = None) -> str:
+    """The exact C text compiled: the shared header, then one file per hook.
+    bcc only takes programs and map rewrites from its main file, so the files
+    are joined here; #line markers keep compiler errors pointing at them."""
+    d = directory or ebpf_dir()
+    parts = []
+    for name in (HEADER,) + tuple(h.source for h in HOOKS):
+        body = (d / name).read_text()
+        body = re.sub(r'^#include "merbridge\.h"\s*$', "", body, flags=re.M)
+        body = body.replace("#pragma once", "")
+        parts.append(f'#line 1 "{d / name}"\n{body}')
+    return "\n".join(parts)
+
+
+# --- small pieces of the bpf(2) API bcc does not wrap -----------------------------
+
+def _lib():
+    from bcc import libbcc
+    lib = libbcc.lib
+    if not getattr(lib, "_merbridge_typed", False):
+        # libbcc exports these (from its libbpf) but bcc's Python side does not declare them
+        lib.bpf_obj_pin.argtypes, lib.bpf_obj_pin.restype = [ct.c_int, ct.c_char_p], ct.c_int
+        lib.bpf_obj_get.argtypes, lib.bpf_obj_get.restype = [ct.c_char_p], ct.c_int
+        lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
+        lib._merbridge_typed = True
+    return lib
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    rc = _lib().bpf_obj_pin(fd, str(path).encode())
+    if rc != 0:  # libbpf returns -errno
+        raise DatapathError(f"cannot pin {path}: {os.strerror(-rc) if rc < 0 else 'bpf_obj_pin failed'}")
+
+
+def obj_get(path: Path) -> int:
+    fd = _lib().bpf_obj_get(str(path).encode())
+    if fd < 0:
+        raise DatapathError(f"cannot open pinned object {path}")
+    return fd
+
+
+def ensure_bpffs(directory: Path) -> None:
+    """Make sure `directory` lives on a bpffs, mounting one at /sys/fs/bpf if
+    that is not a bpffs yet (fresh machines often have none)."""
+    mounts = _mounts()
+    target = directory.resolve() if directory.exists() else directory
+    fs = _fs_type_of(target, mounts)
+    if fs == "bpf":
+        directory.mkdir(parents=True, exist_ok=True)
+        return
+    sys_bpf = Path("/sys/fs/bpf")
+    if sys_bpf in (target, *target.parents) and _fs_type_of(sys_bpf, mounts) != "bpf":
+        rc = os.system("mount -t bpf bpf /sys/fs/bpf")
+        if rc != 0:
+            raise DatapathError("/sys/fs/bpf is not a bpffs and mounting one failed; run: mount -t bpf bpf /sys/fs/bpf")
+        directory.mkdir(parents=True, exist_ok=True)
+        return
+    raise DatapathError(f"--bpffs {directory} is not on a bpf filesystem; use a directory under /sys/fs/bpf")
+
+
+def _mounts() -> list[tuple[Path, str]]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            out.append((Path(left.split()[4]), right.split()[0]))
+    return out
+
+
+def _fs_type_of(path: Path, mounts: list[tuple[Path, str]]) -> str | None:
+    best, fs = None, None
+    for mnt, fstype in mounts:
+        if mnt == path or mnt in path.parents:
+            if best is None or len(mnt.parts) >= len(best.parts):
+                best, fs = mnt, fstype
+    return fs
+
+
+def open_cgroup(path: Path) -> int:
+    root = None
+    for mnt, fstype in _mounts():
+        if fstype == "cgroup2":
+            root = mnt
+            break
+    path = Path(path)
+    if root is None:
+        raise DatapathError("no cgroup v2 mount on this host; the datapath needs cgroup v2 "
+                            "(mount -t cgroup2 none /sys/fs/cgroup/unified)")
+    if not path.is_dir():
+        raise DatapathError(f"cgroup {path} does not exist; pass --cgroup a cgroup v2 directory "
+                            f"(cgroup v2 is mounted at {root})")
+    if path.resolve() != root and root not in path.resolve().parents:
+        raise DatapathError(f"cgroup {path} is not under the cgroup v2 mount {root}; pass a directory below it")
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+class Datapath:
+    """Programs, maps and pins of one agent. Use as: load(); attach(); ...; detach()."""
+
+    def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: bool = True):
+        self.mesh = mesh
+        self.cgroup = Path(cgroup)
+        self.bpffs_dir = Path(bpffs_dir)
+        self.splice = splice
+        self.bpf = None
+        self._fns: dict[str, object] = {}
+        self._cgroup_fd: int | None = None
+        self._sockhash_fd: int | None = None
+        self.attached = False
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def load(self) -> None:
+        headers = kheaders.find()
+        headers.apply()
+        log.info("compiling eBPF programs against kernel headers: %s", headers.description)
+        from bcc import BPF, BPFAttachType, BPFProgType
+        try:
+            self.bpf = BPF(text=program_text(), cflags=self.mesh.cflags())
+        except Exception as e:  # bcc raises a bare Exception after printing clang's errors
+            raise DatapathError(f"compiling the eBPF programs failed: {e}") from e
+        for hook in HOOKS:
+            self._fns[hook.function] = self.bpf.load_func(
+                hook.function, getattr(BPFProgType, hook.prog_type),
+                attach_type=getattr(BPFAttachType, hook.attach_type))
+        self._sockhash_fd = _lib().bpf_table_fd(self.bpf.module, b"sock_pairs")
+        self.set_splice(self.splice)
+
+    def attach(self) -> None:
+        """Attach to the cgroup (next to any other tool's programs), replacing a
+        crashed predecessor's programs if its pins are still there, and pin."""
+        from bcc import BPFAttachType
+        ensure_bpffs(self.bpffs_dir)
+        self._cgroup_fd = open_cgroup(self.cgroup)
+        stale = self._stale_programs()
+        self.bpf.attach_func(self._fns["sk_msg_splice"], self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+        for hook in HOOKS:
+            if hook.on_cgroup:
+                self.bpf.attach_func(self._fns[hook.function], self._cgroup_fd,
+                                     getattr(BPFAttachType, hook.attach_type), BPF_F_ALLOW_MULTI)
+        self.attached = True
+        # Only now that ours run, take the predecessor's off: no gap in between.
+        for prog_fd, attach_type in stale:
+            _lib().bpf_prog_detach2(prog_fd, self._cgroup_fd, attach_type)
+            os.close(prog_fd)
+        if stale:
+            log.info("replaced %d programs left attached by a previous agent", len(stale))
+        self._unpin_all()
+        self._pin_all()
+
+    def detach(self) -> None:
+        """Detach every program and remove every pin. Safe to call twice."""
+        from bcc import BPFAttachType
+        if self.attached and self._cgroup_fd is not None:
+            for hook in HOOKS:
+                if hook.on_cgroup:
+                    try:
+                        self.bpf.detach_func(self._fns[hook.function], self._cgroup_fd,
+                                             getattr(BPFAttachType, hook.attach_type))
+                    except Exception as e:
+                        log.error("detaching %s: %s", hook.function, e)
+            try:
+                self.bpf.detach_func(self._fns["sk_msg_splice"], self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+            except Exception as e:
+                log.error("detaching sk_msg_splice: %s", e)
+            self.attached = False
+        self._unpin_all()
+        if self._cgroup_fd is not None:
+            os.close(self._cgroup_fd)
+            self._cgroup_fd = None
+
+    def close(self) -> None:
+        self.detach()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    # --- pins ------------------------------------------------------------------------
+    # Layout: <bpffs>/maps/<name>, <bpffs>/progs/<function>__<attach type number>
+    # (bpffs refuses names with a dot).
+    # The attach type in the name lets a successor detach these programs
+    # without knowing which version of us pinned them.
+
+    def _pin_all(self) -> None:
+        from bcc import BPFAttachType
+        maps_dir, progs_dir = self.bpffs_dir / "maps", self.bpffs_dir / "progs"
+        maps_dir.mkdir(parents=True, exist_ok=True)
+        progs_dir.mkdir(parents=True, exist_ok=True)
+        for name in layout.MAPS:
+            obj_pin(self.bpf[name.encode()].map_fd, maps_dir / name)
+        for name in layout.SOCKHASH_MAPS:
+            obj_pin(_lib().bpf_table_fd(self.bpf.module, name.encode()), maps_dir / name)
+        for hook in HOOKS:
+            if hook.on_cgroup:
+                attach_type = int(getattr(BPFAttachType, hook.attach_type))
+                obj_pin(self._fns[hook.function].fd, progs_dir / f"{hook.function}__{attach_type}")
+
+    def _stale_programs(self) -> list[tuple[int, int]]:
+        progs_dir = self.bpffs_dir / "progs"
+        stale = []
+        if progs_dir.is_dir():
+            for pin in progs_dir.iterdir():
+                try:
+                    attach_type = int(pin.name.rsplit("__", 1)[1])
+                    stale.append((obj_get(pin), attach_type))
+                except (IndexError, ValueError, DatapathError) as e:
+                    log.warning("ignoring unexpected pin %s: %s", pin, e)
+        return stale
+
+    def _unpin_all(self) -> None:
+        if not self.bpffs_dir.exists():
+            return
+        for sub in ("progs", "maps"):
+            d = self.bpffs_dir / sub
+            if d.is_dir():
+                for pin in d.iterdir():
+                    pin.unlink()
+                d.rmdir()
+        try:
+            self.bpffs_dir.rmdir()
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                raise
+
+    # --- state ----------------------------------------------------------------------
+
+    def set_splice(self, enabled: bool) -> None:
+        self.splice = enabled
+        self.bpf[b"config"][ct.c_int(0)] = layout.DatapathConfig(splice=int(enabled))
+
+    def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound) -> None:
+        """Write one pod's policy. `outbound`/`inbound` are compiled first-match
+        rule lists (merbridge_py.policy.compile_rules); the caller has checked
+        they fit (a policy that does not fit is never truncated)."""
+        if len(outbound) > layout.MAX_OUTBOUND_RULES or len(inbound) > layout.MAX_INBOUND_RULES:
+            raise DatapathError(f"policy of {pod_ip} does not fit the datapath's rule tables")
+        value = layout.PodPolicyValue()
+        value.pod_ip = ip_to_net(pod_ip)
+        value.n_outbound, value.n_inbound = len(outbound), len(inbound)
+        for slot, rule in zip(value.outbound, outbound):
+            slot.addr = ip_to_net(str(rule.network.network_address))
+            slot.mask = ip_to_net(str(rule.network.netmask))
+            slot.port, slot.capture = rule.port, int(rule.capture)
+        for slot, rule in zip(value.inbound, inbound):
+            slot.port, slot.capture = rule.port, int(rule.capture)
+        # policy first, then the IP index: a reader never finds an IP without its policy
+        self.bpf[b"pod_policy"][ct.c_uint64(netns_cookie)] = value
+        self.bpf[b"local_pod_ip"][ct.c_uint32(value.pod_ip)] = ct.c_uint64(netns_cookie)
+
+    def remove_pod(self, netns_cookie: int, pod_ip: str) -> None:
+        for table, key in (("local_pod_ip", ct.c_uint32(ip_to_net(pod_ip))),
+                           ("pod_policy", ct.c_uint64(netns_cookie))):
+            try:
+                del self.bpf[table.encode()][key]
+            except KeyError:
+                pass
+
+    def counters(self) -> dict[str, int]:
+        table = self.bpf[b"counters"]
+        return {c.name.lower(): int(sum(table[ct.c_int(c.value)])) for c in layout.Counter}
+
+    def map_sizes(self) -> dict[str, int]:
+        sizes = {name: sum(1 for _ in self.bpf[name.encode()].keys()) for name in
+                 ("pod_policy", "local_pod_ip", "connect_original_dst", "original_dst")}
+        sizes["sock_pairs"] = sockhash_size(self._sockhash_fd)
+        return sizes
+
+
+def ip_to_net(ip: str) -> int:
+    """IPv4 text -> the u32 whose memory holds the address in network order."""
+    return int.from_bytes(socket.inet_aton(ip), "little")
+
+
+def sockhash_size(fd: int) -> int:
+    """Count sockhash keys with bpf_get_next_key: bcc cannot wrap a sockhash."""
+    lib = _lib()
+    key, next_key = (ct.c_char * ct.sizeof(layout.SockTuple))(), (ct.c_char * ct.sizeof(layout.SockTuple))()
+    n, first = 0, True
+    while lib.bpf_get_next_key(fd, None if first else ct.byref(key), ct.byref(next_key)) == 0:
+        n += 1
+        first = False
+        ct.memmove(key, next_key, ct.sizeof(key))
+    return n
+
+
+def attached_program_ids(cgroup: Path) -> dict[str, list[int]]:
+    """IDs of programs attached directly to `cgroup`, per hook we use: what
+    `bpftool cgroup show` would list, without needing bpftool."""
+    from bcc import BPFAttachType
+    lib = _lib()
+    lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
+                                   ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
+    fd = open_cgroup(cgroup)
+    try:
+        out = {}
+        for hook in HOOKS:
+            if not hook.on_cgroup:
+                continue
+            ids = (ct.c_uint32 * 64)()
+            count, flags = ct.c_uint32(64), ct.c_uint32(0)
+            rc = lib.bpf_prog_query(fd, int(getattr(BPFAttachType, hook.attach_type)), 0,
+                                    ct.byref(flags), ids, ct.byref(count))
+            if rc != 0:
+                raise DatapathError(f"querying programs on {cgroup}: {os.strerror(-rc) if rc < 0 else rc}")
+            out[hook.attach_type] = list(ids[: count.value])
+        return out
+    finally:
+        os.close(fd)

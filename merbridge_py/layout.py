@@ -1,0 +1,96 @@
+"""Python mirror of ebpf/merbridge.h: the structs user space writes into or
+reads from the maps, and the limits. tests/test_layout.py compiles the header
+with bcc and checks these against the types bcc generates, so the two cannot
+drift apart silently.
+"""
+
+import ctypes as ct
+import enum
+
+MAX_OUTBOUND_RULES = 128
+MAX_INBOUND_RULES = 128
+MAX_PODS = 1024
+MAX_CONNECTIONS = 65536
+
+
+class OutboundRule(ct.Structure):
+    _fields_ = [
+        ("addr", ct.c_uint32),     # network order
+        ("mask", ct.c_uint32),     # network order
+        ("port", ct.c_uint16),     # host order, 0 = any
+        ("capture", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+class InboundRule(ct.Structure):
+    _fields_ = [
+        ("port", ct.c_uint16),     # host order, 0 = any
+        ("capture", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+class PodPolicyValue(ct.Structure):
+    _fields_ = [
+        ("pod_ip", ct.c_uint32),   # network order
+        ("n_outbound", ct.c_uint16),
+        ("n_inbound", ct.c_uint16),
+        ("outbound", OutboundRule * MAX_OUTBOUND_RULES),
+        ("inbound", InboundRule * MAX_INBOUND_RULES),
+    ]
+
+
+class SockTuple(ct.Structure):
+    """A connection seen from one end (original_dst: the client's view)."""
+
+    _fields_ = [
+        ("local_ip", ct.c_uint32),     # network order
+        ("remote_ip", ct.c_uint32),    # network order
+        ("local_port", ct.c_uint16),   # host order
+        ("remote_port", ct.c_uint16),  # host order
+    ]
+
+
+class OriginalDst(ct.Structure):
+    _fields_ = [
+        ("ip", ct.c_uint32),    # network order
+        ("port", ct.c_uint16),  # host order
+        ("pad", ct.c_uint16),
+    ]
+
+
+class DatapathConfig(ct.Structure):
+    _fields_ = [("splice", ct.c_uint32)]
+
+
+class Counter(enum.IntEnum):
+    """Slots of the per-CPU counters array, in enum counter's order."""
+
+    REDIRECT_OUTBOUND = 0
+    REDIRECT_INBOUND = 1
+    ORIGINAL_DST_ANSWERED = 2
+    ORIGINAL_DST_MISS = 3
+    ORIGINAL_DST_REFUSED = 4
+    SPLICE_MSGS = 5
+    SPLICE_BYTES = 6
+    SPLICE_MISS = 7
+    SOCKHASH_INSERT = 8
+    ERR_SOCKHASH_INSERT = 9
+    ERR_BIND = 10
+    ERR_MAP_UPDATE = 11
+
+
+COUNTER_SLOTS = len(Counter)
+
+# map name -> (key type, value type) as declared in merbridge.h; the sockhash's
+# value is a socket, which user space never reads.
+MAPS = {
+    "pod_policy": (ct.c_uint64, PodPolicyValue),
+    "local_pod_ip": (ct.c_uint32, ct.c_uint64),
+    "connect_original_dst": (ct.c_uint64, OriginalDst),
+    "original_dst": (SockTuple, OriginalDst),
+    "config": (ct.c_uint32, DatapathConfig),
+    "counters": (ct.c_uint32, ct.c_uint64),
+}
+SOCKHASH_MAPS = ("sock_pairs",)

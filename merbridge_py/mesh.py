@@ -1,0 +1,58 @@
+"""Mesh profiles: every mesh-specific constant in one place.
+
+The eBPF programs get these as -D defines at compile time (see `cflags`), so a
+port or uid is never written twice. Adding a mesh is adding one profile.
+"""
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+
+@dataclass(frozen=True)
+class MeshProfile:
+    name: str
+    proxy_container: str          # the sidecar's container name
+    outbound_port: int            # where intercepted outbound connections go
+    inbound_port: int             # where intercepted inbound connections go
+    proxy_uid: int                # the proxy runs as this uid/gid; its traffic is never redirected back to itself
+    proxy_gid: int
+    inbound_passthrough_ip: str   # source address the proxy uses to reach its own app
+    status_port: int              # default readiness port, exempt from inbound capture
+    always_exempt_inbound_ports: tuple[int, ...]  # ports the mesh never captures inbound
+
+    def cflags(self) -> list[str]:
+        """-D defines that hand this profile to the eBPF programs."""
+        passthrough = int(IPv4Address(self.inbound_passthrough_ip))
+        return [
+            f"-DMESH_OUTBOUND_PORT={self.outbound_port}",
+            f"-DMESH_INBOUND_PORT={self.inbound_port}",
+            f"-DMESH_PROXY_UID={self.proxy_uid}",
+            f"-DMESH_PROXY_GID={self.proxy_gid}",
+            # host-order value; the programs convert with bpf_htonl
+            f"-DMESH_PASSTHROUGH_IP_HOST={passthrough}U",
+        ]
+
+
+# Istio's sidecar defaults, as istio-iptables receives them from the injector:
+# `-p 15001 -z 15006 -u 1337 -g 1337`, inbound upstream bound to 127.0.0.6, and
+# `-d 15090,15021,15020` (Prometheus, health, merged metrics) never captured.
+ISTIO = MeshProfile(
+    name="istio",
+    proxy_container="istio-proxy",
+    outbound_port=15001,
+    inbound_port=15006,
+    proxy_uid=1337,
+    proxy_gid=1337,
+    inbound_passthrough_ip="127.0.0.6",
+    status_port=15021,
+    always_exempt_inbound_ports=(15090, 15021, 15020),
+)
+
+PROFILES = {ISTIO.name: ISTIO}
+
+
+def get_profile(name: str) -> MeshProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown mesh {name!r}; known meshes: {', '.join(sorted(PROFILES))}") from None

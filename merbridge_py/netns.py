@@ -1,0 +1,117 @@
+"""Find a pod's network namespace from its IP, the way it works both for
+Kubernetes pods (every pod has at least its pause process) and for namespaces
+made with `ip netns add` (bind-mounted under /run/netns).
+
+For each distinct namespace we enter it from a short-lived thread (setns only
+moves the calling thread), read its IPv4 addresses with pyroute2 and its
+cookie with SO_NETNS_COOKIE: the same 64-bit value bpf_get_netns_cookie()
+returns in the kernel, which is how the eBPF programs know which pod they run in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+CLONE_NEWNET = 0x40000000
+SO_NETNS_COOKIE = 71  # asm-generic/socket.h, Linux >= 5.14
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class Netns:
+    inode: int
+    path: str               # something setns() accepts: /proc/PID/ns/net or /run/netns/NAME
+    cookie: int
+    ipv4: set[str] = field(default_factory=set)
+
+
+def netns_cookie_of_current_thread() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
+def _ipv4_addresses() -> set[str]:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
+
+
+def inspect(path: str) -> Netns:
+    """Cookie and IPv4 addresses of the namespace at `path`."""
+    result: dict = {}
+
+    def enter_and_read():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns({path})")
+            finally:
+                os.close(fd)
+            result["cookie"] = netns_cookie_of_current_thread()
+            result["ipv4"] = _ipv4_addresses()
+        except BaseException as e:  # reported to the caller's thread
+            result["error"] = e
+
+    t = threading.Thread(target=enter_and_read, name="netns-inspect")
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return Netns(inode=os.stat(path).st_ino, path=path, cookie=result["cookie"], ipv4=result["ipv4"])
+
+
+class NetnsIndex:
+    """Pod IP -> network namespace, over every namespace on the host except
+    our own (the host's: pods never live there)."""
+
+    def __init__(self, proc_root: str = "/proc", bind_dirs: tuple[str, ...] = ("/run/netns",)):
+        self.proc_root = proc_root
+        self.bind_dirs = bind_dirs
+        self._by_inode: dict[int, Netns] = {}
+
+    def _namespace_paths(self) -> dict[int, str]:
+        own = os.stat(f"{self.proc_root}/self/ns/net").st_ino
+        paths: dict[int, str] = {}
+        for d in self.bind_dirs:
+            if os.path.isdir(d):
+                for entry in os.scandir(d):
+                    try:
+                        paths.setdefault(os.stat(entry.path).st_ino, entry.path)
+                    except OSError:
+                        pass
+        for pid in psutil.pids():
+            p = f"{self.proc_root}/{pid}/ns/net"
+            try:
+                paths.setdefault(os.stat(p).st_ino, p)
+            except OSError:
+                pass  # process gone, or a kernel thread
+        paths.pop(own, None)
+        return paths
+
+    def refresh(self) -> None:
+        """Rescan: new namespaces are inspected, gone ones forgotten, and the
+        addresses of known ones re-read (an IP can be assigned after the
+        namespace appears)."""
+        found: dict[int, Netns] = {}
+        for inode, path in self._namespace_paths().items():
+            try:
+                found[inode] = inspect(path)
+            except OSError:
+                continue  # vanished while we looked
+        self._by_inode = found
+
+    def lookup(self, ip: str) -> Netns | None:
+        matches = [ns for ns in self._by_inode.values() if ip in ns.ipv4]
+        return matches[0] if len(matches) == 1 else None
+
+    def owners(self, ip: str) -> list[Netns]:
+        return [ns for ns in self._by_inode.values() if ip in ns.ipv4]

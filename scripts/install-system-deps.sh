@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the Debian packages merbridge-py and its test bed need. Idempotent:
+# packages already present are not touched, and apt-get runs only when one is missing.
+set -euo pipefail
+
+packages=(
+  python3-bpfcc      # bcc for /usr/bin/python3 (the PyPI "bcc" is an unrelated library)
+  linux-headers-amd64 # kernel headers bcc compiles against when the running kernel has none
+  python3-venv
+  iproute2 iptables conntrack  # test bed: namespaces, Istio's own rules, conntrack flush
+  haproxy            # sidecar stand-in for Envoy (honours SO_ORIGINAL_DST)
+  wrk sockperf iperf3 # benchmark load generators
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "error: missing Debian packages (${missing[*]}); run as root or: apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+echo "installing Debian packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${missing[@]}"

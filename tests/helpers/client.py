@@ -1,0 +1,71 @@
+"""Test client, run inside a pod's namespace (and usually its cgroup).
+
+    python client.py ask HOST PORT [N]      N requests on one connection; prints each answer
+    python client.py bulk HOST PORT BYTES   sends BYTES through the app's echo, checks them; prints seconds
+    python client.py churn HOST PORT N      N connections of one request each; prints "ok=<n> failed=<n>"
+"""
+
+import hashlib
+import os
+import socket
+import sys
+import threading
+import time
+
+
+def ask(host: str, port: int, n: int = 1) -> None:
+    with socket.create_connection((host, port), timeout=10) as s:
+        f = s.makefile("rb")
+        for _ in range(n):
+            s.sendall(b"who\n")
+            print(f.readline().decode().strip(), flush=True)
+
+
+def bulk(host: str, port: int, size: int) -> None:
+    block = os.urandom(1 << 20)
+    sent_hash, recv_hash = hashlib.sha256(), hashlib.sha256()
+    start = time.monotonic()
+    with socket.create_connection((host, port), timeout=60) as s:
+        s.sendall(f"echo {size}\n".encode())
+
+        def sender():
+            left = size
+            while left:
+                chunk = block[: min(left, len(block))]
+                s.sendall(chunk)
+                sent_hash.update(chunk)
+                left -= len(chunk)
+
+        t = threading.Thread(target=sender)
+        t.start()
+        got = 0
+        while got < size:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            recv_hash.update(data)
+            got += len(data)
+        t.join()
+    ok = got == size and sent_hash.digest() == recv_hash.digest()
+    print(f"{'ok' if ok else 'MISMATCH'} bytes={got} seconds={time.monotonic() - start:.2f}", flush=True)
+    sys.exit(0 if ok else 1)
+
+
+def churn(host: str, port: int, n: int) -> None:
+    ok = failed = 0
+    for _ in range(n):
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(b"who\n")
+                if s.makefile("rb").readline():
+                    ok += 1
+                else:
+                    failed += 1
+        except OSError:
+            failed += 1
+    print(f"ok={ok} failed={failed}", flush=True)
+
+
+if __name__ == "__main__":
+    cmd, host, port, *rest = sys.argv[1:]
+    {"ask": ask, "bulk": bulk, "churn": churn}[cmd](host, int(port), *map(int, rest))

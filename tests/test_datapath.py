@@ -1,0 +1,199 @@
+"""Issue 2 acceptance: the eBPF datapath on one simulated node, with no
+iptables rules at all, so every redirect seen here is ours.
+
+Pods: a, b, e meshed (test sidecars as uid 1337 on 15001/15006), c plain,
+d meshed on paper but its IP lives in no namespace. Pod a's annotations
+exclude outbound port 9090 and e's IP range.
+"""
+
+import json
+import re
+import subprocess
+import time
+
+import pytest
+
+from merbridge_py.datapath import attached_program_ids
+
+pytestmark = pytest.mark.bpf
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    from helpers.node import SimNode
+    n = SimNode(tmp_path_factory.mktemp("dp"))
+    try:
+        a = n.add_pod("a", meshed=True)
+        b = n.add_pod("b", meshed=True)
+        c = n.add_pod("c", meshed=False)
+        n.add_pod("d", meshed=True, in_namespace=False)
+        e = n.add_pod("e", meshed=True)
+        a.annotations = {"traffic.sidecar.istio.io/excludeOutboundPorts": "9090",
+                         "traffic.sidecar.istio.io/excludeOutboundIPRanges": f"{e.ip}/32"}
+        for pod in (a, b, c, e):
+            n.start_app(pod)
+        n.start_app(b, port=9090)
+        for pod in (a, b, e):
+            n.start_sidecar(pod)
+        n.write_pods_file()
+        yield n
+    finally:
+        n.close()
+
+
+@pytest.fixture
+def agent(node):
+    node.start_agent()
+    yield node
+    if node.agent is not None:
+        rc, out = node.stop_agent()
+        assert rc == 0, out
+
+
+def ask(node, src, host, port, n=1, **kw):
+    r = node.client(node.pods[src], "ask", host, port, n, **kw)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split("\n")[0].split()  # [pod name, peer the app saw]
+
+
+def test_meshed_request_goes_through_both_sidecars(agent):
+    a, b = agent.pods["a"], agent.pods["b"]
+    name, peer = ask(agent, "a", b.ip, 8080)
+    assert name == "b"
+    assert peer.startswith("127.0.0.6:"), "the app must see the inbound sidecar's passthrough address"
+    # Both sidecars were told the original destination, not their own listener.
+    assert any(r.startswith(f"15001 {b.ip}:8080 {a.ip}:") for r in agent.sidecar_records(a))
+    assert any(r.startswith(f"15006 {b.ip}:8080 {a.ip}:") for r in agent.sidecar_records(b))
+
+
+def test_splicing_keeps_messages_off_tcp(node):
+    a, b = node.pods["a"], node.pods["b"]
+
+    def segments_for_300_messages(*agent_args):
+        node.start_agent(*agent_args)
+        try:
+            before = node.tcp_out_segs(a)
+            r = node.client(a, "ask", b.ip, 8080, 300)
+            assert r.stdout.count("127.0.0.6:") == 300
+            return node.tcp_out_segs(a) - before
+        finally:
+            assert node.stop_agent()[0] == 0
+
+    spliced = segments_for_300_messages()
+    unspliced = segments_for_300_messages("--no-splice")
+    # Handshakes and FINs of two connections (app->sidecar, sidecar->sidecar)
+    # only, against ~1200 segments when every message crosses both legs.
+    assert spliced < 40, spliced
+    assert unspliced > 600, unspliced
+
+
+def test_untouched_traffic(agent):
+    a, b, c, e = (agent.pods[k] for k in "abce")
+    before_a, before_b = len(agent.sidecar_records(a)), len(agent.sidecar_records(b))
+    # a plain pod goes direct
+    assert ask(agent, "c", b.ip, 8080)[1].startswith(f"{c.ip}:")
+    # a process in a meshed pod's namespace but outside the attach cgroup goes direct
+    assert ask(agent, "a", b.ip, 8080, in_cgroup=False)[1].startswith(f"{a.ip}:")
+    # loopback stays loopback
+    assert ask(agent, "a", "127.0.0.1", 8080)[0] == "a"
+    # excluded outbound port and excluded IP range go direct
+    assert ask(agent, "a", b.ip, 9090)[1].startswith(f"{a.ip}:")
+    assert ask(agent, "a", e.ip, 8080)[1].startswith(f"{a.ip}:")
+    assert len(agent.sidecar_records(a)) == before_a
+    assert len(agent.sidecar_records(b)) == before_b
+
+
+def test_large_transfer_through_spliced_connection_is_exact(agent):
+    b = agent.pods["b"]
+    r = agent.client(agent.pods["a"], "bulk", b.ip, 8080, 256 << 20, timeout=180)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+    seconds = float(re.search(r"seconds=([\d.]+)", r.stdout).group(1))
+    # A sockmap stall shows as minutes or a hang; two Python forwarders move
+    # 512 MiB in well under this on two slow cores.
+    assert seconds < 120, r.stdout
+    spliced_bytes = float(re.search(r"^merbridge_spliced_bytes_total (\S+)$", agent.agent_get("/metrics"),
+                                    re.M).group(1))
+    assert spliced_bytes > 2 * (256 << 20), "the transfer did not go through the splice"
+
+
+def map_entries(node) -> dict[str, int]:
+    return {m: int(float(v)) for m, v in re.findall(r'^merbridge_map_entries\{map="(\w+)"\} (\S+)$',
+                                                     node.agent_get("/metrics"), re.M)}
+
+
+def test_many_short_connections_all_succeed_and_leak_nothing(agent):
+    b = agent.pods["b"]
+    before = map_entries(agent)
+    r = agent.client(agent.pods["a"], "churn", b.ip, 8080, 2000, timeout=300)
+    assert r.stdout.strip() == "ok=2000 failed=0", r.stdout + r.stderr
+    per_connection = ("connect_original_dst", "original_dst", "sock_pairs")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = map_entries(agent)
+        if all(after[m] == before[m] for m in per_connection):
+            break
+        time.sleep(0.2)
+    assert {m: after[m] for m in per_connection} == {m: before[m] for m in per_connection}
+
+
+def test_sigterm_detaches_and_unpins(node):
+    a, b = node.pods["a"], node.pods["b"]
+    node.start_agent()
+    assert any(attached_program_ids(node.cgroup).values())
+    assert node.bpffs.exists()
+    rc, out = node.stop_agent(timeout=10)
+    assert rc == 0, out
+    assert not any(attached_program_ids(node.cgroup).values()), "programs left attached"
+    assert not node.bpffs.exists(), "pins left behind"
+    assert ask(node, "a", b.ip, 8080)[1].startswith(f"{a.ip}:"), "traffic must go direct again"
+
+
+def run_agent_once(node, *argv, env=None, timeout=60):
+    return subprocess.run(argv or node.agent_argv("--metrics-addr", "127.0.0.1:0"), capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def one_line_error(r) -> str:
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_bad_pods_file(node, tmp_path):
+    bad = tmp_path / "pods.yaml"
+    bad.write_text("items: [unclosed\n")
+    argv = [a if a != str(node.pods_file) else str(bad) for a in node.agent_argv("--metrics-addr", "127.0.0.1:0")]
+    r = run_agent_once(node, *argv)
+    assert r.returncode == 2
+    assert "not valid YAML or JSON" in one_line_error(r) and str(bad) in r.stderr
+
+
+def test_missing_headers(node, tmp_path):
+    import os
+    env = dict(os.environ, MERBRIDGE_KERNEL_HEADERS=str(tmp_path / "nothing-here"))
+    r = run_agent_once(node, env=env)
+    assert r.returncode == 1
+    assert "kernel headers" in one_line_error(r)
+    assert not any(attached_program_ids(node.cgroup).values())
+
+
+def test_absent_cgroup(node):
+    argv = [a if a != str(node.cgroup) else str(node.cgroup / "no-such-cgroup")
+            for a in node.agent_argv("--metrics-addr", "127.0.0.1:0")]
+    r = run_agent_once(node, *argv)
+    assert r.returncode == 1
+    assert "does not exist" in one_line_error(r)
+    assert not node.bpffs.exists()
+
+
+def test_pod_without_namespace_is_skipped_others_accelerated(agent):
+    status = {p["pod"]: p for p in json.loads(agent.agent_get("/status"))["pods"]}
+    assert status["default/d"]["accelerated"] is False
+    assert "no network namespace has IP" in status["default/d"]["reason"]
+    assert status["default/c"]["accelerated"] is False
+    assert all(status[f"default/{k}"]["accelerated"] for k in "abe")
+    assert ask(agent, "a", agent.pods["b"].ip, 8080)[1].startswith("127.0.0.6:")
+    rc, out = agent.stop_agent()
+    assert rc == 0
+    # the reason is logged, once, as one line
+    assert len([line for line in out.splitlines() if "pod default/d: not accelerated" in line]) == 1, out

@@ -1,0 +1,62 @@
+"""ebpf/merbridge.h and merbridge_py/layout.py describe the same structs: a
+layout change must be made in both, and these tests say when it was not."""
+
+import ctypes as ct
+import re
+from pathlib import Path
+
+import pytest
+
+from merbridge_py import layout
+
+HEADER = (Path(__file__).resolve().parent.parent / "ebpf" / "merbridge.h").read_text()
+
+
+def test_limits_agree():
+    defined = dict(re.findall(r"^#define (MAX_\w+) (\d+)$", HEADER, re.M))
+    for name in ("MAX_OUTBOUND_RULES", "MAX_INBOUND_RULES", "MAX_PODS", "MAX_CONNECTIONS"):
+        assert int(defined[name]) == getattr(layout, name), name
+
+
+def test_counter_slots_agree():
+    body = re.search(r"enum counter \{(.*?)\};", HEADER, re.S).group(1)
+    names = re.findall(r"^\s*CNT_(\w+)", body, re.M)
+    assert names[-1] == "MAX"
+    assert names[:-1] == [c.name for c in sorted(layout.Counter, key=lambda c: c.value)]
+
+
+def flatten(ctype, prefix="") -> list[tuple[str, int, int]]:
+    """(field path, offset, size) of every scalar in a ctypes type."""
+    if issubclass(ctype, ct.Structure):
+        out = []
+        for name, ftype in ((f[0], f[1]) for f in ctype._fields_):
+            off = getattr(ctype, name).offset
+            out += [(p, off + o, s) for p, o, s in flatten(ftype, f"{prefix}{name}.")]
+        return out
+    if issubclass(ctype, ct.Array):
+        elem = ctype._type_
+        return [(p, i * ct.sizeof(elem) + o, s)
+                for i in range(ctype._length_) for p, o, s in flatten(elem, f"{prefix}[{i}].")]
+    return [(prefix.rstrip("."), 0, ct.sizeof(ctype))]
+
+
+@pytest.mark.bpf
+def test_structs_agree_with_what_bcc_compiles():
+    from merbridge_py.datapath import Datapath
+    from merbridge_py.mesh import ISTIO
+    dp = Datapath(ISTIO, Path("/nonexistent"), Path("/nonexistent"))
+    dp.load()  # compiles and loads, attaches nothing
+    try:
+        for name, (key_type, value_type) in layout.MAPS.items():
+            table = dp.bpf[name.encode()]
+            assert ct.sizeof(table.Key) == ct.sizeof(key_type), name
+            leaf = table.Leaf
+            if name == "counters":  # per-CPU: bcc gives an array of one value per CPU
+                leaf = leaf._type_
+            assert ct.sizeof(leaf) == ct.sizeof(value_type), name
+            if issubclass(value_type, ct.Structure):
+                assert flatten(leaf) == flatten(value_type), name
+            if issubclass(key_type, ct.Structure):
+                assert flatten(table.Key) == flatten(key_type), name
+    finally:
+        dp.close()
