@@ -64,18 +64,24 @@ struct sock_tuple {
 struct original_dst {
     __u32 ip;      /* network order */
     __u16 port;    /* host order */
-    __u16 pad;
+    __u16 flags;   /* ODST_* */
 };
 
-/* Runtime switches, one entry in datapath_config. */
+/* The connection is a proxy's to a same-node pod; that pod's iptables rule
+ * moves it to the inbound listener, so its server end sits on MESH_INBOUND_PORT. */
+#define ODST_VIA_INBOUND_REDIRECT 1
+
+/* Runtime switches, one entry in the config array. */
 struct datapath_config {
-    __u32 splice;  /* 0: redirect only, no sockhash insertion */
+    __u32 splice;               /* 0: redirect only, no sockhash insertion */
+    __u32 rewrite_inbound_port; /* 1: the connect hook sends a proxy's connection to a same-node
+                                 * pod to its inbound port itself; 0: that pod's Istio rule does */
 };
 
 /* Counters, one slot each in the per-CPU array datapath_counters. */
 enum counter {
     CNT_REDIRECT_OUTBOUND = 0,   /* app connect -> local outbound listener */
-    CNT_REDIRECT_INBOUND,        /* proxy connect -> same-node pod's inbound listener */
+    CNT_REDIRECT_INBOUND,        /* proxy connect to a same-node pod, spliced to its inbound listener */
     CNT_ORIGINAL_DST_ANSWERED,
     CNT_ORIGINAL_DST_MISS,       /* not ours: the kernel's (conntrack) answer stands */
     CNT_ORIGINAL_DST_REFUSED,    /* would have named the proxy's own listener: call failed */
@@ -122,11 +128,10 @@ static __always_inline int is_loopback(__u32 ip_net)
     return (bpf_ntohl(ip_net) >> 24) == 127;
 }
 
-static __always_inline int splice_enabled(void)
+static __always_inline struct datapath_config *datapath_config(void)
 {
     __u32 zero = 0;
-    struct datapath_config *cfg = config.lookup(&zero);
-    return cfg && cfg->splice;
+    return config.lookup(&zero);
 }
 
 /* First-match walk of a pod's outbound rules, as the ISTIO_OUTPUT chain does. */

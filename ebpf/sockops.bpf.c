@@ -17,7 +17,8 @@ static __always_inline struct sock_tuple own_tuple(struct bpf_sock_ops *skops)
 
 static __always_inline void splice(struct bpf_sock_ops *skops, struct sock_tuple *t)
 {
-    if (!splice_enabled())
+    struct datapath_config *cfg = datapath_config();
+    if (!cfg || !cfg->splice)
         return;
     /* bcc rewrites map methods into statements: keep the call on its own. */
     long err = sock_pairs.sock_hash_update(skops, t, BPF_ANY);
@@ -34,7 +35,13 @@ static __always_inline int pod_is_accelerated(struct bpf_sock_ops *skops)
 }
 
 /* Client side: the app (to the outbound listener), the proxy (to a same-node
- * pod's inbound listener) or the proxy's inbound leg to its app (from 127.0.0.6). */
+ * pod, on its way to that pod's inbound listener) or the proxy's inbound leg
+ * to its own app (from 127.0.0.6).
+ *
+ * Keys are chosen so each end finds the other by swapping its own tuple: the
+ * proxy-to-pod leg's server end sits on the inbound port after the receiving
+ * pod's REDIRECT, so that leg is recorded and inserted under the tuple the
+ * receiving proxy sees. */
 static __always_inline void active_established(struct bpf_sock_ops *skops)
 {
     struct sock_tuple t = own_tuple(skops);
@@ -43,6 +50,8 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
     if (dst) {
         struct original_dst copy = *dst;
         connect_original_dst.delete(&cookie);
+        if (copy.flags & ODST_VIA_INBOUND_REDIRECT)
+            t.remote_port = MESH_INBOUND_PORT;
         if (original_dst.update(&t, &copy) != 0) {
             count(CNT_ERR_MAP_UPDATE, 1);
             return;
@@ -64,8 +73,13 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
             .local_ip = t.remote_ip, .remote_ip = t.local_ip,
             .local_port = t.remote_port, .remote_port = t.local_port,
         };
-        if (original_dst.lookup(&client))
+        struct original_dst *dst = original_dst.lookup(&client);
+        if (dst) {
+            /* the client's socket still names the original port */
+            if (dst->flags & ODST_VIA_INBOUND_REDIRECT)
+                t.local_port = dst->port;
             splice(skops, &t);
+        }
         return;
     }
     if (t.remote_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST) && pod_is_accelerated(skops))
@@ -97,6 +111,8 @@ int sockops(struct bpf_sock_ops *skops)
             __u64 cookie = socket_cookie64(skops);
             struct sock_tuple t = own_tuple(skops);
             connect_original_dst.delete(&cookie);
+            original_dst.delete(&t);
+            t.remote_port = MESH_INBOUND_PORT;   /* a proxy-to-pod leg's record */
             original_dst.delete(&t);
         }
         break;

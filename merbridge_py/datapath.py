@@ -154,11 +154,13 @@ def open_cgroup(path: Path) -> int:
 class Datapath:
     """Programs, maps and pins of one agent. Use as: load(); attach(); ...; detach()."""
 
-    def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: bool = True):
+    def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: bool = True,
+                 rewrite_inbound_port: bool = False):
         self.mesh = mesh
         self.cgroup = Path(cgroup)
         self.bpffs_dir = Path(bpffs_dir)
         self.splice = splice
+        self.rewrite_inbound_port = rewrite_inbound_port
         self.bpf = None
         self._fns: dict[str, object] = {}
         self._cgroup_fd: int | None = None
@@ -181,7 +183,7 @@ class Datapath:
                 hook.function, getattr(BPFProgType, hook.prog_type),
                 attach_type=getattr(BPFAttachType, hook.attach_type))
         self._sockhash_fd = _lib().bpf_table_fd(self.bpf.module, b"sock_pairs")
-        self.set_splice(self.splice)
+        self._write_config()
 
     def attach(self) -> None:
         """Attach to the cgroup (next to any other tool's programs), replacing a
@@ -283,7 +285,11 @@ class Datapath:
 
     def set_splice(self, enabled: bool) -> None:
         self.splice = enabled
-        self.bpf[b"config"][ct.c_int(0)] = layout.DatapathConfig(splice=int(enabled))
+        self._write_config()
+
+    def _write_config(self) -> None:
+        self.bpf[b"config"][ct.c_int(0)] = layout.DatapathConfig(
+            splice=int(self.splice), rewrite_inbound_port=int(self.rewrite_inbound_port))
 
     def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound) -> None:
         """Write one pod's policy. `outbound`/`inbound` are compiled first-match

@@ -56,12 +56,15 @@ class OriginalDst(ct.Structure):
     _fields_ = [
         ("ip", ct.c_uint32),    # network order
         ("port", ct.c_uint16),  # host order
-        ("pad", ct.c_uint16),
+        ("flags", ct.c_uint16),  # ODST_* in merbridge.h
     ]
 
 
+ODST_VIA_INBOUND_REDIRECT = 1
+
+
 class DatapathConfig(ct.Structure):
-    _fields_ = [("splice", ct.c_uint32)]
+    _fields_ = [("splice", ct.c_uint32), ("rewrite_inbound_port", ct.c_uint32)]
 
 
 class Counter(enum.IntEnum):

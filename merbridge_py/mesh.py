@@ -17,12 +17,15 @@ class MeshProfile:
     proxy_uid: int                # the proxy runs as this uid/gid; its traffic is never redirected back to itself
     proxy_gid: int
     inbound_passthrough_ip: str   # source address the proxy uses to reach its own app
+    outbound_redirect_ip: str     # loopback address redirected app connections go to (see ISTIO below)
     status_port: int              # default readiness port, exempt from inbound capture
+    inbound_tunnel_port: int      # mTLS tunnel (HBONE) port, never captured inbound
     always_exempt_inbound_ports: tuple[int, ...]  # ports the mesh never captures inbound
 
     def cflags(self) -> list[str]:
         """-D defines that hand this profile to the eBPF programs."""
         passthrough = int(IPv4Address(self.inbound_passthrough_ip))
+        redirect = int(IPv4Address(self.outbound_redirect_ip))
         return [
             f"-DMESH_OUTBOUND_PORT={self.outbound_port}",
             f"-DMESH_INBOUND_PORT={self.inbound_port}",
@@ -30,12 +33,22 @@ class MeshProfile:
             f"-DMESH_PROXY_GID={self.proxy_gid}",
             # host-order value; the programs convert with bpf_htonl
             f"-DMESH_PASSTHROUGH_IP_HOST={passthrough}U",
+            f"-DMESH_REDIRECT_IP_HOST={redirect}U",
         ]
 
 
 # Istio's sidecar defaults, as istio-iptables receives them from the injector:
 # `-p 15001 -z 15006 -u 1337 -g 1337`, inbound upstream bound to 127.0.0.6, and
 # `-d 15090,15021,15020` (Prometheus, health, merged metrics) never captured.
+#
+# Redirected app connections go to 127.0.0.2:15001, not to 127.0.0.1:15001
+# where iptables' REDIRECT sends them: a connection's conntrack entry outlives
+# it (TIME_WAIT), and an eBPF-mode connection whose tuple is the inverse of an
+# iptables-mode entry's reply tuple (127.0.0.1:15001 -> pod:port) gets its
+# source port silently remapped by netfilter, so the proxy's SO_ORIGINAL_DST
+# lookup misses. No iptables-mode entry ever involves 127.0.0.2, and Istio's
+# `-o lo -m owner ! --uid-owner 1337 -j RETURN` leaves the connection alone.
+# The proxy's listener binds 0.0.0.0:15001 (as Envoy's does), so it accepts it.
 ISTIO = MeshProfile(
     name="istio",
     proxy_container="istio-proxy",
@@ -44,7 +57,9 @@ ISTIO = MeshProfile(
     proxy_uid=1337,
     proxy_gid=1337,
     inbound_passthrough_ip="127.0.0.6",
+    outbound_redirect_ip="127.0.0.2",
     status_port=15021,
+    inbound_tunnel_port=15008,
     always_exempt_inbound_ports=(15090, 15021, 15020),
 )
 

@@ -71,15 +71,24 @@ def inspect(path: str) -> Netns:
 
 class NetnsIndex:
     """Pod IP -> network namespace, over every namespace on the host except
-    our own (the host's: pods never live there)."""
+    our own (the host's: pods never live there).
 
-    def __init__(self, proc_root: str = "/proc", bind_dirs: tuple[str, ...] = ("/run/netns",)):
+    Pod IPs are unique on a node; should an IP still show up in several
+    namespaces (simulated nodes sharing a host, a leftover namespace), the
+    ones holding a process inside `cgroup` (the agent's --cgroup, where every
+    pod's processes live) are the pod's."""
+
+    def __init__(self, proc_root: str = "/proc", bind_dirs: tuple[str, ...] = ("/run/netns",),
+                 cgroup: Path | None = None):
         self.proc_root = proc_root
         self.bind_dirs = bind_dirs
+        self.cgroup_rel = _cgroup_relative(cgroup) if cgroup else None
         self._by_inode: dict[int, Netns] = {}
+        self._pids: dict[int, list[int]] = {}
 
     def _namespace_paths(self) -> dict[int, str]:
         own = os.stat(f"{self.proc_root}/self/ns/net").st_ino
+        self._pids = {}
         paths: dict[int, str] = {}
         for d in self.bind_dirs:
             if os.path.isdir(d):
@@ -91,9 +100,11 @@ class NetnsIndex:
         for pid in psutil.pids():
             p = f"{self.proc_root}/{pid}/ns/net"
             try:
-                paths.setdefault(os.stat(p).st_ino, p)
+                inode = os.stat(p).st_ino
             except OSError:
-                pass  # process gone, or a kernel thread
+                continue  # process gone, or a kernel thread
+            paths.setdefault(inode, p)
+            self._pids.setdefault(inode, []).append(pid)
         paths.pop(own, None)
         return paths
 
@@ -110,8 +121,30 @@ class NetnsIndex:
         self._by_inode = found
 
     def lookup(self, ip: str) -> Netns | None:
-        matches = [ns for ns in self._by_inode.values() if ip in ns.ipv4]
+        matches = self.owners(ip)
         return matches[0] if len(matches) == 1 else None
 
     def owners(self, ip: str) -> list[Netns]:
-        return [ns for ns in self._by_inode.values() if ip in ns.ipv4]
+        matches = [ns for ns in self._by_inode.values() if ip in ns.ipv4]
+        if len(matches) > 1 and self.cgroup_rel is not None:
+            matches = [ns for ns in matches if self._has_process_in_cgroup(ns.inode)] or matches
+        return matches
+
+    def _has_process_in_cgroup(self, inode: int) -> bool:
+        for pid in self._pids.get(inode, ()):
+            try:
+                with open(f"{self.proc_root}/{pid}/cgroup") as f:
+                    for line in f:
+                        if line.startswith("0::"):
+                            path = line[3:].strip()
+                            if path == self.cgroup_rel or path.startswith(self.cgroup_rel.rstrip("/") + "/"):
+                                return True
+            except OSError:
+                continue
+        return False
+
+
+def _cgroup_relative(cgroup: Path) -> str:
+    """/sys/fs/cgroup/unified/a/b -> /a/b, as /proc/PID/cgroup names it."""
+    from .sandbox import cgroup2_root
+    return "/" + str(Path(cgroup).resolve().relative_to(cgroup2_root())).lstrip(".").strip("/")

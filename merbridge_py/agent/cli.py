@@ -43,8 +43,13 @@ examples:
 @click.option("--mesh", default="istio", show_default=True, help="Mesh profile.")
 @click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True)
 @click.option("--no-splice", is_flag=True, help="Redirect and answer SO_ORIGINAL_DST, but do not splice sockets.")
+@click.option("--inbound-redirect", type=click.Choice(["iptables", "ebpf"]), default="iptables", show_default=True,
+              help="Who moves a proxy's connection to a same-node pod onto that pod's inbound port: the pod's own "
+                   "Istio rule (conntrack-identical to iptables mode), or the connect hook (for pods without "
+                   "inbound rules).")
 @click.option("--ebpf", "print_ebpf", is_flag=True, hidden=True, help="Print the eBPF program text and exit.")
-def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log_format, no_splice, print_ebpf):
+def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log_format, no_splice,
+        inbound_redirect, print_ebpf):
     """Load the eBPF datapath and keep it in step with this node's pods."""
     from ..datapath import Datapath, DatapathError, open_cgroup, program_text
     from ..kheaders import HeadersNotFound
@@ -72,11 +77,13 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log
     except DatapathError as e:
         raise click.ClickException(str(e))
 
+    from ..netns import NetnsIndex
     from .core import Agent
     from .http import AgentHTTPServer
     from .metrics import AgentMetrics
 
-    datapath = Datapath(profile, cgroup, bpffs, splice=not no_splice)
+    datapath = Datapath(profile, cgroup, bpffs, splice=not no_splice,
+                        rewrite_inbound_port=inbound_redirect == "ebpf")
     metrics = AgentMetrics()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,7 +96,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log
         raise click.ClickException(str(e))
     metrics.datapath = datapath
     metrics.attached.set(1)
-    agent = Agent(datapath, profile, metrics=metrics)
+    agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics)
     source = source_factory(agent.update_pods)
     metrics.source = source
     http = None

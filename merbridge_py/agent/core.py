@@ -40,6 +40,7 @@ class PodStatus:
     reason: str
     ip: str | None = None
     pending: bool = False   # waiting for its network namespace to appear
+    code: str = "accelerated"  # short reason code: a metrics label
 
     def to_json(self) -> dict:
         return {"pod": self.pod, "accelerated": self.accelerated, "reason": self.reason,
@@ -109,7 +110,7 @@ class Agent:
         new_status: dict[str, PodStatus] = {}
         for key, v in verdicts.items():
             if not v.accelerate:
-                new_status[key] = PodStatus(key, False, v.reason, v.ips[0] if v.ips else None)
+                new_status[key] = PodStatus(key, False, v.reason, v.ips[0] if v.ips else None, code=v.code)
                 continue
             new_status[key] = self._apply(key, v)
         with self._lock:
@@ -139,9 +140,10 @@ class Agent:
                 return PodStatus(key, True, v.reason, ip)
             if len(owners) > 1:
                 return PodStatus(key, False, f"not accelerated: IP {ip} is in {len(owners)} network namespaces; "
-                                             "cannot tell which is the pod's", ip)
+                                             "cannot tell which is the pod's", ip, code="ambiguous_netns")
             return PodStatus(key, False, f"not accelerated yet: no network namespace has IP {ip} "
-                                         "(will retry; the pod stays on iptables meanwhile)", ip, pending=True)
+                                         "(will retry; the pod stays on iptables meanwhile)", ip, pending=True,
+                             code="netns_not_found")
         new = Applied(ns.cookie, ip, tuple(outbound), tuple(inbound))
         if cur != new:
             if cur is not None and (cur.netns_cookie != new.netns_cookie or cur.ip != new.ip):

@@ -34,14 +34,6 @@ _HELP = {
 }
 
 
-def reason_category(reason: str) -> str:
-    """A low-cardinality label for a skip reason: the text before any detail."""
-    text = reason.split(":", 1)[1] if reason.startswith("not accelerated") and ":" in reason else reason
-    head = text.strip().split(";")[0].split("(")[0]
-    words = [w for w in head.replace("=", " ").split() if w.isalpha() or "-" in w or "/" in w][:4]
-    return "_".join(w.lower().strip(".,") for w in words) or "other"
-
-
 class AgentMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -66,8 +58,7 @@ class AgentMetrics:
         by_reason: dict[str, int] = {}
         for s in self._pods:
             if not s.accelerated:
-                cat = "pending_netns" if s.pending else reason_category(s.reason)
-                by_reason[cat] = by_reason.get(cat, 0) + 1
+                by_reason[s.code] = by_reason.get(s.code, 0) + 1
         for cat, n in sorted(by_reason.items()):
             skipped.add_metric([cat], n)
         yield skipped

@@ -43,7 +43,9 @@ class Pod:
 
 
 class SimNode:
-    def __init__(self, tmp: Path, subnet: str = "10.244.1"):
+    def __init__(self, tmp: Path, subnet: str | None = None):
+        # a subnet of our own, so concurrent runs on one host never share pod IPs
+        subnet = subnet or f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 250}"
         self.tag = f"mbp-dp{os.getpid()}"
         self.tmp = tmp
         self.subnet = subnet
@@ -119,8 +121,11 @@ class SimNode:
     # --- the agent ---------------------------------------------------------------
 
     def agent_argv(self, *extra: str) -> list[str]:
+        # No iptables rules on this node: the connect hook itself must move a
+        # proxy's connection onto the destination pod's inbound port.
         return [PY, "-m", "merbridge_py.cli", "run", "--cgroup", str(self.cgroup), "--pods-file",
-                str(self.pods_file), "--bpffs", str(self.bpffs), "--node-name", "node1", *extra]
+                str(self.pods_file), "--bpffs", str(self.bpffs), "--node-name", "node1",
+                "--inbound-redirect", "ebpf", *extra]
 
     def start_agent(self, *extra: str, timeout: float = 30) -> None:
         self.agent_port = _free_port()

@@ -1,0 +1,325 @@
+"""decide(): is this pod accelerated, with which policy, or why not.
+
+The agent calls it for every pod it sees and `merbridge-py inspect-pod` prints
+its result, so what a user inspects is what the agent does. It reads the pod
+the way Istio's sidecar injection leaves it (istio-proxy as a container or as a
+native sidecar, istio-init or istio-cni's istio-validation, the traffic
+annotations) and never raises: any input, however malformed, gets a verdict.
+
+Not accelerating is always the safe answer: Istio's iptables rules stay in the
+pod and keep serving it exactly as before.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from merbridge_py.layout import MAX_INBOUND_RULES, MAX_OUTBOUND_RULES
+from merbridge_py.mesh import ISTIO, MeshProfile
+from merbridge_py.policy.annotations import (
+    EXCLUDE_INBOUND_PORTS, PolicyError, parse_policy, read_annotation, show,
+)
+from merbridge_py.policy.model import PodPolicy, Verdict
+from merbridge_py.policy.rules import compile_rules
+
+ACCELERATE = "merbridge.io/accelerate"                     # our opt-out: "true" | "false"
+INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"    # REDIRECT | TPROXY | NONE
+EXCLUDE_INTERFACES = "traffic.sidecar.istio.io/excludeInterfaces"
+INTERCEPTION_MODES = ("REDIRECT", "TPROXY", "NONE")        # pkg/kube/inject/validate.go
+ISTIO_INIT = "istio-init"                  # applies the iptables rules itself
+ISTIO_VALIDATION = "istio-validation"      # istio-cni applied them; this only checks
+# Proxy metadata the injector copies into the proxy's (and istio-init's) env.
+ENV_INTERCEPTION_MODE = "ISTIO_META_INTERCEPTION_MODE"
+ENV_DNS_CAPTURE = "ISTIO_META_DNS_CAPTURE"
+ENV_OWNER_GROUPS = "ISTIO_OUTBOUND_OWNER_GROUPS"            # default "*"
+ENV_OWNER_GROUPS_EXCLUDE = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"
+GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")           # strconv.ParseBool
+FINISHED_PHASES = ("Succeeded", "Failed")
+
+
+class MalformedPod(ValueError):
+    """The object is not a usable Pod; the message names the field."""
+
+
+class NotAccelerated(Exception):
+    """Carries the reason, and a short stable code for metrics labels, out of
+    the checks in decide()."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """What decide() needs from a Pod object, read defensively."""
+
+    id: str
+    annotations: Mapping
+    containers: tuple[Mapping, ...]
+    init_containers: tuple[Mapping, ...]
+    host_network: bool
+    phase: str | None
+    deleting: bool
+    ipv4: tuple[str, ...]
+    ipv6: tuple[str, ...]
+
+
+def pod_id(pod: object) -> str:
+    """ "namespace/name", with "?" for a missing name; never raises."""
+    metadata = pod.get("metadata") if isinstance(pod, Mapping) else None
+    metadata = metadata if isinstance(metadata, Mapping) else {}
+    namespace, name = metadata.get("namespace"), metadata.get("name")
+    namespace = namespace if isinstance(namespace, str) and namespace else "default"
+    name = name if isinstance(name, str) and name else "?"
+    return f"{namespace}/{name}"
+
+
+def _mapping(value: object, path: str, default: Mapping | None = None) -> Mapping:
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, Mapping):
+        raise MalformedPod(f"{path} is {'missing' if value is None else 'not a mapping'}")
+    return value
+
+
+def _mappings(value: object, path: str) -> tuple[Mapping, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise MalformedPod(f"{path} is not a list")
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise MalformedPod(f"{path}[{i}] is not a mapping")
+    return tuple(value)
+
+
+def _pod_ips(status: Mapping) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    texts = []
+    for i, entry in enumerate(_mappings(status.get("podIPs"), "status.podIPs")):
+        if not isinstance(entry.get("ip"), str):
+            raise MalformedPod(f"status.podIPs[{i}].ip is not a string")
+        texts.append((f"status.podIPs[{i}].ip", entry["ip"]))
+    single = status.get("podIP")
+    if single is not None and not isinstance(single, str):
+        raise MalformedPod("status.podIP is not a string")
+    if single:
+        texts.append(("status.podIP", single))
+    ipv4, ipv6 = [], []
+    for path, text in texts:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            raise MalformedPod(f"{path} is not an IP address: {show(text)}") from None
+        (ipv4 if ip.version == 4 else ipv6).append(str(ip))
+    return tuple(dict.fromkeys(ipv4)), tuple(dict.fromkeys(ipv6))
+
+
+def read_pod(pod: object) -> PodFacts:
+    if not isinstance(pod, Mapping):
+        raise MalformedPod(f"expected a mapping, got {type(pod).__name__}")
+    metadata = _mapping(pod.get("metadata"), "metadata")
+    name, namespace = metadata.get("name"), metadata.get("namespace")
+    if not isinstance(name, str) or not name:
+        raise MalformedPod("metadata.name is missing")
+    if namespace is not None and not isinstance(namespace, str):
+        raise MalformedPod("metadata.namespace is not a string")
+    spec = _mapping(pod.get("spec"), "spec")
+    status = _mapping(pod.get("status"), "status", default={})
+    host_network = spec.get("hostNetwork")
+    if host_network is not None and not isinstance(host_network, bool):
+        raise MalformedPod("spec.hostNetwork is not a boolean")
+    phase = status.get("phase")
+    if phase is not None and not isinstance(phase, str):
+        raise MalformedPod("status.phase is not a string")
+    ipv4, ipv6 = _pod_ips(status)
+    return PodFacts(
+        id=pod_id(pod),
+        annotations=_mapping(metadata.get("annotations"), "metadata.annotations", default={}),
+        containers=_mappings(spec.get("containers"), "spec.containers"),
+        init_containers=_mappings(spec.get("initContainers"), "spec.initContainers"),
+        host_network=bool(host_network),
+        phase=phase,
+        deleting=metadata.get("deletionTimestamp") is not None,
+        ipv4=ipv4,
+        ipv6=ipv6,
+    )
+
+
+def sidecar_kind(facts: PodFacts, mesh: MeshProfile) -> str | None:
+    """"classic", "native" (init container with restartPolicy Always) or None."""
+    if any(c.get("name") == mesh.proxy_container for c in facts.containers):
+        return "classic"
+    if any(c.get("name") == mesh.proxy_container and c.get("restartPolicy") == "Always"
+           for c in facts.init_containers):
+        return "native"
+    return None
+
+
+def interception_setup(facts: PodFacts) -> str | None:
+    names = {c.get("name") for c in facts.init_containers}
+    if ISTIO_INIT in names:
+        return ISTIO_INIT
+    if ISTIO_VALIDATION in names:
+        return "istio-cni"
+    return None
+
+
+def proxy_env(facts: PodFacts, mesh: MeshProfile) -> dict[str, str]:
+    """Literal env values of the proxy and of Istio's init container (which
+    both receive the pod's proxy metadata); valueFrom entries are skipped."""
+    wanted = {mesh.proxy_container, ISTIO_INIT, ISTIO_VALIDATION}
+    env: dict[str, str] = {}
+    for container in facts.containers + facts.init_containers:
+        if container.get("name") not in wanted or not isinstance(container.get("env"), list):
+            continue
+        for var in container["env"]:
+            if isinstance(var, Mapping) and isinstance(var.get("name"), str) and isinstance(var.get("value"), str):
+                env.setdefault(var["name"], var["value"])
+    return env
+
+
+def _string_annotation(annotations: Mapping, name: str) -> str | None:
+    try:
+        return read_annotation(annotations, name)
+    except PolicyError as e:
+        raise NotAccelerated(str(e), "malformed_annotation") from None
+
+
+def _check_opt_out(annotations: Mapping) -> None:
+    value = _string_annotation(annotations, ACCELERATE)
+    if value is None or value == "true":
+        return
+    if value == "false":
+        raise NotAccelerated(f'opted out ({ACCELERATE}: "false")', "opted_out")
+    raise NotAccelerated(str(PolicyError(ACCELERATE, value, 'expected "true" or "false"')), "malformed_annotation")
+
+
+def _check_interception(facts: PodFacts, env: Mapping[str, str]) -> None:
+    mode = _string_annotation(facts.annotations, INTERCEPTION_MODE)
+    if mode is not None and mode not in INTERCEPTION_MODES:
+        raise NotAccelerated(str(PolicyError(INTERCEPTION_MODE, mode, "expected REDIRECT, TPROXY or NONE")),
+                             "malformed_annotation")
+    # The proxy's env records the mode at injection time, which is what the
+    # iptables rules were built from; either source saying TPROXY/NONE wins.
+    sources = [(mode, f"annotation {INTERCEPTION_MODE}"),
+               (env.get(ENV_INTERCEPTION_MODE), f"proxy env {ENV_INTERCEPTION_MODE}")]
+    for value, source in sources:
+        if value == "TPROXY":
+            raise NotAccelerated(f"interception mode TPROXY ({source}) is left to Istio's iptables", "tproxy")
+    for value, source in sources:
+        if value == "NONE":
+            raise NotAccelerated(f"interception mode NONE ({source}): Istio does not intercept this pod",
+                                 "interception_none")
+
+
+def _check_honourable(facts: PodFacts, env: Mapping[str, str]) -> None:
+    """Istio features that capture by something the datapath cannot see."""
+    interfaces = _string_annotation(facts.annotations, EXCLUDE_INTERFACES)
+    if interfaces:
+        raise NotAccelerated(f"policy cannot be honoured exactly: {EXCLUDE_INTERFACES}: {show(interfaces)} "
+                             "excludes traffic by egress interface", "policy_not_exact")
+    groups, groups_excluded = env.get(ENV_OWNER_GROUPS, "*"), env.get(ENV_OWNER_GROUPS_EXCLUDE, "")
+    if groups != "*" or groups_excluded:
+        raise NotAccelerated("policy cannot be honoured exactly: outbound capture is filtered by process group "
+                             f"({ENV_OWNER_GROUPS}={show(groups)}, {ENV_OWNER_GROUPS_EXCLUDE}={show(groups_excluded)})",
+                             "policy_not_exact")
+
+
+def _check_ips(facts: PodFacts) -> None:
+    if facts.ipv4:
+        return
+    if facts.ipv6:
+        raise NotAccelerated(f"IPv6-only pod ({', '.join(facts.ipv6)}); only IPv4 is accelerated", "ipv6_only")
+    raise NotAccelerated("no pod IP yet", "no_ip")
+
+
+def _check_rule_counts(policy: PodPolicy, mesh: MeshProfile) -> None:
+    outbound, inbound = compile_rules(policy, mesh)
+    problems = [f"{len(rules)} {direction} rules, the datapath holds {limit}"
+                for rules, direction, limit in ((outbound, "outbound", MAX_OUTBOUND_RULES),
+                                                (inbound, "inbound", MAX_INBOUND_RULES))
+                if len(rules) > limit]
+    if problems:
+        raise NotAccelerated("policy needs " + " and ".join(problems), "policy_too_large")
+
+
+def _notes(facts: PodFacts, policy: PodPolicy, mesh: MeshProfile) -> list[str]:
+    notes = []
+    if facts.ipv6:
+        notes.append(f"IPv6 address {', '.join(facts.ipv6)} stays on iptables")
+    ranges = policy.include_outbound_ip_ranges + policy.exclude_outbound_ip_ranges
+    if any(n.version == 6 for n in ranges):
+        notes.append("IPv6 ranges apply to IPv6 traffic, which stays on iptables")
+    if EXCLUDE_INBOUND_PORTS in facts.annotations and not policy.captures_all_inbound_ports:
+        notes.append(f"{EXCLUDE_INBOUND_PORTS} has no effect unless includeInboundPorts is \"*\" (as in Istio)")
+    if policy.dns_capture:
+        notes.append("TCP port 53 is left to iptables (DNS capture)")
+    if compile_rules(policy, mesh) == ([], []):
+        notes.append("the policy captures no connections")
+    return notes
+
+
+def _decide(pod: object, mesh: MeshProfile) -> Verdict:
+    try:
+        facts = read_pod(pod)
+    except MalformedPod as e:
+        return Verdict(pod_id(pod), False, f"not accelerated: malformed pod object: {e}", mesh.name, (), None,
+                       code="malformed_pod")
+
+    env = proxy_env(facts, mesh)
+    try:
+        policy, policy_error = parse_policy(facts.annotations, mesh, env.get(ENV_DNS_CAPTURE) in GO_TRUE), None
+    except PolicyError as e:
+        policy, policy_error = None, e
+
+    kind, setup = sidecar_kind(facts, mesh), interception_setup(facts)
+    try:
+        if kind is None:
+            hint = ""
+            if any(c.get("name") == mesh.proxy_container for c in facts.init_containers):
+                hint = f" (init container {mesh.proxy_container} without restartPolicy: Always is not a sidecar)"
+            raise NotAccelerated(f"no {mesh.proxy_container} sidecar{hint}", "no_sidecar")
+        if facts.host_network:
+            raise NotAccelerated("hostNetwork pod", "host_network")
+        if facts.deleting:
+            # Un-accelerating early is safe: iptables serves new connections
+            # during the grace period, and the pod's IP may soon belong to another pod.
+            raise NotAccelerated("pod is being deleted", "deleting")
+        if facts.phase in FINISHED_PHASES:
+            raise NotAccelerated(f"pod phase is {facts.phase} (its containers have exited; its IP may be reused)",
+                                 "finished")
+        _check_opt_out(facts.annotations)
+        _check_interception(facts, env)
+        if setup is None:
+            raise NotAccelerated(f"no {ISTIO_INIT} or {ISTIO_VALIDATION} init container: "
+                                 "Istio set up no interception for this pod", "no_interception_setup")
+        _check_honourable(facts, env)
+        if policy_error is not None:
+            raise NotAccelerated(str(policy_error), "malformed_annotation")
+        _check_ips(facts)
+        _check_rule_counts(policy, mesh)
+    except NotAccelerated as e:
+        reason = f"not accelerated: {e}"
+        if policy_error is not None and str(policy_error) not in reason:
+            reason += f"; also {policy_error}"
+        return Verdict(facts.id, False, reason, mesh.name, facts.ipv4, policy, code=e.code)
+
+    reason = f"accelerated: {mesh.name} sidecar ({kind}, {setup})"
+    notes = _notes(facts, policy, mesh)
+    if notes:
+        reason += "; " + "; ".join(notes)
+    return Verdict(facts.id, True, reason, mesh.name, facts.ipv4, policy)
+
+
+def decide(pod: dict, mesh: MeshProfile = ISTIO) -> Verdict:
+    """The verdict for one Pod (a dict in Kubernetes API JSON form). Never raises."""
+    try:
+        return _decide(pod, mesh)
+    except Exception as e:  # noqa: BLE001 - the agent's loop must survive any pod
+        # Reaching this is a bug in this module (tests assert it never happens);
+        # the pod stays on iptables, which is safe.
+        return Verdict(pod_id(pod), False, f"not accelerated: internal error: {type(e).__name__}: {e}",
+                       mesh.name, (), None, code="internal_error")
