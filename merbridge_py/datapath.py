@@ -35,8 +35,9 @@ class Hook:
     on_cgroup: bool     # False: attaches to the sockhash
 
 
+CONNECT_HOOK = "sock4_connect"
 HOOKS = (
-    Hook("connect.bpf.c", "sock4_connect", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", True),
+    Hook("connect.bpf.c", CONNECT_HOOK, "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", True),
     Hook("sockops.bpf.c", "sockops", "SOCK_OPS", "CGROUP_SOCK_OPS", True),
     Hook("sk_msg.bpf.c", "sk_msg_splice", "SK_MSG", "SK_MSG_VERDICT", False),
     Hook("getsockopt.bpf.c", "sockopt_original_dst", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT", True),
@@ -151,8 +152,18 @@ def open_cgroup(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
+MODES = ("ebpf", "iptables")
+
+
 class Datapath:
-    """Programs, maps and pins of one agent. Use as: load(); attach(); ...; detach()."""
+    """Programs, maps and pins of one agent. Use as: load(); attach(); ...; detach().
+
+    Modes: in "ebpf" every hook runs. In "iptables" the connect hook is
+    detached and nothing new is spliced, so every new connection takes
+    Istio's own rules; the other hooks stay, because connections opened
+    before the switch still need them (their spliced sockets, the proxy's
+    SO_ORIGINAL_DST answer, the clean-up of their entries when they close).
+    """
 
     def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: bool = True,
                  rewrite_inbound_port: bool = False):
@@ -161,6 +172,7 @@ class Datapath:
         self.bpffs_dir = Path(bpffs_dir)
         self.splice = splice
         self.rewrite_inbound_port = rewrite_inbound_port
+        self.mode = "ebpf"
         self.bpf = None
         self._fns: dict[str, object] = {}
         self._cgroup_fd: int | None = None
@@ -194,7 +206,7 @@ class Datapath:
         stale = self._stale_programs()
         self.bpf.attach_func(self._fns["sk_msg_splice"], self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
         for hook in HOOKS:
-            if hook.on_cgroup:
+            if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
                 self.bpf.attach_func(self._fns[hook.function], self._cgroup_fd,
                                      getattr(BPFAttachType, hook.attach_type), BPF_F_ALLOW_MULTI)
         self.attached = True
@@ -212,7 +224,7 @@ class Datapath:
         from bcc import BPFAttachType
         if self.attached and self._cgroup_fd is not None:
             for hook in HOOKS:
-                if hook.on_cgroup:
+                if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
                     try:
                         self.bpf.detach_func(self._fns[hook.function], self._cgroup_fd,
                                              getattr(BPFAttachType, hook.attach_type))
@@ -281,6 +293,28 @@ class Datapath:
             if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
                 raise
 
+    def set_mode(self, mode: str) -> None:
+        """Switch between "ebpf" and "iptables" (see the class comment). New
+        connections take the new path; established ones are not disturbed."""
+        from bcc import BPFAttachType
+        if mode not in MODES:
+            raise DatapathError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if mode == self.mode:
+            return
+        connect = self._fns[CONNECT_HOOK]
+        attach_type = BPFAttachType.CGROUP_INET4_CONNECT
+        if mode == "iptables":
+            if self.attached:
+                self.bpf.detach_func(connect, self._cgroup_fd, attach_type)
+            self.mode = mode
+            self._write_config()
+        else:
+            self.mode = mode
+            self._write_config()
+            if self.attached:
+                self.bpf.attach_func(connect, self._cgroup_fd, attach_type, BPF_F_ALLOW_MULTI)
+        log.info("datapath mode is now %s", mode)
+
     # --- state ----------------------------------------------------------------------
 
     def set_splice(self, enabled: bool) -> None:
@@ -289,7 +323,7 @@ class Datapath:
 
     def _write_config(self) -> None:
         self.bpf[b"config"][ct.c_int(0)] = layout.DatapathConfig(
-            splice=int(self.splice), rewrite_inbound_port=int(self.rewrite_inbound_port))
+            splice=int(self.splice and self.mode == "ebpf"), rewrite_inbound_port=int(self.rewrite_inbound_port))
 
     def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound) -> None:
         """Write one pod's policy. `outbound`/`inbound` are compiled first-match

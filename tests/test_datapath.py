@@ -197,3 +197,30 @@ def test_pod_without_namespace_is_skipped_others_accelerated(agent):
     assert rc == 0
     # the reason is logged, once, as one line
     assert len([line for line in out.splitlines() if "pod default/d: not accelerated" in line]) == 1, out
+
+
+def test_mode_switch_keeps_established_connections(agent):
+    """Issue 5's toggle on the datapath: new connections take the new path,
+    a connection opened before the switch keeps working across both switches."""
+    from click.testing import CliRunner
+
+    from merbridge_py.cli import main
+    a, b = agent.pods["a"], agent.pods["b"]
+    held = agent.client_background(a, "hold", b.ip, 8080, 30, 100)   # ~3 s of requests
+    time.sleep(0.5)
+
+    def toggle(mode):
+        r = CliRunner().invoke(main, ["toggle", mode, "--node", "--agent-addr", agent.agent_addr()])
+        assert r.exit_code == 0, r.output
+
+    toggle("iptables")
+    # no iptables rules on this node: the iptables path is the direct path
+    assert ask(agent, "a", b.ip, 8080)[1].startswith(f"{a.ip}:")
+    status = CliRunner().invoke(main, ["status", "--json", "--agent-addr", agent.agent_addr()])
+    assert json.loads(status.output)["mode"] == "iptables"
+    toggle("ebpf")
+    assert ask(agent, "a", b.ip, 8080)[1].startswith("127.0.0.6:")
+    out, err = held.communicate(timeout=30)
+    answers = out.splitlines()
+    assert held.returncode == 0, err
+    assert len(answers) == 30 and all(line.split()[1].startswith("127.0.0.6:") for line in answers), out

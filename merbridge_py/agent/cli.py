@@ -81,6 +81,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log
     from .core import Agent
     from .http import AgentHTTPServer
     from .metrics import AgentMetrics
+    from .mode import ModeController
 
     datapath = Datapath(profile, cgroup, bpffs, splice=not no_splice,
                         rewrite_inbound_port=inbound_redirect == "ebpf")
@@ -102,7 +103,9 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log
     http = None
     threads = []
     try:
-        http = AgentHTTPServer(metrics_addr, agent, metrics, lambda: datapath.attached)
+        modes = ModeController(datapath, metrics)
+        http = AgentHTTPServer(metrics_addr, agent, metrics, lambda: datapath.attached,
+                               extra_routes={"/mode": modes.http_route}, mode=lambda: modes.mode)
         http.start()
         log.info("datapath attached to %s; serving on %s:%d", cgroup, http.httpd.server_address[0], http.port)
         threads = [threading.Thread(target=source.run, args=(stop,), name="source", daemon=True),

@@ -18,8 +18,8 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 class AgentHTTPServer:
-    def __init__(self, addr: str, agent, metrics, is_attached, extra_routes=None):
-        self.agent, self.metrics, self.is_attached = agent, metrics, is_attached
+    def __init__(self, addr: str, agent, metrics, is_attached, extra_routes=None, mode=lambda: None):
+        self.agent, self.metrics, self.is_attached, self.mode = agent, metrics, is_attached, mode
         self.extra_routes = extra_routes or {}
         server = self
 
@@ -45,7 +45,7 @@ class AgentHTTPServer:
                     self._send(200, generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST)
                 elif path == "/status":
                     body = json.dumps({"attached": server.is_attached(), "ready": server.agent.ready.is_set(),
-                                       "pods": server.agent.status()}, indent=2).encode()
+                                       "mode": server.mode(), "pods": server.agent.status()}, indent=2).encode()
                     self._send(200, body, "application/json")
                 else:
                     self._send(404, b"not found\n")

@@ -45,7 +45,12 @@ class AgentMetrics:
         self.datapath_errors = self.reconcile_errors
         self.attached = Gauge("merbridge_datapath_attached", "1 while the eBPF programs are attached",
                               registry=self.registry)
+        self.mode = Gauge("merbridge_mode", "1 for the datapath's current mode", ["mode"], registry=self.registry)
         self.registry.register(self)
+
+    def set_mode(self, mode: str) -> None:
+        for m in ("ebpf", "iptables"):
+            self.mode.labels(m).set(1 if m == mode else 0)
 
     def observe_pods(self, statuses) -> None:
         self._pods = list(statuses)

@@ -3,6 +3,7 @@
     python client.py ask HOST PORT [N]      N requests on one connection; prints each answer
     python client.py bulk HOST PORT BYTES   sends BYTES through the app's echo, checks them; prints seconds
     python client.py churn HOST PORT N      N connections of one request each; prints "ok=<n> failed=<n>"
+    python client.py hold HOST PORT N MS    N requests on one connection, MS milliseconds apart
 """
 
 import hashlib
@@ -13,12 +14,13 @@ import threading
 import time
 
 
-def ask(host: str, port: int, n: int = 1) -> None:
+def ask(host: str, port: int, n: int = 1, pause_ms: int = 0) -> None:
     with socket.create_connection((host, port), timeout=10) as s:
         f = s.makefile("rb")
         for _ in range(n):
             s.sendall(b"who\n")
             print(f.readline().decode().strip(), flush=True)
+            time.sleep(pause_ms / 1000)
 
 
 def bulk(host: str, port: int, size: int) -> None:
@@ -68,4 +70,4 @@ def churn(host: str, port: int, n: int) -> None:
 
 if __name__ == "__main__":
     cmd, host, port, *rest = sys.argv[1:]
-    {"ask": ask, "bulk": bulk, "churn": churn}[cmd](host, int(port), *map(int, rest))
+    {"ask": ask, "bulk": bulk, "churn": churn, "hold": ask}[cmd](host, int(port), *map(int, rest))

@@ -113,6 +113,12 @@ class SimNode:
         out, err = p.communicate(timeout=timeout)
         return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
+    def client_background(self, pod: Pod, *args) -> subprocess.Popen:
+        p = sandbox.spawn([PY, str(HERE / "client.py"), *map(str, args)], netns=pod.netns, cgroup=pod.cgroup,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p
+
     def tcp_out_segs(self, pod: Pod) -> int:
         lines = sandbox.sh("cat", "/proc/net/snmp", netns=pod.netns).splitlines()
         tcp = [line.split() for line in lines if line.startswith("Tcp:")]
@@ -147,6 +153,9 @@ class SimNode:
     def agent_get(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.agent_port}{path}", timeout=5) as r:
             return r.read().decode()
+
+    def agent_addr(self) -> str:
+        return f"127.0.0.1:{self.agent_port}"
 
     def stop_agent(self, timeout: float = 10) -> tuple[int, str]:
         self.agent.terminate()
