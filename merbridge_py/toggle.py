@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import click
 
+from .agent.cli import CONFIG_MAP as CONFIGMAP
 from .agent.status import DEFAULT_AGENT_ADDR, agent_request
-
-CONFIGMAP = "merbridge-py"
 
 
 @click.command(epilog="\b\nexamples:\n  merbridge-py toggle iptables           # every node back on Istio's iptables"

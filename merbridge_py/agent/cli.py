@@ -15,6 +15,9 @@ from . import logs
 log = logging.getLogger("merbridge_py.agent")
 
 
+CONFIG_MAP = "merbridge-py"   # holds `mode: ebpf|iptables` for every agent
+
+
 class InputError(click.ClickException):
     """A bad input file: one line on stderr, exit code 2 like a usage error."""
 
@@ -41,6 +44,8 @@ examples:
               help="Directory on a bpffs for this agent's pins.")
 @click.option("--metrics-addr", default="127.0.0.1:15019", show_default=True, help="HOST:PORT for /metrics, /healthz, /readyz, /status.")
 @click.option("--mesh", default="istio", show_default=True, help="Mesh profile.")
+@click.option("--namespace", envvar="POD_NAMESPACE", default="istio-system", show_default=True,
+              help="Namespace of the merbridge-py ConfigMap holding the mode (env POD_NAMESPACE).")
 @click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True)
 @click.option("--no-splice", is_flag=True, help="Redirect and answer SO_ORIGINAL_DST, but do not splice sockets.")
 @click.option("--inbound-redirect", type=click.Choice(["iptables", "ebpf"]), default="iptables", show_default=True,
@@ -48,7 +53,7 @@ examples:
                    "Istio rule (conntrack-identical to iptables mode), or the connect hook (for pods without "
                    "inbound rules).")
 @click.option("--ebpf", "print_ebpf", is_flag=True, hidden=True, help="Print the eBPF program text and exit.")
-def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log_format, no_splice,
+def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, namespace, log_format, no_splice,
         inbound_redirect, print_ebpf):
     """Load the eBPF datapath and keep it in step with this node's pods."""
     from ..datapath import Datapath, DatapathError, open_cgroup, program_text
@@ -86,6 +91,16 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log
     datapath = Datapath(profile, cgroup, bpffs, splice=not no_splice,
                         rewrite_inbound_port=inbound_redirect == "ebpf")
     metrics = AgentMetrics()
+    agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics)
+    modes = ModeController(datapath, metrics)
+    try:
+        source = source_factory(agent.update_pods)
+    except Exception as e:  # e.g. no kubeconfig and not in a cluster
+        raise click.ClickException(f"cannot reach the Kubernetes API: {e}; pass --kubeconfig or --pods-file")
+    if hasattr(source, "watch_config_map"):
+        source.watch_config_map(namespace, CONFIG_MAP, modes.from_config_maps)
+    metrics.source = source
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -97,13 +112,9 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, log
         raise click.ClickException(str(e))
     metrics.datapath = datapath
     metrics.attached.set(1)
-    agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics)
-    source = source_factory(agent.update_pods)
-    metrics.source = source
     http = None
     threads = []
     try:
-        modes = ModeController(datapath, metrics)
         http = AgentHTTPServer(metrics_addr, agent, metrics, lambda: datapath.attached,
                                extra_routes={"/mode": modes.http_route}, mode=lambda: modes.mode)
         http.start()

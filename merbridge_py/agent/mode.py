@@ -36,6 +36,21 @@ class ModeController:
         if self.metrics is not None:
             self.metrics.set_mode(self.datapath.mode)
 
+    def from_config_maps(self, config_maps: dict[str, dict]) -> None:
+        """The toggle ConfigMap changed: `data.mode` is ebpf or iptables. A
+        missing ConfigMap or key changes nothing; a bad value is logged."""
+        for key, cm in config_maps.items():
+            mode = ((cm or {}).get("data") or {}).get("mode")
+            if mode is None:
+                continue
+            if mode not in MODES:
+                log.error("ConfigMap %s has mode %r; expected one of %s (mode unchanged)", key, mode, ", ".join(MODES))
+                continue
+            try:
+                self.set(mode, f"ConfigMap {key}")
+            except DatapathError as e:
+                log.error("switching to %s mode failed: %s", mode, e)
+
     def http_route(self, body: bytes) -> tuple[int, dict]:
         """POST /mode {"mode": "ebpf"|"iptables"}"""
         try:
