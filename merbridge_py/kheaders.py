@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV_OVERRIDE = "MERBRIDGE_KERNEL_HEADERS"
+# A second /usr/src-like directory searched last: the container image keeps its
+# own Debian headers there, because the host's /usr/src mount hides the image's.
+ENV_FALLBACK = "MERBRIDGE_KERNEL_HEADERS_FALLBACK"
 MODULES_DIR = Path("/lib/modules")
 SRC_DIR = Path("/usr/src")
 _DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -70,8 +73,12 @@ def find(release: str | None = None, modules_dir: Path = MODULES_DIR, src_dir: P
         return Headers(exact, f"{exact} (the running kernel's own)")
 
     arch = _DEBIAN_ARCH.get(platform.machine(), platform.machine())
-    candidates = sorted((p for p in src_dir.glob(f"linux-headers-*-{arch}") if p.is_dir()),
-                        key=lambda p: _version_key(p.name), reverse=True) if src_dir.is_dir() else []
+    search = [src_dir] + ([Path(os.environ[ENV_FALLBACK])] if os.environ.get(ENV_FALLBACK) else [])
+    candidates = []
+    for d in search:
+        if d.is_dir():
+            candidates += sorted((p for p in d.glob(f"linux-headers-*-{arch}") if p.is_dir()),
+                                 key=lambda p: _version_key(p.name), reverse=True)
     for arch_dir in candidates:
         common = arch_dir.with_name(arch_dir.name[: -len(arch)] + "common")
         if _complete(arch_dir):
@@ -82,7 +89,8 @@ def find(release: str | None = None, modules_dir: Path = MODULES_DIR, src_dir: P
                                    f"{release}; the programs only use UAPI structs)")
 
     raise HeadersNotFound(
-        f"no kernel headers found for kernel {release}: looked in {build} and {src_dir}/linux-headers-*. "
+        f"no kernel headers found for kernel {release}: looked in {build} and "
+        f"{', '.join(str(d) + '/linux-headers-*' for d in search)}. "
         f"Fix: install linux-headers-{release}, or Debian's linux-headers-{arch} (any recent version works), "
         f"or set {ENV_OVERRIDE} to a headers tree")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+PROC_ROOT_ENV = "MERBRIDGE_PROC_ROOT"
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h, Linux >= 5.14
 
@@ -78,16 +79,17 @@ class NetnsIndex:
     ones holding a process inside `cgroup` (the agent's --cgroup, where every
     pod's processes live) are the pod's."""
 
-    def __init__(self, proc_root: str = "/proc", bind_dirs: tuple[str, ...] = ("/run/netns",),
+    def __init__(self, proc_root: str | None = None, bind_dirs: tuple[str, ...] = ("/run/netns",),
                  cgroup: Path | None = None):
-        self.proc_root = proc_root
+        # In the DaemonSet the host's /proc is mounted at /host/proc (no hostPID).
+        self.proc_root = proc_root or os.environ.get(PROC_ROOT_ENV, "/proc")
         self.bind_dirs = bind_dirs
         self.cgroup_rel = _cgroup_relative(cgroup) if cgroup else None
         self._by_inode: dict[int, Netns] = {}
         self._pids: dict[int, list[int]] = {}
 
     def _namespace_paths(self) -> dict[int, str]:
-        own = os.stat(f"{self.proc_root}/self/ns/net").st_ino
+        own = os.stat("/proc/self/ns/net").st_ino   # our own namespace, seen through our /proc
         self._pids = {}
         paths: dict[int, str] = {}
         for d in self.bind_dirs:
@@ -97,6 +99,7 @@ class NetnsIndex:
                         paths.setdefault(os.stat(entry.path).st_ino, entry.path)
                     except OSError:
                         pass
+        psutil.PROCFS_PATH = self.proc_root
         for pid in psutil.pids():
             p = f"{self.proc_root}/{pid}/ns/net"
             try:

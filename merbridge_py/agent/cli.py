@@ -29,7 +29,7 @@ examples:
   # a simulated node: pods from a file, programs on a child cgroup
   merbridge-py run --cgroup /sys/fs/cgroup/unified/mbp-tb/node1 --pods-file pods.json
   # in a cluster (the DaemonSet): pods from the API server, NODE_NAME from the downward API
-  merbridge-py run --cgroup /sys/fs/cgroup --bpffs /sys/fs/bpf/merbridge-py --metrics-addr 0.0.0.0:15019
+  merbridge-py run --cgroup /sys/fs/cgroup --bpffs /sys/fs/bpf/merbridge-py --metrics-addr 0.0.0.0:16019
   # print the exact eBPF program text that would be compiled, and exit
   merbridge-py run --ebpf
 """
@@ -42,7 +42,7 @@ examples:
 @click.option("--node-name", envvar="NODE_NAME", help="This node's name (env NODE_NAME).")
 @click.option("--bpffs", type=click.Path(path_type=Path), default=Path("/sys/fs/bpf/merbridge-py"), show_default=True,
               help="Directory on a bpffs for this agent's pins.")
-@click.option("--metrics-addr", default="127.0.0.1:15019", show_default=True, help="HOST:PORT for /metrics, /healthz, /readyz, /status.")
+@click.option("--metrics-addr", default="127.0.0.1:16019", show_default=True, help="HOST:PORT for /metrics, /healthz, /readyz, /status.")
 @click.option("--mesh", default="istio", show_default=True, help="Mesh profile.")
 @click.option("--namespace", envvar="POD_NAMESPACE", default="istio-system", show_default=True,
               help="Namespace of the merbridge-py ConfigMap holding the mode (env POD_NAMESPACE).")

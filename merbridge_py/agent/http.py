@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 def parse_addr(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--metrics-addr {addr!r} is not HOST:PORT (e.g. 127.0.0.1:15019)")
+        raise ValueError(f"--metrics-addr {addr!r} is not HOST:PORT (e.g. 127.0.0.1:16019)")
     return host or "0.0.0.0", int(port)
 
 
@@ -54,6 +54,11 @@ class AgentHTTPServer:
                 route = server.extra_routes.get(self.path.split("?")[0])
                 if route is None:
                     self._send(404, b"not found\n")
+                    return
+                # Admin calls change the node's datapath: only from the node itself
+                # (kubectl exec into the agent's pod reaches 127.0.0.1 too).
+                if not self.client_address[0].startswith("127."):
+                    self._send(403, b'{"error": "admin endpoints answer loopback only"}\n', "application/json")
                     return
                 length = int(self.headers.get("Content-Length") or 0)
                 code, body = route(self.rfile.read(length))

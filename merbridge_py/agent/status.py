@@ -8,7 +8,7 @@ import urllib.request
 
 import click
 
-DEFAULT_AGENT_ADDR = "127.0.0.1:15019"
+DEFAULT_AGENT_ADDR = "127.0.0.1:16019"
 
 
 def agent_request(addr: str, path: str, body: dict | None = None, timeout: float = 5) -> dict:
