@@ -1,0 +1,101 @@
+"""`merbridge-py testbed`: bring a simulated Istio node up and down."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+EXAMPLES = """
+\b
+examples:
+  merbridge-py testbed up --nodes 2 --pods-per-node 2 --mode iptables
+  ip netns exec mbp-tb-pod-n0p0 curl -s 10.200.1.10:8080/whoami   # pod n1p0
+  merbridge-py testbed mode ebpf            # + one merbridge-py agent per node
+  merbridge-py testbed status
+  merbridge-py testbed down                 # or: down --all, for every leftover
+"""
+
+MODES = ("nomesh", "iptables", "ebpf")
+
+
+def _emit(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.group(epilog=EXAMPLES)
+def testbed():
+    """A simulated Istio node: pods in network namespaces, Istio's nat rules,
+    HAProxy sidecars, and (mode ebpf) the merbridge-py agent. See docs/testbed.md."""
+
+
+@testbed.command(epilog=EXAMPLES)
+@click.option("--name", default="tb", show_default=True, help="Test bed name (lowercase letters and digits).")
+@click.option("--nodes", type=click.IntRange(1, 200), default=2, show_default=True)
+@click.option("--pods-per-node", type=click.IntRange(1, 200), default=2, show_default=True)
+@click.option("--plain-per-node", type=click.IntRange(0, 200), default=0, show_default=True,
+              help="How many pods of each node have no sidecar.")
+@click.option("--mode", type=click.Choice(MODES), default="iptables", show_default=True)
+@click.option("--sidecar-log", is_flag=True, help="Sidecars log every forwarded connection (original destination).")
+def up(name, nodes, pods_per_node, plain_per_node, mode, sidecar_log):
+    """Create a test bed and print its pods as JSON."""
+    from .testbed import Testbed, TestbedError
+    if plain_per_node > pods_per_node:
+        raise click.BadParameter("cannot exceed --pods-per-node", param_hint="--plain-per-node")
+    try:
+        tb = Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, plain_per_node=plain_per_node,
+                        mode=mode, sidecar_log=sidecar_log)
+    except (TestbedError, ValueError) as e:
+        raise click.ClickException(str(e))
+    _emit(tb.summary())
+
+
+@testbed.command()
+@click.option("--name", default="tb", show_default=True)
+@click.argument("mode", type=click.Choice(MODES))
+def mode(name, mode):
+    """Switch a running test bed to MODE (then clear conntrack and TIME_WAIT)."""
+    from .testbed import Testbed, TestbedError
+    try:
+        tb = Testbed.attach(name)
+        tb.set_mode(mode)
+    except (TestbedError, ValueError) as e:
+        raise click.ClickException(str(e))
+    _emit(tb.summary())
+
+
+@testbed.command()
+@click.option("--name", help="One test bed (default: list them all).")
+def status(name):
+    """Show test beds: mode, pods, whether their processes run."""
+    from . import state
+    from .testbed import Testbed, TestbedError
+    if name:
+        try:
+            _emit(Testbed.attach(name).status())
+        except (TestbedError, ValueError) as e:
+            raise click.ClickException(str(e))
+        return
+    _emit([{"name": n, "mode": (state.load(n) or {}).get("mode"), "status": (state.load(n) or {}).get("status")}
+           for n in state.names()])
+
+
+@testbed.command()
+@click.option("--name", default="tb", show_default=True)
+@click.option("--all", "everything", is_flag=True,
+              help="Every test bed and every leftover of one (namespaces, cgroups, pins, processes).")
+def down(name, everything):
+    """Stop a test bed's processes and remove everything it created."""
+    from .cleanup import all_names, teardown
+    names = all_names() if everything else [name]
+    failed = []
+    for n in names:
+        try:
+            teardown(n)
+        except Exception as e:  # keep going: remove as much as possible
+            failed.append(f"{n}: {e}")
+    _emit({"removed": [n for n in names if not any(f.startswith(f"{n}:") for f in failed)]})
+    if failed:
+        click.echo("\n".join(failed), err=True)
+        sys.exit(1)

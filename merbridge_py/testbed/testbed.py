@@ -1,0 +1,446 @@
+"""The test bed: bring it up, switch modes, send requests, take it down.
+
+    with Testbed.up("tb", nodes=2, pods_per_node=2, mode="iptables") as tb:
+        status, body = tb.request("n0p0", tb.pod("n1p0").ip, 8080, "/whoami")
+        tb.set_mode("ebpf")          # + one merbridge-py agent per node
+        tb.nat_counters("n0p0"), tb.sidecar_connections("n0p0")
+
+Modes: `nomesh` (apps only), `iptables` (Istio as-is: istio-init's nat rules
+and a sidecar in every meshed pod), `ebpf` (Istio as-is plus one
+`merbridge-py run` per node, attached to that node's cgroup).
+
+Every process is started detached (own session, output to files under the
+work directory) and recorded in the state file, so `merbridge-py testbed`
+commands in other processes can switch modes and take the bed down.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .. import sandbox
+from . import istio_iptables, kube, state, topology
+from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
+from .sidecar import HAProxySidecar, ProxiedConnection
+from .state import ProcessRecord
+from .topology import Node, Pod, PodSpec
+
+MODES = ("nomesh", "iptables", "ebpf")
+APP_START_TIMEOUT = 20.0
+SIDECAR_START_TIMEOUT = 10.0
+AGENT_START_TIMEOUT = 90.0     # bcc compiles the programs at start: seconds on 2 busy cores
+
+
+class TestbedError(RuntimeError):
+    __test__ = False
+
+
+# Straight to the agent on loopback, whatever http_proxy says.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no output)"
+
+
+class Testbed:
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, name: str, nodes: list[Node], pods: list[Pod], fabric: str, slot: int, mode: str = "nomesh",
+                 sidecar_log: bool = False, processes: list[ProcessRecord] | None = None,
+                 agents: dict[str, str] | None = None):
+        self.name = name
+        self.slot = slot
+        self.nodes = nodes
+        self.pods = pods
+        self.fabric = fabric
+        self.mode = mode
+        self.log_connections = sidecar_log
+        self.processes: list[ProcessRecord] = processes or []
+        self.agents: dict[str, str] = agents or {}     # node name -> metrics address of its agent
+        self.workdir = state.workdir(name)
+        self.status_word = "up"      # "creating" until up() has finished
+        self._children: dict[int, subprocess.Popen] = {}
+
+    # --- life cycle -------------------------------------------------------------
+
+    @classmethod
+    def up(cls, name: str = "tb", nodes: int = 2, pods_per_node: int = 2, mode: str = "iptables",
+           pods: list[PodSpec] | None = None, plain_per_node: int = 0, sidecar_log: bool = False) -> "Testbed":
+        """Create the bed and start it in `mode`. `pods` replaces the default
+        n<node>p<i> pods (all meshed, except the last `plain_per_node` per node).
+        On any failure everything created so far is removed again."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+        specs = pods if pods is not None else topology.default_specs(nodes, pods_per_node, plain_per_node)
+        topology.plan(name, specs, nodes)  # bad input fails before anything else
+        with state.locked():
+            found = leftovers(name)
+            if found:
+                raise TestbedError(f"test bed {name!r} already exists ({', '.join(found)}); "
+                                   f"take it down first: merbridge-py testbed down --name {name}")
+            free = sorted(set(range(topology.MAX_SLOTS)) - state.used_slots())
+            if not free:
+                raise TestbedError(f"{topology.MAX_SLOTS} test beds are up already; take one down")
+            node_list, pod_list, fabric = topology.plan(name, specs, nodes, slot=free[0])
+            tb = cls(name, node_list, pod_list, fabric, slot=free[0], sidecar_log=sidecar_log)
+            tb.status_word = "creating"
+            tb._save()  # before anything exists: `down` always finds what to remove
+        try:
+            tb._create()
+            tb._start_apps()
+            tb.set_mode(mode, settle=False)
+            tb.status_word = "up"
+            tb._save()
+        except BaseException:
+            tb.down()
+            raise
+        return tb
+
+    @classmethod
+    def attach(cls, name: str) -> "Testbed":
+        """The running test bed `name`, from its state file."""
+        data = state.load(topology.check_name(name))
+        if data is None:
+            raise TestbedError(f"no test bed named {name!r} (no {state.state_file(name)})")
+        return cls(name, [Node(**n) for n in data["nodes"]], [Pod(**p) for p in data["pods"]], data["fabric"],
+                   slot=data["slot"], mode=data["mode"], sidecar_log=data["sidecar_log"],
+                   processes=[ProcessRecord(**p) for p in data["processes"]], agents=data["agents"])
+
+    def down(self) -> None:
+        """Stop everything and remove every resource; safe to call twice."""
+        teardown(self.name, reap=self._reap)
+        self.processes = []
+        for pid in list(self._children):   # whatever teardown found by cgroup rather than by record
+            self._reap(pid, block=True)
+
+    def __enter__(self) -> "Testbed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def _save(self) -> None:
+        state.save(self.name, {
+            "name": self.name, "slot": self.slot, "status": self.status_word, "mode": self.mode,
+            "sidecar_log": self.log_connections, "fabric": self.fabric, "cgroup": str(topology.cgroup_dir(self.name)),
+            "nodes": [vars(n) for n in self.nodes], "pods": [p.to_json() for p in self.pods],
+            "processes": [p.to_json() for p in self.processes], "agents": self.agents,
+        })
+
+    def _create(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o755)
+        sandbox.cgroup_create(topology.cgroup_dir(self.name) / "ctl")
+        topology.create_fabric(self.fabric)
+        for node in self.nodes:
+            topology.create_node(node, self.fabric, self.nodes)
+        for pod in self.pods:
+            topology.create_pod(pod, self.node(pod.node))
+        for node in self.nodes:
+            objects = [kube.pod_object(self.name, p, node) for p in self.pods if p.node == node.name]
+            self.pods_file(node).write_text(json.dumps(kube.pod_list(objects), indent=1) + "\n")
+
+    # --- lookups ------------------------------------------------------------------
+
+    def pod(self, pod: str | Pod) -> Pod:
+        if isinstance(pod, Pod):
+            return pod
+        for p in self.pods:
+            if p.name == pod:
+                return p
+        raise KeyError(f"no pod {pod!r} in test bed {self.name}; pods: {', '.join(p.name for p in self.pods)}")
+
+    def node(self, node: str | Node) -> Node:
+        if isinstance(node, Node):
+            return node
+        for n in self.nodes:
+            if n.name == node:
+                return n
+        raise KeyError(f"no node {node!r} in test bed {self.name}")
+
+    def pods_file(self, node: str | Node) -> Path:
+        return self.workdir / f"{self.node(node).name}.pods.json"
+
+    def sidecar(self, pod: str | Pod) -> HAProxySidecar:
+        p = self.pod(pod)
+        if not p.meshed:
+            raise ValueError(f"pod {p.name} is not meshed: it has no sidecar")
+        return HAProxySidecar(self.workdir, p.name, log_connections=self.log_connections,
+                              services={q.service_ip: q.ip for q in self.pods})
+
+    def namespaces(self) -> list[str]:
+        return [self.fabric] + [n.netns for n in self.nodes] + [p.netns for p in self.pods]
+
+    # --- processes ------------------------------------------------------------------
+
+    def _reap(self, pid: int, block: bool = False) -> None:
+        child = self._children.get(pid)
+        if child is None:
+            return
+        try:
+            child.wait(timeout=5 if block else 0)
+        except subprocess.TimeoutExpired:
+            return
+        del self._children[pid]
+
+    def _track(self, proc: subprocess.Popen, role: str, owner: str) -> ProcessRecord:
+        self._children[proc.pid] = proc
+        rec = ProcessRecord.of(proc.pid, role, owner)
+        self.processes.append(rec)
+        self._save()
+        return rec
+
+    def _stop(self, role: str, timeout: float) -> None:
+        chosen = [r for r in self.processes if r.role == role]
+        state.terminate(chosen, timeout=timeout, reap=self._reap)
+        self.processes = [r for r in self.processes if r.role != role]
+        self._save()
+
+    def _wait(self, what: str, records: list[ProcessRecord], is_ready, timeout: float, log_of) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(records)
+        while pending:
+            for rec in list(pending):
+                if not rec.alive():
+                    self._reap(rec.pid, block=True)
+                    raise TestbedError(f"{what} of {rec.owner} exited during start-up; its output:\n"
+                                       f"{_tail(log_of(rec.owner))}")
+                if is_ready(rec.owner):
+                    pending.remove(rec)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(r.owner for r in pending)
+                raise TestbedError(f"{what} not ready after {timeout:.0f}s: {names}; output of {pending[0].owner}:\n"
+                                   f"{_tail(log_of(pending[0].owner))}")
+            if pending:
+                time.sleep(0.01)
+
+    def _start_apps(self) -> None:
+        def ready_file(pod_name: str) -> Path:
+            return self.workdir / f"{pod_name}.app-ready"
+
+        def log_of(pod_name: str) -> Path:
+            return self.workdir / f"{pod_name}.app.log"
+
+        records = []
+        for pod in self.pods:
+            ready_file(pod.name).unlink(missing_ok=True)
+            argv = [sys.executable, "-m", "merbridge_py.testbed.app", "--name", pod.name,
+                    "--ready-file", str(ready_file(pod.name))]
+            for port in pod.ports:
+                argv += ["--port", str(port)]
+            with open(log_of(pod.name), "ab") as log:
+                proc = sandbox.spawn(argv, netns=pod.netns, cgroup=Path(pod.cgroup), stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            records.append(self._track(proc, "app", pod.name))
+        self._wait("app", records, lambda name: ready_file(name).exists(), APP_START_TIMEOUT, log_of)
+
+    def _start_sidecars(self) -> None:
+        records = []
+        for pod in self.pods:
+            if pod.meshed:
+                proc = self.sidecar(pod).start(pod.netns, Path(pod.cgroup), start_new_session=True)
+                records.append(self._track(proc, "sidecar", pod.name))
+        self._wait("sidecar", records, lambda name: self.sidecar(name).ready(), SIDECAR_START_TIMEOUT,
+                   lambda name: self.sidecar(name).log_path)
+
+    def _start_agents(self) -> None:
+        records = []
+        for node in self.nodes:
+            addr = f"127.0.0.1:{_free_loopback_port()}"
+            argv = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", node.cgroup,
+                    "--pods-file", str(self.pods_file(node)), "--bpffs", node.bpffs,
+                    "--metrics-addr", addr, "--node-name", node.name]
+            # In the root network namespace (the agent needs only the cgroup and
+            # /proc) and in a cgroup of its own, outside the node it accelerates.
+            with open(self._agent_log(node.name), "ab") as log:
+                proc = sandbox.spawn(argv, cgroup=topology.cgroup_dir(self.name) / "ctl", stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.agents[node.name] = addr
+            records.append(self._track(proc, "agent", node.name))
+        self._wait("agent", records, self.agent_ready, AGENT_START_TIMEOUT, self._agent_log)
+
+    def _agent_log(self, node_name: str) -> Path:
+        return self.workdir / f"{node_name}.agent.log"
+
+    def agent_ready(self, node: str | Node) -> bool:
+        addr = self.agents.get(self.node(node).name)
+        if addr is None:
+            return False
+        try:
+            with _NO_PROXY.open(f"http://{addr}/readyz", timeout=1) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    # --- modes ------------------------------------------------------------------
+
+    def set_mode(self, mode: str, settle: bool = True) -> None:
+        """Switch to `mode`, starting and stopping only what differs. With
+        `settle` (default) conntrack and TIME_WAIT left by the previous mode
+        are cleared (see settle())."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+        old = self.mode
+        if mode == old:
+            return
+        if old == "ebpf":
+            self._stop("agent", AGENT_STOP_TIMEOUT)
+            self.agents = {}
+        if mode == "nomesh":
+            self._stop("sidecar", 5.0)
+            self._apply_rules(install=False)
+        elif old == "nomesh":
+            self._apply_rules(install=True)
+            self._start_sidecars()
+        if mode == "ebpf":
+            self._start_agents()
+        self.mode = mode
+        self._save()
+        if settle:
+            self.settle()
+
+    def _apply_rules(self, install: bool) -> None:
+        for pod in self.pods:
+            if pod.meshed:
+                flags = istio_iptables.flags_from_annotations(pod.annotations)
+                if install:
+                    sandbox.sh("iptables-restore", "--noflush", netns=pod.netns,
+                               input=istio_iptables.restore_payload(flags))
+                else:
+                    sandbox.sh("iptables-restore", netns=pod.netns, input=istio_iptables.flush_payload(flags))
+
+    def settle(self) -> None:
+        """A clean start for the next block of traffic: flush conntrack and
+        kill TIME_WAIT sockets in every node and pod namespace. Leftovers of
+        the previous mode otherwise skew the next one: a conntrack entry from
+        iptables-mode traffic can make netfilter remap a new connection's
+        source port, and TIME_WAIT sockets collide with new connections to
+        the same listener."""
+        script = ("conntrack -F >/dev/null 2>&1; ss -K -t state time-wait >/dev/null 2>&1; "
+                  "ss -H -t state time-wait | wc -l")
+        for _ in range(5):
+            left = {ns: int(sandbox.sh("sh", "-c", script, netns=ns).strip() or 0) for ns in self.namespaces()}
+            if not any(left.values()):
+                return
+            time.sleep(0.05)
+        raise TestbedError(f"TIME_WAIT sockets survive ss -K: {left}")
+
+    # --- traffic and observation --------------------------------------------------
+
+    def spawn_in(self, pod: str | Pod, argv: list[str], **popen) -> subprocess.Popen:
+        """Start a process inside `pod`'s network namespace and cgroup (where
+        the eBPF programs see it as that pod's app)."""
+        p = self.pod(pod)
+        return sandbox.spawn(argv, netns=p.netns, cgroup=Path(p.cgroup), **popen)
+
+    def exec_in(self, pod: str | Pod, argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
+        proc = self.spawn_in(pod, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise TestbedError(f"{argv} in pod {self.pod(pod).name} did not finish in {timeout}s: {err}")
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+    def requests(self, src: str | Pod, dst: str | Pod, port: int = topology.APP_PORT, path: str = "/whoami",
+                 count: int = 1, new_connection: bool = False, timeout: float = 5.0) -> list[dict]:
+        """`count` GETs from inside pod `src` to `dst` (a pod or an IP); one
+        dict per request: status, body (JSON decoded), local ("ip:port" of the
+        client socket), error (None when the request worked)."""
+        dst_ip = self._address(dst)
+        argv = [sys.executable, "-m", "merbridge_py.testbed.client", "--host", dst_ip, "--port", str(port),
+                "--path", path, "--count", str(count), "--timeout", str(timeout)]
+        if new_connection:
+            argv.append("--new-connection")
+        done = self.exec_in(src, argv, timeout=30 + count * timeout)
+        if done.returncode != 0:
+            raise TestbedError(f"client in pod {self.pod(src).name} failed: {done.stderr.strip()}")
+        return json.loads(done.stdout)["results"]
+
+    def _address(self, dst: str | Pod) -> str:
+        """A pod (object or name) or a literal IPv4 address."""
+        if isinstance(dst, Pod):
+            return dst.ip
+        try:
+            socket.inet_aton(dst)
+            return dst
+        except OSError:
+            return self.pod(dst).ip
+
+    def request(self, src: str | Pod, dst: str | Pod, port: int = topology.APP_PORT,
+                path: str = "/whoami", timeout: float = 5.0) -> tuple[int, object]:
+        """One GET from inside `src`: (status, body). Raises TestbedError when
+        the request gets no HTTP response at all."""
+        result = self.requests(src, dst, port, path, timeout=timeout)[0]
+        if result["error"]:
+            raise TestbedError(f"{self.pod(src).name} -> {dst}:{port}{path} failed: {result['error']}")
+        return result["status"], result["body"]
+
+    def nat_counters(self, pod: str | Pod) -> dict[str, int]:
+        """Packets that hit Istio's REDIRECT rules in `pod` so far (nat rules
+        see the first packet of each connection): {"ISTIO_REDIRECT": n,
+        "ISTIO_IN_REDIRECT": m}; 0 where the pod has no rules."""
+        counts = {"ISTIO_REDIRECT": 0, "ISTIO_IN_REDIRECT": 0}
+        for line in sandbox.sh("iptables-save", "-c", "-t", "nat", netns=self.pod(pod).netns).splitlines():
+            # "[pkts:bytes] -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"
+            if line.startswith("[") and " -j REDIRECT" in line:
+                packets = int(line[1:line.index(":")])
+                chain = line.split()[2]
+                if chain in counts:
+                    counts[chain] += packets
+        return counts
+
+    def _running_sidecar(self, pod: str | Pod) -> HAProxySidecar:
+        if self.mode == "nomesh":
+            raise TestbedError(f"no sidecars run in mode nomesh (pod {self.pod(pod).name})")
+        return self.sidecar(pod)
+
+    def sidecar_connections(self, pod: str | Pod) -> dict[str, int]:
+        """Connections the pod's sidecar has accepted per listener (outbound,
+        inbound, health) since it started."""
+        return self._running_sidecar(pod).connection_counts()
+
+    def sidecar_log(self, pod: str | Pod) -> list[ProxiedConnection]:
+        """Every connection the pod's sidecar forwarded with its original
+        destination (needs `sidecar_log=True` at `up`)."""
+        return self._running_sidecar(pod).connections()
+
+    def status(self) -> dict:
+        alive = {(r.role, r.owner): r.alive() for r in self.processes}
+        return {
+            "name": self.name, "mode": self.mode,
+            "nodes": [{"name": n.name, "netns": n.netns, "cidr": n.cidr, "cgroup": n.cgroup,
+                       "pods_file": str(self.pods_file(n)),
+                       "agent": ({"metrics": self.agents[n.name], "ready": self.agent_ready(n)}
+                                 if n.name in self.agents else None)} for n in self.nodes],
+            "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed,
+                      "app": alive.get(("app", p.name), False),
+                      "sidecar": alive.get(("sidecar", p.name), False) if p.meshed else None}
+                     for p in self.pods],
+        }
+
+    def summary(self) -> dict:
+        """What `testbed up` prints."""
+        return {"name": self.name, "mode": self.mode,
+                "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed}
+                         for p in self.pods]}
+
