@@ -264,7 +264,7 @@ COMMENTS = {
     "ServiceAccount": "The identity of the node agent.",
     "ClusterRole": """\
 Only what the agent calls (merbridge_py/rbac.py; a test compares the two).
-pods get/list/watch: cluster-wide, because the pods of a node are in every
+pods list/watch: cluster-wide, because the pods of a node are in every
 namespace; the agent asks for spec.nodeName=$NODE_NAME only, but RBAC cannot
 restrict by field. events create (events.k8s.io): per-pod decisions, written
 in the pod's own namespace.""",
@@ -276,7 +276,8 @@ the agent asks.""",
     "RoleBinding": "",
     "ConfigMap": """\
 mode: ebpf | iptables, watched by every agent. iptables: the agent detaches
-its programs and pods use Istio's own iptables rules again; ebpf: attached.
+its connect program, so new connections use Istio's own iptables rules again
+(what connections opened before need stays attached); ebpf: all attached.
 Switch with `merbridge-py toggle iptables|ebpf`. Note: re-applying this file
 sets the mode back to ebpf.""",
     "DaemonSet": f"""\

@@ -23,26 +23,27 @@ class Permission(NamedTuple):
 # Granted cluster-wide (ClusterRole): the pods of this node live in every
 # namespace. The agent lists and watches them with fieldSelector
 # spec.nodeName=$NODE_NAME; RBAC cannot restrict by field, so the grant covers
-# all pods and the selector only narrows what is sent.
+# all pods and the selector only narrows what is sent. No get: the agent never
+# reads a single pod (a list+watch mirror has every pod already).
 # Events: the agent reports per-pod decisions as events.k8s.io/v1 Events, the
 # API Kubernetes recommends for new producers (core/v1 Events are the same
 # stored objects, shown by `kubectl describe pod` either way); granting one
 # group keeps the grant minimal. An event about a pod is created in that pod's
 # namespace, which is why this one is cluster-wide too.
 CLUSTER_PERMISSIONS: frozenset[Permission] = frozenset({
-    Permission("", "pods", "get"),
     Permission("", "pods", "list"),
     Permission("", "pods", "watch"),
     Permission("events.k8s.io", "events", "create"),
 })
 
 # Granted in the agent's namespace only (Role), and only for the object named
-# TOGGLE_CONFIGMAP (resourceNames). For get this is plain; list and watch are
-# authorized by name only when the request carries the field selector
-# metadata.name=TOGGLE_CONFIGMAP (the API server then treats it as a request
-# for that one object), so the agent must list/watch with that selector.
+# TOGGLE_CONFIGMAP (resourceNames). list and watch are authorized by name only
+# when the request carries the field selector metadata.name=TOGGLE_CONFIGMAP
+# (the API server then treats it as a request for that one object), so the
+# agent must list/watch with that selector. No get, as for pods.
+# (`merbridge-py toggle` writes the ConfigMap with the user's own credentials,
+# not the agent's.)
 NAMESPACE_PERMISSIONS: frozenset[Permission] = frozenset({
-    Permission("", "configmaps", "get"),
     Permission("", "configmaps", "list"),
     Permission("", "configmaps", "watch"),
 })

@@ -10,6 +10,7 @@ packages=(
   iproute2 iptables conntrack  # test bed: namespaces, Istio's own rules, conntrack flush
   haproxy            # sidecar stand-in for Envoy (honours SO_ORIGINAL_DST)
   wrk sockperf iperf3 # benchmark load generators
+  nginx-light        # the benchmark's app (the Python test app would dominate the figures)
 )
 
 missing=()
@@ -25,5 +26,13 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "installing Debian packages: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# Packages with a service (nginx) must not start it in the root namespace:
+# a policy-rc.d that says "no" is Debian's way, and ours only for this install.
+policy=/usr/sbin/policy-rc.d
+ours=""
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && ours=1
+fi
+trap '[ -n "$ours" ] && rm -f "$policy"' EXIT
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${missing[@]}"

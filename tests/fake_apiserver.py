@@ -1,11 +1,13 @@
-"""An in-process fake of the Kubernetes API server's read side, for the real
-`kubernetes` Python client to list and watch against.
+"""An in-process fake of the Kubernetes API server's read side (plus create),
+for the real `kubernetes` Python client to list and watch against.
 
 It serves core/v1 collections of any resource (pods, configmaps, ...), across
 all namespaces (`/api/v1/pods`) or in one (`/api/v1/namespaces/NS/pods`):
 lists with a resourceVersion, and watches as chunked newline-delimited JSON
 events, honouring `fieldSelector`, `resourceVersion`, `timeoutSeconds` and
-`allowWatchBookmarks`.
+`allowWatchBookmarks`. It also creates objects POSTed to a namespaced
+collection of any group (`/apis/events.k8s.io/v1/namespaces/NS/events`): they
+are stored under "resource.group" (`objects("events.events.k8s.io")`).
 
 Tests can also break it the ways real API servers break: expire resource
 versions (410 Gone, as an ERROR event or as HTTP 410), compact the event
@@ -33,6 +35,36 @@ class Request:
     method: str
     path: str
     query: dict[str, str]
+
+    def permission(self) -> tuple[str, str, str]:
+        """(apiGroup, resource, verb) as the API server's authorizer sees this
+        request: a GET of a collection is list, or watch with ?watch."""
+        group, _, resource, name = _parse_path(self.path)
+        if self.method == "GET":
+            verb = "get" if name else ("watch" if self.query.get("watch") in ("1", "true") else "list")
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
+                    "DELETE": "delete" if name else "deletecollection"}[self.method]
+        return group, resource, verb
+
+
+def _parse_path(path: str) -> tuple[str, str | None, str, str | None]:
+    """(group, namespace, resource, name) of an API path such as /api/v1/pods,
+    /api/v1/namespaces/NS/configmaps/NAME or /apis/GROUP/VERSION/namespaces/NS/R;
+    ValueError for anything else."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif parts[0] == "apis" and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        raise ValueError(f"not an API path: {path}")
+    namespace = None
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        namespace, rest = rest[1], rest[2:]
+    if not 1 <= len(rest) <= 2:
+        raise ValueError(f"not an API path: {path}")
+    return group, namespace, rest[0], (rest[1] if len(rest) == 2 else None)
 
 
 @dataclass(frozen=True)
@@ -332,12 +364,40 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:           # the client went away, or drop_connections() cut the stream
             self.close_connection = True
 
+    def do_POST(self) -> None:
+        """Create: the object is stored (and seen by watches) like add()."""
+        fake: FakeApiServer = self.server.fake
+        url = urlsplit(self.path)
+        fake.requests.append(Request("POST", url.path, {k: v[-1] for k, v in parse_qs(url.query).items()}))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            group, namespace, resource, name = _parse_path(url.path)
+        except ValueError:
+            group = namespace = name = None
+        if namespace is None or name is not None:
+            return self.send_json(404, _status(404, "NotFound", f"no route for POST {url.path}"))
+        try:
+            obj = json.loads(body)
+            meta = obj["metadata"]
+            if not meta.get("name"):
+                raise ValueError("metadata.name is required")
+        except (ValueError, TypeError, KeyError) as e:
+            return self.send_json(400, _status(400, "BadRequest", f"cannot decode the object: {e}"))
+        if meta.setdefault("namespace", namespace) != namespace:
+            return self.send_json(400, _status(400, "BadRequest", "the namespace of the object does not match "
+                                                                  "the namespace of the request"))
+        try:
+            created = fake.add(f"{resource}.{group}" if group else resource, obj)
+        except KeyError:
+            return self.send_json(409, _status(409, "AlreadyExists", f"{resource} {meta['name']!r} already exists"))
+        self.send_json(201, created)
+
     def refuse(self) -> None:
         url = urlsplit(self.path)
         self.server.fake.requests.append(Request(self.command, url.path, {}))
-        self.send_json(405, _status(405, "MethodNotAllowed", "the fake API server is read-only"))
+        self.send_json(405, _status(405, "MethodNotAllowed", "the fake API server only reads and creates"))
 
-    do_POST = do_PUT = do_PATCH = do_DELETE = refuse
+    do_PUT = do_PATCH = do_DELETE = refuse
 
     def send_json(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()

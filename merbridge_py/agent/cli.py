@@ -94,9 +94,11 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
     agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics)
     modes = ModeController(datapath, metrics)
     try:
-        source = source_factory(agent.update_pods)
+        source, events = source_factory(agent.update_pods, metrics.registry)
     except Exception as e:  # e.g. no kubeconfig and not in a cluster
         raise click.ClickException(f"cannot reach the Kubernetes API: {e}; pass --kubeconfig or --pods-file")
+    if events is not None:
+        agent.on_decision_change = events.on_decision_change
     if hasattr(source, "watch_config_map"):
         source.watch_config_map(namespace, CONFIG_MAP, modes.from_config_maps)
     metrics.source = source
@@ -121,6 +123,8 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
         log.info("datapath attached to %s; serving on %s:%d", cgroup, http.httpd.server_address[0], http.port)
         threads = [threading.Thread(target=source.run, args=(stop,), name="source", daemon=True),
                    threading.Thread(target=agent.run, args=(stop,), name="reconcile", daemon=True)]
+        if events is not None:
+            threads.append(threading.Thread(target=events.run, args=(stop,), name="events", daemon=True))
         for t in threads:
             t.start()
         while not stop.wait(1.0):
@@ -140,17 +144,23 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
 
 def _source_factory(pods_file, kubeconfig, node_name):
     """Validate the source's arguments up front (so a bad file is a one-line
-    error before anything is attached) and return a constructor."""
+    error before anything is attached) and return a constructor:
+    (on_change, metrics registry) -> (source, Event sender or None)."""
     if pods_file is not None:
         from .pods_file import PodsFileError, PodsFileSource, load_pods
         try:
             load_pods(pods_file)
         except PodsFileError as e:
             raise InputError(str(e))
-        return lambda on_change: PodsFileSource(pods_file, on_change)
+        return lambda on_change, registry: (PodsFileSource(pods_file, on_change), None)
     if not node_name:
         raise click.UsageError("without --pods-file the agent watches the API server and needs --node-name "
                                "(or env NODE_NAME, from the downward API in the DaemonSet)")
-    from .kube_source import KubePodSource
-    return lambda on_change: KubePodSource(node_name, on_change,
-                                           kubeconfig=str(kubeconfig) if kubeconfig else None)
+    from .events import EventSender
+    from .kube_source import KubePodSource, default_api_client
+
+    def kube_source(on_change, registry):
+        # Pod decisions become Events only with the API server as the source (same credentials).
+        api = default_api_client(str(kubeconfig) if kubeconfig else None)
+        return KubePodSource(node_name, on_change, api_client=api), EventSender(api, node_name, registry)
+    return kube_source

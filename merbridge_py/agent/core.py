@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..mesh import MeshProfile
 from ..netns import NetnsIndex
@@ -48,11 +48,15 @@ class PodStatus:
 
 
 class Agent:
-    def __init__(self, datapath, mesh: MeshProfile, netns_index: NetnsIndex | None = None, metrics=None):
+    def __init__(self, datapath, mesh: MeshProfile, netns_index: NetnsIndex | None = None, metrics=None,
+                 on_decision_change: Callable[[dict, PodStatus], None] | None = None):
         self.datapath = datapath
         self.mesh = mesh
         self.netns = netns_index or NetnsIndex()
         self.metrics = metrics
+        # Called as on_decision_change(pod, status) on the reconcile thread when a pod's
+        # decision (accelerated, reason) changes; it must not block (events.py only queues).
+        self.on_decision_change = on_decision_change
         self._pods: dict[str, dict] | None = None
         self._applied: dict[str, Applied] = {}
         self._status: dict[str, PodStatus] = {}
@@ -93,10 +97,11 @@ class Agent:
             pods = self._pods
         if pods is None:
             return  # no source has delivered yet
-        verdicts = {}
+        verdicts, objects = {}, {}
         for key, pod in pods.items():
             v = decide(pod, self.mesh)
             verdicts[v.pod if v.pod else key] = v
+            objects[v.pod if v.pod else key] = pod
 
         for key in list(self._applied):
             v = verdicts.get(key)
@@ -116,7 +121,7 @@ class Agent:
         with self._lock:
             old = self._status
             self._status = new_status
-        self._log_changes(old, new_status)
+        self._log_changes(old, new_status, objects)
         if self.metrics:
             self.metrics.observe_pods(new_status.values())
         self.ready.set()
@@ -161,11 +166,15 @@ class Agent:
         for key in list(self._applied):
             self._remove(key, "agent stopping")
 
-    @staticmethod
-    def _log_changes(old: dict[str, PodStatus], new: dict[str, PodStatus]) -> None:
+    def _log_changes(self, old: dict[str, PodStatus], new: dict[str, PodStatus], pods: dict[str, dict]) -> None:
         for key, s in new.items():
             before = old.get(key)
             if before is None or (before.accelerated, before.reason) != (s.accelerated, s.reason):
                 log.info("pod %s: %s", key, s.reason)
+                if self.on_decision_change is not None:
+                    try:
+                        self.on_decision_change(pods.get(key), s)
+                    except Exception:  # noqa: BLE001 - reporting must never stop the datapath's updates
+                        log.exception("reporting the decision for pod %s failed", key)
         for key in old.keys() - new.keys():
             log.info("pod %s: gone", key)

@@ -38,14 +38,16 @@ def testbed():
               help="How many pods of each node have no sidecar.")
 @click.option("--mode", type=click.Choice(MODES), default="iptables", show_default=True)
 @click.option("--sidecar-log", is_flag=True, help="Sidecars log every forwarded connection (original destination).")
-def up(name, nodes, pods_per_node, plain_per_node, mode, sidecar_log):
+@click.option("--app", type=click.Choice(["python", "nginx"]), default="python", show_default=True,
+              help="The pods' HTTP server: python (every test endpoint) or nginx (for benchmarks).")
+def up(name, nodes, pods_per_node, plain_per_node, mode, sidecar_log, app):
     """Create a test bed and print its pods as JSON."""
     from .testbed import Testbed, TestbedError
     if plain_per_node > pods_per_node:
         raise click.BadParameter("cannot exceed --pods-per-node", param_hint="--plain-per-node")
     try:
         tb = Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, plain_per_node=plain_per_node,
-                        mode=mode, sidecar_log=sidecar_log)
+                        mode=mode, sidecar_log=sidecar_log, app=app)
     except (TestbedError, ValueError) as e:
         raise click.ClickException(str(e))
     _emit(tb.summary())

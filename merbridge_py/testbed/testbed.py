@@ -26,13 +26,14 @@ import urllib.request
 from pathlib import Path
 
 from .. import sandbox
-from . import istio_iptables, kube, state, topology
+from . import istio_iptables, kube, nginx_app, state, topology
 from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
 from .sidecar import HAProxySidecar, ProxiedConnection
 from .state import ProcessRecord
 from .topology import Node, Pod, PodSpec
 
 MODES = ("nomesh", "iptables", "ebpf")
+APPS = ("python", "nginx")
 APP_START_TIMEOUT = 20.0
 SIDECAR_START_TIMEOUT = 10.0
 AGENT_START_TIMEOUT = 90.0     # bcc compiles the programs at start: seconds on 2 busy cores
@@ -64,7 +65,7 @@ class Testbed:
 
     def __init__(self, name: str, nodes: list[Node], pods: list[Pod], fabric: str, slot: int, mode: str = "nomesh",
                  sidecar_log: bool = False, processes: list[ProcessRecord] | None = None,
-                 agents: dict[str, str] | None = None):
+                 agents: dict[str, str] | None = None, app: str = "python"):
         self.name = name
         self.slot = slot
         self.nodes = nodes
@@ -72,6 +73,7 @@ class Testbed:
         self.fabric = fabric
         self.mode = mode
         self.log_connections = sidecar_log
+        self.app = app                # "python" (tests: /whoami, /bytes) or "nginx" (benchmarks)
         self.processes: list[ProcessRecord] = processes or []
         self.agents: dict[str, str] = agents or {}     # node name -> metrics address of its agent
         self.workdir = state.workdir(name)
@@ -82,12 +84,17 @@ class Testbed:
 
     @classmethod
     def up(cls, name: str = "tb", nodes: int = 2, pods_per_node: int = 2, mode: str = "iptables",
-           pods: list[PodSpec] | None = None, plain_per_node: int = 0, sidecar_log: bool = False) -> "Testbed":
+           pods: list[PodSpec] | None = None, plain_per_node: int = 0, sidecar_log: bool = False,
+           app: str = "python") -> "Testbed":
         """Create the bed and start it in `mode`. `pods` replaces the default
         n<node>p<i> pods (all meshed, except the last `plain_per_node` per node).
-        On any failure everything created so far is removed again."""
+        `app` is the pods' HTTP server: "python" (every endpoint, for tests) or
+        "nginx" (`/` and `/whoami`; fast enough that a benchmark measures the
+        mesh, not the app). On any failure everything created so far is removed again."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+        if app not in APPS:
+            raise ValueError(f"app {app!r}: one of {', '.join(APPS)}")
         specs = pods if pods is not None else topology.default_specs(nodes, pods_per_node, plain_per_node)
         topology.plan(name, specs, nodes)  # bad input fails before anything else
         with state.locked():
@@ -99,7 +106,7 @@ class Testbed:
             if not free:
                 raise TestbedError(f"{topology.MAX_SLOTS} test beds are up already; take one down")
             node_list, pod_list, fabric = topology.plan(name, specs, nodes, slot=free[0])
-            tb = cls(name, node_list, pod_list, fabric, slot=free[0], sidecar_log=sidecar_log)
+            tb = cls(name, node_list, pod_list, fabric, slot=free[0], sidecar_log=sidecar_log, app=app)
             tb.status_word = "creating"
             tb._save()  # before anything exists: `down` always finds what to remove
         try:
@@ -121,7 +128,8 @@ class Testbed:
             raise TestbedError(f"no test bed named {name!r} (no {state.state_file(name)})")
         return cls(name, [Node(**n) for n in data["nodes"]], [Pod(**p) for p in data["pods"]], data["fabric"],
                    slot=data["slot"], mode=data["mode"], sidecar_log=data["sidecar_log"],
-                   processes=[ProcessRecord(**p) for p in data["processes"]], agents=data["agents"])
+                   processes=[ProcessRecord(**p) for p in data["processes"]], agents=data["agents"],
+                   app=data.get("app", "python"))
 
     def down(self) -> None:
         """Stop everything and remove every resource; safe to call twice."""
@@ -141,7 +149,7 @@ class Testbed:
             "name": self.name, "slot": self.slot, "status": self.status_word, "mode": self.mode,
             "sidecar_log": self.log_connections, "fabric": self.fabric, "cgroup": str(topology.cgroup_dir(self.name)),
             "nodes": [vars(n) for n in self.nodes], "pods": [p.to_json() for p in self.pods],
-            "processes": [p.to_json() for p in self.processes], "agents": self.agents,
+            "processes": [p.to_json() for p in self.processes], "agents": self.agents, "app": self.app,
         })
 
     def _create(self) -> None:
@@ -241,10 +249,13 @@ class Testbed:
         records = []
         for pod in self.pods:
             ready_file(pod.name).unlink(missing_ok=True)
-            argv = [sys.executable, "-m", "merbridge_py.testbed.app", "--name", pod.name,
-                    "--ready-file", str(ready_file(pod.name))]
-            for port in pod.ports:
-                argv += ["--port", str(port)]
+            if self.app == "nginx":
+                argv = nginx_app.argv(self.workdir, pod.name, pod.ports, ready_file(pod.name), log_of(pod.name))
+            else:
+                argv = [sys.executable, "-m", "merbridge_py.testbed.app", "--name", pod.name,
+                        "--ready-file", str(ready_file(pod.name))]
+                for port in pod.ports:
+                    argv += ["--port", str(port)]
             with open(log_of(pod.name), "ab") as log:
                 proc = sandbox.spawn(argv, netns=pod.netns, cgroup=Path(pod.cgroup), stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -261,20 +272,47 @@ class Testbed:
                    lambda name: self.sidecar(name).log_path)
 
     def _start_agents(self) -> None:
-        records = []
-        for node in self.nodes:
-            addr = f"127.0.0.1:{_free_loopback_port()}"
-            argv = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", node.cgroup,
-                    "--pods-file", str(self.pods_file(node)), "--bpffs", node.bpffs,
-                    "--metrics-addr", addr, "--node-name", node.name]
-            # In the root network namespace (the agent needs only the cgroup and
-            # /proc) and in a cgroup of its own, outside the node it accelerates.
-            with open(self._agent_log(node.name), "ab") as log:
-                proc = sandbox.spawn(argv, cgroup=topology.cgroup_dir(self.name) / "ctl", stdin=subprocess.DEVNULL,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            self.agents[node.name] = addr
-            records.append(self._track(proc, "agent", node.name))
+        records = [self._spawn_agent(node) for node in self.nodes]
         self._wait("agent", records, self.agent_ready, AGENT_START_TIMEOUT, self._agent_log)
+
+    def _spawn_agent(self, node: Node) -> ProcessRecord:
+        addr = f"127.0.0.1:{_free_loopback_port()}"
+        argv = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", node.cgroup,
+                "--pods-file", str(self.pods_file(node)), "--bpffs", node.bpffs,
+                "--metrics-addr", addr, "--node-name", node.name]
+        # In the root network namespace (the agent needs only the cgroup and
+        # /proc) and in a cgroup of its own, outside the node it accelerates.
+        with open(self._agent_log(node.name), "ab") as log:
+            proc = sandbox.spawn(argv, cgroup=topology.cgroup_dir(self.name) / "ctl", stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.agents[node.name] = addr
+        return self._track(proc, "agent", node.name)
+
+    def restart_agent(self, node: str | Node) -> None:
+        """Start `node`'s agent again the way the bed starts it, and wait until
+        it is ready. A running agent is stopped first (SIGTERM: it detaches);
+        one that died or was killed is only reaped, and the new one finds its
+        predecessor's programs through the pins it left and replaces them."""
+        n = self.node(node)
+        if self.mode != "ebpf":
+            raise TestbedError(f"no agents run in mode {self.mode}")
+        old = [r for r in self.processes if r.role == "agent" and r.owner == n.name]
+        state.terminate(old, timeout=AGENT_STOP_TIMEOUT, reap=self._reap)
+        self.processes = [r for r in self.processes if r not in old]
+        self._wait("agent", [self._spawn_agent(n)], self.agent_ready, AGENT_START_TIMEOUT, self._agent_log)
+
+    def agent_metrics(self, node: str | Node) -> dict[str, float]:
+        """The node's agent's /metrics, one entry per sample, keyed as
+        Prometheus writes them: `merbridge_redirects_total{direction="outbound"}`."""
+        from prometheus_client.parser import text_string_to_metric_families
+        with _NO_PROXY.open(f"http://{self.agents[self.node(node).name]}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return samples
 
     def _agent_log(self, node_name: str) -> Path:
         return self.workdir / f"{node_name}.agent.log"

@@ -1,0 +1,45 @@
+"""nginx as a pod's app, for benchmarks: the Python app costs hundreds of
+microseconds of CPU per request, which would hide the mesh's own cost. Serves
+`/` and `/whoami` (the same JSON as the Python app) on every port of the pod."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONF = """\
+worker_processes 1;
+pid {pid};
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  server {{
+{listens}
+    location = /whoami {{
+      default_type application/json;
+      return 200 '{{"pod": "{name}", "peer": "$remote_addr:$remote_port", "port": $server_port}}';
+    }}
+    location / {{
+      default_type text/plain;
+      return 200 "hello from {name}\\n";
+    }}
+  }}
+}}
+"""
+
+
+def argv(workdir: Path, name: str, ports: list[int], ready_file: Path, log: Path) -> list[str]:
+    """Write the pod's config and return the command. nginx writes its pid
+    file after it has bound every listener, so the pid file is the ready file."""
+    tmp = workdir / f"{name}.nginx"
+    tmp.mkdir(parents=True, exist_ok=True)
+    conf = workdir / f"{name}.nginx.conf"
+    conf.write_text(CONF.format(pid=ready_file, tmp=tmp, name=name,
+                                listens="\n".join(f"    listen {p};" for p in ports)))
+    return ["nginx", "-c", str(conf), "-e", str(log), "-g", "daemon off;"]
