@@ -20,6 +20,7 @@
 #define MAX_INBOUND_RULES 128
 #define MAX_PODS 1024
 #define MAX_CONNECTIONS 65536
+#define MAX_DESTINATIONS 4096
 
 /* SO_ORIGINAL_DST from linux/netfilter_ipv4.h; not pulled in to keep includes UAPI-only. */
 #define SOL_IP_LEVEL 0
@@ -65,17 +66,55 @@ struct original_dst {
     __u32 ip;      /* network order */
     __u16 port;    /* host order */
     __u16 flags;   /* ODST_* */
+    __u64 established_ns;  /* when the client end was established (adaptive splicing learns lifetimes) */
 };
 
 /* The connection is a proxy's to a same-node pod; that pod's iptables rule
  * moves it to the inbound listener, so its server end sits on MESH_INBOUND_PORT. */
 #define ODST_VIA_INBOUND_REDIRECT 1
+/* The client end joined sock_pairs; the server end follows the same decision. */
+#define ODST_SPLICED 2
+
+enum splice_policy {
+    SPLICE_NEVER = 0,
+    SPLICE_ALWAYS = 1,
+    SPLICE_ADAPTIVE = 2,   /* not for destinations whose recent connections were all short-lived */
+};
+
+/* The legs of a meshed request whose lifetimes are learnt: the app's
+ * connection to its proxy, and the proxy's to the destination pod. */
+enum leg {
+    LEG_APP = 0,
+    LEG_PROXY = 1,
+};
+
+struct dest_key {
+    __u32 ip;      /* original destination, network order */
+    __u16 port;    /* host order */
+    __u16 leg;     /* enum leg */
+};
+
+struct dest_profile {
+    __u32 short_streak;  /* consecutive short-lived connections; a long one removes the entry */
+    __u32 pad;
+};
 
 /* Runtime switches, one entry in the config array. */
 struct datapath_config {
-    __u32 splice;               /* 0: redirect only, no sockhash insertion */
+    __u32 splice;               /* enum splice_policy */
     __u32 rewrite_inbound_port; /* 1: the connect hook sends a proxy's connection to a same-node
                                  * pod to its inbound port itself; 0: that pod's Istio rule does */
+    __u64 short_conn_ns;        /* adaptive: a connection that lived less than this was short */
+    __u32 short_streak;         /* adaptive: this many short ones in a row and new ones are not spliced */
+    __u32 bulk_bytes;           /* a socket sending more than this within bulk_window_ns is bulk */
+    __u64 bulk_window_ns;
+};
+
+/* Per spliced socket, in socket-local storage (freed with the socket). */
+struct send_state {
+    __u64 window_start_ns;
+    __u32 window_bytes;
+    __u32 bulk;          /* 1: sends go through TCP from now on */
 };
 
 /* Counters, one slot each in the per-CPU array datapath_counters. */
@@ -92,6 +131,8 @@ enum counter {
     CNT_ERR_SOCKHASH_INSERT,
     CNT_ERR_BIND,
     CNT_ERR_MAP_UPDATE,
+    CNT_SPLICE_SKIPPED,          /* sockets not spliced: their destination's connections are short-lived */
+    CNT_SPLICE_BULK,             /* spliced sockets switched to TCP: they carry bulk data */
     CNT_MAX,
 };
 
@@ -110,6 +151,10 @@ BPF_TABLE("lru_hash", __u64, struct original_dst, connect_original_dst, MAX_CONN
 BPF_TABLE("lru_hash", struct sock_tuple, struct original_dst, original_dst, MAX_CONNECTIONS);
 /* sock_pairs: sockets keyed by (local, remote) so a sender finds its peer. */
 BPF_SOCKHASH(sock_pairs, struct sock_tuple, MAX_CONNECTIONS);
+/* send_states: per spliced socket, how fast it sends (bulk detection in sk_msg). */
+BPF_SK_STORAGE(send_states, struct send_state);
+/* dest_profiles: how recent connections to a destination went, per leg. */
+BPF_TABLE("lru_hash", struct dest_key, struct dest_profile, dest_profiles, MAX_DESTINATIONS);
 BPF_ARRAY(config, struct datapath_config, 1);
 BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
 

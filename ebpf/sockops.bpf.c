@@ -1,7 +1,15 @@
 /* sockops: when a redirected connection is established, record its 4-tuple ->
  * original destination (the proxy asks with the 4-tuple it sees), and put both
  * ends of same-node legs into sock_pairs so sk_msg can splice them. On close,
- * delete what the connection added. */
+ * delete what the connection added, and learn how long it lived.
+ *
+ * Splicing a socket has a price paid once per connection (the kernel sets up
+ * and tears down its sockmap state) and a gain paid back per message. Short
+ * connections never pay it back, so under the adaptive policy a destination
+ * whose last short_streak connections each lived less than short_conn_ns gets
+ * its new connections unspliced (still redirected, still answered), until one
+ * lives longer. Lifetimes are learnt per leg: a proxy may pool its upstream
+ * connections while the app opens one per request. */
 #include "merbridge.h"
 
 static __always_inline struct sock_tuple own_tuple(struct bpf_sock_ops *skops)
@@ -15,17 +23,51 @@ static __always_inline struct sock_tuple own_tuple(struct bpf_sock_ops *skops)
     return t;
 }
 
-static __always_inline void splice(struct bpf_sock_ops *skops, struct sock_tuple *t)
+static __always_inline int should_splice(__u32 dst_ip, __u16 dst_port, __u16 leg)
 {
     struct datapath_config *cfg = datapath_config();
-    if (!cfg || !cfg->splice)
-        return;
+    if (!cfg || cfg->splice == SPLICE_NEVER)
+        return 0;
+    if (cfg->splice == SPLICE_ALWAYS)
+        return 1;
+    struct dest_key key = {.ip = dst_ip, .port = dst_port, .leg = leg};
+    struct dest_profile *profile = dest_profiles.lookup(&key);
+    if (profile && profile->short_streak >= cfg->short_streak) {
+        count(CNT_SPLICE_SKIPPED, 1);
+        return 0;
+    }
+    return 1;
+}
+
+static __always_inline void join_sock_pairs(struct bpf_sock_ops *skops, struct sock_tuple *key)
+{
     /* bcc rewrites map methods into statements: keep the call on its own. */
-    long err = sock_pairs.sock_hash_update(skops, t, BPF_ANY);
+    long err = sock_pairs.sock_hash_update(skops, key, BPF_ANY);
     if (err == 0)
         count(CNT_SOCKHASH_INSERT, 1);
     else
         count(CNT_ERR_SOCKHASH_INSERT, 1);
+}
+
+static __always_inline void learn_lifetime(struct original_dst *dst, __u16 leg)
+{
+    struct datapath_config *cfg = datapath_config();
+    if (!cfg || cfg->splice != SPLICE_ADAPTIVE || !dst->established_ns)
+        return;
+    struct dest_key key = {.ip = dst->ip, .port = dst->port, .leg = leg};
+    if (bpf_ktime_get_ns() - dst->established_ns >= cfg->short_conn_ns) {
+        dest_profiles.delete(&key);   /* a long-lived one: splice again */
+        return;
+    }
+    struct dest_profile *profile = dest_profiles.lookup(&key);
+    if (profile) {
+        /* racy across CPUs, and that is fine for a heuristic */
+        if (profile->short_streak < 0xffff)
+            profile->short_streak++;
+    } else {
+        struct dest_profile fresh = {.short_streak = 1};
+        dest_profiles.update(&key, &fresh);
+    }
 }
 
 static __always_inline int pod_is_accelerated(struct bpf_sock_ops *skops)
@@ -41,7 +83,8 @@ static __always_inline int pod_is_accelerated(struct bpf_sock_ops *skops)
  * Keys are chosen so each end finds the other by swapping its own tuple: the
  * proxy-to-pod leg's server end sits on the inbound port after the receiving
  * pod's REDIRECT, so that leg is recorded and inserted under the tuple the
- * receiving proxy sees. */
+ * receiving proxy sees. The client end decides whether the leg is spliced and
+ * writes the decision into the record, so both ends always agree. */
 static __always_inline void active_established(struct bpf_sock_ops *skops)
 {
     struct sock_tuple t = own_tuple(skops);
@@ -50,17 +93,25 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
     if (dst) {
         struct original_dst copy = *dst;
         connect_original_dst.delete(&cookie);
+        __u16 leg = is_loopback(t.remote_ip) ? LEG_APP : LEG_PROXY;
         if (copy.flags & ODST_VIA_INBOUND_REDIRECT)
             t.remote_port = MESH_INBOUND_PORT;
+        copy.established_ns = bpf_ktime_get_ns();
+        int spliced = should_splice(copy.ip, copy.port, leg);
+        if (spliced)
+            copy.flags |= ODST_SPLICED;
         if (original_dst.update(&t, &copy) != 0) {
             count(CNT_ERR_MAP_UPDATE, 1);
             return;
         }
-        splice(skops, &t);
+        if (spliced)
+            join_sock_pairs(skops, &t);
         return;
     }
-    if (t.local_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST) && pod_is_accelerated(skops))
-        splice(skops, &t);
+    /* The inbound leg, proxy -> its own app: follows the proxy leg's profile. */
+    if (t.local_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST) && pod_is_accelerated(skops) &&
+        should_splice(t.remote_ip, t.remote_port, LEG_PROXY))
+        join_sock_pairs(skops, &t);
 }
 
 /* Server side: a proxy listener accepting a connection we redirected (its
@@ -74,16 +125,36 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
             .local_port = t.remote_port, .remote_port = t.local_port,
         };
         struct original_dst *dst = original_dst.lookup(&client);
-        if (dst) {
+        if (dst && (dst->flags & ODST_SPLICED)) {
             /* the client's socket still names the original port */
             if (dst->flags & ODST_VIA_INBOUND_REDIRECT)
                 t.local_port = dst->port;
-            splice(skops, &t);
+            join_sock_pairs(skops, &t);
         }
         return;
     }
-    if (t.remote_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST) && pod_is_accelerated(skops))
-        splice(skops, &t);
+    if (t.remote_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST) && pod_is_accelerated(skops) &&
+        should_splice(t.local_ip, t.local_port, LEG_PROXY))
+        join_sock_pairs(skops, &t);
+}
+
+/* A socket we redirected is closing: forget its records (sock_pairs drops
+ * closed sockets by itself; our own maps do not), learning its lifetime. */
+static __always_inline void closed(struct bpf_sock_ops *skops)
+{
+    __u64 cookie = socket_cookie64(skops);
+    connect_original_dst.delete(&cookie);
+    struct sock_tuple t = own_tuple(skops);
+    __u16 leg = is_loopback(t.remote_ip) ? LEG_APP : LEG_PROXY;
+    struct original_dst *dst = original_dst.lookup(&t);
+    if (!dst) {
+        t.remote_port = MESH_INBOUND_PORT;   /* a proxy-to-pod leg's record */
+        dst = original_dst.lookup(&t);
+    }
+    if (dst) {
+        learn_lifetime(dst, leg);
+        original_dst.delete(&t);
+    }
 }
 
 int sockops(struct bpf_sock_ops *skops)
@@ -106,15 +177,8 @@ int sockops(struct bpf_sock_ops *skops)
         passive_established(skops);
         break;
     case BPF_SOCK_OPS_STATE_CB:
-        if (skops->args[1] == BPF_TCP_CLOSE) {
-            /* sock_pairs drops closed sockets by itself; our own maps do not. */
-            __u64 cookie = socket_cookie64(skops);
-            struct sock_tuple t = own_tuple(skops);
-            connect_original_dst.delete(&cookie);
-            original_dst.delete(&t);
-            t.remote_port = MESH_INBOUND_PORT;   /* a proxy-to-pod leg's record */
-            original_dst.delete(&t);
-        }
+        if (skops->args[1] == BPF_TCP_CLOSE)
+            closed(skops);
         break;
     }
     return 0;

@@ -23,6 +23,20 @@ EBPF_DIR_ENV = "MERBRIDGE_EBPF_DIR"
 HEADER = "merbridge.h"
 BPF_F_ALLOW_MULTI = 2  # share the cgroup with other eBPF tools (Cilium, ...)
 
+SPLICE_POLICIES = {p.name.lower(): p for p in layout.SplicePolicy}
+# Adaptive splicing (ebpf/sockops.bpf.c): this many connections in a row to a
+# destination, each shorter than this, and new ones to it are not spliced.
+SHORT_CONNECTION_NS = 5_000_000
+SHORT_STREAK = 4
+# Bulk detection (ebpf/sk_msg.bpf.c): a spliced socket sending more than this
+# many bytes within the window goes through TCP from then on, so a fast writer
+# is held back by TCP flow control instead of filling kernel memory. High on
+# purpose: request/response traffic stays spliced, and the kernel's tcp_bpf
+# recvmsg can wake a *blocking* reader of a socket that sends through TCP with
+# EAGAIN (README, "Kernel limitations"), so as few sockets as possible switch.
+BULK_BYTES = 64 << 20
+BULK_WINDOW_NS = 1_000_000_000
+
 
 @dataclass(frozen=True)
 class Hook:
@@ -165,8 +179,10 @@ class Datapath:
     SO_ORIGINAL_DST answer, the clean-up of their entries when they close).
     """
 
-    def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: bool = True,
+    def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: str = "adaptive",
                  rewrite_inbound_port: bool = False):
+        if splice not in SPLICE_POLICIES:
+            raise DatapathError(f"unknown splice policy {splice!r}; expected one of {', '.join(SPLICE_POLICIES)}")
         self.mesh = mesh
         self.cgroup = Path(cgroup)
         self.bpffs_dir = Path(bpffs_dir)
@@ -178,6 +194,7 @@ class Datapath:
         self._cgroup_fd: int | None = None
         self._sockhash_fd: int | None = None
         self.attached = False
+        self._pinned = False   # the pins under bpffs_dir are ours (not a predecessor's)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -217,6 +234,7 @@ class Datapath:
         if stale:
             log.info("replaced %d programs left attached by a previous agent", len(stale))
         self._unpin_all()
+        self._pinned = True
         self._pin_all()
 
     def detach(self) -> None:
@@ -235,7 +253,11 @@ class Datapath:
             except Exception as e:
                 log.error("detaching sk_msg_splice: %s", e)
             self.attached = False
-        self._unpin_all()
+        # Only our own pins: before attach() the pins are a crashed predecessor's,
+        # the one handle a later agent has to find and detach its programs.
+        if self._pinned:
+            self._unpin_all()
+            self._pinned = False
         if self._cgroup_fd is not None:
             os.close(self._cgroup_fd)
             self._cgroup_fd = None
@@ -317,13 +339,12 @@ class Datapath:
 
     # --- state ----------------------------------------------------------------------
 
-    def set_splice(self, enabled: bool) -> None:
-        self.splice = enabled
-        self._write_config()
-
     def _write_config(self) -> None:
+        policy = SPLICE_POLICIES[self.splice] if self.mode == "ebpf" else layout.SplicePolicy.NEVER
         self.bpf[b"config"][ct.c_int(0)] = layout.DatapathConfig(
-            splice=int(self.splice and self.mode == "ebpf"), rewrite_inbound_port=int(self.rewrite_inbound_port))
+            splice=policy, rewrite_inbound_port=int(self.rewrite_inbound_port),
+            short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
+            bulk_bytes=BULK_BYTES, bulk_window_ns=BULK_WINDOW_NS)
 
     def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound) -> None:
         """Write one pod's policy. `outbound`/`inbound` are compiled first-match

@@ -11,6 +11,7 @@ MAX_OUTBOUND_RULES = 128
 MAX_INBOUND_RULES = 128
 MAX_PODS = 1024
 MAX_CONNECTIONS = 65536
+MAX_DESTINATIONS = 4096
 
 
 class OutboundRule(ct.Structure):
@@ -57,14 +58,42 @@ class OriginalDst(ct.Structure):
         ("ip", ct.c_uint32),    # network order
         ("port", ct.c_uint16),  # host order
         ("flags", ct.c_uint16),  # ODST_* in merbridge.h
+        ("established_ns", ct.c_uint64),
     ]
 
 
 ODST_VIA_INBOUND_REDIRECT = 1
+ODST_SPLICED = 2
+
+
+class SplicePolicy(enum.IntEnum):
+    NEVER = 0
+    ALWAYS = 1
+    ADAPTIVE = 2
+
+
+class Leg(enum.IntEnum):
+    APP = 0
+    PROXY = 1
+
+
+class DestKey(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("leg", ct.c_uint16)]
+
+
+class DestProfile(ct.Structure):
+    _fields_ = [("short_streak", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 class DatapathConfig(ct.Structure):
-    _fields_ = [("splice", ct.c_uint32), ("rewrite_inbound_port", ct.c_uint32)]
+    _fields_ = [
+        ("splice", ct.c_uint32),               # SplicePolicy
+        ("rewrite_inbound_port", ct.c_uint32),
+        ("short_conn_ns", ct.c_uint64),
+        ("short_streak", ct.c_uint32),
+        ("bulk_bytes", ct.c_uint32),
+        ("bulk_window_ns", ct.c_uint64),
+    ]
 
 
 class Counter(enum.IntEnum):
@@ -82,6 +111,8 @@ class Counter(enum.IntEnum):
     ERR_SOCKHASH_INSERT = 9
     ERR_BIND = 10
     ERR_MAP_UPDATE = 11
+    SPLICE_SKIPPED = 12
+    SPLICE_BULK = 13
 
 
 COUNTER_SLOTS = len(Counter)
@@ -93,6 +124,7 @@ MAPS = {
     "local_pod_ip": (ct.c_uint32, ct.c_uint64),
     "connect_original_dst": (ct.c_uint64, OriginalDst),
     "original_dst": (SockTuple, OriginalDst),
+    "dest_profiles": (DestKey, DestProfile),
     "config": (ct.c_uint32, DatapathConfig),
     "counters": (ct.c_uint32, ct.c_uint64),
 }

@@ -14,7 +14,7 @@ HEADER = (Path(__file__).resolve().parent.parent / "ebpf" / "merbridge.h").read_
 
 def test_limits_agree():
     defined = dict(re.findall(r"^#define (MAX_\w+) (\d+)$", HEADER, re.M))
-    for name in ("MAX_OUTBOUND_RULES", "MAX_INBOUND_RULES", "MAX_PODS", "MAX_CONNECTIONS"):
+    for name in ("MAX_OUTBOUND_RULES", "MAX_INBOUND_RULES", "MAX_PODS", "MAX_CONNECTIONS", "MAX_DESTINATIONS"):
         assert int(defined[name]) == getattr(layout, name), name
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ log = logging.getLogger("merbridge_py.agent")
 
 
 CONFIG_MAP = "merbridge-py"   # holds `mode: ebpf|iptables` for every agent
+FIRST_SYNC_TIMEOUT = 30.0     # longest wait for the pod source before attaching anyway
 
 
 class InputError(click.ClickException):
@@ -47,13 +49,15 @@ examples:
 @click.option("--namespace", envvar="POD_NAMESPACE", default="istio-system", show_default=True,
               help="Namespace of the merbridge-py ConfigMap holding the mode (env POD_NAMESPACE).")
 @click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True)
-@click.option("--no-splice", is_flag=True, help="Redirect and answer SO_ORIGINAL_DST, but do not splice sockets.")
+@click.option("--splice", type=click.Choice(["adaptive", "always", "never"]), default="adaptive", show_default=True,
+              help="Which same-node sockets are spliced: all but those of destinations whose recent connections "
+                   "were short-lived (adaptive), all, or none (redirect and SO_ORIGINAL_DST only).")
 @click.option("--inbound-redirect", type=click.Choice(["iptables", "ebpf"]), default="iptables", show_default=True,
               help="Who moves a proxy's connection to a same-node pod onto that pod's inbound port: the pod's own "
                    "Istio rule (conntrack-identical to iptables mode), or the connect hook (for pods without "
                    "inbound rules).")
 @click.option("--ebpf", "print_ebpf", is_flag=True, hidden=True, help="Print the eBPF program text and exit.")
-def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, namespace, log_format, no_splice,
+def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, namespace, log_format, splice,
         inbound_redirect, print_ebpf):
     """Load the eBPF datapath and keep it in step with this node's pods."""
     from ..datapath import Datapath, DatapathError, open_cgroup, program_text
@@ -88,7 +92,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
     from .metrics import AgentMetrics
     from .mode import ModeController
 
-    datapath = Datapath(profile, cgroup, bpffs, splice=not no_splice,
+    datapath = Datapath(profile, cgroup, bpffs, splice=splice,
                         rewrite_inbound_port=inbound_redirect == "ebpf")
     metrics = AgentMetrics()
     agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics)
@@ -108,25 +112,35 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
         signal.signal(sig, lambda *_: stop.set())
     try:
         datapath.load()
-        datapath.attach()
     except (DatapathError, HeadersNotFound) as e:
         datapath.close()
         raise click.ClickException(str(e))
     metrics.datapath = datapath
-    metrics.attached.set(1)
     http = None
     threads = []
     try:
         http = AgentHTTPServer(metrics_addr, agent, metrics, lambda: datapath.attached,
                                extra_routes={"/mode": modes.http_route}, mode=lambda: modes.mode)
         http.start()
-        log.info("datapath attached to %s; serving on %s:%d", cgroup, http.httpd.server_address[0], http.port)
         threads = [threading.Thread(target=source.run, args=(stop,), name="source", daemon=True),
                    threading.Thread(target=agent.run, args=(stop,), name="reconcile", daemon=True)]
         if events is not None:
             threads.append(threading.Thread(target=events.run, args=(stop,), name="events", daemon=True))
         for t in threads:
             t.start()
+        # Fill the maps before attaching: attach() replaces a crashed
+        # predecessor's programs at once, and programs that know no pod yet
+        # would send every new connection back to iptables until the first
+        # reconcile. A source that cannot deliver only delays the attach.
+        deadline = time.monotonic() + FIRST_SYNC_TIMEOUT
+        while not agent.ready.wait(0.05) and not stop.is_set() and time.monotonic() < deadline:
+            pass
+        try:
+            datapath.attach()
+        except (DatapathError, OSError) as e:   # an OSError here is not --metrics-addr's (below)
+            raise click.ClickException(str(e))
+        metrics.attached.set(1)
+        log.info("datapath attached to %s; serving on %s:%d", cgroup, http.httpd.server_address[0], http.port)
         while not stop.wait(1.0):
             pass
         log.info("stopping: detaching programs and removing pins")

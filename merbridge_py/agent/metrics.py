@@ -22,6 +22,8 @@ _KERNEL_COUNTERS = {
     Slot.ERR_SOCKHASH_INSERT: ("merbridge_datapath_errors", {"kind": "sockhash_insert"}),
     Slot.ERR_BIND: ("merbridge_datapath_errors", {"kind": "bind"}),
     Slot.ERR_MAP_UPDATE: ("merbridge_datapath_errors", {"kind": "map_update"}),
+    Slot.SPLICE_SKIPPED: ("merbridge_splice_skipped", {"reason": "short_lived"}),
+    Slot.SPLICE_BULK: ("merbridge_splice_skipped", {"reason": "bulk"}),
 }
 _HELP = {
     "merbridge_redirects": "Connections redirected by the connect hook",
@@ -31,6 +33,7 @@ _HELP = {
     "merbridge_splice_misses": "Messages of spliced sockets whose peer was not in the sockhash (sent via TCP)",
     "merbridge_sockhash_inserts": "Sockets put into the sockhash",
     "merbridge_datapath_errors": "Errors in the kernel datapath, by kind",
+    "merbridge_splice_skipped": "Sockets not spliced (short-lived destination) or switched back to TCP (bulk sender)",
 }
 
 

@@ -9,21 +9,23 @@ were still serving after it. This client is small and exact instead of fast.
         --keepalive 2 --newconn 1 --duration 60 [--rotate 9] [--ready-file F]
 
 For every target it runs `--keepalive` workers that reuse one connection
-(replaced by a fresh one every `--rotate` seconds, 0 = keep it for the whole
-run) and `--newconn` workers that open a new connection per request. Each
-request is `GET /whoami`; it succeeds when the answer is 200 and names the
-target pod (a response from the wrong pod is a failure too). Workers stop by
+(replaced by a fresh one every `--rotate` seconds, the workers' replacements
+spread evenly over that period; 0 = keep it for the whole run) and
+`--newconn` workers that open a new connection per request. Each request
+is `GET /whoami`; it succeeds when the answer is 200 and names the target
+pod (a response from the wrong pod is a failure too). Workers stop by
 themselves after `--duration` seconds, or soon after SIGTERM (each finishes
 its request in flight). One JSON document goes to stdout:
 
-  {"duration": s, "requests": n, "failed": n, "connections": n,
-   "failures": [{"t", "worker", "kind", "error", "local", "requests_on_connection"}],
+  {"started": t, "duration": s, "requests": n, "failed": n, "connections": n,
+   "failures": [{"t", "started", "worker", "kind", "error", "local", "requests_on_connection"}],
    "keepalive_connections": [{"worker", "local", "opened", "closed", "requests", "broken"}],
    "max_latency": s}
 
 Times are time.monotonic() (CLOCK_MONOTONIC, the same clock in every process
-on the host), so a test can place each failure and connection between its
-own events. Failure kinds: "connect" (no connection), "broken" (an
+on the host), so a test can place each failure (`started`: when the failed
+request or connect began, `t`: when it failed) and each connection between
+its own events. Failure kinds: "connect" (no connection), "broken" (an
 established keep-alive connection that had already served a request failed),
 "request" (a fresh connection's first request failed), "response" (a wrong
 answer). Standard library only, so it starts fast inside a pod.
@@ -78,10 +80,11 @@ class Tally:
     failures: list[dict] = field(default_factory=list)
     keepalive: list[Connection] = field(default_factory=list)
 
-    def fail(self, worker: str, kind: str, error: str, conn: Connection | None) -> None:
+    def fail(self, worker: str, kind: str, error: str, conn: Connection | None, started: float) -> None:
         self.failed += 1
         if len(self.failures) < MAX_RECORDED_FAILURES:
-            self.failures.append({"t": time.monotonic(), "worker": worker, "kind": kind, "error": error,
+            self.failures.append({"t": time.monotonic(), "started": started, "worker": worker, "kind": kind,
+                                  "error": error,
                                   "local": conn.local if conn else None,
                                   "requests_on_connection": conn.requests if conn else 0})
         print(f"load: {worker}: {kind}: {error}", file=sys.stderr, flush=True)
@@ -127,12 +130,13 @@ class Worker:
         self.deadline, self.timeout = deadline, timeout
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Connection] | None:
+        start = time.monotonic()
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.target.host, self.target.port), self.timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self.tally.requests += 1   # the request this connection was for never went out
-            self.tally.fail(self.name, "connect", _describe(e), None)
+            self.tally.fail(self.name, "connect", _describe(e), None, start)
             return None
         self.tally.connections += 1
         local = "%s:%d" % writer.get_extra_info("sockname")[:2]
@@ -144,11 +148,11 @@ class Worker:
         try:
             await asyncio.wait_for(_get_whoami(reader, writer, self.target), self.timeout)
         except ResponseError as e:
-            self.tally.fail(self.name, "response", str(e), conn)
+            self.tally.fail(self.name, "response", str(e), conn, start)
             return False
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ValueError) as e:
-            self.tally.fail(self.name, "broken" if conn.requests else "request", _describe(e), conn)
+            self.tally.fail(self.name, "broken" if conn.requests else "request", _describe(e), conn, start)
             return False
         finally:
             self.tally.max_latency = max(self.tally.max_latency, time.monotonic() - start)
@@ -163,7 +167,8 @@ class Worker:
         except OSError:
             pass
 
-    async def keepalive(self, rotate: float) -> None:
+    async def keepalive(self, rotate: float, first_rotate: float) -> None:
+        lifetime = first_rotate
         while time.monotonic() < self.deadline:
             opened = await self._open()
             if opened is None:
@@ -171,8 +176,9 @@ class Worker:
                 continue
             reader, writer, conn = opened
             self.tally.keepalive.append(conn)
-            until = min(self.deadline, conn.opened + rotate) if rotate > 0 else self.deadline
-            while time.monotonic() < until:
+            replace_at = conn.opened + lifetime if rotate > 0 else float("inf")
+            lifetime = rotate
+            while time.monotonic() < min(self.deadline, replace_at):
                 if not await self._request(reader, writer, conn):
                     conn.broken = True
                     break
@@ -199,7 +205,9 @@ async def run(targets: list[Target], keepalive: int, newconn: int, duration: flo
         for i in range(keepalive):
             w = Worker(f"{target.pod}-keepalive{i}", target, tally, deadline, timeout)
             workers.append(w)
-            tasks.append(asyncio.create_task(w.keepalive(rotate)))
+            # Staggered: the workers' connections are replaced at evenly spread
+            # moments, never all at once, so some connection is always old.
+            tasks.append(asyncio.create_task(w.keepalive(rotate, rotate * (i + 1) / keepalive)))
         for i in range(newconn):
             w = Worker(f"{target.pod}-newconn{i}", target, tally, deadline, timeout)
             workers.append(w)
@@ -211,7 +219,8 @@ async def run(targets: list[Target], keepalive: int, newconn: int, duration: flo
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop_early)
     if ready_file is not None:
         # Ready once every keep-alive worker's first connection has served a request.
-        while time.monotonic() < deadline and sum(1 for c in tally.keepalive if c.requests) < keepalive * len(targets):
+        while (not all(t.done() for t in tasks)
+               and sum(1 for c in tally.keepalive if c.requests) < keepalive * len(targets)):
             await asyncio.sleep(0.01)
         tmp = ready_file.with_name(ready_file.name + ".tmp")
         tmp.write_text(f"{time.monotonic()}\n")
@@ -242,10 +251,6 @@ def main(argv: list[str] | None = None) -> None:
                "failures": tally.failures, "keepalive_connections": [asdict(c) for c in tally.keepalive]},
               sys.stdout)
     sys.stdout.write("\n")
-
-
-if __name__ == "__main__":
-    main()
 
 
 # --- the test's side ---------------------------------------------------------------
@@ -296,3 +301,7 @@ class LoadProcess:
         if self.proc.returncode != 0:
             raise RuntimeError(f"load client failed ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
         return json.loads(self.output.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -4,10 +4,13 @@
     python client.py bulk HOST PORT BYTES   sends BYTES through the app's echo, checks them; prints seconds
     python client.py churn HOST PORT N      N connections of one request each; prints "ok=<n> failed=<n>"
     python client.py hold HOST PORT N MS    N requests on one connection, MS milliseconds apart
+    python client.py flood HOST PORT BYTES  writes BYTES as fast as it can to a slow reader; prints the
+                                            peak kernel TCP memory seen (pages) and any write error
 """
 
 import hashlib
 import os
+import select
 import socket
 import sys
 import threading
@@ -42,6 +45,7 @@ def bulk(host: str, port: int, size: int) -> None:
         t.start()
         got = 0
         while got < size:
+            select.select([s], [], [])  # read when readable, as event-driven clients do
             data = s.recv(1 << 20)
             if not data:
                 break
@@ -68,6 +72,32 @@ def churn(host: str, port: int, n: int) -> None:
     print(f"ok={ok} failed={failed}", flush=True)
 
 
+def tcp_memory_pages() -> int:
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("mem") + 1])
+    return 0
+
+
+def flood(host: str, port: int, size: int) -> None:
+    block = b"x" * (1 << 16)
+    peak, error = tcp_memory_pages(), None
+    with socket.create_connection((host, port), timeout=120) as s:
+        s.sendall(f"slowsink {size}\n".encode())
+        left = size
+        try:
+            while left:
+                left -= s.send(block[: min(left, len(block))])
+                peak = max(peak, tcp_memory_pages())
+            select.select([s], [], [])
+            reply = s.makefile("rb").readline().strip().decode()
+        except OSError as e:
+            error, reply = e.strerror, ""
+    print(f"reply={reply or '-'} peak_tcp_pages={peak} error={error}", flush=True)
+
+
 if __name__ == "__main__":
     cmd, host, port, *rest = sys.argv[1:]
-    {"ask": ask, "bulk": bulk, "churn": churn, "hold": ask}[cmd](host, int(port), *map(int, rest))
+    {"ask": ask, "bulk": bulk, "churn": churn, "hold": ask, "flood": flood}[cmd](host, int(port), *map(int, rest))

@@ -2,21 +2,24 @@
 
 Listens on the outbound and inbound ports, asks getsockopt(SOL_IP,
 SO_ORIGINAL_DST) for every accepted connection, logs what it was told to
-stderr ("<listener port> <original dst> <peer>"), and
-forwards to that address (inbound upstreams come from 127.0.0.6, as Envoy's
-do). Run as uid 1337 inside a pod's namespace and cgroup.
+stderr ("<listener port> <original dst> <peer>"), and forwards to that address
+(inbound upstreams come from 127.0.0.6, as Envoy's do). Event-driven with
+non-blocking sockets and bounded buffers, as Envoy is: it stops reading one
+side while the other side's buffer is full. Run as uid 1337 inside a pod's
+namespace and cgroup.
 
     python forwarding_sidecar.py [--outbound 15001] [--inbound 15006] 2>>LOG
 """
 
 import argparse
+import selectors
 import socket
 import struct
 import sys
-import threading
 
 SO_ORIGINAL_DST = 80
 BUF = 1 << 18
+HIGH_WATER = 1 << 20   # stop reading a side whose peer has this much unsent
 
 
 def original_dst(conn: socket.socket) -> tuple[str, int]:
@@ -25,56 +28,112 @@ def original_dst(conn: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed_ip), port
 
 
-def pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while True:
-            data = src.recv(BUF)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+class Side:
+    """One socket of a proxied pair, with the bytes waiting to be written to it."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.pending = bytearray()
+        self.peer: "Side | None" = None
+        self.read_closed = False
+        self.shut_wr = False
 
 
-def handle(conn: socket.socket, listener_port: int, inbound: bool, log, lock) -> None:
-    try:
+class Proxy:
+    def __init__(self, log):
+        self.sel = selectors.DefaultSelector()
+        self.log = log
+
+    def listen(self, port: int, inbound: bool) -> None:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("0.0.0.0", port))
+        ls.listen(512)
+        ls.setblocking(False)
+        self.sel.register(ls, selectors.EVENT_READ, ("listener", port, inbound))
+
+    def accept(self, ls: socket.socket, port: int, inbound: bool) -> None:
+        conn, peer = ls.accept()
         try:
-            ip, port = original_dst(conn)
+            ip, dport = original_dst(conn)
         except OSError as e:
-            with lock:
-                log.write(f"{listener_port} error {e.errno}\n")
-                log.flush()
+            print(f"{port} error {e.errno}", file=self.log, flush=True)
+            conn.close()
             return
-        peer = "%s:%d" % conn.getpeername()
-        with lock:
-            log.write(f"{listener_port} {ip}:{port} {peer}\n")
-            log.flush()
+        print(f"{port} {ip}:{dport} {peer[0]}:{peer[1]}", file=self.log, flush=True)
         up = socket.socket()
         if inbound:
             up.bind(("127.0.0.6", 0))
-        up.connect((ip, port))
-        t = threading.Thread(target=pipe, args=(up, conn), daemon=True)
-        t.start()
-        pipe(conn, up)
-        t.join()
-        up.close()
-    finally:
-        conn.close()
+        up.setblocking(False)
+        try:
+            up.connect((ip, dport))
+        except BlockingIOError:
+            pass
+        conn.setblocking(False)
+        down_side, up_side = Side(conn), Side(up)
+        down_side.peer, up_side.peer = up_side, down_side
+        for side in (down_side, up_side):
+            self.sel.register(side.sock, selectors.EVENT_READ, ("side", side))
 
+    def update(self, side: Side) -> None:
+        events = 0
+        if not side.read_closed and len(side.peer.pending) < HIGH_WATER:
+            events |= selectors.EVENT_READ
+        if side.pending:
+            events |= selectors.EVENT_WRITE
+        try:
+            if events:
+                self.sel.modify(side.sock, events, ("side", side))
+            else:
+                self.sel.unregister(side.sock)
+        except (KeyError, ValueError):
+            if events:
+                self.sel.register(side.sock, events, ("side", side))
 
-def serve(port: int, inbound: bool, log, lock) -> None:
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("0.0.0.0", port))
-    ls.listen(512)
-    while True:
-        conn, _ = ls.accept()
-        threading.Thread(target=handle, args=(conn, port, inbound, log, lock), daemon=True).start()
+    def close_pair(self, side: Side, why: Exception | None) -> None:
+        if why is not None:
+            print(f"pipe {side.sock.getsockname()}: {why}", file=self.log, flush=True)
+        for s in (side, side.peer):
+            try:
+                self.sel.unregister(s.sock)
+            except (KeyError, ValueError):
+                pass
+            s.sock.close()
+
+    def on_side(self, side: Side, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_READ:
+                data = side.sock.recv(BUF)
+                if data:
+                    side.peer.pending += data
+                else:
+                    side.read_closed = True
+            if side.pending and mask & selectors.EVENT_WRITE:
+                sent = side.sock.send(side.pending)
+                del side.pending[:sent]
+            for s in (side, side.peer):
+                if s.peer.read_closed and not s.pending and not s.shut_wr:
+                    s.sock.shutdown(socket.SHUT_WR)
+                    s.shut_wr = True
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            self.close_pair(side, e)
+            return
+        if side.shut_wr and side.peer.shut_wr:
+            self.close_pair(side, None)
+            return
+        self.update(side)
+        self.update(side.peer)
+
+    def run(self) -> None:
+        while True:
+            for key, mask in self.sel.select():
+                kind, *rest = key.data
+                if kind == "listener":
+                    self.accept(key.fileobj, *rest)
+                else:
+                    self.on_side(rest[0], mask)
 
 
 def main() -> None:
@@ -82,10 +141,11 @@ def main() -> None:
     ap.add_argument("--outbound", type=int, default=15001)
     ap.add_argument("--inbound", type=int, default=15006)
     args = ap.parse_args()
-    log, lock = sys.stderr, threading.Lock()
-    threading.Thread(target=serve, args=(args.inbound, True, log, lock), daemon=True).start()
+    proxy = Proxy(sys.stderr)
+    proxy.listen(args.outbound, False)
+    proxy.listen(args.inbound, True)
     print("ready", flush=True)
-    serve(args.outbound, False, log, lock)
+    proxy.run()
 
 
 if __name__ == "__main__":

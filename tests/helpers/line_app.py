@@ -1,27 +1,71 @@
 """The test app: for every line received, answers "<name> <peer ip:port>";
-a line "echo N" switches the connection to echoing the next N bytes back.
+a line "echo N" switches the connection to echoing the next N bytes back;
+a line "slowsink N" makes it read N bytes slowly (64 KiB every 5 ms), then
+answer "done".
+
+It waits for a socket to be readable before reading, as event-driven servers
+(nginx, Envoy, Go's runtime) do: see the README's kernel limitations for what a
+blocking read can see on a spliced socket.
 
     python line_app.py --name POD [--port 8080]
 """
 
 import argparse
+import select
 import socket
 import threading
+import time
+
+
+class Reader:
+    def __init__(self, conn: socket.socket):
+        self.conn, self.buf = conn, bytearray()
+
+    def _fill(self, n: int = 1 << 18) -> bool:
+        select.select([self.conn], [], [])
+        data = self.conn.recv(n)
+        self.buf += data
+        return bool(data)
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            if not self._fill():
+                return b""
+        i = self.buf.index(b"\n") + 1
+        out = bytes(self.buf[:i])
+        del self.buf[:i]
+        return out
+
+    def some(self, limit: int) -> bytes:
+        if not self.buf and not self._fill(limit):
+            return b""
+        out = bytes(self.buf[:limit])
+        del self.buf[:limit]
+        return out
 
 
 def handle(conn: socket.socket, name: str) -> None:
     peer = "%s:%d" % conn.getpeername()
-    f = conn.makefile("rb")
+    r = Reader(conn)
     try:
-        for line in f:
-            if line.startswith(b"echo "):
+        while True:
+            line = r.line()
+            if not line:
+                return
+            if line.startswith((b"echo ", b"slowsink ")):
                 left = int(line.split()[1])
+                slow = line.startswith(b"slowsink ")
                 while left:
-                    chunk = f.read1(min(left, 1 << 18))
+                    chunk = r.some(min(left, 1 << 16 if slow else 1 << 18))
                     if not chunk:
                         return
-                    conn.sendall(chunk)
                     left -= len(chunk)
+                    if slow:
+                        time.sleep(0.005)
+                    else:
+                        conn.sendall(chunk)
+                if slow:
+                    conn.sendall(b"done\n")
                 continue
             conn.sendall(f"{name} {peer}\n".encode())
     except OSError:

@@ -1,0 +1,124 @@
+"""What the benchmark needs from a test bed, and the adapter onto
+merbridge_py.testbed. The runner and the measurements see only `Bed`, so a
+different bed (a loopback one in tests) fits without touching them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .. import sandbox
+
+SAME_NODE = "same-node"
+CROSS_NODE = "cross-node"
+PATHS = (SAME_NODE, CROSS_NODE)
+
+MODES = ("nomesh", "iptables", "ebpf")
+
+
+@dataclass(frozen=True)
+class BenchPod:
+    name: str
+    node: str
+    ip: str
+    netns: str
+    meshed: bool
+    cgroup: Path | None = None
+
+
+class Bed(Protocol):
+    pods: Sequence[BenchPod]
+    # One sentence for the report: how settle() cleans up between mode blocks.
+    settle_how: str
+
+    def set_mode(self, mode: str) -> None: ...
+
+    def settle(self) -> None: ...
+
+    def spawn(self, pod: BenchPod, argv: list[str], **popen) -> subprocess.Popen: ...
+
+    def pod_pids(self, pod: BenchPod) -> list[int]: ...
+
+    def agent_pids(self) -> list[int]:
+        """Per-node processes of the mode itself (merbridge-py agents in ebpf
+        mode): their CPU is part of what a mode costs."""
+        ...
+
+    def namespaces(self) -> list[str]:
+        """Every network namespace of the bed (nodes and pods), for the
+        sysctl record."""
+        ...
+
+
+@dataclass(frozen=True)
+class PodPair:
+    client: BenchPod
+    server: BenchPod
+
+
+def pick_paths(pods: Sequence[BenchPod]) -> dict[str, PodPair]:
+    """A meshed client pod with a meshed server on its own node and one on
+    another node. Both paths share the client, so the only difference between
+    them is where the server lives."""
+    meshed = [p for p in pods if p.meshed]
+    for client in meshed:
+        same = [p for p in meshed if p.node == client.node and p is not client]
+        cross = [p for p in meshed if p.node != client.node]
+        if same and cross:
+            return {SAME_NODE: PodPair(client, same[0]), CROSS_NODE: PodPair(client, cross[0])}
+    raise ValueError("the bed needs two meshed pods on one node and a meshed pod on another "
+                     f"node; it has {[(p.name, p.node, p.meshed) for p in pods]}")
+
+
+def pids_of(pod: BenchPod) -> list[int]:
+    """A pod's processes: its cgroup's when it has one (what Kubernetes counts
+    as the pod), otherwise everything in its network namespace."""
+    if pod.cgroup is not None:
+        return sandbox.cgroup_pids(pod.cgroup)
+    return sandbox.netns_pids(pod.netns)
+
+
+class TestbedBed:
+    """Bed over a running merbridge_py.testbed.Testbed."""
+
+    settle_how = ("the test bed's settle() runs `conntrack -F` and `ss -K` on TIME_WAIT sockets in every "
+                  "fabric, node and pod namespace, and checks that no TIME_WAIT socket is left")
+
+    def __init__(self, testbed) -> None:
+        self._tb = testbed
+        self.pods = [BenchPod(name=p.name, node=p.node, ip=p.ip, netns=p.netns, meshed=bool(p.meshed),
+                              cgroup=Path(p.cgroup)) for p in testbed.pods]
+
+    def set_mode(self, mode: str) -> None:
+        self._tb.set_mode(mode)
+
+    def settle(self) -> None:
+        self._tb.settle()
+
+    def spawn(self, pod: BenchPod, argv: list[str], **popen) -> subprocess.Popen:
+        return self._tb.spawn_in(pod.name, argv, **popen)
+
+    def pod_pids(self, pod: BenchPod) -> list[int]:
+        return pids_of(pod)
+
+    def agent_pids(self) -> list[int]:
+        return [r.pid for r in self._tb.processes if r.role == "agent" and r.alive()]
+
+    def namespaces(self) -> list[str]:
+        return list(self._tb.namespaces())
+
+
+@contextlib.contextmanager
+def testbed(name: str, nodes: int = 2, pods_per_node: int = 2, mode: str = "nomesh") -> Iterator[TestbedBed]:
+    """Bring a test bed up for the benchmark and always take it down."""
+    try:
+        from ..testbed import Testbed
+    except ImportError as e:
+        raise RuntimeError(f"the test bed (merbridge_py.testbed) is not available: {e}") from e
+    with Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, mode=mode) as tb:
+        yield TestbedBed(tb)

@@ -1,0 +1,132 @@
+"""`merbridge-py bench`: iptables vs eBPF vs no mesh on this kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from . import bed as bedmod
+from . import loads, machine, report, results, runner, schema
+from .progress import Progress, format_duration
+
+EXAMPLES = """
+\b
+examples:
+  merbridge-py bench --quick                       # the targets' cases, ~3 minutes
+  merbridge-py bench                               # every load and path, 5 rounds
+  merbridge-py bench --rounds 7 --duration 10 --out bench-results/full
+  merbridge-py bench --modes iptables,ebpf --loads 'keepalive:1,16 newconn' --paths same-node
+"""
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v for v in value.replace(",", " ").split()] if value else None
+
+
+@click.command(epilog=EXAMPLES)
+@click.option("--quick", is_flag=True, help="3 rounds × 2 s of only the cases the targets name.")
+@click.option("--rounds", type=click.IntRange(min=1), help="Rounds of interleaved modes [5; quick: 3].")
+@click.option("--duration", type=click.IntRange(min=1), help="Seconds per measurement [5; quick: 2].")
+@click.option("--warmup", type=click.IntRange(min=0), help="Seconds of warm-up per mode block and path.")
+@click.option("--modes", help="Comma-separated, run in this order each round [nomesh,iptables,ebpf].")
+@click.option("--loads", "load_specs", multiple=True,
+              help="Loads and connection counts, e.g. 'keepalive:1,4,16,64 newconn:4 tcp_rr bulk'.")
+@click.option("--paths", help="Comma-separated: same-node, cross-node [both].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for results.json, results.md and plots [bench-results/<time>].")
+@click.option("--name", default=lambda: f"bench{os.getpid()}", show_default="bench<pid>",
+              help="Name of the test bed this run brings up.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, no_plots):
+    """Benchmark the sidecar data path in every mode on a fresh test bed.
+
+    Brings up a test bed (2 nodes × 2 pods, HAProxy sidecars, Istio's rules),
+    runs rounds of nomesh / iptables / ebpf blocks, and writes results.json,
+    results.md and PNG plots. Targets that are missed are reported, not errors.
+    """
+    if os.geteuid() != 0:
+        raise click.UsageError("the benchmark builds a test bed of network namespaces and cgroups: run it as root")
+    try:
+        profile = _profile(quick, rounds, duration, warmup, _split(modes), load_specs, _split(paths))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    out = out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    command = reproduce_command(profile, quick)
+
+    started = time.monotonic()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    steps = runner.plan(profile)
+    with bedmod.testbed(name, mode=profile.modes[0]) as bed:
+        click.echo(f"test bed {name} is up; {len(steps)} steps, about "
+                   f"{format_duration(sum(s.weight for s in steps))} of planned work", err=True)
+        bar = Progress(steps)
+        try:
+            outcome = runner.run(bed, profile, progress=bar)
+        finally:
+            bar.close()
+        machine_info = machine.collect(bed.namespaces())
+        settle_how = bed.settle_how
+
+    config = {"command": command, "quick": quick, "rounds": profile.rounds, "duration_s": profile.duration_s,
+              "warmup_s": profile.warmup_s, "modes": list(profile.modes),
+              "cases": [{"path": c.path, "load": c.load, "connections": c.connections} for c in profile.cases],
+              "pods": outcome.pods, "settle_how": settle_how, "started_at": started_at, "elapsed_s": time.monotonic() - started}
+    doc = results.build(machine_info, config, outcome.rows, outcome.warmup_failures)
+    schema.validate(doc)
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    plots: list[str] = []
+    if not no_plots:
+        try:
+            from . import plots as plotmod
+            plots = plotmod.plot(doc, out)
+        except ImportError as e:
+            click.echo(f"no plots: {e} (pip install matplotlib)", err=True)
+    (out / "results.md").write_text(report.markdown(doc, plots))
+    click.echo(report.console(doc))
+    click.echo(f"\nwrote {out}/results.json, results.md" + (", " + ", ".join(plots) if plots else ""))
+
+
+def reproduce_command(profile: runner.Profile, quick: bool) -> str:
+    """The command line that runs exactly this profile again, whatever
+    defaults were filled in. Cases other than the profile's own always come
+    from --loads x --paths, so those two options reproduce them."""
+    argv = ["merbridge-py", "bench"] + (["--quick"] if quick else []) + [
+        "--rounds", str(profile.rounds), "--duration", str(profile.duration_s), "--warmup", str(profile.warmup_s),
+        "--modes", ",".join(profile.modes)]
+    base = runner.quick_profile() if quick else runner.full_profile()
+    if profile.cases != base.cases:
+        specs: dict[str, list[int]] = {}
+        for c in profile.cases:
+            conns = specs.setdefault(c.load, [])
+            if c.connections not in conns:
+                conns.append(c.connections)
+        argv += ["--loads", " ".join(f"{load}:{','.join(map(str, conns))}" for load, conns in specs.items()),
+                 "--paths", ",".join(dict.fromkeys(c.path for c in profile.cases))]
+    return shlex.join(argv)
+
+
+def _profile(quick, rounds, duration, warmup, modes, load_specs, paths) -> runner.Profile:
+    base = runner.quick_profile() if quick else runner.full_profile()
+    cases = base.cases
+    if load_specs or paths:
+        specs = loads.parse_load_specs(list(load_specs)) if load_specs else \
+            list(dict.fromkeys((c.load, c.connections) for c in base.cases))
+        chosen_paths = paths or list(dict.fromkeys(c.path for c in base.cases))
+        unknown = set(chosen_paths) - set(bedmod.PATHS)
+        if unknown:
+            raise ValueError(f"unknown path(s) {sorted(unknown)}; choose from {', '.join(bedmod.PATHS)}")
+        cases = runner.cases_for(chosen_paths, specs)
+    return runner.Profile(
+        rounds=rounds or base.rounds,
+        duration_s=duration or base.duration_s,
+        warmup_s=base.warmup_s if warmup is None else warmup,
+        modes=tuple(modes) if modes else base.modes,
+        cases=cases,
+    )

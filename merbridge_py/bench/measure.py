@@ -1,0 +1,100 @@
+"""One measurement: a load from a client pod to a server pod for a fixed time,
+with the CPU the client, the sidecars and the serving app spent on it.
+
+Every process a measurement starts runs in its pod's network namespace and
+cgroup (so the eBPF programs attached to the node's cgroup see it as they would
+see a pod's process) and is ended by its pid before the measurement returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .. import sandbox
+from . import loads, procs
+from .bed import Bed, BenchPod, PodPair
+
+# How long past its planned duration a client may run before it is killed:
+# tools finish their own bookkeeping (sockperf's warm-up, iperf3's exchange of
+# results) and connection set-up can be slow in a broken mode.
+CLIENT_GRACE_S = 20.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    result: loads.LoadResult
+    cpu_us: dict[str, float]      # client / sidecars / apps / agents, microseconds
+
+    @property
+    def cpu_us_per_req(self) -> float | None:
+        if not self.result.requests:
+            return None
+        return sum(self.cpu_us.values()) / self.result.requests
+
+
+def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: int,
+            wrk_script: str) -> Measurement:
+    """Run one load; raises loads.LoadFailed (or TimeoutError, SandboxError)
+    when it produced no usable measurement."""
+    server_argv, port = _server(load, pair.server)
+    with _serving(bed, pair.server, server_argv, port):
+        # Processes counted: the client pod's sidecar(s) (not its idle app),
+        # everything in the server pod, including a server started above, and
+        # the node agents (ebpf mode), whose work is part of the mode's cost.
+        client_roles = procs.classify(bed.pod_pids(pair.client))
+        server_roles = procs.classify(bed.pod_pids(pair.server))
+        counted = {"sidecars": client_roles["sidecars"] + server_roles["sidecars"],
+                   "apps": server_roles["apps"], "agents": bed.agent_pids()}
+        before = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
+        argv = _client(load, pair.server.ip, connections, duration_s, wrk_script)
+        run = procs.run_client(lambda **io: bed.spawn(pair.client, argv, **io),
+                               timeout_s=duration_s + CLIENT_GRACE_S)
+        after = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
+    result = _parse(load, run.output)
+    cpu_us = {"client": run.cpu_s * 1e6}
+    cpu_us.update({role: procs.cpu_delta(before[role], after[role]) * 1e6 for role in counted})
+    return Measurement(result=result, cpu_us=cpu_us)
+
+
+def _server(load: str, server: BenchPod) -> tuple[list[str] | None, int]:
+    if load in (loads.KEEPALIVE, loads.NEWCONN):
+        return None, loads.HTTP_PORT       # the pod's own app serves HTTP
+    if load == loads.TCP_RR:
+        return loads.sockperf_server_argv(server.ip), loads.SOCKPERF_PORT
+    if load == loads.BULK:
+        return loads.iperf3_server_argv(server.ip), loads.IPERF3_PORT
+    raise ValueError(f"unknown load {load!r}")
+
+
+def _client(load: str, ip: str, connections: int, duration_s: int, wrk_script: str) -> list[str]:
+    if load in (loads.KEEPALIVE, loads.NEWCONN):
+        return loads.wrk_argv(ip, connections, duration_s, wrk_script, new_connection=load == loads.NEWCONN)
+    if load == loads.TCP_RR:
+        return loads.sockperf_client_argv(ip, duration_s)
+    return loads.iperf3_client_argv(ip, duration_s)
+
+
+def _parse(load: str, output: str) -> loads.LoadResult:
+    if load in (loads.KEEPALIVE, loads.NEWCONN):
+        return loads.parse_wrk(output)
+    if load == loads.TCP_RR:
+        return loads.parse_sockperf(output)
+    return loads.parse_iperf3(output)
+
+
+@contextlib.contextmanager
+def _serving(bed: Bed, pod: BenchPod, argv: list[str] | None, port: int) -> Iterator[None]:
+    """Start a server for the measurement (none for HTTP: the pod app serves)
+    and end it by pid afterwards, also when the measurement fails."""
+    if argv is None:
+        yield
+        return
+    proc = bed.spawn(pod, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        procs.wait_listening(pod.netns, port, alive=lambda: proc.poll() is None)
+        yield
+    finally:
+        sandbox.stop(proc)

@@ -1,0 +1,174 @@
+"""results.md: the tables a person reads, and the part of it the command prints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import loads
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _us(value: float | None) -> str:
+    return _num(value, 1 if value is not None and value < 100 else 0)
+
+
+def _with_iqr(entry: dict, metric: str, fmt=_us) -> str:
+    if entry.get(metric) is None:
+        return "–"
+    return f"{fmt(entry[metric])} ({fmt(entry.get('iqr_' + metric))})"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def results_table(summary: Sequence[dict]) -> str:
+    lines = ["| path | load | conns | mode | p50 µs | p90 µs | p99 µs | req/s | CPU µs/req | rounds ok | errors |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in summary:
+        if e["load"] == loads.BULK:
+            continue
+        lines.append(f"| {e['path']} | {e['load']} | {e['connections']} | {e['mode']} | "
+                     f"{_with_iqr(e, 'p50_us')} | {_with_iqr(e, 'p90_us')} | {_with_iqr(e, 'p99_us')} | "
+                     f"{_with_iqr(e, 'rps', _num)} | {_with_iqr(e, 'cpu_us_per_req', lambda v: _num(v, 1))} | "
+                     f"{e['rounds_ok']}/{e['rounds_ok'] + e['rounds_failed']} | {e['errors']} |")
+    return "\n".join(lines)
+
+
+def bulk_table(summary: Sequence[dict]) -> str | None:
+    rows = [e for e in summary if e["load"] == loads.BULK]
+    if not rows:
+        return None
+    gbit = lambda v: _num(v / 1e9 if v is not None else None, 2)  # noqa: E731
+    lines = ["| path | mode | Gbit/s | rounds ok |", "|---|---|---:|---:|"]
+    lines += [f"| {e['path']} | {e['mode']} | {_with_iqr(e, 'throughput_bps', gbit)} | "
+              f"{e['rounds_ok']}/{e['rounds_ok'] + e['rounds_failed']} |" for e in rows]
+    return "\n".join(lines)
+
+
+def ratios_table(ratios: Sequence[dict]) -> str:
+    lines = ["| path | load | conns | p50 | p90 | p99 | req/s | CPU/req | throughput | pairs | p99 within noise |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in ratios:
+        noise = ("–" if r["p99_within_noise"] is None else
+                 f"{'yes' if r['p99_within_noise'] else 'NO'} (noise {r['p99_noise']:.1%})")
+        lines.append(f"| {r['path']} | {r['load']} | {r['connections']} | {_ratio(r['p50_ebpf_over_iptables'])} | "
+                     f"{_ratio(r['p90_ebpf_over_iptables'])} | {_ratio(r['p99_ebpf_over_iptables'])} | "
+                     f"{_ratio(r['rps_ebpf_over_iptables'])} | {_ratio(r['cpu_us_per_req_ebpf_over_iptables'])} | "
+                     f"{_ratio(r['throughput_bps_ebpf_over_iptables'])} | {r['pairs']} | {noise} |")
+    return "\n".join(lines)
+
+
+def targets_section(targets: Sequence[dict]) -> str:
+    lines = []
+    for t in targets:
+        mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        if t.get("value") is not None:
+            where = f" (c={t['connections']})" if t["connections"] is not None else ""
+            lines.append(f"- **{mark}**: {t['target']}{where}: this run {t['value']:.3f}")
+        else:
+            lines.append(f"- **{mark}**: {t['target']}")
+        lines += [f"  - {d}" for d in t.get("detail", [])]
+    return "\n".join(lines)
+
+
+# More errors than this fraction of requests makes a case's numbers suspect.
+ERROR_WARN_FRACTION = 0.01
+
+
+def warnings(results: dict) -> list[str]:
+    """Cases whose runs saw many errors, with the likely cause where known."""
+    totals: dict[tuple, list[int]] = {}
+    for r in results["rounds"]:
+        if r["ok"] and r["requests"]:
+            t = totals.setdefault((r["path"], r["load"], r["connections"], r["mode"]), [0, 0])
+            t[0] += r["errors"] or 0
+            t[1] += r["requests"]
+    flagged = [(load, f"{path} {load} c={conns} {mode}: {errors} errors in {requests} requests")
+               for (path, load, conns, mode), (errors, requests) in totals.items()
+               if errors > ERROR_WARN_FRACTION * requests]
+    out = [text for _, text in flagged]
+    if any(load == loads.NEWCONN for load, _ in flagged):
+        out.append("newconn: wrk counts a read error each time a server closes a connection without answering "
+                   "`Connection: close`; if errors are about equal to requests, make the app send that header")
+    return out
+
+
+def console(results: dict) -> str:
+    """What `merbridge-py bench` prints at the end."""
+    parts = [results_table(results["summary"])]
+    bulk = bulk_table(results["summary"])
+    if bulk:
+        parts.append(bulk)
+    if results["ratios"]:
+        parts += ["eBPF / iptables, median of per-round ratios:", ratios_table(results["ratios"])]
+    parts += ["Targets (a miss is a finding, not an error):", targets_section(results["targets"])]
+    warned = warnings(results)
+    if warned:
+        parts.append("Warnings:\n" + "\n".join(f"- {w}" for w in warned))
+    failed = [r for r in results["rounds"] if not r["ok"]]
+    if failed:
+        parts.append(f"{len(failed)} of {len(results['rounds'])} runs failed; see results.md.")
+    return "\n\n".join(parts)
+
+
+def markdown(results: dict, plots: Sequence[str] = ()) -> str:
+    m, cfg = results["machine"], results["config"]
+    tools = "; ".join(v if k.lower() in v.lower() else f"{k} {v}" for k, v in m["tools"].items() if v)
+    parts = [
+        "# merbridge-py bench results",
+        f"- Machine: Linux {m['kernel']}, {m['cpu_count']} × {m['cpu_model']}, {m.get('memory_mib')} MiB",
+        f"- Tools: {tools}",
+        f"- Command: `{cfg['command']}`",
+        f"- Rounds: {cfg['rounds']} × {cfg['duration_s']} s per run, modes interleaved in the order "
+        f"{', '.join(cfg['modes'])} in every round, {cfg['warmup_s']} s keep-alive warm-up per mode block",
+        f"- Clean state: {cfg['settle_how']}; new-connection runs settle again before they start",
+        "- Pods: " + ("; ".join(f"{path} {p['client']} ({p['client_ip']}) -> {p['server']} ({p['server_ip']})"
+                                for path, p in cfg.get("pods", {}).items()) or "not recorded"),
+        f"- Started {cfg['started_at']}, took {cfg['elapsed_s']:.0f} s",
+        "",
+        "## Results",
+        "Median over rounds, interquartile range in parentheses (quartiles by linear interpolation, "
+        "numpy's default). CPU is user+system time of the client, both sidecars, the server app "
+        "and the node agents (ebpf mode) per request. wrk times a request from its write, so connect cost shows in req/s only. "
+        "Errors: wrk's socket errors, timeouts and non-2xx answers, or sockperf's lost, duplicated and "
+        "reordered messages, summed over rounds.",
+        "",
+        results_table(results["summary"]),
+    ]
+    warned = warnings(results)
+    if warned:
+        parts += ["", "Warnings:", ""] + [f"- {w}" for w in warned]
+    bulk = bulk_table(results["summary"])
+    if bulk:
+        parts += ["", "Bulk (iperf3, one stream):", "", bulk]
+    if results["ratios"]:
+        parts += ["", "## eBPF / iptables",
+                  "Median of the round-by-round ratios; below 1 is better for latency and CPU, above 1 for "
+                  "req/s and throughput. Noise is the IQR of iptables' p99 across rounds over its median.", "",
+                  ratios_table(results["ratios"])]
+    parts += ["", "## Targets", "A miss is a finding to investigate, not a failure of the run.", "",
+              targets_section(results["targets"])]
+    if plots:
+        parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    parts += ["", "## Sysctls the test bed set", ""]
+    if m["sysctls"]:
+        parts += ["| sysctl | fresh namespace | set to (namespaces) | which mode it helps |", "|---|---|---|---|"]
+        for s in m["sysctls"]:
+            where = "; ".join(f"{v} in {len(ns)} namespace{'s' if len(ns) > 1 else ''}"
+                              for v, ns in s["values"].items())
+            parts.append(f"| {s['name']} | {s['default']} | {where} | {s['note'] or 'no note: judge by hand'} |")
+    else:
+        parts.append("None: every net.* sysctl in the bed's namespaces has a fresh namespace's value.")
+    failed = [r for r in results["rounds"] if not r["ok"]]
+    if failed or results.get("warmup_failures"):
+        parts += ["", "## Failures", ""]
+        parts += [f"- round {r['round'] + 1} {r['mode']} {r['path']} {r['load']} c={r['connections']}: "
+                  f"{r['error']}" for r in failed]
+        parts += [f"- warm-up {w}" for w in results.get("warmup_failures", [])]
+    return "\n".join(parts) + "\n"

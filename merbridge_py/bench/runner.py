@@ -1,0 +1,207 @@
+"""The order of a benchmark: rounds of interleaved mode blocks.
+
+Round r runs every mode once, in the same order (A B C, A B C, ...): a slow
+drift of a noisy machine then hits every mode alike, and ratios can be paired
+by round. Each mode block starts from a clean state (the bed's settle(): no
+conntrack entries or TIME_WAIT sockets left by the previous block), warms the
+paths up with a short untimed keep-alive run, then runs every case once.
+Every new-connection run settles again first: the TIME_WAIT sockets of the
+run before it (same mode, other path) would otherwise cut its rate, and in
+iptables mode by more than in the others, since REDIRECT funnels every
+connection of a pod onto one sidecar listener (see the field notes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from . import loads
+from .bed import CROSS_NODE, MODES, PATHS, SAME_NODE, Bed, pick_paths
+from .measure import Measurement, measure
+
+
+@dataclass(frozen=True)
+class Case:
+    path: str
+    load: str
+    connections: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.path} {self.load} c={self.connections}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    rounds: int
+    duration_s: int
+    warmup_s: int
+    modes: tuple[str, ...]
+    cases: tuple[Case, ...]
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.duration_s < 1 or self.warmup_s < 0:
+            raise ValueError("rounds and duration must be >= 1, warm-up >= 0")
+        unknown = set(self.modes) - set(MODES)
+        if unknown or not self.modes:
+            raise ValueError(f"modes must be among {MODES}, got {self.modes}")
+
+
+def cases_for(paths: Sequence[str], specs: Sequence[tuple[str, int]]) -> tuple[Case, ...]:
+    return tuple(Case(path, load, c) for path in paths for load, c in specs)
+
+
+FULL_LOADS = loads.parse_load_specs(["keepalive:1,4,16,64", "newconn", "tcp_rr", "bulk"])
+
+
+def full_profile() -> Profile:
+    return Profile(rounds=5, duration_s=5, warmup_s=2, modes=MODES, cases=cases_for(PATHS, FULL_LOADS))
+
+
+def quick_profile() -> Profile:
+    """The cases the issue's targets name, and nothing else: 3 rounds of 2 s.
+    With three modes that is 36 measurements, about 80 s of load."""
+    cases = (Case(SAME_NODE, loads.KEEPALIVE, 1), Case(SAME_NODE, loads.KEEPALIVE, 16),
+             Case(SAME_NODE, loads.NEWCONN, loads.DEFAULT_CONNECTIONS[loads.NEWCONN]),
+             Case(CROSS_NODE, loads.KEEPALIVE, 1))
+    return Profile(rounds=3, duration_s=2, warmup_s=1, modes=MODES, cases=cases)
+
+
+# --- plan --------------------------------------------------------------------------
+
+# Planned seconds for what is not load: switching mode (starting an agent
+# compiles eBPF), settling, process start-up. Only the progress bar uses them.
+MODE_SWITCH_S = 3.0
+RUN_OVERHEAD_S = 0.5
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str            # "mode" (switch + settle), "warmup" or "run"
+    round: int
+    mode: str
+    case: Case | None = None
+    weight: float = 0.0  # planned seconds, for the progress bar
+
+    @property
+    def label(self) -> str:
+        if self.kind == "mode":
+            return f"round {self.round + 1}: now in {self.mode} mode"
+        if self.kind == "warmup":
+            return f"round {self.round + 1} {self.mode}: warm-up {self.case.path}"
+        return f"round {self.round + 1} {self.mode}: {self.case.label}"
+
+
+def plan(profile: Profile) -> list[Step]:
+    steps: list[Step] = []
+    paths = list(dict.fromkeys(c.path for c in profile.cases))
+    for r in range(profile.rounds):
+        for mode in profile.modes:
+            steps.append(Step("mode", r, mode, weight=MODE_SWITCH_S))
+            if profile.warmup_s:
+                steps += [Step("warmup", r, mode, Case(p, loads.KEEPALIVE, 1), profile.warmup_s + RUN_OVERHEAD_S)
+                          for p in paths]
+            steps += [Step("run", r, mode, c, profile.duration_s + RUN_OVERHEAD_S) for c in profile.cases]
+    return steps
+
+
+# --- execution ------------------------------------------------------------------
+
+Measure = Callable[..., Measurement]
+Progress = Callable[[Step], None]
+
+
+@dataclass
+class Outcome:
+    rows: list[dict] = field(default_factory=list)
+    warmup_failures: list[str] = field(default_factory=list)
+    # path -> {"client": pod, "server": pod, "client_ip", "server_ip"}: who talked to whom
+    pods: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
+        measure_fn: Measure = measure) -> Outcome:
+    """Execute the plan. A measurement that fails becomes a row with ok=false
+    and its error; the benchmark goes on, because a mode that breaks under one
+    load is a finding, and the other measurements are still worth having."""
+    pairs = pick_paths(bed.pods)
+    outcome = Outcome(pods={path: {"client": p.client.name, "client_ip": p.client.ip, "server": p.server.name,
+                                   "server_ip": p.server.ip} for path, p in pairs.items()})
+    block_error: str | None = None
+    with _wrk_script() as script:
+        for step in plan(profile):
+            if step.kind == "mode":
+                block_error = _enter_mode(bed, step.mode)
+            elif block_error is not None:
+                if step.kind == "run":
+                    outcome.rows.append(_row(step, profile, error=block_error))
+            elif step.kind == "warmup":
+                try:
+                    measure_fn(bed, pairs[step.case.path], step.case.load, step.case.connections,
+                               profile.warmup_s, script)
+                except Exception as e:  # noqa: BLE001 - reported, and the block still runs
+                    outcome.warmup_failures.append(f"{step.label}: {e}")
+            else:
+                started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                try:
+                    if step.case.load == loads.NEWCONN:
+                        bed.settle()
+                    m = measure_fn(bed, pairs[step.case.path], step.case.load, step.case.connections,
+                                   profile.duration_s, script)
+                except (loads.LoadFailed, TimeoutError, RuntimeError, OSError) as e:
+                    outcome.rows.append(_row(step, profile, started=started, error=f"{type(e).__name__}: {e}"))
+                else:
+                    outcome.rows.append(_row(step, profile, started=started, m=m))
+            progress(step)
+    return outcome
+
+
+def _enter_mode(bed: Bed, mode: str) -> str | None:
+    try:
+        bed.set_mode(mode)
+        bed.settle()
+    except (RuntimeError, OSError) as e:   # SandboxError and TestbedError are RuntimeErrors
+        return f"switching to {mode} failed: {type(e).__name__}: {e}"
+    return None
+
+
+def _row(step: Step, profile: Profile, started: str | None = None, m: Measurement | None = None,
+         error: str | None = None) -> dict:
+    c = step.case
+    row = {"round": step.round, "mode": step.mode, "path": c.path, "load": c.load, "connections": c.connections,
+           "planned_duration_s": profile.duration_s, "started_at": started, "ok": m is not None, "error": error}
+    r = m.result if m else None
+    row.update({
+        "duration_s": r.duration_s if r else None,
+        "requests": r.requests if r else None,
+        "rps": r.rps if r else None,
+        "p50_us": r.p50_us if r else None,
+        "p90_us": r.p90_us if r else None,
+        "p99_us": r.p99_us if r else None,
+        "errors": r.errors if r else None,
+        "bytes": r.bytes if r else None,
+        "throughput_bps": r.throughput_bps if r else None,
+        "retransmits": r.retransmits if r else None,
+        "cpu_us": dict(m.cpu_us) if m else None,
+        "cpu_us_per_req": m.cpu_us_per_req if m else None,
+    })
+    return row
+
+
+@contextlib.contextmanager
+def _wrk_script() -> Iterator[str]:
+    """The wrk report script as a file every pod can read: namespaces share
+    the file system, only the network is private."""
+    fd, path = tempfile.mkstemp(prefix="mbp-bench-", suffix=".lua")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(loads.WRK_REPORT_LUA)
+        yield path
+    finally:
+        os.unlink(path)
+

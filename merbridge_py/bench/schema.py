@@ -1,0 +1,103 @@
+"""The results.json schema, as a JSON Schema (draft 2020-12) other tools can
+use too (`merbridge_py.bench.schema.RESULTS_SCHEMA`), and a validator.
+
+The four keys of the issue (machine, rounds, summary, ratios) and their fields
+are required; more keys are allowed, so adding a metric does not break a
+reader. Latency fields are null where a load does not measure latency (bulk),
+and every metric is null where all rounds of a case failed.
+"""
+
+from __future__ import annotations
+
+import jsonschema
+
+from .bed import MODES, PATHS
+from .loads import LOADS
+
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_CASE = {
+    "path": {"enum": list(PATHS)},
+    "load": {"enum": list(LOADS)},
+    "connections": {"type": "integer", "minimum": 1},
+}
+
+RESULTS_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "merbridge-py bench results",
+    "type": "object",
+    "required": ["machine", "rounds", "summary", "ratios"],
+    "properties": {
+        "schema_version": {"type": "integer"},
+        "machine": {
+            "type": "object",
+            "required": ["kernel", "cpu_count", "cpu_model", "tools", "sysctls"],
+            "properties": {
+                "kernel": {"type": "string"},
+                "cpu_count": {"type": "integer", "minimum": 1},
+                "cpu_model": {"type": "string"},
+                "tools": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
+                "sysctls": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["name", "default", "values"],
+                }},
+            },
+        },
+        "rounds": {"type": "array", "items": {
+            "type": "object",
+            "required": ["round", "mode", *_CASE, "ok", "error", "rps", "p50_us", "p90_us", "p99_us",
+                         "cpu_us", "cpu_us_per_req"],
+            "properties": {
+                "round": {"type": "integer", "minimum": 0},
+                "mode": {"enum": list(MODES)},
+                **_CASE,
+                "ok": {"type": "boolean"},
+                "error": {"type": ["string", "null"]},
+                "rps": _NUM_OR_NULL, "p50_us": _NUM_OR_NULL, "p90_us": _NUM_OR_NULL, "p99_us": _NUM_OR_NULL,
+                "cpu_us": {"type": ["object", "null"], "additionalProperties": _NUM},
+                "cpu_us_per_req": _NUM_OR_NULL,
+            },
+            # a successful run has the numbers its load measures
+            "if": {"properties": {"ok": {"const": True}, "load": {"not": {"const": "bulk"}}}},
+            "then": {"properties": {"rps": _NUM, "p50_us": _NUM, "p90_us": _NUM, "p99_us": _NUM}},
+        }},
+        "summary": {"type": "array", "items": {
+            "type": "object",
+            "required": [*_CASE, "mode", "p50_us", "p90_us", "p99_us", "rps", "cpu_us_per_req", "iqr_p50_us"],
+            "properties": {
+                **_CASE,
+                "mode": {"enum": list(MODES)},
+                "p50_us": _NUM_OR_NULL, "p90_us": _NUM_OR_NULL, "p99_us": _NUM_OR_NULL,
+                "rps": _NUM_OR_NULL, "cpu_us_per_req": _NUM_OR_NULL, "iqr_p50_us": _NUM_OR_NULL,
+            },
+        }},
+        "ratios": {"type": "array", "items": {
+            "type": "object",
+            "required": [*_CASE, "p50_ebpf_over_iptables", "rps_ebpf_over_iptables"],
+            "properties": {
+                **_CASE,
+                "p50_ebpf_over_iptables": _NUM_OR_NULL,
+                "rps_ebpf_over_iptables": _NUM_OR_NULL,
+            },
+        }},
+        "targets": {"type": "array", "items": {
+            "type": "object",
+            "required": ["target", "met"],
+            "properties": {"target": {"type": "string"}, "met": {"type": ["boolean", "null"]}},
+        }},
+    },
+}
+
+
+class InvalidResults(ValueError):
+    pass
+
+
+def validate(results: dict) -> None:
+    """Raise InvalidResults listing every violation (not only the first)."""
+    validator = jsonschema.Draft202012Validator(RESULTS_SCHEMA)
+    problems = sorted(validator.iter_errors(results), key=lambda e: list(e.absolute_path))
+    if problems:
+        lines = [f"{'/'.join(str(p) for p in e.absolute_path) or '(top)'}: {e.message}" for e in problems[:20]]
+        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise InvalidResults("results.json does not match its schema:\n" + "\n".join(lines) + more)

@@ -1,0 +1,135 @@
+"""Load tool command lines, and parsers on outputs captured from the real tools
+(wrk 4.1, sockperf 3.7, iperf3 3.12 on loopback in a scratch namespace; the
+samples live in tests/data/bench/)."""
+
+from pathlib import Path
+
+import pytest
+
+from merbridge_py.bench import loads
+
+SAMPLES = Path(__file__).parent / "data" / "bench"
+
+
+def sample(name: str) -> str:
+    return (SAMPLES / name).read_text()
+
+
+def test_wrk_keepalive_sample():
+    r = loads.parse_wrk(sample("wrk_keepalive.txt"))
+    assert r.requests == 25793
+    assert r.duration_s == pytest.approx(2.099386)
+    assert r.rps == pytest.approx(25793 / 2.099386)
+    assert (r.p50_us, r.p90_us, r.p99_us) == (236.0, 900.0, 3916.0)
+    assert r.errors == 0 and r.bytes == 2940402
+    assert r.throughput_bps is None
+
+
+def test_wrk_newconn_sample():
+    r = loads.parse_wrk(sample("wrk_newconn.txt"))
+    assert r.requests == 6040
+    assert (r.p50_us, r.p99_us) == (1299.0, 5502.0)
+
+
+def test_wrk_error_counters_add_up():
+    line = ("mbp-wrk requests=10 duration_us=1000000 bytes=100 connect=1 read=2 write=3 status=4 timeout=5"
+            " p50_us=1 p90_us=2 p99_us=3\n")
+    assert loads.parse_wrk("Running 1s test\n" + line).errors == 15
+
+
+@pytest.mark.parametrize("text", [
+    "unable to connect to 127.0.0.1:18099 Connection refused\n",
+    "mbp-wrk requests=0 duration_us=1000000 bytes=0 connect=1 read=0 write=0 status=0 timeout=0"
+    " p50_us=0 p90_us=0 p99_us=0\n",
+    "",
+])
+def test_wrk_failures(text):
+    with pytest.raises(loads.LoadFailed):
+        loads.parse_wrk(text)
+
+
+def test_wrk_refused_sample_names_the_cause():
+    with pytest.raises(loads.LoadFailed, match="Connection refused"):
+        loads.parse_wrk(sample("wrk_refused.txt"))
+
+
+def test_sockperf_pingpong_sample():
+    r = loads.parse_sockperf(sample("sockperf_pingpong.txt"))
+    text = sample("sockperf_pingpong.txt")
+    assert "ReceivedMessages=" in text and "\x1b[" in text   # the sample keeps sockperf's colours
+    assert r.requests > 0 and r.duration_s > 0
+    assert 0 < r.p50_us <= r.p90_us <= r.p99_us
+    assert r.errors == 0
+
+
+def test_sockperf_parses_exact_numbers():
+    text = ("sockperf: [Valid Duration] RunTime=1.550 sec; SentMessages=21436; ReceivedMessages=21436\n"
+            "sockperf: \x1b[2;35m====> avg-rtt=72.278 (std-dev=18.423)\x1b[0m\n"
+            "sockperf: # dropped messages = 1; # duplicated messages = 0; # out-of-order messages = 2\n"
+            "sockperf: Summary: Round trip is 72.278 usec\n"
+            "sockperf: ---> percentile 99.000 =  113.822\n"
+            "sockperf: ---> percentile 90.000 =   79.091\n"
+            "sockperf: ---> percentile 50.000 =   71.258\n")
+    r = loads.parse_sockperf(text)
+    assert (r.requests, r.duration_s) == (21436, 1.55)
+    assert (r.p50_us, r.p90_us, r.p99_us) == (71.258, 79.091, 113.822)
+    assert r.errors == 3
+
+
+def test_sockperf_one_way_latency_is_refused():
+    text = sample("sockperf_pingpong.txt").replace("Round trip is", "Latency is")
+    with pytest.raises(loads.LoadFailed, match="full-rtt"):
+        loads.parse_sockperf(text)
+
+
+def test_sockperf_refused_sample():
+    with pytest.raises(loads.LoadFailed, match="Connection refused"):
+        loads.parse_sockperf(sample("sockperf_refused.txt"))
+
+
+def test_iperf3_sample():
+    r = loads.parse_iperf3(sample("iperf3_bulk.json"))
+    assert r.throughput_bps > 1e9          # loopback moves gigabits
+    assert r.duration_s == pytest.approx(2.0, abs=0.1)
+    assert r.bytes > 0 and r.retransmits is not None
+    assert r.requests is None and r.rps is None and r.p50_us is None
+
+
+@pytest.mark.parametrize("text", [sample("iperf3_refused.json"), "iperf3: error - unable to connect", "{}"])
+def test_iperf3_failures(text):
+    with pytest.raises(loads.LoadFailed):
+        loads.parse_iperf3(text)
+
+
+def test_wrk_command_lines():
+    ka = loads.wrk_argv("10.0.0.2", 16, 3, "/tmp/r.lua", new_connection=False)
+    assert ka[:5] == ["wrk", "-c", "16", "-t", "2"]
+    assert "-d" in ka and ka[ka.index("-d") + 1] == "3s"
+    assert "Connection: close" not in ka and ka[-1] == "http://10.0.0.2:8080/"
+    one = loads.wrk_argv("10.0.0.2", 1, 3, "/tmp/r.lua", new_connection=True)
+    assert one[one.index("-t") + 1] == "1"                 # wrk needs connections >= threads
+    assert one[one.index("-H") + 1] == "Connection: close"
+    assert one[one.index("-s") + 1] == "/tmp/r.lua"
+
+
+def test_tool_command_lines():
+    assert loads.sockperf_client_argv("10.0.0.3", 2)[-1] == "--full-rtt"
+    assert loads.sockperf_server_argv("10.0.0.3")[:3] == ["sockperf", "server", "--tcp"]
+    assert "--json" in loads.iperf3_client_argv("10.0.0.3", 2)
+    assert "--one-off" in loads.iperf3_server_argv("10.0.0.3")
+
+
+def test_the_report_script_prints_what_the_parser_reads():
+    for field in ("requests", "duration_us", "p50_us", "p90_us", "p99_us", "timeout"):
+        assert f"{field}=" in loads.WRK_REPORT_LUA
+    assert "latency:percentile(99)" in loads.WRK_REPORT_LUA
+
+
+def test_load_specs():
+    assert loads.parse_load_specs(["keepalive:1,16", "newconn"]) == [("keepalive", 1), ("keepalive", 16),
+                                                                    ("newconn", 4)]
+    assert loads.parse_load_specs(["keepalive:1 keepalive:1,4 tcp_rr bulk"]) == [
+        ("keepalive", 1), ("keepalive", 4), ("tcp_rr", 1), ("bulk", 1)]
+    for bad in ("http:1", "keepalive:x", "keepalive:0", "bulk:4"):
+        with pytest.raises(ValueError):
+            loads.parse_load_specs([bad])

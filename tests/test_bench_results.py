@@ -1,0 +1,177 @@
+"""From synthetic per-run rows to summary, ratios, targets, schema-valid
+results.json, results.md and PNG plots."""
+
+import copy
+import json
+
+import pytest
+
+from merbridge_py.bench import plots, report, results, schema
+
+MACHINE = {"kernel": "6.18.0-test", "cpu_count": 2, "cpu_model": "Synthetic CPU", "memory_mib": 1024,
+           "tools": {"wrk": "wrk 4.1.0", "sockperf": None},
+           "sysctls": [{"name": "net.ipv4.tcp_max_tw_buckets", "default": "4096",
+                        "values": {"0": ["mbp-x-pod0"]}, "note": "favours iptables"}]}
+CONFIG = {"command": "merbridge-py bench --rounds 3", "quick": False, "rounds": 3, "duration_s": 2, "warmup_s": 1,
+          "modes": ["nomesh", "iptables", "ebpf"], "settle_how": "flushed", "started_at": "2025-01-01T00:00:00+00:00",
+          "elapsed_s": 42.0}
+
+
+def row(rnd, mode, path, load, conns, p50=None, p99=None, rps=None, ok=True, throughput=None):
+    measured = ok and load != "bulk"
+    return {"round": rnd, "mode": mode, "path": path, "load": load, "connections": conns,
+            "planned_duration_s": 2, "started_at": None, "ok": ok, "error": None if ok else "LoadFailed: boom",
+            "duration_s": 2.0 if ok else None, "requests": int(rps * 2) if measured else None,
+            "rps": rps if measured else None,
+            "p50_us": p50 if measured else None, "p90_us": (p50 + p99) / 2 if measured else None,
+            "p99_us": p99 if measured else None, "errors": 0 if ok else None, "bytes": None,
+            "throughput_bps": throughput if ok else None, "retransmits": None,
+            "cpu_us": {"client": 10.0, "sidecars": 20.0, "apps": 30.0} if ok else None,
+            "cpu_us_per_req": 60.0 / (rps * 2) if measured else None}
+
+
+def synthetic_rows():
+    rows = []
+    for r in range(3):
+        # same-node keep-alive 1: ebpf p50 exactly 0.7 x iptables every round -> target met
+        ipt = [100.0, 110.0, 120.0][r]
+        rows += [row(r, "nomesh", "same-node", "keepalive", 1, 60.0, 90.0, 9000.0),
+                 row(r, "iptables", "same-node", "keepalive", 1, ipt, 2 * ipt, 5000.0),
+                 row(r, "ebpf", "same-node", "keepalive", 1, 0.7 * ipt, 2 * ipt, 6000.0)]
+        # same-node keep-alive 16: rps ratio 1.5 -> target (>= 1.60) missed; ebpf round 1 fails
+        rows += [row(r, "iptables", "same-node", "keepalive", 16, 500.0, 900.0, 1000.0 + r),
+                 row(r, "ebpf", "same-node", "keepalive", 16, 400.0, 800.0, 1.5 * (1000.0 + r), ok=(r != 1))]
+        # new connection per request: p99 41% worse than a quiet iptables
+        rows += [row(r, "iptables", "same-node", "newconn", 4, 300.0, 1000.0, 3000.0),
+                 row(r, "ebpf", "same-node", "newconn", 4, 300.0, 1410.0, 2670.0)]
+        rows += [row(r, "iptables", "same-node", "bulk", 1, throughput=10e9 + r * 1e9),
+                 row(r, "ebpf", "same-node", "bulk", 1, throughput=12e9 + r * 1e9)]
+    return rows
+
+
+@pytest.fixture
+def doc():
+    return results.build(MACHINE, CONFIG, synthetic_rows(), warmup_failures=["round 1 ebpf: slow"])
+
+
+def entry(entries, **match):
+    found = [e for e in entries if all(e[k] == v for k, v in match.items())]
+    assert len(found) == 1, (match, found)
+    return found[0]
+
+
+def test_summary_medians_and_iqrs(doc):
+    e = entry(doc["summary"], path="same-node", load="keepalive", connections=1, mode="iptables")
+    # p50 over rounds [100, 110, 120]: median 110, q25 105, q75 115
+    assert e["p50_us"] == pytest.approx(110.0) and e["iqr_p50_us"] == pytest.approx(10.0)
+    assert e["p99_us"] == pytest.approx(220.0) and e["rps"] == pytest.approx(5000.0)
+    assert e["cpu_us_per_req"] == pytest.approx(60.0 / 10000)
+    assert (e["rounds_ok"], e["rounds_failed"]) == (3, 0)
+    assert e["throughput_bps"] is None
+
+
+def test_summary_counts_failed_rounds_and_keeps_bulk_latency_null(doc):
+    e = entry(doc["summary"], load="keepalive", connections=16, mode="ebpf")
+    assert (e["rounds_ok"], e["rounds_failed"]) == (2, 1)
+    bulk = entry(doc["summary"], load="bulk", mode="ebpf")
+    assert bulk["p50_us"] is None and bulk["rps"] is None
+    assert bulk["throughput_bps"] == pytest.approx(13e9) and bulk["iqr_throughput_bps"] == pytest.approx(1e9)
+
+
+def test_ratios_are_paired_by_round(doc):
+    ka1 = entry(doc["ratios"], path="same-node", load="keepalive", connections=1)
+    assert ka1["p50_ebpf_over_iptables"] == pytest.approx(0.7)
+    assert ka1["rps_ebpf_over_iptables"] == pytest.approx(1.2)
+    assert ka1["pairs"] == 3 and ka1["p99_within_noise"] is True
+    ka16 = entry(doc["ratios"], load="keepalive", connections=16)
+    assert ka16["pairs"] == 2 and ka16["rps_ebpf_over_iptables"] == pytest.approx(1.5)
+    # two pairs are too few to estimate noise from: undecided, not passed
+    assert ka16["p99_noise"] is None and ka16["p99_within_noise"] is None
+    nc = entry(doc["ratios"], load="newconn")
+    assert nc["pairs"] == 3 and nc["rps_ebpf_over_iptables"] == pytest.approx(0.89)
+    assert nc["p99_ebpf_over_iptables"] == pytest.approx(1.41)
+    assert nc["p99_noise"] == 0 and nc["p99_within_noise"] is False
+    bulk = entry(doc["ratios"], load="bulk")
+    # rounds: 12/10, 13/11, 14/12 -> median 13/11
+    assert bulk["throughput_bps_ebpf_over_iptables"] == pytest.approx(13 / 11)
+    assert bulk["p50_ebpf_over_iptables"] is None and bulk["p99_within_noise"] is None
+    # nomesh has no partner in the ratio: only ebpf/iptables is reported
+    assert not any(k.startswith("p50_nomesh") for k in ka1)
+
+
+def test_targets_met_missed_and_not_measured(doc):
+    by_text = {t["target"]: t for t in doc["targets"]}
+    assert by_text["same-node keep-alive, 1 connection: p50 ratio <= 0.75"]["met"] is True
+    ka16 = by_text["same-node keep-alive, 16 connections: rps ratio >= 1.60"]
+    assert ka16["met"] is False and ka16["value"] == pytest.approx(1.5)
+    assert by_text["same-node new connection per request: rps ratio >= 1.30"]["met"] is False
+    cross = by_text["cross-node keep-alive, 1 connection: p50 ratio <= 0.90"]
+    assert cross["met"] is None and cross["value"] is None
+    noise = by_text[results.NOISE_TARGET]
+    assert noise["met"] is False
+    assert len(noise["detail"]) == 1 and "newconn c=4" in noise["detail"][0]
+
+
+def test_built_results_match_the_schema(doc, tmp_path):
+    schema.validate(doc)
+    # what other tools read is the JSON text: round-trip it
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(doc))
+    schema.validate(json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda d: d.pop("ratios"),
+    lambda d: d["summary"][0].pop("iqr_p50_us"),
+    lambda d: d["summary"][0].update(mode="cilium"),
+    lambda d: d["summary"][0].update(connections=0),
+    lambda d: d["ratios"][0].update(p50_ebpf_over_iptables="fast"),
+    lambda d: d["rounds"][0].update(p50_us=None),          # an ok keep-alive run must have latency
+    lambda d: d["machine"].pop("kernel"),
+])
+def test_schema_rejects_broken_results(doc, breakage):
+    broken = copy.deepcopy(doc)
+    breakage(broken)
+    with pytest.raises(schema.InvalidResults):
+        schema.validate(broken)
+
+
+def test_markdown_reports_targets_failures_and_sysctls(doc):
+    md = report.markdown(doc, plots=["latency.png"])
+    assert "| same-node | keepalive | 1 | iptables | 110 (10.0) |" in md
+    assert "**met**: same-node keep-alive, 1 connection: p50 ratio <= 0.75 (c=1): this run 0.700" in md
+    assert "**MISSED**: same-node keep-alive, 16 connections" in md
+    assert "**not measured**: cross-node keep-alive" in md
+    assert "round 2 ebpf same-node keepalive c=16: LoadFailed: boom" in md
+    assert "net.ipv4.tcp_max_tw_buckets | 4096 | 0 in 1 namespace | favours iptables" in md
+    assert "![latency.png](latency.png)" in md
+    assert "flushed" in md
+
+
+def test_cases_with_many_errors_are_flagged(doc):
+    rows = synthetic_rows()
+    for r in rows:
+        if r["load"] == "newconn" and r["mode"] == "iptables":
+            r["errors"] = r["requests"]          # a server that closes without saying so
+        if r["load"] == "keepalive" and r["connections"] == 1 and r["mode"] == "ebpf":
+            r["errors"] = 1                      # 1 in 12,000: noise, not a warning
+    flagged = report.warnings(results.build(MACHINE, CONFIG, rows))
+    assert len(flagged) == 2
+    assert flagged[0] == "same-node newconn c=4 iptables: 18000 errors in 18000 requests"
+    assert "Connection: close" in flagged[1]
+    assert report.warnings(doc) == []
+
+
+def test_console_output_has_the_table_and_targets(doc):
+    text = report.console(doc)
+    assert text.startswith("| path | load | conns | mode |")
+    assert "Targets" in text and "MISSED" in text
+    assert "1 of 27 runs failed" in text
+
+
+def test_plots_are_pngs(doc, tmp_path):
+    written = plots.plot(doc, tmp_path)
+    assert written == ["latency.png", "rps.png", "throughput.png"]
+    for name in written:
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
