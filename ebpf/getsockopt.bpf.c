@@ -35,16 +35,25 @@ int sockopt_original_dst(struct bpf_sockopt *ctx)
         return 1;
     }
 
-    /* Not ours: the kernel's (conntrack's) answer stands, unless it names the
-     * socket's own listener. That happens when a redirected connection's
-     * 4-tuple changed under us (conntrack remapping a source port): the proxy
-     * would connect to itself in a loop. Failing this one call makes it drop
-     * one connection instead. */
-    if ((client.remote_port == MESH_OUTBOUND_PORT || client.remote_port == MESH_INBOUND_PORT) &&
-        ctx->retval == 0 && sa->sin_addr.s_addr == sk->src_ip4 &&
-        bpf_ntohs(sa->sin_port) == client.remote_port) {
+    /* Not ours: the kernel's (conntrack's) answer stands, unless on a mesh
+     * listener it is an error or names the listener itself. That happens when
+     * we lost a connection's record (its 4-tuple changed under us, or it was
+     * never ours): the proxy would connect to itself, again and again. Failing
+     * the call does not help (proxies then fall back to the local address, the
+     * same loop), so the answer is 127.0.0.1:0, where nothing can listen: the
+     * proxy's connect is refused at once and it drops this one connection. */
+    int on_listener = client.remote_port == MESH_OUTBOUND_PORT || client.remote_port == MESH_INBOUND_PORT;
+    int names_itself = ctx->retval == 0 && sa->sin_addr.s_addr == sk->src_ip4 &&
+                       bpf_ntohs(sa->sin_port) == client.remote_port;
+    if (on_listener && (ctx->retval != 0 || names_itself)) {
+        sa->sin_family = AF_INET;
+        sa->sin_addr.s_addr = bpf_htonl(0x7f000001);
+        sa->sin_port = 0;
+        ctx->optlen = sizeof(*sa);
+        __asm__ __volatile__("" ::: "memory");   /* see above */
+        ctx->retval = 0;
         count(CNT_ORIGINAL_DST_REFUSED, 1);
-        return 0;
+        return 1;
     }
     count(CNT_ORIGINAL_DST_MISS, 1);
     return 1;

@@ -123,7 +123,7 @@ enum counter {
     CNT_REDIRECT_INBOUND,        /* proxy connect to a same-node pod, spliced to its inbound listener */
     CNT_ORIGINAL_DST_ANSWERED,
     CNT_ORIGINAL_DST_MISS,       /* not ours: the kernel's (conntrack) answer stands */
-    CNT_ORIGINAL_DST_REFUSED,    /* would have named the proxy's own listener: call failed */
+    CNT_ORIGINAL_DST_REFUSED,    /* would have named the proxy's own listener: answered 127.0.0.1:0 */
     CNT_SPLICE_MSGS,
     CNT_SPLICE_BYTES,
     CNT_SPLICE_MISS,             /* peer not in the sockhash: sent through TCP */
@@ -136,27 +136,63 @@ enum counter {
     CNT_MAX,
 };
 
+/* Every map is pinned under MB_MAPS_DIR, a directory named after a hash of
+ * this header, and reused when it is there already: a new agent (after a crash
+ * or during an upgrade) takes over its predecessor's maps instead of starting
+ * empty, so connections redirected by the old programs but not yet accepted by
+ * the proxy still get their SO_ORIGINAL_DST answer, spliced sockets stay
+ * spliced, and a socket that went back to TCP never returns to redirects. A
+ * change to this header changes the hash, and the agent starts fresh maps. */
+#ifndef MB_MAPS_DIR
+#error "MB_MAPS_DIR is passed by the loader (merbridge_py/datapath.py)"
+#endif
+#define MB_PIN(name) MB_MAPS_DIR "/" #name
+#define MB_TABLE(type, key, leaf, name, max) BPF_TABLE_PINNED(type, key, leaf, name, max, MB_PIN(name))
+
 /* pod_policy: which pods are accelerated, keyed by their network namespace's
  * cookie. User space fills it, so a pod knows it is meshed from its first
  * connection on (Merbridge learnt this by failing one connection). */
-BPF_HASH(pod_policy, __u64, struct pod_policy, MAX_PODS);
+MB_TABLE("hash", __u64, struct pod_policy, pod_policy, MAX_PODS);
 /* local_pod_ip: pod IP -> netns cookie, for "is this destination a pod on this node". */
-BPF_HASH(local_pod_ip, __u32, __u64, MAX_PODS);
+MB_TABLE("hash", __u32, __u64, local_pod_ip, MAX_PODS);
 /* connect_original_dst: socket cookie -> where the app meant to go, between
  * connect() and the connection being established. Deleted when consumed or on
  * close; LRU only as a backstop for connects that never reach the TCP stack. */
-BPF_TABLE("lru_hash", __u64, struct original_dst, connect_original_dst, MAX_CONNECTIONS);
+MB_TABLE("lru_hash", __u64, struct original_dst, connect_original_dst, MAX_CONNECTIONS);
 /* original_dst: the redirected connection's 4-tuple -> original destination,
  * read by the proxy's getsockopt(SO_ORIGINAL_DST); deleted when the client closes. */
-BPF_TABLE("lru_hash", struct sock_tuple, struct original_dst, original_dst, MAX_CONNECTIONS);
-/* sock_pairs: sockets keyed by (local, remote) so a sender finds its peer. */
-BPF_SOCKHASH(sock_pairs, struct sock_tuple, MAX_CONNECTIONS);
-/* send_states: per spliced socket, how fast it sends (bulk detection in sk_msg). */
-BPF_SK_STORAGE(send_states, struct send_state);
+MB_TABLE("lru_hash", struct sock_tuple, struct original_dst, original_dst, MAX_CONNECTIONS);
+/* sock_pairs: sockets keyed by (local, remote) so a sender finds its peer.
+ * (bcc's BPF_SOCKHASH, pinned.) */
+struct sock_pairs_table_t {
+    struct sock_tuple key;
+    int leaf;
+    int (*update)(struct sock_tuple *, int *);
+    int (*delete)(struct sock_tuple *);
+    int (*sock_hash_update)(void *, void *, u64);
+    int (*msg_redirect_hash)(void *, void *, u64);
+    int (*sk_redirect_hash)(void *, void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/sockhash:" MB_PIN(sock_pairs))))
+struct sock_pairs_table_t sock_pairs = {.max_entries = MAX_CONNECTIONS};
+BPF_ANNOTATE_KV_PAIR(sock_pairs, struct sock_tuple, int);
+/* send_states: per spliced socket, how fast it sends (bulk detection in
+ * sk_msg); socket-local storage, freed with the socket. (bcc's BPF_SK_STORAGE, pinned.) */
+struct send_states_table_t {
+    int key;
+    struct send_state leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage:" MB_PIN(send_states))))
+struct send_states_table_t send_states = {.flags = BPF_F_NO_PREALLOC};
+BPF_ANNOTATE_KV_PAIR(send_states, int, struct send_state);
 /* dest_profiles: how recent connections to a destination went, per leg. */
-BPF_TABLE("lru_hash", struct dest_key, struct dest_profile, dest_profiles, MAX_DESTINATIONS);
-BPF_ARRAY(config, struct datapath_config, 1);
-BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
+MB_TABLE("lru_hash", struct dest_key, struct dest_profile, dest_profiles, MAX_DESTINATIONS);
+MB_TABLE("array", int, struct datapath_config, config, 1);
+MB_TABLE("percpu_array", int, __u64, counters, CNT_MAX);
 
 /* bcc 0.26 declares bpf_get_socket_cookie as returning u32; the kernel returns u64. */
 static __u64 (*socket_cookie64)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import hashlib
 import logging
 import os
 import re
+import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +71,11 @@ def ebpf_dir() -> Path:
     if not (d / HEADER).is_file():
         raise DatapathError(f"eBPF sources not found in {d}; set {EBPF_DIR_ENV} to the repository's ebpf/ directory")
     return d
+
+
+def layout_version(directory: Path | None = None) -> str:
+    """Names the maps directory: agents with the same shared header share maps."""
+    return hashlib.sha256((directory or ebpf_dir()).joinpath(HEADER).read_bytes()).hexdigest()[:12]
 
 
 def program_text(directory: Path | None = None) -> str:
@@ -194,7 +202,10 @@ class Datapath:
         self._cgroup_fd: int | None = None
         self._sockhash_fd: int | None = None
         self.attached = False
-        self._pinned = False   # the pins under bpffs_dir are ours (not a predecessor's)
+        self._pinned = False   # the program pins under bpffs_dir are ours (not a predecessor's)
+        self.maps_dir = self.bpffs_dir / f"maps-{layout_version()}"
+        self.adopted_maps = False     # the maps were a predecessor's, taken over
+        self._created_maps_dir = False
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -203,9 +214,17 @@ class Datapath:
         headers.apply()
         log.info("compiling eBPF programs against kernel headers: %s", headers.description)
         from bcc import BPF, BPFAttachType, BPFProgType
+        # bcc creates the maps pinned under maps_dir, or reuses those it finds there.
+        ensure_bpffs(self.bpffs_dir)
+        self.adopted_maps = self.maps_dir.is_dir() and any(self.maps_dir.iterdir())
+        self._created_maps_dir = not self.maps_dir.exists()
+        self.maps_dir.mkdir(parents=True, exist_ok=True)
+        if self.adopted_maps:
+            log.info("taking over the maps a previous agent left in %s", self.maps_dir)
         try:
-            self.bpf = BPF(text=program_text(), cflags=self.mesh.cflags())
+            self.bpf = BPF(text=program_text(), cflags=self.mesh.cflags() + [f'-DMB_MAPS_DIR="{self.maps_dir}"'])
         except Exception as e:  # bcc raises a bare Exception after printing clang's errors
+            self._forget_fresh_maps()
             raise DatapathError(f"compiling the eBPF programs failed: {e}") from e
         for hook in HOOKS:
             self._fns[hook.function] = self.bpf.load_func(
@@ -233,13 +252,21 @@ class Datapath:
             os.close(prog_fd)
         if stale:
             log.info("replaced %d programs left attached by a previous agent", len(stale))
-        self._unpin_all()
+        self._unpin_programs()
+        self._remove_other_maps_dirs()
         self._pinned = True
-        self._pin_all()
+        self._pin_programs()
 
-    def detach(self) -> None:
-        """Detach every program and remove every pin. Safe to call twice."""
+    def detach(self, drain_seconds: float = 0.0) -> None:
+        """Detach every program and remove every pin. Safe to call twice.
+
+        With `drain_seconds`, the connect hook goes first and the others a
+        little later: connections it has just redirected, still waiting in a
+        proxy's accept queue, get their SO_ORIGINAL_DST answer meanwhile."""
         from bcc import BPFAttachType
+        if self.attached and self._cgroup_fd is not None and drain_seconds > 0 and self.mode == "ebpf":
+            self.set_mode("iptables")
+            time.sleep(drain_seconds)
         if self.attached and self._cgroup_fd is not None:
             for hook in HOOKS:
                 if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
@@ -258,31 +285,28 @@ class Datapath:
         if self._pinned:
             self._unpin_all()
             self._pinned = False
+        else:
+            self._forget_fresh_maps()
         if self._cgroup_fd is not None:
             os.close(self._cgroup_fd)
             self._cgroup_fd = None
 
-    def close(self) -> None:
-        self.detach()
+    def close(self, drain_seconds: float = 0.0) -> None:
+        self.detach(drain_seconds)
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
 
     # --- pins ------------------------------------------------------------------------
-    # Layout: <bpffs>/maps/<name>, <bpffs>/progs/<function>__<attach type number>
-    # (bpffs refuses names with a dot).
-    # The attach type in the name lets a successor detach these programs
-    # without knowing which version of us pinned them.
+    # Layout: <bpffs>/maps-<layout version>/<map> (pinned by bcc at load, see
+    # merbridge.h) and <bpffs>/progs/<function>__<attach type number> (bpffs
+    # refuses names with a dot). The attach type in the name lets a successor
+    # detach these programs without knowing which version of us pinned them.
 
-    def _pin_all(self) -> None:
+    def _pin_programs(self) -> None:
         from bcc import BPFAttachType
-        maps_dir, progs_dir = self.bpffs_dir / "maps", self.bpffs_dir / "progs"
-        maps_dir.mkdir(parents=True, exist_ok=True)
+        progs_dir = self.bpffs_dir / "progs"
         progs_dir.mkdir(parents=True, exist_ok=True)
-        for name in layout.MAPS:
-            obj_pin(self.bpf[name.encode()].map_fd, maps_dir / name)
-        for name in layout.SOCKHASH_MAPS:
-            obj_pin(_lib().bpf_table_fd(self.bpf.module, name.encode()), maps_dir / name)
         for hook in HOOKS:
             if hook.on_cgroup:
                 attach_type = int(getattr(BPFAttachType, hook.attach_type))
@@ -300,15 +324,32 @@ class Datapath:
                     log.warning("ignoring unexpected pin %s: %s", pin, e)
         return stale
 
+    def _unpin_programs(self) -> None:
+        shutil.rmtree(self.bpffs_dir / "progs", ignore_errors=True)
+
+    def _remove_other_maps_dirs(self) -> None:
+        """Maps of another layout, left by an agent of another version: their
+        programs are detached by now, nobody will take them over."""
+        for d in self.bpffs_dir.glob("maps-*"):
+            if d != self.maps_dir:
+                shutil.rmtree(d, ignore_errors=True)
+                log.info("removed maps of another datapath version: %s", d)
+
+    def _forget_fresh_maps(self) -> None:
+        """A start that failed before attaching leaves a predecessor's maps for
+        the next agent, but not maps it created itself."""
+        if self._created_maps_dir:
+            shutil.rmtree(self.maps_dir, ignore_errors=True)
+            self._created_maps_dir = False
+            self._remove_empty_bpffs_dir()
+
     def _unpin_all(self) -> None:
-        if not self.bpffs_dir.exists():
-            return
-        for sub in ("progs", "maps"):
-            d = self.bpffs_dir / sub
-            if d.is_dir():
-                for pin in d.iterdir():
-                    pin.unlink()
-                d.rmdir()
+        self._unpin_programs()
+        for d in self.bpffs_dir.glob("maps-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        self._remove_empty_bpffs_dir()
+
+    def _remove_empty_bpffs_dir(self) -> None:
         try:
             self.bpffs_dir.rmdir()
         except OSError as e:
@@ -372,6 +413,14 @@ class Datapath:
                 del self.bpf[table.encode()][key]
             except KeyError:
                 pass
+
+    def pod_entries(self) -> list[tuple[int, str]]:
+        """(netns cookie, pod IP) of every pod in the maps: after a takeover,
+        also pods only the previous agent knew."""
+        out = []
+        for key, value in self.bpf[b"pod_policy"].items():
+            out.append((int(key.value), socket.inet_ntoa(int(value.pod_ip).to_bytes(4, "little"))))
+        return out
 
     def counters(self) -> dict[str, int]:
         table = self.bpf[b"counters"]

@@ -249,3 +249,18 @@ def test_mode_switch_keeps_established_connections(agent):
     answers = out.splitlines()
     assert held.returncode == 0, err
     assert len(answers) == 30 and all(line.split()[1].startswith("127.0.0.6:") for line in answers), out
+
+
+def test_a_connection_without_record_fails_once_instead_of_looping(agent):
+    """A connection that reaches the outbound listener with no record (here:
+    an app dialling the listener itself) must not make the proxy connect to
+    its own listener over and over: it is told 127.0.0.1:0 and gives up."""
+    a = agent.pods["a"]
+    before = len(agent.sidecar_records(a))
+    refused_before = metric(agent, "merbridge_original_dst_queries_total", '{result="refused"}')
+    r = agent.client(a, "ask", "127.0.0.2", 15001, timeout=30)
+    assert r.returncode != 0 or not r.stdout.strip(), "nothing may answer through a lost record"
+    new = agent.sidecar_records(a)[before:]
+    accepted = [line for line in new if line.startswith("15001 ")]
+    assert len(accepted) == 1 and accepted[0].startswith("15001 127.0.0.1:0 "), new
+    assert metric(agent, "merbridge_original_dst_queries_total", '{result="refused"}') == refused_before + 1

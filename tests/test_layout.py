@@ -42,10 +42,13 @@ def flatten(ctype, prefix="") -> list[tuple[str, int, int]]:
 
 @pytest.mark.bpf
 def test_structs_agree_with_what_bcc_compiles():
+    import os
+
     from merbridge_py.datapath import Datapath
     from merbridge_py.mesh import ISTIO
-    dp = Datapath(ISTIO, Path("/nonexistent"), Path("/nonexistent"))
-    dp.load()  # compiles and loads, attaches nothing
+    bpffs = Path(f"/sys/fs/bpf/mbp-layout{os.getpid()}")
+    dp = Datapath(ISTIO, Path("/nonexistent"), bpffs)
+    dp.load()  # compiles, loads and pins fresh maps, attaches nothing
     try:
         for name, (key_type, value_type) in layout.MAPS.items():
             table = dp.bpf[name.encode()]
@@ -60,3 +63,4 @@ def test_structs_agree_with_what_bcc_compiles():
                 assert flatten(table.Key) == flatten(key_type), name
     finally:
         dp.close()
+    assert not bpffs.exists(), "a load that never attached must not leave the maps it created"

@@ -18,6 +18,7 @@ log = logging.getLogger("merbridge_py.agent")
 
 CONFIG_MAP = "merbridge-py"   # holds `mode: ebpf|iptables` for every agent
 FIRST_SYNC_TIMEOUT = 30.0     # longest wait for the pod source before attaching anyway
+DRAIN_SECONDS = 1.0           # on SIGTERM: connect hook off first, the rest this much later
 
 
 class InputError(click.ClickException):
@@ -152,7 +153,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
             t.join(5)
         if http:
             http.stop()
-        datapath.close()
+        datapath.close(drain_seconds=DRAIN_SECONDS)
         log.info("stopped; nothing left attached or pinned")
 
 

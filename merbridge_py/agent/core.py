@@ -124,7 +124,20 @@ class Agent:
         self._log_changes(old, new_status, objects)
         if self.metrics:
             self.metrics.observe_pods(new_status.values())
+        if not self.ready.is_set():
+            self._sweep_taken_over_maps()
         self.ready.set()
+
+    def _sweep_taken_over_maps(self) -> None:
+        """After taking over a previous agent's maps: drop the pods it knew
+        that are gone now (deleted while no agent was running)."""
+        if not getattr(self.datapath, "adopted_maps", False):
+            return
+        ours = {a.netns_cookie for a in self._applied.values()}
+        for cookie, ip in self.datapath.pod_entries():
+            if cookie not in ours:
+                self.datapath.remove_pod(cookie, ip)
+                log.info("removed pod %s left in the maps by a previous agent", ip)
 
     def _in_place(self, key: str, v: Verdict) -> bool:
         cur = self._applied.get(key)
