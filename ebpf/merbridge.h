@@ -97,6 +97,7 @@ struct dest_key {
 struct dest_profile {
     __u32 short_streak;  /* consecutive short-lived connections; a long one removes the entry */
     __u32 pad;
+    __u64 last_short_ns; /* when the last short one closed: the verdict expires */
 };
 
 /* Runtime switches, one entry in the config array. */
@@ -108,6 +109,7 @@ struct datapath_config {
     __u32 short_streak;         /* adaptive: this many short ones in a row and new ones are not spliced */
     __u32 bulk_bytes;           /* a socket sending more than this within bulk_window_ns is bulk */
     __u64 bulk_window_ns;
+    __u64 short_memory_ns;      /* adaptive: that verdict holds while the last short one closed less than this ago */
 };
 
 /* Per spliced socket, in socket-local storage (freed with the socket). */

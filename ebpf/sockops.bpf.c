@@ -8,8 +8,9 @@
  * connections never pay it back, so under the adaptive policy a destination
  * whose last short_streak connections each lived less than short_conn_ns gets
  * its new connections unspliced (still redirected, still answered), until one
- * lives longer. Lifetimes are learnt per leg: a proxy may pool its upstream
- * connections while the app opens one per request. */
+ * lives longer or no short one has closed for short_memory_ns. Lifetimes are
+ * learnt per leg: a proxy may pool its upstream connections while the app
+ * opens one per request. */
 #include "merbridge.h"
 
 static __always_inline struct sock_tuple own_tuple(struct bpf_sock_ops *skops)
@@ -32,7 +33,10 @@ static __always_inline int should_splice(__u32 dst_ip, __u16 dst_port, __u16 leg
         return 1;
     struct dest_key key = {.ip = dst_ip, .port = dst_port, .leg = leg};
     struct dest_profile *profile = dest_profiles.lookup(&key);
-    if (profile && profile->short_streak >= cfg->short_streak) {
+    /* The verdict expires: a long-lived connection opened after a burst of
+     * short ones would otherwise stay unspliced for its whole life. */
+    if (profile && profile->short_streak >= cfg->short_streak &&
+        bpf_ktime_get_ns() - profile->last_short_ns < cfg->short_memory_ns) {
         count(CNT_SPLICE_SKIPPED, 1);
         return 0;
     }
@@ -55,7 +59,8 @@ static __always_inline void learn_lifetime(struct original_dst *dst, __u16 leg)
     if (!cfg || cfg->splice != SPLICE_ADAPTIVE || !dst->established_ns)
         return;
     struct dest_key key = {.ip = dst->ip, .port = dst->port, .leg = leg};
-    if (bpf_ktime_get_ns() - dst->established_ns >= cfg->short_conn_ns) {
+    __u64 now = bpf_ktime_get_ns();
+    if (now - dst->established_ns >= cfg->short_conn_ns) {
         dest_profiles.delete(&key);   /* a long-lived one: splice again */
         return;
     }
@@ -64,8 +69,9 @@ static __always_inline void learn_lifetime(struct original_dst *dst, __u16 leg)
         /* racy across CPUs, and that is fine for a heuristic */
         if (profile->short_streak < 0xffff)
             profile->short_streak++;
+        profile->last_short_ns = now;
     } else {
-        struct dest_profile fresh = {.short_streak = 1};
+        struct dest_profile fresh = {.short_streak = 1, .last_short_ns = now};
         dest_profiles.update(&key, &fresh);
     }
 }

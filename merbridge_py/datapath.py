@@ -31,6 +31,7 @@ SPLICE_POLICIES = {p.name.lower(): p for p in layout.SplicePolicy}
 # destination, each shorter than this, and new ones to it are not spliced.
 SHORT_CONNECTION_NS = 5_000_000
 SHORT_STREAK = 4
+SHORT_MEMORY_NS = 1_000_000_000   # ...while the last short one closed less than this ago
 # Bulk detection (ebpf/sk_msg.bpf.c): a spliced socket sending more than this
 # many bytes within the window goes through TCP from then on, so a fast writer
 # is held back by TCP flow control instead of filling kernel memory. High on
@@ -385,7 +386,7 @@ class Datapath:
         self.bpf[b"config"][ct.c_int(0)] = layout.DatapathConfig(
             splice=policy, rewrite_inbound_port=int(self.rewrite_inbound_port),
             short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
-            bulk_bytes=BULK_BYTES, bulk_window_ns=BULK_WINDOW_NS)
+            bulk_bytes=BULK_BYTES, bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS)
 
     def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound) -> None:
         """Write one pod's policy. `outbound`/`inbound` are compiled first-match

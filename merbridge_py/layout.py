@@ -82,7 +82,7 @@ class DestKey(ct.Structure):
 
 
 class DestProfile(ct.Structure):
-    _fields_ = [("short_streak", ct.c_uint32), ("pad", ct.c_uint32)]
+    _fields_ = [("short_streak", ct.c_uint32), ("pad", ct.c_uint32), ("last_short_ns", ct.c_uint64)]
 
 
 class DatapathConfig(ct.Structure):
@@ -93,6 +93,7 @@ class DatapathConfig(ct.Structure):
         ("short_streak", ct.c_uint32),
         ("bulk_bytes", ct.c_uint32),
         ("bulk_window_ns", ct.c_uint64),
+        ("short_memory_ns", ct.c_uint64),
     ]
 
 

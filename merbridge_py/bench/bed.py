@@ -114,11 +114,14 @@ class TestbedBed:
 
 
 @contextlib.contextmanager
-def testbed(name: str, nodes: int = 2, pods_per_node: int = 2, mode: str = "nomesh") -> Iterator[TestbedBed]:
-    """Bring a test bed up for the benchmark and always take it down."""
+def testbed(name: str, nodes: int = 2, pods_per_node: int = 2, mode: str = "nomesh",
+            app: str = "nginx") -> Iterator[TestbedBed]:
+    """Bring a test bed up for the benchmark and always take it down. The pods'
+    app is nginx: the Python test app spends hundreds of microseconds of CPU
+    per request, which would hide the cost of the mesh being measured."""
     try:
         from ..testbed import Testbed
     except ImportError as e:
         raise RuntimeError(f"the test bed (merbridge_py.testbed) is not available: {e}") from e
-    with Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, mode=mode) as tb:
+    with Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, mode=mode, app=app) as tb:
         yield TestbedBed(tb)

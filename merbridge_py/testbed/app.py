@@ -43,6 +43,8 @@ def _handler(pod: str):
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:  # say so, or clients reusing the connection see a reset
+                self.send_header("Connection", "close")
             # Headers and body in one write: no Nagle/delayed-ACK stall
             # between them on a keep-alive connection.
             self._headers_buffer.append(b"\r\n" + body)
