@@ -82,10 +82,13 @@ enum splice_policy {
 };
 
 /* The legs of a meshed request whose lifetimes are learnt: the app's
- * connection to its proxy, and the proxy's to the destination pod. */
+ * connection to its proxy, the proxy's to the destination pod, and the
+ * receiving proxy's to its own app (from 127.0.0.6), which is on the
+ * destination's node and so often the only leg that node sees. */
 enum leg {
     LEG_APP = 0,
     LEG_PROXY = 1,
+    LEG_INBOUND = 2,
 };
 
 struct dest_key {
@@ -117,6 +120,7 @@ struct send_state {
     __u64 window_start_ns;
     __u32 window_bytes;
     __u32 bulk;          /* 1: sends go through TCP from now on */
+    __u64 established_ns;  /* inbound leg's client end: its lifetime is learnt at close */
 };
 
 /* Counters, one slot each in the per-CPU array datapath_counters. */

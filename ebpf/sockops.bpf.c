@@ -9,8 +9,8 @@
  * whose last short_streak connections each lived less than short_conn_ns gets
  * its new connections unspliced (still redirected, still answered), until one
  * lives longer or no short one has closed for short_memory_ns. Lifetimes are
- * learnt per leg: a proxy may pool its upstream connections while the app
- * opens one per request. */
+ * learnt per leg (enum leg): a proxy may pool its upstream connections while
+ * the app opens one per request. */
 #include "merbridge.h"
 
 static __always_inline struct sock_tuple own_tuple(struct bpf_sock_ops *skops)
@@ -53,14 +53,20 @@ static __always_inline void join_sock_pairs(struct bpf_sock_ops *skops, struct s
         count(CNT_ERR_SOCKHASH_INSERT, 1);
 }
 
-static __always_inline void learn_lifetime(struct original_dst *dst, __u16 leg)
+static __always_inline int adaptive(void)
 {
     struct datapath_config *cfg = datapath_config();
-    if (!cfg || cfg->splice != SPLICE_ADAPTIVE || !dst->established_ns)
+    return cfg && cfg->splice == SPLICE_ADAPTIVE;
+}
+
+static __always_inline void learn_lifetime(__u32 dst_ip, __u16 dst_port, __u16 leg, __u64 established_ns)
+{
+    struct datapath_config *cfg = datapath_config();
+    if (!cfg || cfg->splice != SPLICE_ADAPTIVE || !established_ns)
         return;
-    struct dest_key key = {.ip = dst->ip, .port = dst->port, .leg = leg};
+    struct dest_key key = {.ip = dst_ip, .port = dst_port, .leg = leg};
     __u64 now = bpf_ktime_get_ns();
-    if (now - dst->established_ns >= cfg->short_conn_ns) {
+    if (now - established_ns >= cfg->short_conn_ns) {
         dest_profiles.delete(&key);   /* a long-lived one: splice again */
         return;
     }
@@ -114,9 +120,19 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
             join_sock_pairs(skops, &t);
         return;
     }
-    /* The inbound leg, proxy -> its own app: follows the proxy leg's profile. */
-    if (t.local_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST) && pod_is_accelerated(skops) &&
-        should_splice(t.remote_ip, t.remote_port, LEG_PROXY))
+    /* The inbound leg, proxy -> its own app. Its lifetime is learnt from this
+     * end, timed in socket-local storage (it has no original_dst record). */
+    if (t.local_ip != bpf_htonl(MESH_PASSTHROUGH_IP_HOST) || !pod_is_accelerated(skops))
+        return;
+    struct bpf_sock *sk = skops->sk;   /* read once: the verifier tracks the null check on this copy */
+    if (adaptive() && sk) {
+        struct send_state *st = send_states.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        if (st) {
+            st->established_ns = bpf_ktime_get_ns();
+            bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        }
+    }
+    if (should_splice(t.remote_ip, t.remote_port, LEG_INBOUND))
         join_sock_pairs(skops, &t);
 }
 
@@ -140,7 +156,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
         return;
     }
     if (t.remote_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST) && pod_is_accelerated(skops) &&
-        should_splice(t.local_ip, t.local_port, LEG_PROXY))
+        should_splice(t.local_ip, t.local_port, LEG_INBOUND))
         join_sock_pairs(skops, &t);
 }
 
@@ -151,6 +167,15 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
     __u64 cookie = socket_cookie64(skops);
     connect_original_dst.delete(&cookie);
     struct sock_tuple t = own_tuple(skops);
+    if (t.local_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST)) {   /* an inbound leg's client end */
+        struct bpf_sock *sk = skops->sk;
+        if (sk) {
+            struct send_state *st = send_states.sk_storage_get(sk, 0, 0);
+            if (st)
+                learn_lifetime(t.remote_ip, t.remote_port, LEG_INBOUND, st->established_ns);
+        }
+        return;
+    }
     __u16 leg = is_loopback(t.remote_ip) ? LEG_APP : LEG_PROXY;
     struct original_dst *dst = original_dst.lookup(&t);
     if (!dst) {
@@ -158,7 +183,7 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
         dst = original_dst.lookup(&t);
     }
     if (dst) {
-        learn_lifetime(dst, leg);
+        learn_lifetime(dst->ip, dst->port, leg, dst->established_ns);
         original_dst.delete(&t);
     }
 }

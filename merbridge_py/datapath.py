@@ -224,13 +224,13 @@ class Datapath:
             log.info("taking over the maps a previous agent left in %s", self.maps_dir)
         try:
             self.bpf = BPF(text=program_text(), cflags=self.mesh.cflags() + [f'-DMB_MAPS_DIR="{self.maps_dir}"'])
-        except Exception as e:  # bcc raises a bare Exception after printing clang's errors
+            for hook in HOOKS:
+                self._fns[hook.function] = self.bpf.load_func(
+                    hook.function, getattr(BPFProgType, hook.prog_type),
+                    attach_type=getattr(BPFAttachType, hook.attach_type))
+        except Exception as e:  # bcc raises a bare Exception after printing clang's or the verifier's errors
             self._forget_fresh_maps()
-            raise DatapathError(f"compiling the eBPF programs failed: {e}") from e
-        for hook in HOOKS:
-            self._fns[hook.function] = self.bpf.load_func(
-                hook.function, getattr(BPFProgType, hook.prog_type),
-                attach_type=getattr(BPFAttachType, hook.attach_type))
+            raise DatapathError(f"compiling or loading the eBPF programs failed: {e}") from e
         self._sockhash_fd = _lib().bpf_table_fd(self.bpf.module, b"sock_pairs")
         self._write_config()
 

@@ -75,6 +75,7 @@ class SplicePolicy(enum.IntEnum):
 class Leg(enum.IntEnum):
     APP = 0
     PROXY = 1
+    INBOUND = 2
 
 
 class DestKey(ct.Structure):

@@ -167,13 +167,18 @@ class Worker:
         except OSError:
             pass
 
-    async def keepalive(self, rotate: float, first_rotate: float) -> None:
-        lifetime = first_rotate
+    async def _open_until_deadline(self):
+        """A new connection, retrying every 50 ms; None once the run is over."""
         while time.monotonic() < self.deadline:
             opened = await self._open()
-            if opened is None:
-                await asyncio.sleep(0.05)
-                continue
+            if opened is not None:
+                return opened
+            await asyncio.sleep(0.05)
+        return None
+
+    async def keepalive(self, rotate: float, first_rotate: float) -> None:
+        lifetime = first_rotate
+        while (opened := await self._open_until_deadline()) is not None:
             reader, writer, conn = opened
             self.tally.keepalive.append(conn)
             replace_at = conn.opened + lifetime if rotate > 0 else float("inf")
@@ -186,11 +191,7 @@ class Worker:
             await self._close(writer)
 
     async def new_connection_per_request(self) -> None:
-        while time.monotonic() < self.deadline:
-            opened = await self._open()
-            if opened is None:
-                await asyncio.sleep(0.05)
-                continue
+        while (opened := await self._open_until_deadline()) is not None:
             reader, writer, conn = opened
             await self._request(reader, writer, conn)
             await self._close(writer)

@@ -1,0 +1,89 @@
+"""Where the eBPF datapath spends its time, per request.
+
+Brings up a one-node test bed (nginx apps, HAProxy sidecars, Istio's rules,
+the agent), turns on the kernel's BPF run-time statistics for as long as this
+script holds the file descriptor (bpf(BPF_ENABLE_STATS): nothing is left
+changed), runs wrk from one pod to the other under a load, and prints, for each
+of our programs, how often it ran and how much CPU time it took per request.
+
+Needs root and bpftool (Debian: bpftool). Run from the repository:
+
+    .venv/bin/python benchmarks/bpf_cost.py [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+
+from merbridge_py.testbed import Testbed
+
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+# Our programs, by the name the kernel keeps (first 15 characters).
+PROGRAMS = ("sock4_connect", "sockops", "sk_msg_splice", "sockopt_origina")
+LOADS = {
+    "keep-alive, 1 connection": ["-c1", "-t1"],
+    "new connection per request, 4 connections": ["-c4", "-t1", "-H", "Connection: close"],
+}
+
+
+def enable_stats() -> int:
+    """An fd that keeps run-time stats on until it is closed (Linux >= 5.8)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(ctypes.c_uint32(BPF_STATS_RUN_TIME).value.to_bytes(4, "little"), 128)
+    fd = libc.syscall(321, BPF_ENABLE_STATS, attr, 128)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "bpf(BPF_ENABLE_STATS)")
+    return fd
+
+
+def program_stats() -> dict[str, tuple[int, int]]:
+    """name -> (run_cnt, run_time_ns), summed over programs of that name."""
+    out: dict[str, tuple[int, int]] = {}
+    for p in json.loads(subprocess.check_output(["bpftool", "-j", "prog", "show"])):
+        name = p.get("name", "")
+        if name in PROGRAMS:
+            cnt, ns = out.get(name, (0, 0))
+            out[name] = (cnt + p.get("run_cnt", 0), ns + p.get("run_time_ns", 0))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=5)
+    args = ap.parse_args()
+    stats_fd = enable_stats()
+    name = f"cost{os.getpid()}"
+    try:
+        with Testbed.up(name, nodes=1, pods_per_node=2, mode="ebpf", app="nginx") as tb:
+            src, dst = tb.pods[0], tb.pods[1]
+            for load, flags in LOADS.items():
+                tb.settle()
+                before = program_stats()
+                p = tb.spawn_in(src.name, ["wrk", *flags, f"-d{args.seconds}s", f"http://{dst.ip}:8080/"],
+                                stdout=subprocess.PIPE, text=True)
+                out, _ = p.communicate()
+                after = program_stats()
+                requests = int(re.search(r"(\d+) requests in", out).group(1))
+                print(f"\n{load}: {requests} requests")
+                print(f"  {'program':<16} {'runs/request':>12} {'ns/run':>8} {'ns/request':>11}")
+                total = 0.0
+                for prog in PROGRAMS:
+                    cnt = after.get(prog, (0, 0))[0] - before.get(prog, (0, 0))[0]
+                    ns = after.get(prog, (0, 0))[1] - before.get(prog, (0, 0))[1]
+                    per_request = ns / requests if requests else 0.0
+                    total += per_request
+                    print(f"  {prog:<16} {cnt / requests:>12.2f} {ns / cnt if cnt else 0:>8.0f} {per_request:>11.0f}")
+                print(f"  {'all programs':<16} {'':>12} {'':>8} {total:>11.0f}")
+    finally:
+        os.close(stats_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
