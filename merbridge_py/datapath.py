@@ -223,10 +223,11 @@ class Datapath:
         if self.adopted_maps:
             log.info("taking over the maps a previous agent left in %s", self.maps_dir)
         try:
-            self.bpf = BPF(text=program_text(), cflags=self.mesh.cflags() + [f'-DMB_MAPS_DIR="{self.maps_dir}"'])
+            self.bpf = BPF(text=program_text().encode(),
+                           cflags=self.mesh.cflags() + [f'-DMB_MAPS_DIR="{self.maps_dir}"'])
             for hook in HOOKS:
                 self._fns[hook.function] = self.bpf.load_func(
-                    hook.function, getattr(BPFProgType, hook.prog_type),
+                    hook.function.encode(), getattr(BPFProgType, hook.prog_type),
                     attach_type=getattr(BPFAttachType, hook.attach_type))
         except Exception as e:  # bcc raises a bare Exception after printing clang's or the verifier's errors
             self._forget_fresh_maps()
