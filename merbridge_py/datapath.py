@@ -204,6 +204,7 @@ class Datapath:
         self._sockhash_fd: int | None = None
         self.attached = False
         self._pinned = False   # the program pins under bpffs_dir are ours (not a predecessor's)
+        self._pins_complete = False
         self.maps_dir = self.bpffs_dir / f"maps-{layout_version()}"
         self.adopted_maps = False     # the maps were a predecessor's, taken over
         self._created_maps_dir = False
@@ -256,8 +257,9 @@ class Datapath:
             log.info("replaced %d programs left attached by a previous agent", len(stale))
         self._unpin_programs()
         self._remove_other_maps_dirs()
-        self._pinned = True
+        self._pinned = True          # from here on the pins under bpffs_dir are ours to remove
         self._pin_programs()
+        self._pins_complete = True
 
     def detach(self, drain_seconds: float = 0.0) -> None:
         """Detach every program and remove every pin. Safe to call twice.
@@ -284,6 +286,7 @@ class Datapath:
             self.attached = False
         # Only our own pins: before attach() the pins are a crashed predecessor's,
         # the one handle a later agent has to find and detach its programs.
+        self._pins_complete = False
         if self._pinned:
             self._unpin_all()
             self._pinned = False
@@ -292,6 +295,13 @@ class Datapath:
         if self._cgroup_fd is not None:
             os.close(self._cgroup_fd)
             self._cgroup_fd = None
+
+    @property
+    def serving(self) -> bool:
+        """Attached and pinned: what readiness means. attach() sets `attached`
+        as soon as a program is on the cgroup (so a failure later still
+        detaches it), and pins last."""
+        return self.attached and self._pins_complete
 
     def close(self, drain_seconds: float = 0.0) -> None:
         self.detach(drain_seconds)

@@ -120,7 +120,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
     http = None
     threads = []
     try:
-        http = AgentHTTPServer(metrics_addr, agent, metrics, lambda: datapath.attached,
+        http = AgentHTTPServer(metrics_addr, agent, metrics, lambda: datapath.serving,
                                extra_routes={"/mode": modes.http_route}, mode=lambda: modes.mode)
         http.start()
         threads = [threading.Thread(target=source.run, args=(stop,), name="source", daemon=True),
