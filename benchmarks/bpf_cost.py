@@ -8,7 +8,7 @@ of our programs, how often it ran and how much CPU time it took per request.
 
 Needs root and bpftool (Debian: bpftool). Run from the repository:
 
-    .venv/bin/python benchmarks/bpf_cost.py [--seconds 5]
+    .venv/bin/python benchmarks/bpf_cost.py [--seconds 5] [--sidecar http|tcp]
 """
 
 from __future__ import annotations
@@ -57,11 +57,14 @@ def program_stats() -> dict[str, tuple[int, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--sidecar", choices=("http", "tcp"), default="http",
+                    help="sidecars proxy port 8080 as HTTP with pooled upstreams (as Envoy) or as plain TCP")
     args = ap.parse_args()
     stats_fd = enable_stats()
     name = f"cost{os.getpid()}"
     try:
-        with Testbed.up(name, nodes=1, pods_per_node=2, mode="ebpf", app="nginx") as tb:
+        http_ports = (8080,) if args.sidecar == "http" else ()
+        with Testbed.up(name, nodes=1, pods_per_node=2, mode="ebpf", app="nginx", http_ports=http_ports) as tb:
             src, dst = tb.pods[0], tb.pods[1]
             for load, flags in LOADS.items():
                 tb.settle()

@@ -150,12 +150,13 @@ def test_the_recorded_command_reproduces_the_profile():
 
     for quick, profile in ((True, runner.quick_profile()), (False, runner.full_profile()),
                            (False, _profile(False, 2, 1, 0, ["ebpf"], ("keepalive:1,4 bulk",), ["same-node"]))):
-        argv = shlex.split(reproduce_command(profile, quick))[2:]
-        ctx = bench.make_context("bench", argv)
-        p = ctx.params
-        again = _profile(p["quick"], p["rounds"], p["duration"], p["warmup"], _split(p["modes"]),
-                         p["load_specs"], _split(p["paths"]))
-        assert again == profile
+        for sidecar in ("http", "tcp"):
+            argv = shlex.split(reproduce_command(profile, quick, sidecar))[2:]
+            ctx = bench.make_context("bench", argv)
+            p = ctx.params
+            again = _profile(p["quick"], p["rounds"], p["duration"], p["warmup"], _split(p["modes"]),
+                             p["load_specs"], _split(p["paths"]))
+            assert again == profile and p["sidecar"] == sidecar
 
 
 def test_progress_reports_time_left_from_the_pace_so_far():

@@ -47,9 +47,11 @@ def test_tiny_bench_on_the_test_bed(tmp_path):
         (load, mode) for load in ("keepalive", "newconn", "tcp_rr", "bulk") for mode in ("nomesh", "iptables", "ebpf")}
     assert len(doc["ratios"]) == 4
     assert doc["machine"]["tools"]["wrk"] and doc["config"]["settle_how"]
+    assert doc["config"]["sidecar"] == "http"    # the default: Envoy-like pooling on the HTTP port
 
     md = (out / "results.md").read_text()
     assert "## Targets" in md and "| same-node | tcp_rr | 1 | ebpf |" in md
+    assert "- Sidecars: HAProxy proxies port 8080 as HTTP" in md
     for png in ("latency.png", "rps.png", "throughput.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| path | load | conns | mode |" in result.output      # the table is printed at the end

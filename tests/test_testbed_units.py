@@ -58,6 +58,14 @@ def test_bad_pod_specs_are_refused():
         topology.plan("tb", [PodSpec("A_b")])
 
 
+@pytest.mark.parametrize("ports", [(0,), (70000,), ("8080",)])
+def test_bad_http_ports_are_refused_before_anything_is_made(ports):
+    from merbridge_py.testbed import Testbed
+    with pytest.raises(ValueError, match="http_ports"):
+        Testbed.up("badports", http_ports=ports)
+    assert state.load("badports") is None
+
+
 def _objects(specs, nodes=1):
     node_list, pods, _ = topology.plan("tb", specs, nodes)
     by_name = {n.name: n for n in node_list}
@@ -101,15 +109,35 @@ def test_haproxy_config(tmp_path):
     assert "uid 1337" in cfg and "gid 1337" in cfg and "nbthread 1" in cfg
     assert "bind 0.0.0.0:15001" in cfg and "bind 0.0.0.0:15006" in cfg and "bind 0.0.0.0:15021" in cfg
     assert "server orig 0.0.0.0 source 127.0.0.6" in cfg           # inbound
-    assert "use-server svc0 if { dst 10.96.0.10 }" in cfg and "server svc0 10.200.0.10 weight 0" in cfg
+    # a service IP and its endpoint's own IP reach the same per-endpoint server
+    assert "use-server ep0 if { dst 10.96.0.10 }" in cfg and "use-server ep0 if { dst 10.200.0.10 }" in cfg
+    assert "server ep0 10.200.0.10 weight 0" in cfg
+    assert "mode http" not in cfg.split("frontend health")[0]    # no HTTP ports: everything is TCP
     assert f"stats socket {tmp_path / 'a.haproxy.sock'}" in cfg
     # logs nothing by default
     assert not [line for line in cfg.splitlines() if line.strip().startswith(("log", "option logasap"))]
     assert "log-format" in HAProxySidecar(tmp_path, "a", log_connections=True).config()
 
 
-def test_haproxy_config_is_valid(tmp_path):
-    cfg = HAProxySidecar(tmp_path, "a", log_connections=True, services={"10.96.0.10": "10.200.0.10"})
+def test_haproxy_config_with_http_ports(tmp_path):
+    cfg = HAProxySidecar(tmp_path, "a", services={"10.96.0.10": "10.200.0.10", "10.96.0.11": "10.200.1.10"},
+                         http_ports=(8080, 8081)).config()
+    for side in ("outbound", "inbound"):
+        frontend = cfg.split(f"frontend {side}\n")[1].split("\n\n")[0]
+        assert "use_backend %s_http if { dst_port 8080 8081 }" % side in frontend
+        assert f"default_backend {side}_tcp" in frontend
+        backend = cfg.split(f"backend {side}_http\n")[1].split("\n\n")[0]
+        assert "mode http" in backend and "http-reuse always" in backend
+    outbound = cfg.split("backend outbound_http\n")[1].split("\n\n")[0]
+    # one server, so one idle pool, per endpoint
+    assert "server ep0 10.200.0.10 weight 0" in outbound and "server ep1 10.200.1.10 weight 0" in outbound
+    assert "server orig 0.0.0.0 source 127.0.0.6" in cfg.split("backend inbound_http\n")[1]
+
+
+@pytest.mark.parametrize("http_ports", [(), (8080,)])
+def test_haproxy_config_is_valid(tmp_path, http_ports):
+    cfg = HAProxySidecar(tmp_path, "a", log_connections=True, services={"10.96.0.10": "10.200.0.10"},
+                         http_ports=http_ports)
     (tmp_path / "a.cfg").write_text(cfg.config())
     check = subprocess.run(["haproxy", "-c", "-f", str(tmp_path / "a.cfg")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -87,7 +87,8 @@ class TestbedBed:
     """Bed over a running merbridge_py.testbed.Testbed."""
 
     settle_how = ("the test bed's settle() runs `conntrack -F` and `ss -K` on TIME_WAIT sockets in every "
-                  "fabric, node and pod namespace, and checks that no TIME_WAIT socket is left")
+                  "fabric, node and pod namespace, and checks that no TIME_WAIT socket is left; with HTTP "
+                  "sidecars it also closes their pooled connections, so no mode inherits another's")
 
     def __init__(self, testbed) -> None:
         self._tb = testbed
@@ -115,13 +116,16 @@ class TestbedBed:
 
 @contextlib.contextmanager
 def testbed(name: str, nodes: int = 2, pods_per_node: int = 2, mode: str = "nomesh",
-            app: str = "nginx") -> Iterator[TestbedBed]:
+            app: str = "nginx", http_ports: tuple[int, ...] = ()) -> Iterator[TestbedBed]:
     """Bring a test bed up for the benchmark and always take it down. The pods'
     app is nginx: the Python test app spends hundreds of microseconds of CPU
-    per request, which would hide the cost of the mesh being measured."""
+    per request, which would hide the cost of the mesh being measured.
+    `http_ports`: ports the sidecars proxy as HTTP with pooled upstream
+    connections (see merbridge_py.testbed.sidecar)."""
     try:
         from ..testbed import Testbed
     except ImportError as e:
         raise RuntimeError(f"the test bed (merbridge_py.testbed) is not available: {e}") from e
-    with Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, mode=mode, app=app) as tb:
+    with Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, mode=mode, app=app,
+                    http_ports=http_ports) as tb:
         yield TestbedBed(tb)

@@ -25,6 +25,16 @@ examples:
 """
 
 
+# How the sidecars treat the HTTP loads' port, in the report's words.
+SIDECAR_KINDS = {
+    "http": (f"HAProxy proxies port {loads.HTTP_PORT} as HTTP and reuses pooled upstream connections, "
+             "as Envoy does for a port Istio knows is HTTP: a client's new connection ends at its own "
+             "sidecar; sidecar-to-sidecar and sidecar-to-app connections are kept"),
+    "tcp": (f"HAProxy proxies port {loads.HTTP_PORT} as plain TCP, as Envoy does for an opaque port: "
+            "every client connection makes a new sidecar-to-sidecar and sidecar-to-app connection"),
+}
+
+
 def _split(value: str | None) -> list[str] | None:
     return [v for v in value.replace(",", " ").split()] if value else None
 
@@ -42,8 +52,12 @@ def _split(value: str | None) -> list[str] | None:
               help="Directory for results.json, results.md and plots [bench-results/<time>].")
 @click.option("--name", default=lambda: f"bench{os.getpid()}", show_default="bench<pid>",
               help="Name of the test bed this run brings up.")
+@click.option("--sidecar", type=click.Choice(list(SIDECAR_KINDS)), default="http", show_default=True,
+              help="How the sidecars proxy the HTTP loads' port: http (per request, reusing pooled upstream "
+                   "connections, as Envoy does for a port Istio knows is HTTP) or tcp (one upstream connection "
+                   "per client connection, as Envoy does for an opaque TCP port).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
-def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, no_plots):
+def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, sidecar, no_plots):
     """Benchmark the sidecar data path in every mode on a fresh test bed.
 
     Brings up a test bed (2 nodes × 2 pods, HAProxy sidecars, Istio's rules),
@@ -58,12 +72,13 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
         raise click.UsageError(str(e)) from e
     out = out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    command = reproduce_command(profile, quick)
+    command = reproduce_command(profile, quick, sidecar)
 
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     steps = runner.plan(profile)
-    with bedmod.testbed(name, mode=profile.modes[0]) as bed:
+    http_ports = (loads.HTTP_PORT,) if sidecar == "http" else ()
+    with bedmod.testbed(name, mode=profile.modes[0], http_ports=http_ports) as bed:
         click.echo(f"test bed {name} is up; {len(steps)} steps, about "
                    f"{format_duration(sum(s.weight for s in steps))} of planned work", err=True)
         bar = Progress(steps)
@@ -77,7 +92,8 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
     config = {"command": command, "quick": quick, "rounds": profile.rounds, "duration_s": profile.duration_s,
               "warmup_s": profile.warmup_s, "modes": list(profile.modes),
               "cases": [{"path": c.path, "load": c.load, "connections": c.connections} for c in profile.cases],
-              "pods": outcome.pods, "settle_how": settle_how, "started_at": started_at, "elapsed_s": time.monotonic() - started}
+              "pods": outcome.pods, "settle_how": settle_how, "sidecar": sidecar,
+              "sidecar_how": SIDECAR_KINDS[sidecar], "started_at": started_at, "elapsed_s": time.monotonic() - started}
     doc = results.build(machine_info, config, outcome.rows, outcome.warmup_failures)
     schema.validate(doc)
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -93,13 +109,13 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
     click.echo(f"\nwrote {out}/results.json, results.md" + (", " + ", ".join(plots) if plots else ""))
 
 
-def reproduce_command(profile: runner.Profile, quick: bool) -> str:
+def reproduce_command(profile: runner.Profile, quick: bool, sidecar: str = "http") -> str:
     """The command line that runs exactly this profile again, whatever
     defaults were filled in. Cases other than the profile's own always come
     from --loads x --paths, so those two options reproduce them."""
     argv = ["merbridge-py", "bench"] + (["--quick"] if quick else []) + [
         "--rounds", str(profile.rounds), "--duration", str(profile.duration_s), "--warmup", str(profile.warmup_s),
-        "--modes", ",".join(profile.modes)]
+        "--modes", ",".join(profile.modes)] + (["--sidecar", sidecar] if sidecar != "http" else [])
     base = runner.quick_profile() if quick else runner.full_profile()
     if profile.cases != base.cases:
         specs: dict[str, list[int]] = {}

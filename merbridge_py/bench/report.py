@@ -128,6 +128,7 @@ def markdown(results: dict, plots: Sequence[str] = ()) -> str:
         f"- Rounds: {cfg['rounds']} × {cfg['duration_s']} s per run, modes interleaved in the order "
         f"{', '.join(cfg['modes'])} in every round, {cfg['warmup_s']} s keep-alive warm-up per mode block",
         f"- Clean state: {cfg['settle_how']}; new-connection runs settle again before they start",
+        f"- Sidecars: {cfg.get('sidecar_how', 'not recorded')}",
         "- Pods: " + ("; ".join(f"{path} {p['client']} ({p['client_ip']}) -> {p['server']} ({p['server_ip']})"
                                 for path, p in cfg.get("pods", {}).items()) or "not recorded"),
         f"- Started {cfg['started_at']}, took {cfg['elapsed_s']:.0f} s",

@@ -40,14 +40,18 @@ def testbed():
 @click.option("--sidecar-log", is_flag=True, help="Sidecars log every forwarded connection (original destination).")
 @click.option("--app", type=click.Choice(["python", "nginx"]), default="python", show_default=True,
               help="The pods' HTTP server: python (every test endpoint) or nginx (for benchmarks).")
-def up(name, nodes, pods_per_node, plain_per_node, mode, sidecar_log, app):
+@click.option("--http-port", "http_ports", type=click.IntRange(1, 65535), multiple=True,
+              help="A port the sidecars proxy as HTTP with pooled upstream connections, as Envoy does for a "
+                   "Service port declared HTTP (repeatable). Other ports are plain TCP.")
+def up(name, nodes, pods_per_node, plain_per_node, mode, sidecar_log, app, http_ports):
     """Create a test bed and print its pods as JSON."""
     from .testbed import Testbed, TestbedError
     if plain_per_node > pods_per_node:
         raise click.BadParameter("cannot exceed --pods-per-node", param_hint="--plain-per-node")
     try:
         tb = Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, plain_per_node=plain_per_node,
-                        mode=mode, sidecar_log=sidecar_log, app=app)
+                        mode=mode, sidecar_log=sidecar_log, app=app,
+                        http_ports=tuple(http_ports))
     except (TestbedError, ValueError) as e:
         raise click.ClickException(str(e))
     _emit(tb.summary())

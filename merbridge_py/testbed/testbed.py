@@ -65,7 +65,7 @@ class Testbed:
 
     def __init__(self, name: str, nodes: list[Node], pods: list[Pod], fabric: str, slot: int, mode: str = "nomesh",
                  sidecar_log: bool = False, processes: list[ProcessRecord] | None = None,
-                 agents: dict[str, str] | None = None, app: str = "python"):
+                 agents: dict[str, str] | None = None, app: str = "python", http_ports: tuple[int, ...] = ()):
         self.name = name
         self.slot = slot
         self.nodes = nodes
@@ -74,6 +74,7 @@ class Testbed:
         self.mode = mode
         self.log_connections = sidecar_log
         self.app = app                # "python" (tests: /whoami, /bytes) or "nginx" (benchmarks)
+        self.http_ports = tuple(http_ports)  # ports the sidecars proxy as HTTP, with pooled upstreams
         self.processes: list[ProcessRecord] = processes or []
         self.agents: dict[str, str] = agents or {}     # node name -> metrics address of its agent
         self.workdir = state.workdir(name)
@@ -85,16 +86,21 @@ class Testbed:
     @classmethod
     def up(cls, name: str = "tb", nodes: int = 2, pods_per_node: int = 2, mode: str = "iptables",
            pods: list[PodSpec] | None = None, plain_per_node: int = 0, sidecar_log: bool = False,
-           app: str = "python") -> "Testbed":
+           app: str = "python", http_ports: tuple[int, ...] = ()) -> "Testbed":
         """Create the bed and start it in `mode`. `pods` replaces the default
         n<node>p<i> pods (all meshed, except the last `plain_per_node` per node).
         `app` is the pods' HTTP server: "python" (every endpoint, for tests) or
         "nginx" (`/` and `/whoami`; fast enough that a benchmark measures the
-        mesh, not the app). On any failure everything created so far is removed again."""
+        mesh, not the app). `http_ports`: ports the sidecars proxy as HTTP with
+        pooled upstream connections, as Envoy does for a Service port declared
+        HTTP; every other port is plain TCP. On any failure everything created so far is removed again."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
         if app not in APPS:
             raise ValueError(f"app {app!r}: one of {', '.join(APPS)}")
+        bad_ports = [port for port in http_ports if not (isinstance(port, int) and 1 <= port <= 65535)]
+        if bad_ports:
+            raise ValueError(f"http_ports {bad_ports!r}: ports are integers 1-65535")
         specs = pods if pods is not None else topology.default_specs(nodes, pods_per_node, plain_per_node)
         topology.plan(name, specs, nodes)  # bad input fails before anything else
         with state.locked():
@@ -106,7 +112,8 @@ class Testbed:
             if not free:
                 raise TestbedError(f"{topology.MAX_SLOTS} test beds are up already; take one down")
             node_list, pod_list, fabric = topology.plan(name, specs, nodes, slot=free[0])
-            tb = cls(name, node_list, pod_list, fabric, slot=free[0], sidecar_log=sidecar_log, app=app)
+            tb = cls(name, node_list, pod_list, fabric, slot=free[0], sidecar_log=sidecar_log, app=app,
+                     http_ports=http_ports)
             tb.status_word = "creating"
             tb._save()  # before anything exists: `down` always finds what to remove
         try:
@@ -129,7 +136,7 @@ class Testbed:
         return cls(name, [Node(**n) for n in data["nodes"]], [Pod(**p) for p in data["pods"]], data["fabric"],
                    slot=data["slot"], mode=data["mode"], sidecar_log=data["sidecar_log"],
                    processes=[ProcessRecord(**p) for p in data["processes"]], agents=data["agents"],
-                   app=data.get("app", "python"))
+                   app=data.get("app", "python"), http_ports=tuple(data.get("http_ports", ())))
 
     def down(self) -> None:
         """Stop everything and remove every resource; safe to call twice."""
@@ -150,6 +157,7 @@ class Testbed:
             "sidecar_log": self.log_connections, "fabric": self.fabric, "cgroup": str(topology.cgroup_dir(self.name)),
             "nodes": [vars(n) for n in self.nodes], "pods": [p.to_json() for p in self.pods],
             "processes": [p.to_json() for p in self.processes], "agents": self.agents, "app": self.app,
+            "http_ports": list(self.http_ports),
         })
 
     def _create(self) -> None:
@@ -191,7 +199,7 @@ class Testbed:
         if not p.meshed:
             raise ValueError(f"pod {p.name} is not meshed: it has no sidecar")
         return HAProxySidecar(self.workdir, p.name, log_connections=self.log_connections,
-                              services={q.service_ip: q.ip for q in self.pods})
+                              services={q.service_ip: q.ip for q in self.pods}, http_ports=self.http_ports)
 
     def namespaces(self) -> list[str]:
         return [self.fabric] + [n.netns for n in self.nodes] + [p.netns for p in self.pods]
@@ -370,9 +378,17 @@ class Testbed:
         the previous mode otherwise skew the next one: a conntrack entry from
         iptables-mode traffic can make netfilter remap a new connection's
         source port, and TIME_WAIT sockets collide with new connections to
-        the same listener."""
+        the same listener. With HTTP ports, the sidecars' pooled connections
+        on them are closed too."""
         script = ("conntrack -F >/dev/null 2>&1; ss -K -t state time-wait >/dev/null 2>&1; "
                   "ss -H -t state time-wait | wc -l")
+        if self.http_ports and self.mode != "nomesh":
+            # Sidecars keep idle pooled connections on HTTP ports; one made
+            # (and spliced, or not) under the previous mode would carry its
+            # requests on into the next. Closing the upstream end resets
+            # the peer too. Only pooled ports: other tests' held connections stay.
+            ports = " or ".join(f"dport = :{port}" for port in self.http_ports)
+            script = f"ss -K -t state established '( {ports} )' >/dev/null 2>&1; " + script
         for _ in range(5):
             left = {ns: int(sandbox.sh("sh", "-c", script, netns=ns).strip() or 0) for ns in self.namespaces()}
             if not any(left.values()):
