@@ -25,8 +25,10 @@ from merbridge_py.testbed import Testbed
 
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
-# Our programs, by the name the kernel keeps (first 15 characters).
-PROGRAMS = ("sock4_connect", "sockops", "sk_msg_splice", "sockopt_origina")
+# Our programs. The kernel keeps 15 characters of a name; bpftool prints the
+# full one when the program has BTF. Both are matched on those 15.
+PROGRAMS = ("sock4_connect", "sockops", "sk_msg_splice", "sockopt_original_dst")
+NAME_LEN = 15
 LOADS = {
     "keep-alive, 1 connection": ["-c1", "-t1"],
     "new connection per request, 4 connections": ["-c4", "-t1", "-H", "Connection: close"],
@@ -47,8 +49,8 @@ def program_stats() -> dict[str, tuple[int, int]]:
     """name -> (run_cnt, run_time_ns), summed over programs of that name."""
     out: dict[str, tuple[int, int]] = {}
     for p in json.loads(subprocess.check_output(["bpftool", "-j", "prog", "show"])):
-        name = p.get("name", "")
-        if name in PROGRAMS:
+        name = next((prog for prog in PROGRAMS if prog[:NAME_LEN] == p.get("name", "")[:NAME_LEN]), None)
+        if name:
             cnt, ns = out.get(name, (0, 0))
             out[name] = (cnt + p.get("run_cnt", 0), ns + p.get("run_time_ns", 0))
     return out
@@ -75,15 +77,15 @@ def main() -> None:
                 after = program_stats()
                 requests = int(re.search(r"(\d+) requests in", out).group(1))
                 print(f"\n{load}: {requests} requests")
-                print(f"  {'program':<16} {'runs/request':>12} {'ns/run':>8} {'ns/request':>11}")
+                print(f"  {'program':<21} {'runs/request':>12} {'ns/run':>8} {'ns/request':>11}")
                 total = 0.0
                 for prog in PROGRAMS:
                     cnt = after.get(prog, (0, 0))[0] - before.get(prog, (0, 0))[0]
                     ns = after.get(prog, (0, 0))[1] - before.get(prog, (0, 0))[1]
                     per_request = ns / requests if requests else 0.0
                     total += per_request
-                    print(f"  {prog:<16} {cnt / requests:>12.2f} {ns / cnt if cnt else 0:>8.0f} {per_request:>11.0f}")
-                print(f"  {'all programs':<16} {'':>12} {'':>8} {total:>11.0f}")
+                    print(f"  {prog:<21} {cnt / requests:>12.2f} {ns / cnt if cnt else 0:>8.0f} {per_request:>11.0f}")
+                print(f"  {'all programs':<21} {'':>12} {'':>8} {total:>11.0f}")
     finally:
         os.close(stats_fd)
 

@@ -91,7 +91,11 @@ enum leg {
     LEG_INBOUND = 2,
 };
 
+/* Lifetimes are learnt per client pod as well (the network namespace of the
+ * leg's client end): one pod's burst of short connections must not leave
+ * another pod's long-lived connection to the same destination unspliced. */
 struct dest_key {
+    __u64 netns;   /* netns cookie of the leg's client end */
     __u32 ip;      /* original destination, network order */
     __u16 port;    /* host order */
     __u16 leg;     /* enum leg */

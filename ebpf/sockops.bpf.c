@@ -10,7 +10,7 @@
  * its new connections unspliced (still redirected, still answered), until one
  * lives longer or no short one has closed for short_memory_ns. Lifetimes are
  * learnt per leg (enum leg): a proxy may pool its upstream connections while
- * the app opens one per request. */
+ * the app opens one per request; and per client pod (struct dest_key). */
 #include "merbridge.h"
 
 static __always_inline struct sock_tuple own_tuple(struct bpf_sock_ops *skops)
@@ -24,14 +24,14 @@ static __always_inline struct sock_tuple own_tuple(struct bpf_sock_ops *skops)
     return t;
 }
 
-static __always_inline int should_splice(__u32 dst_ip, __u16 dst_port, __u16 leg)
+static __always_inline int should_splice(__u64 netns, __u32 dst_ip, __u16 dst_port, __u16 leg)
 {
     struct datapath_config *cfg = datapath_config();
     if (!cfg || cfg->splice == SPLICE_NEVER)
         return 0;
     if (cfg->splice == SPLICE_ALWAYS)
         return 1;
-    struct dest_key key = {.ip = dst_ip, .port = dst_port, .leg = leg};
+    struct dest_key key = {.netns = netns, .ip = dst_ip, .port = dst_port, .leg = leg};
     struct dest_profile *profile = dest_profiles.lookup(&key);
     /* The verdict expires: a long-lived connection opened after a burst of
      * short ones would otherwise stay unspliced for its whole life. */
@@ -59,12 +59,13 @@ static __always_inline int adaptive(void)
     return cfg && cfg->splice == SPLICE_ADAPTIVE;
 }
 
-static __always_inline void learn_lifetime(__u32 dst_ip, __u16 dst_port, __u16 leg, __u64 established_ns)
+static __always_inline void learn_lifetime(__u64 netns, __u32 dst_ip, __u16 dst_port, __u16 leg,
+                                           __u64 established_ns)
 {
     struct datapath_config *cfg = datapath_config();
     if (!cfg || cfg->splice != SPLICE_ADAPTIVE || !established_ns)
         return;
-    struct dest_key key = {.ip = dst_ip, .port = dst_port, .leg = leg};
+    struct dest_key key = {.netns = netns, .ip = dst_ip, .port = dst_port, .leg = leg};
     __u64 now = bpf_ktime_get_ns();
     if (now - established_ns >= cfg->short_conn_ns) {
         dest_profiles.delete(&key);   /* a long-lived one: splice again */
@@ -109,7 +110,7 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
         if (copy.flags & ODST_VIA_INBOUND_REDIRECT)
             t.remote_port = MESH_INBOUND_PORT;
         copy.established_ns = bpf_ktime_get_ns();
-        int spliced = should_splice(copy.ip, copy.port, leg);
+        int spliced = should_splice(bpf_get_netns_cookie(skops), copy.ip, copy.port, leg);
         if (spliced)
             copy.flags |= ODST_SPLICED;
         if (original_dst.update(&t, &copy) != 0) {
@@ -132,7 +133,7 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
             bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
         }
     }
-    if (should_splice(t.remote_ip, t.remote_port, LEG_INBOUND))
+    if (should_splice(bpf_get_netns_cookie(skops), t.remote_ip, t.remote_port, LEG_INBOUND))
         join_sock_pairs(skops, &t);
 }
 
@@ -155,8 +156,10 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
         }
         return;
     }
+    /* Both ends of the inbound leg are in the receiving pod: the netns of
+     * this end is the client end's, so both ends reach the same verdict. */
     if (t.remote_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST) && pod_is_accelerated(skops) &&
-        should_splice(t.local_ip, t.local_port, LEG_INBOUND))
+        should_splice(bpf_get_netns_cookie(skops), t.local_ip, t.local_port, LEG_INBOUND))
         join_sock_pairs(skops, &t);
 }
 
@@ -172,7 +175,8 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
         if (sk) {
             struct send_state *st = send_states.sk_storage_get(sk, 0, 0);
             if (st)
-                learn_lifetime(t.remote_ip, t.remote_port, LEG_INBOUND, st->established_ns);
+                learn_lifetime(bpf_get_netns_cookie(skops), t.remote_ip, t.remote_port, LEG_INBOUND,
+                               st->established_ns);
         }
         return;
     }
@@ -183,7 +187,7 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
         dst = original_dst.lookup(&t);
     }
     if (dst) {
-        learn_lifetime(dst->ip, dst->port, leg, dst->established_ns);
+        learn_lifetime(bpf_get_netns_cookie(skops), dst->ip, dst->port, leg, dst->established_ns);
         original_dst.delete(&t);
     }
 }

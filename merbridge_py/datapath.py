@@ -27,8 +27,9 @@ HEADER = "merbridge.h"
 BPF_F_ALLOW_MULTI = 2  # share the cgroup with other eBPF tools (Cilium, ...)
 
 SPLICE_POLICIES = {p.name.lower(): p for p in layout.SplicePolicy}
-# Adaptive splicing (ebpf/sockops.bpf.c): this many connections in a row to a
-# destination, each shorter than this, and new ones to it are not spliced.
+# Adaptive splicing (ebpf/sockops.bpf.c): this many connections in a row from
+# a pod to a destination on one leg, each shorter than this, and that pod's new
+# ones to it are not spliced on that leg.
 SHORT_CONNECTION_NS = 5_000_000
 SHORT_STREAK = 4
 SHORT_MEMORY_NS = 1_000_000_000   # ...while the last short one closed less than this ago

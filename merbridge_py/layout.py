@@ -79,7 +79,7 @@ class Leg(enum.IntEnum):
 
 
 class DestKey(ct.Structure):
-    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("leg", ct.c_uint16)]
+    _fields_ = [("netns", ct.c_uint64), ("ip", ct.c_uint32), ("port", ct.c_uint16), ("leg", ct.c_uint16)]
 
 
 class DestProfile(ct.Structure):

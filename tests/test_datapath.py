@@ -161,6 +161,45 @@ def test_many_short_connections_all_succeed_and_leak_nothing(agent):
     assert {m: after[m] for m in per_connection} == {m: before[m] for m in per_connection}
 
 
+def test_adaptive_splicing_skips_short_lived_destinations_until_the_verdict_expires(agent):
+    """After a burst of short connections, a long one to the same destination
+    from the same pod is redirected but not spliced (the documented blind
+    spot); a second later the verdict has expired and it is spliced again."""
+    a, b = agent.pods["a"], agent.pods["b"]
+    skipped = metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}')
+    r = agent.client(a, "churn_then_ask", b.ip, 8080, 50, 300)
+    assert r.returncode == 0, r.stderr
+    assert metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}') > skipped + 50
+    unspliced = int(r.stdout.split("segs=")[1])
+    assert unspliced > 300, r.stdout     # every message crossed the app and proxy legs as TCP
+    time.sleep(1.5)                      # the verdict lasts a second after the last short connection
+    before = agent.tcp_out_segs(a)
+    assert ask(agent, "a", b.ip, 8080, 300)[0] == "b"
+    assert agent.tcp_out_segs(a) - before < 40
+
+
+def test_one_pods_short_connections_do_not_stop_another_pods_splicing(agent):
+    """Lifetimes are learnt per client pod: while pod a churns short
+    connections to b, pod e's long connection to b is spliced on its legs."""
+    a, b, e = (agent.pods[k] for k in "abe")
+    churner = agent.client_background(a, "churn", b.ip, 8080, 100000)
+    try:
+        skipped = metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}')
+        deadline = time.monotonic() + 10
+        while metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}') < skipped + 20:
+            assert time.monotonic() < deadline, "pod a's short connections were never recognised"
+            time.sleep(0.05)
+        during = metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}')
+        before = agent.tcp_out_segs(e)
+        assert ask(agent, "e", b.ip, 8080, 300)[0] == "b"
+        assert agent.tcp_out_segs(e) - before < 40
+        # a's connections were still being skipped meanwhile
+        assert metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}') > during
+    finally:
+        churner.kill()
+        churner.wait()
+
+
 def test_sigterm_detaches_and_unpins(node):
     a, b = node.pods["a"], node.pods["b"]
     node.start_agent()

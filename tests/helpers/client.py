@@ -4,6 +4,9 @@
     python client.py bulk HOST PORT BYTES   sends BYTES through the app's echo, checks them; prints seconds
     python client.py churn HOST PORT N      N connections of one request each; prints "ok=<n> failed=<n>"
     python client.py hold HOST PORT N MS    N requests on one connection, MS milliseconds apart
+    python client.py churn_then_ask HOST PORT N M
+                                            churn N, then ask M on one connection at once; prints the
+                                            TCP segments this namespace sent during the ask: "segs=<n>"
     python client.py flood HOST PORT BYTES  writes BYTES as fast as it can to a slow reader; prints the
                                             peak kernel TCP memory seen (pages) and any write error
 """
@@ -72,6 +75,24 @@ def churn(host: str, port: int, n: int) -> None:
     print(f"ok={ok} failed={failed}", flush=True)
 
 
+def tcp_out_segs() -> int:
+    with open("/proc/net/snmp") as f:
+        tcp = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(tcp[1][tcp[0].index("OutSegs")])
+
+
+def churn_then_ask(host: str, port: int, n: int, m: int) -> None:
+    """In one process, so the long connection opens right after the short ones."""
+    churn(host, port, n)
+    before = tcp_out_segs()
+    with socket.create_connection((host, port), timeout=10) as s:
+        f = s.makefile("rb")
+        for _ in range(m):
+            s.sendall(b"who\n")
+            f.readline()
+    print(f"segs={tcp_out_segs() - before}", flush=True)
+
+
 def tcp_memory_pages() -> int:
     with open("/proc/net/sockstat") as f:
         for line in f:
@@ -100,4 +121,5 @@ def flood(host: str, port: int, size: int) -> None:
 
 if __name__ == "__main__":
     cmd, host, port, *rest = sys.argv[1:]
-    {"ask": ask, "bulk": bulk, "churn": churn, "hold": ask, "flood": flood}[cmd](host, int(port), *map(int, rest))
+    {"ask": ask, "bulk": bulk, "churn": churn, "hold": ask, "flood": flood,
+     "churn_then_ask": churn_then_ask}[cmd](host, int(port), *map(int, rest))
