@@ -27,8 +27,8 @@ import statistics
 import subprocess
 import sys
 
-from merbridge_py.testbed import Testbed
 from merbridge_py.agent.status import agent_request
+from merbridge_py.testbed import Testbed
 
 VARIANTS = ("iptables", "agent-iptables", "ebpf")
 
@@ -47,7 +47,8 @@ def set_variant(tb: Testbed, variant: str) -> None:
         tb.set_mode("iptables")
         return
     tb.set_mode("ebpf")
-    agent_request(tb.agents[tb.nodes[0].name], "/mode", {"mode": "iptables" if variant == "agent-iptables" else "ebpf"})
+    agent_mode = "iptables" if variant == "agent-iptables" else "ebpf"
+    agent_request(tb.agents[tb.nodes[0].name], "/mode", {"mode": agent_mode})
 
 
 def main() -> int:

@@ -146,7 +146,8 @@ def main() -> int:
           + "".join(f"{g + ' ' + f:>20}" for g in GROUPS for f in FIELDS))
     for mode, rows in runs.items():
         med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
-        print(f"{mode:<10}{med['rps']:>10,.0f}{med['ipi']:>8.2f}{med['idle_us']:>9.1f}" + "".join(f"{med[f'{g}.{f}']:>20.2f}" for g in GROUPS for f in FIELDS))
+        print(f"{mode:<10}{med['rps']:>10,.0f}{med['ipi']:>8.2f}{med['idle_us']:>9.1f}"
+              + "".join(f"{med[f'{g}.{f}']:>20.2f}" for g in GROUPS for f in FIELDS))
     return 0
 
 
