@@ -48,7 +48,7 @@ def set_variant(tb: Testbed, variant: str) -> None:
         return
     tb.set_mode("ebpf")
     agent_mode = "iptables" if variant == "agent-iptables" else "ebpf"
-    agent_request(tb.agents[tb.nodes[0].name], "/mode", {"mode": agent_mode})
+    agent_request(tb.admin_socket(tb.nodes[0]), "/mode", {"mode": agent_mode})
 
 
 def main() -> int:

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "inspect-pod": "merbridge_py.inspect:inspect_pod",
     "status": "merbridge_py.agent.status:status",
     "toggle": "merbridge_py.toggle:toggle",
+    "cleanup": "merbridge_py.cleanup:cleanup",
     "manifests": "merbridge_py.manifests:manifests",
     "testbed": "merbridge_py.testbed.cli:testbed",
     "bench": "merbridge_py.bench.cli:bench",

@@ -486,3 +486,56 @@ def attached_program_ids(cgroup: Path) -> dict[str, list[int]]:
         return out
     finally:
         os.close(fd)
+
+
+def leave_attached(dp: Datapath) -> None:
+    """End `dp` for a successor (a restart, not an uninstall): the programs
+    stay attached and the maps and programs pinned, exactly as after a crash,
+    and the next agent adopts the maps and replaces the programs. Only this
+    process's handles are closed."""
+    dp.attached = False
+    dp._pinned = dp._pins_complete = False
+    dp._created_maps_dir = False      # ours or not, the maps are the successor's now
+    if dp._cgroup_fd is not None:
+        os.close(dp._cgroup_fd)
+        dp._cgroup_fd = None
+    if dp.bpf is not None:
+        dp.bpf.cleanup()    # closes descriptors; cgroup attachments and pins hold the programs
+        dp.bpf = None
+
+
+def detach_pinned(bpffs_dir: Path, cgroup: Path) -> list[str]:
+    """`merbridge-py cleanup`: detach from `cgroup` the programs pinned under
+    `bpffs_dir` by an agent that is gone, and remove every pin there. Only
+    programs found through our pins are detached (each by its own descriptor,
+    so another tool's programs on the cgroup are untouched). Returns what was
+    done, one line each; nothing when there is nothing of ours."""
+    done = []
+    progs_dir = Path(bpffs_dir) / "progs"
+    if progs_dir.is_dir():
+        cgroup_fd = open_cgroup(cgroup)
+        try:
+            for pin in sorted(progs_dir.iterdir()):
+                try:
+                    attach_type = int(pin.name.rsplit("__", 1)[1])
+                    prog_fd = obj_get(pin)
+                except (IndexError, ValueError, DatapathError) as e:
+                    done.append(f"skipped {pin}: not one of our program pins ({e})")
+                    continue
+                try:
+                    rc = _lib().bpf_prog_detach2(prog_fd, cgroup_fd, attach_type)
+                finally:
+                    os.close(prog_fd)
+                done.append(f"detached {pin.name.rsplit('__', 1)[0]} from {cgroup}" if rc == 0 else
+                            f"{pin.name.rsplit('__', 1)[0]} was not attached to {cgroup}")
+        finally:
+            os.close(cgroup_fd)
+    if Path(bpffs_dir).is_dir():
+        for pin in sorted(p for p in Path(bpffs_dir).rglob("*") if not p.is_dir()):
+            pin.unlink()
+            done.append(f"removed pin {pin}")
+        for d in sorted((p for p in Path(bpffs_dir).rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            d.rmdir()
+        Path(bpffs_dir).rmdir()
+        done.append(f"removed {bpffs_dir}")
+    return done

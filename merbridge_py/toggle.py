@@ -6,20 +6,20 @@ from __future__ import annotations
 import click
 
 from .agent.cli import CONFIG_MAP as CONFIGMAP
-from .agent.status import DEFAULT_AGENT_ADDR, agent_request
+from .agent.status import admin_socket_option, agent_request
 
 
 @click.command(epilog="\b\nexamples:\n  merbridge-py toggle iptables           # every node back on Istio's iptables"
                       "\n  merbridge-py toggle ebpf --node        # only this node's agent")
 @click.argument("mode", type=click.Choice(["ebpf", "iptables"]))
-@click.option("--node", is_flag=True, help="Switch only the local agent, through its admin endpoint.")
-@click.option("--agent-addr", default=DEFAULT_AGENT_ADDR, show_default=True, help="The local agent's --metrics-addr.")
+@click.option("--node", is_flag=True, help="Switch only the local agent, through its admin socket.")
+@admin_socket_option
 @click.option("--namespace", default="istio-system", show_default=True, help="The agents' namespace.")
 @click.option("--kubeconfig", type=click.Path(), help="Kubeconfig (default: ~/.kube/config, then in-cluster).")
-def toggle(mode, node, agent_addr, namespace, kubeconfig):
+def toggle(mode, node, admin_socket, namespace, kubeconfig):
     """Switch between the eBPF datapath and Istio's own iptables."""
     if node:
-        answer = agent_request(agent_addr, "/mode", {"mode": mode})
+        answer = agent_request(admin_socket, "/mode", {"mode": mode})
         click.echo(f"local agent is in {answer['mode']} mode (until the ConfigMap changes)")
         return
     from kubernetes import client, config

@@ -274,13 +274,13 @@ def test_mode_switch_keeps_established_connections(agent):
     time.sleep(0.5)
 
     def toggle(mode):
-        r = CliRunner().invoke(main, ["toggle", mode, "--node", "--agent-addr", agent.agent_addr()])
+        r = CliRunner().invoke(main, ["toggle", mode, "--node", "--admin-socket", str(agent.admin_socket)])
         assert r.exit_code == 0, r.output
 
     toggle("iptables")
     # no iptables rules on this node: the iptables path is the direct path
     assert ask(agent, "a", b.ip, 8080)[1].startswith(f"{a.ip}:")
-    status = CliRunner().invoke(main, ["status", "--json", "--agent-addr", agent.agent_addr()])
+    status = CliRunner().invoke(main, ["status", "--json", "--admin-socket", str(agent.admin_socket)])
     assert json.loads(status.output)["mode"] == "iptables"
     toggle("ebpf")
     assert ask(agent, "a", b.ip, 8080)[1].startswith("127.0.0.6:")

@@ -42,9 +42,10 @@ def toggle_every_node(tb: Testbed, mode: str) -> float:
     """`merbridge-py toggle MODE --node` against every node's agent; the
     seconds it took (all nodes, each command a new Python process)."""
     start = time.monotonic()
-    for node, addr in tb.agents.items():
+    for node in tb.agents:
         done = subprocess.run([sys.executable, "-m", "merbridge_py.cli", "toggle", mode, "--node",
-                               "--agent-addr", addr], capture_output=True, text=True, timeout=60)
+                               "--admin-socket", str(tb.admin_socket(node))], capture_output=True, text=True,
+                              timeout=60)
         assert done.returncode == 0, f"toggle {mode} on {node}: {done.stderr}"
         assert f"local agent is in {mode} mode" in done.stdout
     return time.monotonic() - start

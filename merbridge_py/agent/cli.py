@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from . import logs
+from . import logs, sigterm
+from .http import DEFAULT_ADMIN_SOCKET
 
 log = logging.getLogger("merbridge_py.agent")
 
@@ -33,6 +34,8 @@ examples:
   merbridge-py run --cgroup /sys/fs/cgroup/unified/mbp-tb/node1 --pods-file pods.json
   # in a cluster (the DaemonSet): pods from the API server, NODE_NAME from the downward API
   merbridge-py run --cgroup /sys/fs/cgroup --bpffs /sys/fs/bpf/merbridge-py --metrics-addr 0.0.0.0:16019
+  # the admin socket (pod list, mode switch), from the node or `kubectl exec`
+  merbridge-py status --admin-socket /run/merbridge-py/agent.sock
   # print the exact eBPF program text that would be compiled, and exit
   merbridge-py run --ebpf
 """
@@ -41,14 +44,27 @@ examples:
 @click.command(epilog=EXAMPLES)
 @click.option("--cgroup", type=click.Path(path_type=Path), help="cgroup v2 directory whose processes are accelerated.")
 @click.option("--pods-file", type=click.Path(path_type=Path), help="Pods from this file (Pod, PodList; YAML or JSON) instead of the API server.")
-@click.option("--kubeconfig", type=click.Path(path_type=Path), help="Kubeconfig (default: in-cluster config).")
+@click.option("--kubeconfig", type=click.Path(path_type=Path), envvar="MERBRIDGE_KUBECONFIG",
+              help="Kubeconfig (default: in-cluster config; env MERBRIDGE_KUBECONFIG). With --pods-file, used "
+                   "only to read the agent's DaemonSet on SIGTERM (--on-sigterm auto).")
 @click.option("--node-name", envvar="NODE_NAME", help="This node's name (env NODE_NAME).")
 @click.option("--bpffs", type=click.Path(path_type=Path), default=Path("/sys/fs/bpf/merbridge-py"), show_default=True,
               help="Directory on a bpffs for this agent's pins.")
-@click.option("--metrics-addr", default="127.0.0.1:16019", show_default=True, help="HOST:PORT for /metrics, /healthz, /readyz, /status.")
+@click.option("--metrics-addr", default="127.0.0.1:16019", show_default=True,
+              help="HOST:PORT for the read-only endpoints /metrics, /healthz, /readyz.")
+@click.option("--admin-socket", type=click.Path(path_type=Path), default=DEFAULT_ADMIN_SOCKET, show_default=True,
+              envvar="MERBRIDGE_ADMIN_SOCKET",
+              help="Unix socket for /status (pod details) and POST /mode; its directory is created 0700.")
+@click.option("--on-sigterm", type=click.Choice([sigterm.AUTO, sigterm.KEEP, sigterm.DETACH]), default=sigterm.AUTO,
+              show_default=True, envvar="MERBRIDGE_ON_SIGTERM",
+              help="On SIGTERM, keep programs attached and maps pinned for a successor, or detach and unpin "
+                   "everything; auto: keep unless the agent's own DaemonSet is gone or being deleted (detach "
+                   "without a Kubernetes API).")
+@click.option("--daemonset", envvar="DAEMONSET_NAME", default="merbridge-py", show_default=True,
+              help="Name of the agent's DaemonSet in --namespace, read on SIGTERM (env DAEMONSET_NAME).")
 @click.option("--mesh", default="istio", show_default=True, help="Mesh profile.")
 @click.option("--namespace", envvar="POD_NAMESPACE", default="istio-system", show_default=True,
-              help="Namespace of the merbridge-py ConfigMap holding the mode (env POD_NAMESPACE).")
+              help="The agent's namespace: its DaemonSet and the ConfigMap holding the mode (env POD_NAMESPACE).")
 @click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True)
 @click.option("--splice", type=click.Choice(["adaptive", "always", "never"]), default="adaptive", show_default=True,
               help="Which same-node sockets are spliced: all but those whose pod's recent connections to the same "
@@ -58,10 +74,10 @@ examples:
                    "Istio rule (conntrack-identical to iptables mode), or the connect hook (for pods without "
                    "inbound rules).")
 @click.option("--ebpf", "print_ebpf", is_flag=True, hidden=True, help="Print the eBPF program text and exit.")
-def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, namespace, log_format, splice,
-        inbound_redirect, print_ebpf):
+def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_socket, on_sigterm, daemonset, mesh,
+        namespace, log_format, splice, inbound_redirect, print_ebpf):
     """Load the eBPF datapath and keep it in step with this node's pods."""
-    from ..datapath import Datapath, DatapathError, open_cgroup, program_text
+    from ..datapath import Datapath, DatapathError, leave_attached, open_cgroup, program_text
     from ..kheaders import HeadersNotFound
     from ..mesh import get_profile
     from .http import parse_addr
@@ -89,7 +105,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
 
     from ..netns import NetnsIndex
     from .core import Agent
-    from .http import AgentHTTPServer
+    from .http import AgentEndpoints
     from .metrics import AgentMetrics
     from .mode import ModeController
 
@@ -99,9 +115,13 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
     agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics)
     modes = ModeController(datapath, metrics)
     try:
-        source, events = source_factory(agent.update_pods, metrics.registry)
+        source, events, api = source_factory(agent.update_pods, metrics.registry)
+        if api is None and kubeconfig is not None and on_sigterm == sigterm.AUTO:
+            from .kube_source import default_api_client
+            api = default_api_client(str(kubeconfig))
     except Exception as e:  # e.g. no kubeconfig and not in a cluster
         raise click.ClickException(f"cannot reach the Kubernetes API: {e}; pass --kubeconfig or --pods-file")
+    ds_check = sigterm.DaemonSetCheck(api, namespace, daemonset) if api is not None else None
     if events is not None:
         agent.on_decision_change = events.on_decision_change
     if hasattr(source, "watch_config_map"):
@@ -109,8 +129,13 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
     metrics.source = source
 
     stop = threading.Event()
+    signalled = threading.Event()
+
+    def on_signal(*_):
+        signalled.set()
+        stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         datapath.load()
     except (DatapathError, HeadersNotFound) as e:
@@ -119,14 +144,21 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
     metrics.datapath = datapath
     http = None
     threads = []
+    keep = False
     try:
-        http = AgentHTTPServer(metrics_addr, agent, metrics, lambda: datapath.serving,
-                               extra_routes={"/mode": modes.http_route}, mode=lambda: modes.mode)
+        try:
+            http = AgentEndpoints(metrics_addr, admin_socket, agent, metrics, lambda: datapath.serving, modes)
+        except OSError as e:
+            raise click.ClickException(f"cannot serve on --metrics-addr {metrics_addr} or --admin-socket "
+                                       f"{admin_socket}: {e.strerror or e}")
         http.start()
         threads = [threading.Thread(target=source.run, args=(stop,), name="source", daemon=True),
                    threading.Thread(target=agent.run, args=(stop,), name="reconcile", daemon=True)]
         if events is not None:
             threads.append(threading.Thread(target=events.run, args=(stop,), name="events", daemon=True))
+        if ds_check is not None:
+            threads.append(threading.Thread(target=ds_check.watch_start, args=(stop,), name="daemonset",
+                                            daemon=True))
         for t in threads:
             t.start()
         # Fill the maps before attaching: attach() replaces a crashed
@@ -138,36 +170,42 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, mesh, nam
             pass
         try:
             datapath.attach()
-        except (DatapathError, OSError) as e:   # an OSError here is not --metrics-addr's (below)
+        except (DatapathError, OSError) as e:
             raise click.ClickException(str(e))
         metrics.attached.set(1)
-        log.info("datapath attached to %s; serving on %s:%d", cgroup, http.httpd.server_address[0], http.port)
+        log.info("datapath attached to %s; serving on %s:%d, admin socket %s", cgroup, *http.address, admin_socket)
         while not stop.wait(1.0):
             pass
-        log.info("stopping: detaching programs and removing pins")
-    except OSError as e:
-        raise click.ClickException(f"cannot serve on --metrics-addr {metrics_addr}: {e.strerror}")
+        action, why = sigterm.decide(on_sigterm, ds_check)
+        keep = action == sigterm.KEEP and signalled.is_set() and datapath.attached
+        log.info("stopping: %s (%s)", "keeping programs attached and maps pinned for a successor" if keep
+                 else "detaching programs and removing pins", why)
     finally:
         stop.set()
         for t in threads:
             t.join(5)
         if http:
             http.stop()
-        datapath.close(drain_seconds=DRAIN_SECONDS)
-        log.info("stopped; nothing left attached or pinned")
+        if keep:
+            leave_attached(datapath)
+            log.info("stopped; programs attached and pinned under %s for the next agent "
+                     "(none coming? run: merbridge-py cleanup)", bpffs)
+        else:
+            datapath.close(drain_seconds=DRAIN_SECONDS)
+            log.info("stopped; nothing left attached or pinned")
 
 
 def _source_factory(pods_file, kubeconfig, node_name):
     """Validate the source's arguments up front (so a bad file is a one-line
     error before anything is attached) and return a constructor:
-    (on_change, metrics registry) -> (source, Event sender or None)."""
+    (on_change, metrics registry) -> (source, Event sender or None, API client or None)."""
     if pods_file is not None:
         from .pods_file import PodsFileError, PodsFileSource, load_pods
         try:
             load_pods(pods_file)
         except PodsFileError as e:
             raise InputError(str(e))
-        return lambda on_change, registry: (PodsFileSource(pods_file, on_change), None)
+        return lambda on_change, registry: (PodsFileSource(pods_file, on_change), None, None)
     if not node_name:
         raise click.UsageError("without --pods-file the agent watches the API server and needs --node-name "
                                "(or env NODE_NAME, from the downward API in the DaemonSet)")
@@ -177,5 +215,5 @@ def _source_factory(pods_file, kubeconfig, node_name):
     def kube_source(on_change, registry):
         # Pod decisions become Events only with the API server as the source (same credentials).
         api = default_api_client(str(kubeconfig) if kubeconfig else None)
-        return KubePodSource(node_name, on_change, api_client=api), EventSender(api, node_name, registry)
+        return KubePodSource(node_name, on_change, api_client=api), EventSender(api, node_name, registry), api
     return kube_source

@@ -1,13 +1,61 @@
-"""The agent's local HTTP endpoints: /healthz, /readyz, /metrics (Prometheus),
-/status (JSON for `merbridge-py status`)."""
+"""The agent's two HTTP endpoints.
+
+- The network port (--metrics-addr; on the node's network in a cluster) is
+  read-only and says nothing about pods: GET /metrics, /healthz, /readyz.
+- The admin socket (--admin-socket: a unix socket, mode 0600, in a directory
+  only root may enter) serves GET /status (every pod with its IP and reason)
+  and POST /mode (switch this node's datapath). Reaching it takes root on the
+  node or `kubectl exec` into the agent's pod.
+
+Each server runs an asyncio loop in a thread of its own, so an idle or slow
+client costs a coroutine, not a thread. A connection carries one request and
+must deliver it within REQUEST_DEADLINE. With MAX_CONNECTIONS open, a new one
+pushes out the oldest still waiting for its request: a flood of idle
+connections only closes flood connections, and a probe gets through. Answers
+that do work (metrics, status, a mode switch) run on a pool of
+HANDLER_THREADS threads. A malformed request gets a 4xx; nothing a client
+sends stops the server.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import socket
+import stat
+import struct
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("merbridge_py.http")
+
+DEFAULT_ADMIN_SOCKET = Path("/run/merbridge-py/agent.sock")
+MAX_HEADER_BYTES = 8192
+MAX_BODY_BYTES = 4096
+REQUEST_DEADLINE = 5.0      # seconds from accept to the whole request read, and again to write the answer
+MAX_CONNECTIONS = 256
+HANDLER_THREADS = 2
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+# (method, path) -> handler(request body) -> (status, body, content type)
+Handler = Callable[[bytes], tuple[int, bytes, str]]
+Routes = dict[tuple[str, str], Handler]
+
+
+class AdminSocketError(OSError):
+    pass
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -17,65 +65,226 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-class AgentHTTPServer:
-    def __init__(self, addr: str, agent, metrics, is_attached, extra_routes=None, mode=lambda: None):
-        self.agent, self.metrics, self.is_attached, self.mode = agent, metrics, is_attached, mode
-        self.extra_routes = extra_routes or {}
-        server = self
+class _BadRequest(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # access logs would drown the event log
-                pass
 
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8"):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
+    """(method, path without query, body) of one HTTP/1.x request."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise _BadRequest(431, f"request line and headers exceed {MAX_HEADER_BYTES} bytes")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _BadRequest(400, "malformed request line")
+    headers = {}
+    for line in filter(None, lines[1:]):
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise _BadRequest(400, "malformed header line")
+        headers[name.lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        raise _BadRequest(400, "chunked bodies are not accepted; send Content-Length")
+    length = headers.get("content-length", "0")
+    if not (length.isascii() and length.isdigit()):
+        raise _BadRequest(400, f"Content-Length {length[:20]!r} is not a number")
+    if int(length) > MAX_BODY_BYTES:
+        raise _BadRequest(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    body = await reader.readexactly(int(length))
+    return parts[0], parts[1].split("?", 1)[0], body
 
-            def do_GET(self):
-                path = self.path.split("?")[0]
-                if path == "/healthz":
-                    self._send(200, b"ok\n")
-                elif path == "/readyz":
-                    ok = server.is_attached() and server.agent.ready.is_set()
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-                elif path == "/metrics":
-                    self._send(200, generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST)
-                elif path == "/status":
-                    body = json.dumps({"attached": server.is_attached(), "ready": server.agent.ready.is_set(),
-                                       "mode": server.mode(), "pods": server.agent.status()}, indent=2).encode()
-                    self._send(200, body, "application/json")
-                else:
-                    self._send(404, b"not found\n")
 
-            def do_POST(self):
-                route = server.extra_routes.get(self.path.split("?")[0])
-                if route is None:
-                    self._send(404, b"not found\n")
-                    return
-                # Admin calls change the node's datapath: only from the node itself
-                # (kubectl exec into the agent's pod reaches 127.0.0.1 too).
-                if not self.client_address[0].startswith("127."):
-                    self._send(403, b'{"error": "admin endpoints answer loopback only"}\n', "application/json")
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
-                code, body = route(self.rfile.read(length))
-                self._send(code, json.dumps(body).encode(), "application/json")
+def _response(code: int, body: bytes, ctype: str, extra: str = "") -> bytes:
+    return (f"HTTP/1.1 {code} {_REASONS.get(code, 'Error')}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode() + body
 
-        host, port = parse_addr(addr)
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
 
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
+def _error(code: int, message: str) -> bytes:
+    return _response(code, json.dumps({"error": message}).encode() + b"\n", JSON)
+
+
+class EndpointServer:
+    """Serves `routes` on an already bound listening socket until stop()."""
+
+    def __init__(self, sock: socket.socket, routes: Routes, name: str, peer_check=None):
+        self.sock, self.routes, self.name, self.peer_check = sock, routes, name, peer_check
+        self._waiting: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()   # no request read yet
+        self._open = 0
+        self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix=f"{name}-handler")
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
-        self.thread.start()
+        self._thread.start()
+        self._started.wait(5)
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, sock=self.sock, limit=MAX_HEADER_BYTES))
+        self._started.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+            for writer in list(self._waiting):
+                writer.transport.abort()
+            self._loop.run_until_complete(asyncio.sleep(0))
+            self._loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_CONNECTIONS and self._waiting:
+            oldest, _ = self._waiting.popitem(last=False)
+            oldest.transport.abort()
+        self._open += 1
+        self._waiting[writer] = None
+        try:
+            answer = await self._answer(reader, writer)
+            self._waiting.pop(writer, None)
+            writer.write(answer)
+            await asyncio.wait_for(writer.drain(), REQUEST_DEADLINE)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            pass   # the client left, stalled, or was pushed out: nothing to answer
+        finally:
+            self._open -= 1
+            self._waiting.pop(writer, None)
+            writer.close()
+
+    async def _answer(self, reader, writer) -> bytes:
+        try:
+            method, path, body = await asyncio.wait_for(_read_request(reader), REQUEST_DEADLINE)
+        except _BadRequest as e:
+            return _error(e.code, str(e))
+        except asyncio.TimeoutError:
+            return _error(408, f"no complete request within {REQUEST_DEADLINE:.0f} s")
+        self._waiting.pop(writer, None)
+        if self.peer_check is not None and (refusal := self.peer_check(writer.get_extra_info("socket"))):
+            return _error(403, refusal)
+        handler = self.routes.get((method, path))
+        if handler is None:
+            allowed = sorted(m for m, p in self.routes if p == path)
+            if not allowed:
+                return _error(404, f"no endpoint {path[:100]}")
+            return _response(405, b'{"error": "method not allowed"}\n', JSON, f"Allow: {', '.join(allowed)}\r\n")
+        try:
+            code, out, ctype = await self._loop.run_in_executor(self._pool, handler, body)
+        except Exception:
+            log.exception("%s %s failed", method, path)
+            return _error(500, "internal error; see the agent's log")
+        return _response(code, out, ctype)
+
+
+# --- the two listeners -------------------------------------------------------------------
+
+def bind_network(addr: str) -> socket.socket:
+    host, port = parse_addr(addr)
+    return socket.create_server((host, port), backlog=128)
+
+
+def bind_admin_socket(path: Path) -> socket.socket:
+    """A unix socket at `path`, mode 0600, in a directory created 0700 if
+    missing and refused if others may write to it (they could swap the socket).
+    A socket file left by a dead agent is replaced; one a live agent answers on is not."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.parent.stat()
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid != os.geteuid():
+        raise AdminSocketError(f"--admin-socket directory {path.parent} must be owned by this user and writable "
+                               "by nobody else (it guards who can switch this node's datapath)")
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise AdminSocketError(f"--admin-socket {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+            raise AdminSocketError(f"another agent answers on --admin-socket {path}")
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock
+
+
+def root_or_self_only(sock: socket.socket) -> str | None:
+    """Refusal message unless the peer runs as root or as this agent's user
+    (the file mode already says so; the kernel's word on the peer makes sure)."""
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return None if uid in (0, os.geteuid()) else f"uid {uid} may not use the admin socket"
+
+
+def network_routes(agent, metrics, is_serving) -> Routes:
+    def readyz(_body):
+        ok = is_serving() and agent.ready.is_set()
+        return (200, b"ready\n", TEXT) if ok else (503, b"not ready\n", TEXT)
+    return {("GET", "/healthz"): lambda _body: (200, b"ok\n", TEXT),
+            ("GET", "/readyz"): readyz,
+            ("GET", "/metrics"): lambda _body: (200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)}
+
+
+def admin_routes(agent, is_serving, modes) -> Routes:
+    def status(_body):
+        body = {"attached": is_serving(), "ready": agent.ready.is_set(), "mode": modes.mode, "pods": agent.status()}
+        return 200, json.dumps(body, indent=2).encode(), JSON
+
+    def mode(body):
+        code, answer = modes.http_route(body)
+        return code, json.dumps(answer).encode(), JSON
+    return {("GET", "/status"): status, ("POST", "/mode"): mode}
+
+
+class AgentEndpoints:
+    """Both servers of one agent; bound on construction (errors surface there)."""
+
+    def __init__(self, metrics_addr: str, admin_socket: Path, agent, metrics, is_serving, modes):
+        self.admin_socket = Path(admin_socket)
+        net_sock = bind_network(metrics_addr)
+        try:
+            admin_sock = bind_admin_socket(self.admin_socket)
+        except OSError:
+            net_sock.close()
+            raise
+        self._admin_inode = os.stat(self.admin_socket).st_ino
+        self.network = EndpointServer(net_sock, network_routes(agent, metrics, is_serving), "http")
+        self.admin = EndpointServer(admin_sock, admin_routes(agent, is_serving, modes), "admin",
+                                    peer_check=root_or_self_only)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.network.sock.getsockname()[:2]
+
+    def start(self) -> None:
+        self.network.start()
+        self.admin.start()
+
+    def stop(self) -> None:
+        self.network.stop()
+        self.admin.stop()
+        self.network.sock.close()
+        self.admin.sock.close()
+        try:   # only our own socket file: a successor may have bound a new one there
+            if os.stat(self.admin_socket).st_ino == self._admin_inode:
+                self.admin_socket.unlink()
+        except FileNotFoundError:
+            pass

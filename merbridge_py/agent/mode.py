@@ -1,5 +1,5 @@
 """The agent's mode, ebpf or iptables: set by the cluster-wide ConfigMap or,
-for this node alone, through the local admin endpoint (`merbridge-py toggle
+for this node alone, through the agent's admin socket (`merbridge-py toggle
 --node`). The last writer wins; every switch is logged with its origin."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class ModeController:
         if mode not in MODES:
             return 400, {"error": f"mode must be one of {', '.join(MODES)}"}
         try:
-            self.set(mode, "local admin endpoint")
+            self.set(mode, "admin socket")
         except DatapathError as e:
             return 500, {"error": str(e)}
         return 200, {"mode": self.mode}

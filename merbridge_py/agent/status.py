@@ -1,38 +1,65 @@
-"""`merbridge-py status`: ask the local agent which pods it accelerates and why."""
+"""`merbridge-py status`: ask the local agent, through its admin socket, which
+pods it accelerates and why."""
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
-import urllib.request
+import socket
+from pathlib import Path
 
 import click
 
-DEFAULT_AGENT_ADDR = "127.0.0.1:16019"
+from .http import DEFAULT_ADMIN_SOCKET
 
 
-def agent_request(addr: str, path: str, body: dict | None = None, timeout: float = 5) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{addr}{path}", data=data, method="POST" if data else "GET",
-                                 headers={"Content-Type": "application/json"})
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def agent_request(admin_socket: Path | str, path: str, body: dict | None = None, timeout: float = 30) -> dict:
+    """GET `path` (POST `body` as JSON) on the agent's admin socket; its JSON answer."""
+    conn = _UnixHTTPConnection(Path(admin_socket), timeout)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace").strip()
-        raise click.ClickException(f"agent at {addr} answered {e.code}: {detail}")
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request("POST" if data is not None else "GET", path, body=data,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        answer = resp.read()
+    except PermissionError:
+        raise click.ClickException(f"no permission to use the agent's admin socket {admin_socket}: run as root on "
+                                   "the node, or `kubectl exec` into the agent's pod")
     except OSError as e:
-        raise click.ClickException(f"no agent answering at {addr} ({getattr(e, 'reason', e)}); is merbridge-py run "
-                                   "running on this node, and is --agent-addr its --metrics-addr?")
+        raise click.ClickException(f"no agent answering on {admin_socket} ({e.strerror or e}); is merbridge-py run "
+                                   "running on this node, and is --admin-socket its --admin-socket?")
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise click.ClickException(f"agent at {admin_socket} answered {resp.status}: "
+                                   f"{answer.decode(errors='replace').strip()}")
+    return json.loads(answer)
+
+
+admin_socket_option = click.option(
+    "--admin-socket", type=click.Path(path_type=Path), default=DEFAULT_ADMIN_SOCKET, show_default=True,
+    envvar="MERBRIDGE_ADMIN_SOCKET", help="The local agent's admin socket (its --admin-socket).")
 
 
 @click.command(epilog="\b\nexamples:\n  merbridge-py status                 # table of this node's pods\n"
-                      "  merbridge-py status --json | jq '.pods[] | select(.accelerated | not)'")
-@click.option("--agent-addr", default=DEFAULT_AGENT_ADDR, show_default=True, help="The agent's --metrics-addr.")
+                      "  merbridge-py status --json | jq '.pods[] | select(.accelerated | not)'\n"
+                      "  kubectl -n istio-system exec ds/merbridge-py -- merbridge-py status   # from outside")
+@admin_socket_option
 @click.option("--json", "as_json", is_flag=True, help="Print the agent's JSON as it is.")
-def status(agent_addr, as_json):
+def status(admin_socket, as_json):
     """List every pod on this node: accelerated or not, and why."""
-    st = agent_request(agent_addr, "/status")
+    st = agent_request(admin_socket, "/status")
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return

@@ -287,7 +287,7 @@ class Testbed:
         addr = f"127.0.0.1:{_free_loopback_port()}"
         argv = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", node.cgroup,
                 "--pods-file", str(self.pods_file(node)), "--bpffs", node.bpffs,
-                "--metrics-addr", addr, "--node-name", node.name]
+                "--metrics-addr", addr, "--admin-socket", str(self.admin_socket(node)), "--node-name", node.name]
         # In the root network namespace (the agent needs only the cgroup and
         # /proc) and in a cgroup of its own, outside the node it accelerates.
         with open(self._agent_log(node.name), "ab") as log:
@@ -321,6 +321,10 @@ class Testbed:
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
                 samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return samples
+
+    def admin_socket(self, node: str | Node) -> Path:
+        """The node's agent's admin socket (/status, POST /mode)."""
+        return self.workdir / f"{self.node(node).name}.admin.sock"
 
     def _agent_log(self, node_name: str) -> Path:
         return self.workdir / f"{node_name}.agent.log"

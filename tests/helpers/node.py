@@ -57,6 +57,7 @@ class SimNode:
         self.agent: subprocess.Popen | None = None
         self.agent_port: int | None = None
         self.pods_file = tmp / "pods.json"
+        self.admin_socket = tmp / "agent.sock"
         sandbox.netns_add(self.node_ns)
         sandbox.sh("ip", "link", "add", "br0", "type", "bridge", netns=self.node_ns)
         sandbox.sh("ip", "addr", "add", f"{subnet}.1/24", "dev", "br0", netns=self.node_ns)
@@ -131,6 +132,7 @@ class SimNode:
         # proxy's connection onto the destination pod's inbound port.
         return [PY, "-m", "merbridge_py.cli", "run", "--cgroup", str(self.cgroup), "--pods-file",
                 str(self.pods_file), "--bpffs", str(self.bpffs), "--node-name", "node1",
+                "--admin-socket", str(self.admin_socket),
                 "--inbound-redirect", "ebpf", *extra]
 
     def start_agent(self, *extra: str, timeout: float = 30) -> None:
@@ -151,11 +153,12 @@ class SimNode:
         raise AssertionError("agent not ready in time")
 
     def agent_get(self, path: str) -> str:
+        """GET on the read-only network port; /status goes to the admin socket."""
+        if path == "/status":
+            from merbridge_py.agent.status import agent_request
+            return json.dumps(agent_request(self.admin_socket, path))
         with urllib.request.urlopen(f"http://127.0.0.1:{self.agent_port}{path}", timeout=5) as r:
             return r.read().decode()
-
-    def agent_addr(self) -> str:
-        return f"127.0.0.1:{self.agent_port}"
 
     def stop_agent(self, timeout: float = 10) -> tuple[int, str]:
         self.agent.terminate()
