@@ -7,7 +7,9 @@ lists with a resourceVersion, and watches as chunked newline-delimited JSON
 events, honouring `fieldSelector`, `resourceVersion`, `timeoutSeconds` and
 `allowWatchBookmarks`. It also creates objects POSTed to a namespaced
 collection of any group (`/apis/events.k8s.io/v1/namespaces/NS/events`): they
-are stored under "resource.group" (`objects("events.events.k8s.io")`).
+are stored under "resource.group" (`objects("events.events.k8s.io")`). A GET of
+one named object of any group is answered from the same store (add it as
+`add("daemonsets.apps", ...)`); `forbidden` resources get 403.
 
 Tests can also break it the ways real API servers break: expire resource
 versions (410 Gone, as an ERROR event or as HTTP 410), compact the event
@@ -120,6 +122,7 @@ class FakeApiServer:
         self._connections: set[socket.socket] = set()
         self._watch_connections: set[socket.socket] = set()
         self._httpd: ThreadingHTTPServer | None = None
+        self.forbidden: set[str] = set()    # "resource" or "resource.group": answered 403
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -350,6 +353,12 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         fake.requests.append(Request("GET", url.path, query))
+        try:
+            group, namespace, resource, name = _parse_path(url.path)
+        except ValueError:
+            group = name = None
+        if name is not None:
+            return self.get_object(f"{resource}.{group}" if group else resource, namespace or "", name)
         parts = url.path.strip("/").split("/")
         if parts[:2] != ["api", "v1"] or len(parts) not in (3, 5) or (len(parts) == 5 and parts[2] != "namespaces"):
             return self.send_json(404, _status(404, "NotFound", f"no route for {url.path}"))
@@ -391,6 +400,15 @@ class _Handler(BaseHTTPRequestHandler):
         except KeyError:
             return self.send_json(409, _status(409, "AlreadyExists", f"{resource} {meta['name']!r} already exists"))
         self.send_json(201, created)
+
+    def get_object(self, resource: str, namespace: str, name: str) -> None:
+        fake: FakeApiServer = self.server.fake
+        if resource in fake.forbidden:
+            return self.send_json(403, _status(403, "Forbidden", f"{resource} {name!r} is forbidden"))
+        obj = fake.objects(resource).get(f"{namespace}/{name}")
+        if obj is None:
+            return self.send_json(404, _status(404, "NotFound", f"{resource} {name!r} not found"))
+        self.send_json(200, obj)
 
     def refuse(self) -> None:
         url = urlsplit(self.path)

@@ -26,6 +26,7 @@ starts, and loses bytes in flight.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -51,13 +52,15 @@ class DaemonSetCheck:
         server could not be reached."""
         from kubernetes.client.rest import ApiException
         try:
-            ds = self.apps.read_namespaced_daemon_set(self.name, self.namespace, _request_timeout=API_TIMEOUT)
+            # the raw answer: only metadata matters, and the client's models refuse partial objects
+            resp = self.apps.read_namespaced_daemon_set(self.name, self.namespace, _request_timeout=API_TIMEOUT,
+                                                        _preload_content=False)
+            return 200, json.loads(resp.data).get("metadata") or {}
         except ApiException as e:
             return e.status or 0, None
-        except Exception as e:   # urllib3's connection and timeout errors
+        except Exception as e:   # urllib3's connection and timeout errors, a garbled answer
             log.debug("reading DaemonSet %s/%s: %s", self.namespace, self.name, e)
             return 0, None
-        return 200, {"deletionTimestamp": ds.metadata.deletion_timestamp}
 
     def watch_start(self, stop: threading.Event) -> None:
         """Until the DaemonSet has been read once (or `stop`): try again, later and later."""
@@ -82,7 +85,7 @@ class DaemonSetCheck:
         ref = f"DaemonSet {self.namespace}/{self.name}"
         code, meta = self._read()
         if code == 200:
-            if meta["deletionTimestamp"] is not None:
+            if meta.get("deletionTimestamp"):
                 return DETACH, f"{ref} is being deleted"
             return KEEP, f"{ref} is present: a restart or update"
         if not self.readable.is_set():
