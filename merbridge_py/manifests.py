@@ -35,6 +35,9 @@ CGROUP_MOUNT = "/sys/fs/cgroup"
 BPFFS_MOUNT = "/sys/fs/bpf"
 BPFFS_DIR = f"{BPFFS_MOUNT}/{NAME}"
 HOST_PROC = "/host/proc"
+# /status (pod details) and POST /mode: a unix socket in a root-only host
+# directory, not the network port (merbridge_py/agent/http.py).
+ADMIN_DIR = "/run/merbridge-py"
 
 # What loading, attaching and pod discovery need (the DaemonSet's comment and
 # docs/install.md say which does what). Each was removed in turn on a 6.18
@@ -136,6 +139,7 @@ def volumes() -> list[dict]:
         host_path_volume("cgroup", CGROUP_MOUNT),
         host_path_volume("bpffs", BPFFS_MOUNT),
         host_path_volume("host-proc", "/proc"),
+        host_path_volume("admin", ADMIN_DIR, kind="DirectoryOrCreate"),
         # No type check: a node without headers still runs (the image carries
         # fallback headers); the runtime creates an empty directory if missing.
         host_path_volume("lib-modules", "/lib/modules", kind=None),
@@ -148,9 +152,10 @@ def volumes() -> list[dict]:
 
 def mount_bpffs_container(image: str) -> dict:
     """Runs once per pod start: makes sure the host's /sys/fs/bpf is a bpffs, so
-    pins outlive the agent's container (a restarted agent adopts them)."""
+    pins outlive the agent's container (a restarted agent adopts them), and
+    that the admin socket's directory (created 0755 by the kubelet) is root's alone."""
     script = (f'[ "$(stat -f -c %T {BPFFS_MOUNT})" = bpf_fs ] '
-              f"|| mount -t bpf bpf {BPFFS_MOUNT}")
+              f"|| mount -t bpf bpf {BPFFS_MOUNT}; chmod 700 {ADMIN_DIR}")
     return {
         "name": "mount-bpffs",
         "image": image,
@@ -160,7 +165,8 @@ def mount_bpffs_container(image: str) -> dict:
         # allowed for privileged containers.
         "securityContext": {"privileged": True},
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}},
-        "volumeMounts": [{"name": "bpffs", "mountPath": BPFFS_MOUNT, "mountPropagation": "Bidirectional"}],
+        "volumeMounts": [{"name": "bpffs", "mountPath": BPFFS_MOUNT, "mountPropagation": "Bidirectional"},
+                         {"name": "admin", "mountPath": ADMIN_DIR}],
     }
 
 
@@ -183,11 +189,15 @@ def agent_container(image: str, mesh: str) -> dict:
             "--cgroup", CGROUP_MOUNT,
             "--bpffs", BPFFS_DIR,
             "--metrics-addr", f"0.0.0.0:{METRICS_PORT}",
+            "--admin-socket", f"{ADMIN_DIR}/agent.sock",
             "--mesh", mesh,
         ],
         "env": [
             field_env("NODE_NAME", "spec.nodeName"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
+            # read on SIGTERM: present = a restart, gone = an uninstall (the
+            # downward API cannot name a pod's owner, so the name is written here)
+            {"name": "DAEMONSET_NAME", "value": NAME},
             # pod namespaces are found by scanning the host's processes here
             {"name": "MERBRIDGE_PROC_ROOT", "value": HOST_PROC},
         ],
@@ -211,6 +221,7 @@ def agent_container(image: str, mesh: str) -> dict:
             {"name": "cgroup", "mountPath": CGROUP_MOUNT, "readOnly": True},
             {"name": "bpffs", "mountPath": BPFFS_MOUNT, "mountPropagation": "HostToContainer"},
             {"name": "host-proc", "mountPath": HOST_PROC, "readOnly": True},
+            {"name": "admin", "mountPath": ADMIN_DIR},
             {"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True},
             {"name": "usr-src", "mountPath": "/usr/src", "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -272,7 +283,9 @@ in the pod's own namespace.""",
     "Role": """\
 The toggle ConfigMap, by name. list/watch are authorized by resourceNames
 only for requests with fieldSelector metadata.name=merbridge-py, which is how
-the agent asks.""",
+the agent asks. The agent's own DaemonSet, by name, get only: read on
+SIGTERM to tell a restart (keep the datapath for the successor) from an
+uninstall (detach everything).""",
     "RoleBinding": "",
     "ConfigMap": """\
 mode: ebpf | iptables, watched by every agent. iptables: the agent detaches
@@ -305,9 +318,15 @@ Host mounts: cgroup v2 (read-only is enough to attach programs), bpffs (pins
 survive a restart, so a new agent takes over without a gap), the host's /proc
 at {HOST_PROC} instead of hostPID (enough to find pod namespaces; the agent
 cannot ptrace or signal host processes), kernel headers read-only for bcc.
-No preStop hook: on SIGTERM the agent detaches its programs and removes its
-pins within a few seconds, inside the 30 s grace period; a successor replaces
-the leftovers of an agent that was killed.
+Endpoints: port 16019 on the node's network serves only /metrics, /healthz
+and /readyz (read-only, no pod details). /status and the mode switch are on
+the unix socket /run/merbridge-py/agent.sock (host directory 0700, socket
+0600): `kubectl exec ds/merbridge-py -- merbridge-py status|toggle --node`.
+SIGTERM: the agent reads this DaemonSet. Present (a rolling update, a
+deleted pod): programs stay attached and maps pinned, and the next agent
+adopts them. Gone or being deleted (an uninstall): it detaches everything
+and removes its pins within a few seconds, inside the 30 s grace period.
+API unreachable: it keeps (see docs/install.md; `merbridge-py cleanup`).
 Resources: based on measurements (about 150 MB RSS after compiling with LLVM);
 `merbridge-py bench` reports the agent's memory on your kernel. No CPU limit:
 throttling the compile would only delay readiness.""",

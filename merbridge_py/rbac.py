@@ -12,6 +12,9 @@ from typing import NamedTuple
 
 # The ConfigMap holding `mode: ebpf|iptables`, in the agent's own namespace.
 TOGGLE_CONFIGMAP = "merbridge-py"
+# The agent's own DaemonSet, read on SIGTERM: present means a restart (keep the
+# datapath for the successor), gone or deleting means an uninstall (detach).
+AGENT_DAEMONSET = "merbridge-py"
 
 
 class Permission(NamedTuple):
@@ -42,13 +45,16 @@ CLUSTER_PERMISSIONS: frozenset[Permission] = frozenset({
 # (the API server then treats it as a request for that one object), so the
 # agent must list/watch with that selector. No get, as for pods.
 # (`merbridge-py toggle` writes the ConfigMap with the user's own credentials,
-# not the agent's.)
+# not the agent's.) The agent's own DaemonSet: one get, by name, on SIGTERM
+# (merbridge_py/agent/sigterm.py) and until it succeeds once at start.
 NAMESPACE_PERMISSIONS: frozenset[Permission] = frozenset({
     Permission("", "configmaps", "list"),
     Permission("", "configmaps", "watch"),
+    Permission("apps", "daemonsets", "get"),
 })
 NAMESPACE_RESOURCE_NAMES: dict[tuple[str, str], list[str]] = {
     ("", "configmaps"): [TOGGLE_CONFIGMAP],
+    ("apps", "daemonsets"): [AGENT_DAEMONSET],
 }
 
 AGENT_PERMISSIONS: frozenset[Permission] = CLUSTER_PERMISSIONS | NAMESPACE_PERMISSIONS

@@ -11,14 +11,15 @@ import json
 import os
 import re
 import shlex
+import stat
 import subprocess
 import sys
 import time
-import urllib.request
 from configparser import ConfigParser
 from fnmatch import fnmatch
 from pathlib import Path
 
+import click
 import kubernetes_validate
 import psutil
 import pytest
@@ -28,6 +29,8 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from merbridge_py import cli, datapath, manifests, rbac, sandbox
+from merbridge_py.agent.http import network_routes
+from merbridge_py.agent.status import agent_request
 from merbridge_py.mesh import PROFILES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,12 +142,12 @@ def test_rbac_rules_equal_the_agent_permissions(committed):
     assert ("", "pods", "list") in rbac.AGENT_PERMISSIONS  # plain tuples compare equal
 
 
-def test_rbac_has_no_wildcards_and_confines_the_configmap_by_name(committed):
+def test_rbac_has_no_wildcards_and_confines_namespaced_grants_by_name(committed):
     for role in (one(committed, "ClusterRole"), one(committed, "Role")):
         for rule in role["rules"]:
             assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"]
-    (configmap_rule,) = one(committed, "Role")["rules"]
-    assert configmap_rule["resourceNames"] == [rbac.TOGGLE_CONFIGMAP]
+    names = {rule["resources"][0]: rule["resourceNames"] for rule in one(committed, "Role")["rules"]}
+    assert names == {"configmaps": [rbac.TOGGLE_CONFIGMAP], "daemonsets": [rbac.AGENT_DAEMONSET]}
     assert one(committed, "ConfigMap")["metadata"]["name"] == rbac.TOGGLE_CONFIGMAP
     assert one(committed, "ConfigMap")["data"] == {"mode": "ebpf"}
     assert all("resourceNames" not in r for r in one(committed, "ClusterRole")["rules"])
@@ -220,6 +223,22 @@ def test_agent_command_probes_and_scheduling(committed):
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     env = {e["name"]: e for e in agent["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # the DaemonSet the agent reads on SIGTERM is this one, and the Role grants reading it by name
+    assert env["DAEMONSET_NAME"]["value"] == one(committed, "DaemonSet")["metadata"]["name"] == rbac.AGENT_DAEMONSET
+    ds_rule = next(r for r in one(committed, "Role")["rules"] if r["resources"] == ["daemonsets"])
+    assert ds_rule == {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": [rbac.AGENT_DAEMONSET],
+                       "verbs": ["get"]}
+    # /status and the mode switch: a socket in a host directory only the privileged init step and root touch
+    admin_socket = Path(args[args.index("--admin-socket") + 1])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    assert volumes[mounts[str(admin_socket.parent)]]["hostPath"] == {"path": str(admin_socket.parent),
+                                                                      "type": "DirectoryOrCreate"}
+    # the network port serves only the read-only endpoints: probes and scrapes
+    probes = {agent[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes <= {path for _, path in network_routes(None, None, None)}
+    assert "/status" not in {path for _, path in network_routes(None, None, None)}
     assert env["MERBRIDGE_PROC_ROOT"]["value"] == manifests.HOST_PROC
     assert agent["resources"]["requests"]["memory"] == "160Mi"
     assert agent["resources"]["limits"] == {"memory": "300Mi"}
@@ -332,17 +351,21 @@ def test_dockerignore_keeps_what_the_image_copies():
 # --- on this kernel ------------------------------------------------------------------
 
 @pytest.mark.bpf
-def test_init_container_script_mounts_bpffs_once():
+def test_init_container_script_mounts_bpffs_once(tmp_path):
     """The mount-bpffs script, run twice in a private mount namespace (so the
-    host's /sys/fs/bpf is untouched): it mounts a bpffs, then leaves it be."""
+    host's /sys/fs/bpf is untouched): it mounts a bpffs, then leaves it be,
+    and makes the admin socket's directory (here a stand-in) root's alone."""
     (init,) = pod_spec(docs_of(manifests.render()))["initContainers"]
-    script = init["command"][2]
+    admin_dir = tmp_path / "admin"
+    admin_dir.mkdir(mode=0o755)     # as the kubelet creates a DirectoryOrCreate hostPath
+    script = init["command"][2].replace(manifests.ADMIN_DIR, str(admin_dir))
     check = ' && stat -f -c %T /sys/fs/bpf && grep -c " /sys/fs/bpf " /proc/self/mountinfo'
     out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-ec",
                           f"umount -q /sys/fs/bpf || true; {script}; {script}{check}"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["bpf_fs", "1"]
+    assert stat.S_IMODE(admin_dir.stat().st_mode) == 0o700
 
 
 def _meshed_pod(name: str, ip: str) -> dict:
@@ -354,11 +377,10 @@ def _meshed_pod(name: str, ip: str) -> dict:
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
 
 
-def _get_json(url: str) -> dict | None:
+def _admin_status(admin_socket: Path) -> dict | None:
     try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return json.loads(r.read())
-    except OSError:
+        return agent_request(admin_socket, "/status", timeout=1)
+    except click.ClickException:
         return None
 
 
@@ -381,7 +403,9 @@ def test_agent_with_the_daemonset_capabilities(tmp_path, case, dropped, accelera
     agent = agent_container(docs)
     (init,) = pod_spec(docs)["initContainers"]
     caps = [c for c in agent["securityContext"]["capabilities"]["add"] if c not in dropped]
-    assert {e["name"] for e in agent["env"]} == {"NODE_NAME", "POD_NAMESPACE", "MERBRIDGE_PROC_ROOT"}
+    assert {e["name"] for e in agent["env"]} == {"NODE_NAME", "POD_NAMESPACE", "DAEMONSET_NAME", "MERBRIDGE_PROC_ROOT"}
+    admin_dir = tmp_path / "admin"
+    admin_dir.mkdir(mode=0o755)     # the hostPath stand-in, as the kubelet creates it
 
     tag = f"mbp-cap{os.getpid()}-{case}"
     ip = f"10.251.{os.getpid() % 250}.{10 + case}"
@@ -401,14 +425,15 @@ def test_agent_with_the_daemonset_capabilities(tmp_path, case, dropped, accelera
         sandbox.cgroup_create(cgroup)
         bounding = ",".join(["-all"] + [f"+{c.lower()}" for c in caps])
         run = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", str(cgroup), "--pods-file",
-               str(pods_file), "--bpffs", str(bpffs), "--metrics-addr", f"127.0.0.1:{port}", "--node-name", "node1"]
+               str(pods_file), "--bpffs", str(bpffs), "--metrics-addr", f"127.0.0.1:{port}", "--node-name", "node1",
+               "--admin-socket", str(admin_dir / "agent.sock")]
         script = "\n".join([
             "set -e",
             f"mount --bind /proc {host_proc}",
             "mount -t proc proc /proc",
             "mount -t tmpfs tmpfs /run/netns",
             f"mount -o remount,bind,ro {sandbox.cgroup2_root()}",
-            init["command"][2],
+            init["command"][2].replace(manifests.ADMIN_DIR, str(admin_dir)),
             f"exec setpriv --inh-caps=-all --bounding-set={bounding} -- "
             f"env MERBRIDGE_PROC_ROOT={host_proc} {shlex.join(run)}",
         ])
@@ -417,7 +442,7 @@ def test_agent_with_the_daemonset_capabilities(tmp_path, case, dropped, accelera
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         status, deadline = None, time.monotonic() + 30
         while time.monotonic() < deadline and runner.poll() is None:
-            status = _get_json(f"http://127.0.0.1:{port}/status")
+            status = _admin_status(admin_dir / "agent.sock")
             pods = (status or {}).get("pods", [])
             if pods and pods[0]["accelerated"]:
                 break
