@@ -310,6 +310,8 @@ def cluster(tmp_path_factory):
             node.start_app(pod)
             node.start_sidecar(pod)
         server.add("configmaps", config_map("ebpf"))
+        server.add("daemonsets.apps", {"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                       "metadata": {"name": rbac.AGENT_DAEMONSET, "namespace": NAMESPACE}})
         node.start_agent()
         server.add_pod(a.manifest(NODE))
         server.add_pod(b.manifest(NODE))
@@ -506,10 +508,14 @@ def test_agent_uses_exactly_the_rbac_permissions(cluster):
         if r.permission()[1] == "configmaps":
             assert r.path == f"/api/v1/namespaces/{NAMESPACE}/configmaps"
             assert r.query["fieldSelector"] == f"metadata.name={rbac.TOGGLE_CONFIGMAP}"
+        if r.permission()[1] == "daemonsets":   # granted by resourceNames: this one object only
+            assert r.path == f"/apis/apps/v1/namespaces/{NAMESPACE}/daemonsets/{rbac.AGENT_DAEMONSET}"
 
 
 @pytest.mark.bpf
 def test_agent_stops_cleanly_with_the_kubernetes_source(cluster):
+    """An uninstall: the DaemonSet is deleted, then the agent gets SIGTERM."""
+    cluster.server.delete("daemonsets.apps", NAMESPACE, rbac.AGENT_DAEMONSET)
     rc, out = cluster.stop_agent()
     assert rc == 0, out
     assert "Traceback" not in out, out
