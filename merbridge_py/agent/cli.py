@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import logs, sigterm
-from .http import DEFAULT_ADMIN_SOCKET
+from .status import DEFAULT_ADMIN_SOCKET
 
 log = logging.getLogger("merbridge_py.agent")
 

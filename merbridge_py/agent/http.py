@@ -36,7 +36,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger("merbridge_py.http")
 
-DEFAULT_ADMIN_SOCKET = Path("/run/merbridge-py/agent.sock")
 MAX_HEADER_BYTES = 8192
 MAX_BODY_BYTES = 4096
 REQUEST_DEADLINE = 5.0      # seconds from accept to the whole request read, and again to write the answer

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from .http import DEFAULT_ADMIN_SOCKET
+# Not imported from .http: the commands that talk to the agent stay quick to start.
+DEFAULT_ADMIN_SOCKET = Path("/run/merbridge-py/agent.sock")
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
