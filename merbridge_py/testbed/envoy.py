@@ -44,11 +44,9 @@ from .. import sandbox
 from ..mesh import ISTIO, MeshProfile
 from . import istio_iptables, pki
 from .kube import NAMESPACE
+from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MTLS_MODES
 from .topology import Pod
 
-MTLS_MODES = ("strict", "permissive", "off")
-DEFAULT_MTLS = "permissive"     # Istio's default PeerAuthentication; auto-mTLS still makes sidecars speak mTLS
-DEFAULT_WORKERS = 2             # Istio's sidecar default (proxy.istio.io/config concurrency: 2)
 HEALTH_PORT = 15021
 LISTENERS = ("outbound", "inbound", "health")
 # Istio's ALPN values (pilot/pkg/networking/util): what an outbound cluster to
@@ -145,7 +143,7 @@ class EnvoySidecar:
     by the proxy's uid: config, admin socket, certificate and key."""
 
     def __init__(self, workdir: Path, pod: Pod, pods: list[Pod], http_ports: tuple[int, ...] = (),
-                 mtls: str = DEFAULT_MTLS, workers: int = DEFAULT_WORKERS, profile: MeshProfile = ISTIO):
+                 mtls: str = DEFAULT_MTLS, workers: int = DEFAULT_ENVOY_WORKERS, profile: MeshProfile = ISTIO):
         self.workdir = Path(workdir)
         self.pod = pod
         self.pods = pods
