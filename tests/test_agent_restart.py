@@ -105,7 +105,7 @@ def describe(failures: list[dict], restarts: list[tuple[float, float, float]]) -
 
 def test_agent_killed_under_load_then_restarted_loses_no_request():
     name = f"rst{os.getpid()}"
-    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b"), PodSpec("c")], mode="ebpf") as tb:
+    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b"), PodSpec("c")], mode="ebpf", mtls="strict") as tb:
         node = tb.node("node0")
         cgroup, bpffs = Path(node.cgroup), Path(node.bpffs)
         programs = one_program_per_hook(cgroup)
@@ -183,7 +183,7 @@ def test_a_failed_start_after_a_crash_keeps_the_pins():
     so that the next one still replaces those programs instead of attaching
     a second set next to them."""
     name = f"rsf{os.getpid()}"
-    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b")], mode="ebpf") as tb:
+    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b")], mode="ebpf", mtls="strict") as tb:
         node = tb.node("node0")
         cgroup, bpffs = Path(node.cgroup), Path(node.bpffs)
         first = one_program_per_hook(cgroup)
@@ -212,7 +212,7 @@ def test_connections_a_proxy_has_not_accepted_yet_survive_a_restart():
     to its local address and connects to itself). The sidecar is paused
     (SIGSTOP) around the restart, as a busy proxy lags behind its queue."""
     name = f"rsq{os.getpid()}"
-    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b")], mode="ebpf") as tb:
+    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b")], mode="ebpf", mtls="strict") as tb:
         node, b = tb.node("node0"), tb.pod("b")
         sidecar = next(r for r in tb.processes if r.role == "sidecar" and r.owner == "a")
         clients = []

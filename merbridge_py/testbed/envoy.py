@@ -45,6 +45,7 @@ from ..mesh import ISTIO, MeshProfile
 from . import istio_iptables, pki
 from .kube import NAMESPACE
 from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MTLS_MODES
+from .sidecar import Sidecar
 from .topology import Pod
 
 HEALTH_PORT = 15021
@@ -137,7 +138,7 @@ def _listener(name: str, ip: str, port: int, **fields) -> dict:
     return {"name": name, "address": {"socket_address": {"address": ip, "port_value": port}}, **fields}
 
 
-class EnvoySidecar:
+class EnvoySidecar(Sidecar):
     """Envoy for pod `pod` of a bed whose pods are `pods` (every pod is the one
     endpoint of its Service). Files live in `<workdir>/<pod>.envoy/`, owned
     by the proxy's uid: config, admin socket, certificate and key."""
