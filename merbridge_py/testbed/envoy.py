@@ -196,7 +196,8 @@ class EnvoySidecar(Sidecar):
                       "routes": [_route_to(f"outbound|{port}||{service_host(dst)}")]}
                      for dst, p in self._destinations() if p == port]
             hosts.append({"name": "allow_any", "domains": ["*"], "routes": [_route_to("PassthroughCluster")]})
-            listeners.append(_listener(f"0.0.0.0_{port}", "0.0.0.0", port, bind_to_port=False, traffic_direction="OUTBOUND",
+            listeners.append(_listener(f"0.0.0.0_{port}", "0.0.0.0", port, bind_to_port=False,
+                                       traffic_direction="OUTBOUND",
                                        filter_chains=[{"filters": [_http_manager(f"outbound_0.0.0.0_{port}", hosts)]}]))
         for dst, port in self._destinations():
             if port in self.http_ports:
@@ -262,7 +263,8 @@ class EnvoySidecar(Sidecar):
     def _health(self) -> dict:
         ready = [{"name": "ready", "domains": ["*"],
                   "routes": [{"match": {"prefix": "/healthz/ready"}, "direct_response": {"status": 200}}]}]
-        return _listener("health", "0.0.0.0", HEALTH_PORT, filter_chains=[{"filters": [_http_manager("health", ready)]}])
+        return _listener("health", "0.0.0.0", HEALTH_PORT,
+                         filter_chains=[{"filters": [_http_manager("health", ready)]}])
 
     def config(self) -> dict:
         p = self.profile
@@ -355,7 +357,8 @@ class EnvoySidecar(Sidecar):
         """TLS handshakes completed: "outbound" as a client (sum over the
         outbound clusters), "inbound" as a server on virtualInbound."""
         stats = self.stats() if stats is None else stats
-        outbound = sum(v for k, v in stats.items() if k.startswith("cluster.outbound|") and k.endswith(".ssl.handshake"))
+        outbound = sum(v for k, v in stats.items()
+                       if k.startswith("cluster.outbound|") and k.endswith(".ssl.handshake"))
         inbound = stats.get(f"listener.0.0.0.0_{self.profile.inbound_port}.ssl.handshake", 0)
         return {"outbound": outbound, "inbound": inbound}
 
