@@ -21,7 +21,6 @@ examples:
 """
 
 
-
 def _emit(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
@@ -132,8 +131,6 @@ def exec_(name, pod, command):
         proc = tb.exec(pod, list(command))
     except (TestbedError, KeyError) as e:
         raise click.ClickException(str(e).strip('"'))
-    except FileNotFoundError as e:
-        raise click.ClickException(f"cannot run {command[0]!r}: {e.strerror}")
     try:
         status = proc.wait()
     except KeyboardInterrupt:   # the command got the same SIGINT (same process group): let it finish

@@ -60,7 +60,6 @@ class Sidecar(abc.ABC):
         """Connections accepted so far per listener: {"outbound", "inbound", "health"}."""
 
 
-
 class HAProxySidecar(Sidecar):
     """HAProxy (Debian's 2.6) in TCP mode. Started as root in the pod's
     namespace, it binds its listeners and then drops to the proxy's uid/gid
