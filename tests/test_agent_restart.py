@@ -30,6 +30,7 @@ from merbridge_py import datapath
 from merbridge_py.testbed import PodSpec, Testbed, state
 from merbridge_py.testbed.cleanup import leftovers
 from merbridge_py.testbed.load import LoadProcess
+from merbridge_py.testbed.testbed import AGENT_START_TIMEOUT
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 
@@ -37,6 +38,7 @@ RESTARTS = 3
 RUN = 2.5            # seconds of load with each agent
 AGENT_DEAD = 1.5     # with no agent at all
 CLIENT_PODS = ("a", "c")
+CLIENT_PATIENCE = int(AGENT_START_TIMEOUT) + 30   # seconds a paused client waits for its answer
 
 
 def pinned_objects(bpffs: Path) -> dict[str, int | None]:
@@ -219,8 +221,11 @@ def test_connections_a_proxy_has_not_accepted_yet_survive_a_restart():
         assert state.signal_if_ours(sidecar, signal.SIGSTOP)
         try:
             for _ in range(3):
+                # The clients must outwait the restart (bcc compiles for up to
+                # AGENT_START_TIMEOUT on busy cores): a client that gives up
+                # closes its socket, which rightly drops its record.
                 clients.append(tb.spawn_in("a", [sys.executable, "-m", "merbridge_py.testbed.client", "--host", b.ip,
-                                                 "--port", "8080", "--timeout", "8"],
+                                                 "--port", "8080", "--timeout", str(CLIENT_PATIENCE)],
                                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True))
             deadline = time.monotonic() + 10
             while len(tb.exec_in("a", ["ss", "-Htn", "state", "established", "dst", "127.0.0.2:15001"])
@@ -231,7 +236,7 @@ def test_connections_a_proxy_has_not_accepted_yet_survive_a_restart():
             tb.restart_agent(node)
         finally:
             state.signal_if_ours(sidecar, signal.SIGCONT)
-        answers = [json.loads(c.communicate(timeout=30)[0])["results"][0] for c in clients]
+        answers = [json.loads(c.communicate(timeout=CLIENT_PATIENCE + 30)[0])["results"][0] for c in clients]
         refused = tb.agent_metrics(node)['merbridge_original_dst_queries_total{result="refused"}']
     assert [(r["status"], r["error"]) for r in answers] == [(200, None)] * len(clients), f"refused: {refused}"
     assert {r["body"]["pod"] for r in answers} == {"b"}
