@@ -57,7 +57,9 @@ def pod_object(testbed: str, pod: Pod, node: Node, created: str | None = None) -
             "securityContext": {"runAsUser": ISTIO.proxy_uid, "runAsGroup": ISTIO.proxy_gid, "runAsNonRoot": True}})
         statuses.append({"name": ISTIO.proxy_container, "ready": True, "restartCount": 0, "image": PROXY_IMAGE,
                          "state": {"running": {"startedAt": created}}})
-    spec = {"nodeName": node.name, "containers": containers, "restartPolicy": "Always"}
+    # The service account is the pod's name: each pod has its own mesh identity (see envoy.service_account).
+    spec = {"nodeName": node.name, "serviceAccountName": pod.name, "containers": containers,
+            "restartPolicy": "Always"}
     if init_containers:
         spec["initContainers"] = init_containers
     return {

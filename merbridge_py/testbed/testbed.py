@@ -26,16 +26,17 @@ import urllib.request
 from pathlib import Path
 
 from .. import sandbox
-from . import istio_iptables, kube, nginx_app, state, topology
+from . import envoy, istio_iptables, kube, nginx_app, pki, state, topology
 from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
+from .envoy import EnvoySidecar
+from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MODES, PROXIES
 from .sidecar import HAProxySidecar, ProxiedConnection
 from .state import ProcessRecord
 from .topology import Node, Pod, PodSpec
 
-MODES = ("nomesh", "iptables", "ebpf")
 APPS = ("python", "nginx")
 APP_START_TIMEOUT = 20.0
-SIDECAR_START_TIMEOUT = 10.0
+SIDECAR_START_TIMEOUT = 30.0   # Envoys of every pod start at once on 2 busy cores
 AGENT_START_TIMEOUT = 90.0     # bcc compiles the programs at start: seconds on 2 busy cores
 
 
@@ -65,7 +66,8 @@ class Testbed:
 
     def __init__(self, name: str, nodes: list[Node], pods: list[Pod], fabric: str, slot: int, mode: str = "nomesh",
                  sidecar_log: bool = False, processes: list[ProcessRecord] | None = None,
-                 agents: dict[str, str] | None = None, app: str = "python", http_ports: tuple[int, ...] = ()):
+                 agents: dict[str, str] | None = None, app: str = "python", http_ports: tuple[int, ...] = (),
+                 proxy: str = "envoy", mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS):
         self.name = name
         self.slot = slot
         self.nodes = nodes
@@ -75,6 +77,9 @@ class Testbed:
         self.log_connections = sidecar_log
         self.app = app                # "python" (tests: /whoami, /bytes) or "nginx" (benchmarks)
         self.http_ports = tuple(http_ports)  # ports the sidecars proxy as HTTP, with pooled upstreams
+        self.proxy = proxy            # the sidecar: "envoy" (Istio's) or "haproxy" (a second, independent proxy)
+        self.mtls = mtls              # between Envoy sidecars: "strict", "permissive" (Istio's default) or "off"
+        self.envoy_workers = envoy_workers
         self.processes: list[ProcessRecord] = processes or []
         self.agents: dict[str, str] = agents or {}     # node name -> metrics address of its agent
         self.workdir = state.workdir(name)
@@ -86,18 +91,36 @@ class Testbed:
     @classmethod
     def up(cls, name: str = "tb", nodes: int = 2, pods_per_node: int = 2, mode: str = "iptables",
            pods: list[PodSpec] | None = None, plain_per_node: int = 0, sidecar_log: bool = False,
-           app: str = "python", http_ports: tuple[int, ...] = ()) -> "Testbed":
+           app: str = "python", http_ports: tuple[int, ...] = (), proxy: str = "envoy",
+           mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS) -> "Testbed":
         """Create the bed and start it in `mode`. `pods` replaces the default
         n<node>p<i> pods (all meshed, except the last `plain_per_node` per node).
         `app` is the pods' HTTP server: "python" (every endpoint, for tests) or
         "nginx" (`/` and `/whoami`; fast enough that a benchmark measures the
         mesh, not the app). `http_ports`: ports the sidecars proxy as HTTP with
         pooled upstream connections, as Envoy does for a Service port declared
-        HTTP; every other port is plain TCP. On any failure everything created so far is removed again."""
+        HTTP; every other port is plain TCP. `proxy`: the sidecar, "envoy"
+        (configured as istiod configures it) or "haproxy" (TCP and HTTP
+        forwarding only, no mTLS: shows the datapath does not depend on one
+        proxy). `mtls`: Envoy's peer authentication, "strict", "permissive"
+        (Istio's default; sidecars still speak mTLS to each other) or "off".
+        `envoy_workers`: Envoy's --concurrency. On any failure everything
+        created so far is removed again."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
         if app not in APPS:
             raise ValueError(f"app {app!r}: one of {', '.join(APPS)}")
+        if proxy not in PROXIES:
+            raise ValueError(f"proxy {proxy!r}: one of {', '.join(PROXIES)}")
+        envoy.check_mtls(mtls)
+        if proxy == "haproxy":
+            if mtls == "strict":
+                raise ValueError("mtls 'strict' needs proxy='envoy': HAProxy sidecars forward plain bytes")
+            mtls = "off"
+        if sidecar_log and proxy != "haproxy":
+            raise ValueError("sidecar_log needs proxy='haproxy'; Envoy's witness is its stats (sidecar_stats)")
+        if not (isinstance(envoy_workers, int) and 1 <= envoy_workers <= 64):
+            raise ValueError(f"envoy_workers {envoy_workers!r}: an integer 1-64")
         bad_ports = [port for port in http_ports if not (isinstance(port, int) and 1 <= port <= 65535)]
         if bad_ports:
             raise ValueError(f"http_ports {bad_ports!r}: ports are integers 1-65535")
@@ -113,7 +136,7 @@ class Testbed:
                 raise TestbedError(f"{topology.MAX_SLOTS} test beds are up already; take one down")
             node_list, pod_list, fabric = topology.plan(name, specs, nodes, slot=free[0])
             tb = cls(name, node_list, pod_list, fabric, slot=free[0], sidecar_log=sidecar_log, app=app,
-                     http_ports=http_ports)
+                     http_ports=http_ports, proxy=proxy, mtls=mtls, envoy_workers=envoy_workers)
             tb.status_word = "creating"
             tb._save()  # before anything exists: `down` always finds what to remove
         try:
@@ -136,7 +159,9 @@ class Testbed:
         return cls(name, [Node(**n) for n in data["nodes"]], [Pod(**p) for p in data["pods"]], data["fabric"],
                    slot=data["slot"], mode=data["mode"], sidecar_log=data["sidecar_log"],
                    processes=[ProcessRecord(**p) for p in data["processes"]], agents=data["agents"],
-                   app=data.get("app", "python"), http_ports=tuple(data.get("http_ports", ())))
+                   app=data.get("app", "python"), http_ports=tuple(data.get("http_ports", ())),
+                   proxy=data.get("proxy", "haproxy"), mtls=data.get("mtls", "off"),
+                   envoy_workers=data.get("envoy_workers", DEFAULT_ENVOY_WORKERS))
 
     def down(self) -> None:
         """Stop everything and remove every resource; safe to call twice."""
@@ -157,7 +182,8 @@ class Testbed:
             "sidecar_log": self.log_connections, "fabric": self.fabric, "cgroup": str(topology.cgroup_dir(self.name)),
             "nodes": [vars(n) for n in self.nodes], "pods": [p.to_json() for p in self.pods],
             "processes": [p.to_json() for p in self.processes], "agents": self.agents, "app": self.app,
-            "http_ports": list(self.http_ports),
+            "http_ports": list(self.http_ports), "proxy": self.proxy, "mtls": self.mtls,
+            "envoy_workers": self.envoy_workers,
         })
 
     def _create(self) -> None:
@@ -172,6 +198,16 @@ class Testbed:
         for node in self.nodes:
             objects = [kube.pod_object(self.name, p, node) for p in self.pods if p.node == node.name]
             self.pods_file(node).write_text(json.dumps(kube.pod_list(objects), indent=1) + "\n")
+        if self.proxy == "envoy":
+            self._issue_identities()
+
+    def _issue_identities(self) -> None:
+        """The bed's CA (as istiod's) and each meshed pod's directory, with
+        its workload certificate unless mTLS is off."""
+        ca = pki.CertificateAuthority.create(self.workdir / pki.CA_DIR) if self.mtls != "off" else None
+        for pod in self.pods:
+            if pod.meshed:
+                self.sidecar(pod).prepare(ca)
 
     # --- lookups ------------------------------------------------------------------
 
@@ -194,10 +230,13 @@ class Testbed:
     def pods_file(self, node: str | Node) -> Path:
         return self.workdir / f"{self.node(node).name}.pods.json"
 
-    def sidecar(self, pod: str | Pod) -> HAProxySidecar:
+    def sidecar(self, pod: str | Pod) -> EnvoySidecar | HAProxySidecar:
         p = self.pod(pod)
         if not p.meshed:
             raise ValueError(f"pod {p.name} is not meshed: it has no sidecar")
+        if self.proxy == "envoy":
+            return EnvoySidecar(self.workdir, p, self.pods, http_ports=self.http_ports, mtls=self.mtls,
+                                workers=self.envoy_workers)
         return HAProxySidecar(self.workdir, p.name, log_connections=self.log_connections,
                               services={q.service_ip: q.ip for q in self.pods}, http_ports=self.http_ports)
 
@@ -402,14 +441,19 @@ class Testbed:
 
     # --- traffic and observation --------------------------------------------------
 
-    def spawn_in(self, pod: str | Pod, argv: list[str], **popen) -> subprocess.Popen:
-        """Start a process inside `pod`'s network namespace and cgroup (where
-        the eBPF programs see it as that pod's app)."""
+    def exec(self, pod: str | Pod, argv: list[str], **popen) -> subprocess.Popen:
+        """Start a process inside `pod`'s network namespace and cgroup, as a
+        container of the pod would run: the eBPF programs attached to the
+        node's cgroup see it as that pod's app. (`ip netns exec` alone leaves
+        it outside the cgroup: in ebpf mode its connections silently take
+        Istio's iptables path.)"""
         p = self.pod(pod)
         return sandbox.spawn(argv, netns=p.netns, cgroup=Path(p.cgroup), **popen)
 
+    spawn_in = exec     # the name the benchmark and the load generator use
+
     def exec_in(self, pod: str | Pod, argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
-        proc = self.spawn_in(pod, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = self.exec(pod, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -467,7 +511,7 @@ class Testbed:
                     counts[chain] += packets
         return counts
 
-    def _running_sidecar(self, pod: str | Pod) -> HAProxySidecar:
+    def _running_sidecar(self, pod: str | Pod) -> EnvoySidecar | HAProxySidecar:
         if self.mode == "nomesh":
             raise TestbedError(f"no sidecars run in mode nomesh (pod {self.pod(pod).name})")
         return self.sidecar(pod)
@@ -478,14 +522,33 @@ class Testbed:
         return self._running_sidecar(pod).connection_counts()
 
     def sidecar_log(self, pod: str | Pod) -> list[ProxiedConnection]:
-        """Every connection the pod's sidecar forwarded with its original
-        destination (needs `sidecar_log=True` at `up`)."""
-        return self._running_sidecar(pod).connections()
+        """Every connection the pod's HAProxy sidecar forwarded with its
+        original destination (needs proxy="haproxy", `sidecar_log=True` at `up`)."""
+        sidecar = self._running_sidecar(pod)
+        if not isinstance(sidecar, HAProxySidecar):
+            raise TestbedError("sidecar_log is HAProxy's; with Envoy read sidecar_stats()")
+        return sidecar.connections()
+
+    def _running_envoy(self, pod: str | Pod) -> EnvoySidecar:
+        sidecar = self._running_sidecar(pod)
+        if not isinstance(sidecar, EnvoySidecar):
+            raise TestbedError(f"the sidecars of test bed {self.name} are {self.proxy}, not Envoy")
+        return sidecar
+
+    def sidecar_stats(self, pod: str | Pod) -> dict[str, int]:
+        """Every counter of the pod's Envoy (its admin /stats), by name: e.g.
+        `cluster.outbound|8080||b.default.svc.cluster.local.upstream_cx_total`."""
+        return self._running_envoy(pod).stats()
+
+    def sidecar_tls_handshakes(self, pod: str | Pod) -> dict[str, int]:
+        """TLS handshakes the pod's Envoy completed so far: {"outbound": as a
+        client to other sidecars, "inbound": as the server on 15006}."""
+        return self._running_envoy(pod).tls_handshakes()
 
     def status(self) -> dict:
         alive = {(r.role, r.owner): r.alive() for r in self.processes}
         return {
-            "name": self.name, "mode": self.mode,
+            "name": self.name, "mode": self.mode, "proxy": self.proxy, "mtls": self.mtls,
             "nodes": [{"name": n.name, "netns": n.netns, "cidr": n.cidr, "cgroup": n.cgroup,
                        "pods_file": str(self.pods_file(n)),
                        "agent": ({"metrics": self.agents[n.name], "ready": self.agent_ready(n)}
@@ -498,7 +561,7 @@ class Testbed:
 
     def summary(self) -> dict:
         """What `testbed up` prints."""
-        return {"name": self.name, "mode": self.mode,
+        return {"name": self.name, "mode": self.mode, "proxy": self.proxy, "mtls": self.mtls,
                 "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed}
                          for p in self.pods]}
 

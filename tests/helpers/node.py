@@ -135,7 +135,9 @@ class SimNode:
                 "--admin-socket", str(self.admin_socket),
                 "--inbound-redirect", "ebpf", *extra]
 
-    def start_agent(self, *extra: str, timeout: float = 30) -> None:
+    def start_agent(self, *extra: str, timeout: float = 90) -> None:
+        # 90 s as the test bed waits: bcc compiles at start, which took over
+        # 30 s on 2 cores shared with other agents compiling.
         self.agent_port = _free_port()
         self.agent = subprocess.Popen(self.agent_argv("--metrics-addr", f"127.0.0.1:{self.agent_port}", *extra),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
