@@ -494,10 +494,10 @@ def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
         shutil.rmtree(pin_dir, ignore_errors=True)
         raise DatapathError(f"compiling or loading the eBPF programs took longer than {LOADER_TIMEOUT:.0f} s") from None
     if done.returncode != 0:
-        if done.stderr.strip():
-            log.error("the eBPF loader said:\n%s", done.stderr.rstrip())
         lines = done.stderr.strip().splitlines()
         why = lines[-1].removeprefix("error: ") if lines else f"the loader exited with status {done.returncode}"
+        if len(lines) > 1:   # what clang or the verifier printed before the error
+            log.error("the eBPF loader said:\n%s", "\n".join(lines[:-1]))
         raise DatapathError(f"compiling or loading the eBPF programs failed: {why}")
     try:
         result = json.loads(done.stdout.strip().splitlines()[-1])
