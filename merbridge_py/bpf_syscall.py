@@ -181,9 +181,13 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int) 
 def possible_cpus() -> int:
     """How many value slots a per-CPU map returns: one per possible CPU
     (the kernel's num_possible_cpus(), the weight of this mask)."""
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return cpu_list_length(Path("/sys/devices/system/cpu/possible").read_text())
+
+
+def cpu_list_length(text: str) -> int:
+    """How many CPUs a kernel CPU list names: "0-3,8" -> 5."""
     n = 0
-    for part in text.split(","):
+    for part in text.strip().split(","):
         lo, _, hi = part.partition("-")
         n += int(hi or lo) - int(lo) + 1
     return n

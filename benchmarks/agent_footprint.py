@@ -1,0 +1,211 @@
+"""The node agent's footprint: its RSS with many pods, and how long it takes
+from start to ready (programs loaded, attached and pinned, every pod written).
+
+Brings up a one-node test bed with no mesh running (one plain pod; nothing
+attached), adds --pods extra network namespaces, each holding one address of
+198.18.0.0/15 (the benchmarking range) on its loopback, and writes a pods
+file with one meshed pod object per namespace (as the test bed's own pods,
+minus the sidecar process: the agent only needs the object and the
+namespace). Then, in interleaved rounds, starts the agent of each code
+variant on that node and measures:
+
+- ready: from the agent's start to /readyz answering 200;
+- RSS: the agent process's resident set after it has been ready --settle
+  seconds (the median of a few samples), with the pods it reports accelerated;
+- whether bcc or LLVM is mapped into the agent process;
+- for variants with a loader child (merbridge_py/loader.py): the child alone,
+  run on its own with fresh maps, its wall time and its peak RSS.
+
+Variants are git refs of this repository, exported with `git archive` into a
+temporary directory, or `.` for the working tree. Needs root. Run from the
+repository:
+
+    .venv/bin/python benchmarks/agent_footprint.py --variants main,. [--pods 200] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from merbridge_py.mesh import ISTIO
+from merbridge_py.testbed import PodSpec, Testbed, kube, topology
+from merbridge_py.testbed.topology import Pod
+
+REPO = Path(__file__).resolve().parent.parent
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+LLVM_MARKERS = ("libbcc", "libLLVM", "libclang")
+
+
+def pod_ip(i: int) -> str:
+    return f"198.18.{i // 250}.{i % 250 + 1}"
+
+
+def add_pod_namespaces(tb: Testbed, n: int) -> list[Pod]:
+    """n namespaces named like the bed's own (so its teardown removes them)."""
+    node = tb.node("node0")
+    pods = []
+    batch = []
+    for i in range(n):
+        name = f"fp{i}"
+        netns = f"{topology.prefix(tb.name)}x{i}"
+        batch.append(f"netns add {netns}")
+        pods.append(Pod(name=name, node=node.name, ip=pod_ip(i), netns=netns, meshed=True, cgroup=node.cgroup,
+                        annotations={}, ports=[8080], veth="", service_ip=""))
+    subprocess.run(["ip", "-batch", "-"], input="\n".join(batch) + "\n", text=True, check=True)
+    for p in pods:
+        subprocess.run(["ip", "-n", p.netns, "addr", "add", f"{p.ip}/32", "dev", "lo"], check=True)
+        subprocess.run(["ip", "-n", p.netns, "link", "set", "lo", "up"], check=True)
+    return pods
+
+
+def export(ref: str, into: Path) -> Path:
+    if ref == ".":
+        return REPO
+    dest = into / re.sub(r"\W", "_", ref)
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def get(addr: str, path: str) -> tuple[int, bytes]:
+    try:
+        with _NO_PROXY.open(f"http://{addr}{path}", timeout=2) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_agent(code: Path, tb: Testbed, pods_file: Path, bpffs: str, settle: float, log: Path) -> dict:
+    node = tb.node("node0")
+    addr = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, PYTHONPATH=str(code), MERBRIDGE_EBPF_DIR=str(code / "ebpf"))
+    argv = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", node.cgroup, "--pods-file", str(pods_file),
+            "--bpffs", bpffs, "--metrics-addr", addr]
+    with open(log, "ab") as out:
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, cwd=code, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while get(addr, "/readyz")[0] != 200:
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent of {code} exited with {proc.returncode}; see {log}")
+            if time.monotonic() - started > 120:
+                raise RuntimeError(f"agent of {code} not ready after 120 s; see {log}")
+            time.sleep(0.02)
+        ready = time.monotonic() - started
+        time.sleep(settle)
+        p = psutil.Process(proc.pid)
+        samples = []
+        for _ in range(5):
+            samples.append(p.memory_info().rss)
+            time.sleep(0.2)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        status = json.loads(get(addr, "/status")[1] or b"{}")
+        accelerated = sum(1 for s in status.get("pods", []) if s["accelerated"])
+        return {"ready_s": ready, "rss_mb": statistics.median(samples) / 2**20,
+                "llvm_mapped": any(m in maps for m in LLVM_MARKERS), "accelerated": accelerated}
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def run_loader_alone(code: Path, bpffs: Path) -> dict | None:
+    """The loader child on its own, with fresh maps; None for code without one."""
+    if not (code / "merbridge_py" / "loader.py").is_file():
+        return None
+    maps_dir, pin_dir = bpffs / "maps-loader", bpffs / "loading"
+    maps_dir.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=str(code), MERBRIDGE_EBPF_DIR=str(code / "ebpf"))
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "merbridge_py.loader", "--maps-dir", str(maps_dir),
+                               "--pin-dir", str(pin_dir), "--", *ISTIO.cflags()],
+                              cwd=code, env=env, capture_output=True, text=True, timeout=120)
+        wall = time.monotonic() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"loader of {code} failed: {done.stderr.strip()}")
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        return {"loader_s": wall, "loader_peak_mb": report["peak_rss_kb"] / 1024}
+    finally:
+        shutil.rmtree(bpffs, ignore_errors=True)
+
+
+def median(rows: list[dict], key: str):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="main,.", help="comma-separated git refs; '.' is the working tree")
+    parser.add_argument("--pods", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds after ready before RSS is sampled")
+    parser.add_argument("--json", type=Path, help="also write every measurement here")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+
+    name = f"fp{os.getpid()}"
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="mbp-footprint-") as tmp, \
+            Testbed.up(name, nodes=1, pods=[PodSpec("plain", meshed=False)], mode="nomesh") as tb:
+        codes = {v: export(v, Path(tmp)) for v in variants}
+        node = tb.node("node0")
+        pods = add_pod_namespaces(tb, args.pods)
+        pods_file = Path(tmp) / "pods.json"
+        pods_file.write_text(json.dumps(kube.pod_list([kube.pod_object(tb.name, p, node) for p in pods])))
+        bpffs = f"{node.bpffs}-agent"   # under the bed's prefix: its teardown removes leftovers
+        for r in range(args.rounds):
+            order = variants if r % 2 == 0 else variants[::-1]
+            for v in order:
+                row = run_agent(codes[v], tb, pods_file, bpffs, args.settle, Path(tmp) / f"agent-{r}.log")
+                row.update(run_loader_alone(codes[v], Path(f"{node.bpffs}-loader")) or {})
+                results[v].append(row)
+                print(f"round {r + 1} {v}: " + ", ".join(f"{k}={x:.2f}" if isinstance(x, float) else f"{k}={x}"
+                                                         for k, x in row.items()), flush=True)
+
+    print(f"\n{args.pods} pods, {args.rounds} interleaved rounds, medians:")
+    print(f"{'variant':<12} {'ready s':>8} {'RSS MB':>8} {'accel':>6} {'LLVM mapped':>12} {'loader s':>9} "
+          f"{'loader peak MB':>15}")
+    for v, rows in results.items():
+        loader_s, loader_mb = median(rows, "loader_s"), median(rows, "loader_peak_mb")
+        print(f"{v:<12} {median(rows, 'ready_s'):>8.2f} {median(rows, 'rss_mb'):>8.1f} "
+              f"{median(rows, 'accelerated'):>6.0f} {str(any(r['llvm_mapped'] for r in rows)):>12} "
+              f"{'-' if loader_s is None else f'{loader_s:.2f}':>9} "
+              f"{'-' if loader_mb is None else f'{loader_mb:.1f}':>15}")
+    if args.json:
+        args.json.write_text(json.dumps({"pods": args.pods, "rounds": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
