@@ -29,6 +29,7 @@ class Cmd(enum.IntEnum):
     MAP_UPDATE_ELEM = 2
     MAP_DELETE_ELEM = 3
     MAP_GET_NEXT_KEY = 4
+    PROG_LOAD = 5
     OBJ_PIN = 6
     OBJ_GET = 7
     PROG_ATTACH = 8
