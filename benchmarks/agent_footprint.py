@@ -125,9 +125,11 @@ def run_agent(code: Path, tb: Testbed, pods_file: Path, bpffs: str, settle: floa
             samples.append(p.memory_info().rss)
             time.sleep(0.2)
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        anon_kb = int(re.search(r"^RssAnon:\s+(\d+)", Path(f"/proc/{proc.pid}/status").read_text(), re.M).group(1))
         status = json.loads(get(addr, "/status")[1] or b"{}")
         accelerated = sum(1 for s in status.get("pods", []) if s["accelerated"])
-        return {"ready_s": ready, "rss_mb": statistics.median(samples) / 2**20,
+        return {"ready_s": ready, "rss_mb": statistics.median(samples) / 2**20, "anon_mb": anon_kb / 1024,
+                "maps_mb": maps_memlock(Path(bpffs)) / 2**20,
                 "llvm_mapped": any(m in maps for m in LLVM_MARKERS), "accelerated": accelerated}
     finally:
         if proc.poll() is None:
@@ -137,6 +139,20 @@ def run_agent(code: Path, tb: Testbed, pods_file: Path, bpffs: str, settle: floa
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def maps_memlock(bpffs: Path) -> int:
+    """Kernel memory of the pinned maps (the `memlock` of each map's fdinfo):
+    charged to the memory cgroup of whoever created them, not part of any RSS."""
+    from merbridge_py.bpf_syscall import obj_get
+    total = 0
+    for pin in bpffs.glob("maps-*/*"):
+        fd = obj_get(pin)
+        try:
+            total += int(re.search(r"^memlock:\s+(\d+)", Path(f"/proc/self/fdinfo/{fd}").read_text(), re.M).group(1))
+        finally:
+            os.close(fd)
+    return total
 
 
 def run_loader_alone(code: Path, bpffs: Path) -> dict | None:
@@ -155,7 +171,9 @@ def run_loader_alone(code: Path, bpffs: Path) -> dict | None:
         if done.returncode != 0:
             raise RuntimeError(f"loader of {code} failed: {done.stderr.strip()}")
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        return {"loader_s": wall, "loader_peak_mb": report["peak_rss_kb"] / 1024}
+        return {"loader_s": wall, "loader_peak_mb": report["peak_rss_kb"] / 1024,
+                "loader_anon_mb": report.get("anon_rss_kb", 0) / 1024,
+                "loader_file_mb": report.get("file_rss_kb", 0) / 1024}
     finally:
         shutil.rmtree(bpffs, ignore_errors=True)
 
@@ -195,14 +213,17 @@ def main() -> None:
                                                          for k, x in row.items()), flush=True)
 
     print(f"\n{args.pods} pods, {args.rounds} interleaved rounds, medians:")
-    print(f"{'variant':<12} {'ready s':>8} {'RSS MB':>8} {'accel':>6} {'LLVM mapped':>12} {'loader s':>9} "
-          f"{'loader peak MB':>15}")
+    columns = [("ready s", "ready_s", ".2f"), ("RSS MB", "rss_mb", ".1f"), ("anon MB", "anon_mb", ".1f"),
+               ("maps MB", "maps_mb", ".1f"), ("accel", "accelerated", ".0f"), ("loader s", "loader_s", ".2f"),
+               ("loader peak MB", "loader_peak_mb", ".1f"), ("loader anon MB", "loader_anon_mb", ".1f"),
+               ("loader file MB", "loader_file_mb", ".1f")]
+    print(f"{'variant':<12} " + " ".join(f"{title:>{len(title)}}" for title, _, _ in columns) + "  LLVM mapped")
     for v, rows in results.items():
-        loader_s, loader_mb = median(rows, "loader_s"), median(rows, "loader_peak_mb")
-        print(f"{v:<12} {median(rows, 'ready_s'):>8.2f} {median(rows, 'rss_mb'):>8.1f} "
-              f"{median(rows, 'accelerated'):>6.0f} {str(any(r['llvm_mapped'] for r in rows)):>12} "
-              f"{'-' if loader_s is None else f'{loader_s:.2f}':>9} "
-              f"{'-' if loader_mb is None else f'{loader_mb:.1f}':>15}")
+        cells = []
+        for title, key, fmt in columns:
+            m = median(rows, key)
+            cells.append(f"{'-' if m is None else format(m, fmt):>{len(title)}}")
+        print(f"{v:<12} " + " ".join(cells) + f"  {any(r['llvm_mapped'] for r in rows)}")
     if args.json:
         args.json.write_text(json.dumps({"pods": args.pods, "rounds": results}, indent=2))
 

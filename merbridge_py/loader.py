@@ -9,7 +9,8 @@ does all attaching itself, through bpf(2) (merbridge_py/bpf_syscall.py).
 Nothing is attached here: a loader that dies leaves no program running.
 
 On success one JSON line goes to stdout: the headers used, the programs
-pinned, how long compiling took and this process's peak RSS. On failure a
+pinned, how long compiling took and this process's peak RSS (with its
+anonymous and file-backed parts at the end). On failure a
 one-line error goes to stderr (after whatever clang or the verifier printed)
 and the exit status is 1, with no program pin left behind.
 """
@@ -56,7 +57,20 @@ def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
     finally:
         bpf.cleanup()   # closes our fds; the pins keep programs and maps alive
     return {"headers": headers.description, "programs": sorted(fns), "seconds": round(time.monotonic() - started, 3),
-            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, **_rss_split()}
+
+
+def _rss_split() -> dict:
+    """Anonymous vs file-backed (mostly LLVM's library) resident memory, at
+    the end, when it is near its peak: only the anonymous part is memory a
+    memory limit cannot reclaim."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                out[f"{key[3:].lower()}_rss_kb"] = int(value.split()[0])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
