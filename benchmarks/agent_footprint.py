@@ -20,7 +20,7 @@ Variants are git refs of this repository, exported with `git archive` into a
 temporary directory, or `.` for the working tree. Needs root. Run from the
 repository:
 
-    .venv/bin/python benchmarks/agent_footprint.py --variants main,. [--pods 200] [--rounds 5]
+    .venv/bin/python benchmarks/agent_footprint.py --variants main,HEAD [--pods 200] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def median(rows: list[dict], key: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="main,.", help="comma-separated git refs; '.' is the working tree")
+    parser.add_argument("--variants", default="main,HEAD",
+                        help="comma-separated git refs; '.' is the working tree as it is")
     parser.add_argument("--pods", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after ready before RSS is sampled")
