@@ -187,10 +187,11 @@ class LoadedObjects:
 
     def close(self) -> None:
         for fd in [*self.progs.values(), self.sockhash_fd]:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         for m in self.maps.values():
             m.close()
-        self.progs, self.maps = {}, {}
+        self.progs, self.maps, self.sockhash_fd = {}, {}, -1
 
 
 class Datapath:
