@@ -26,6 +26,7 @@ repository:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -100,11 +101,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_agent(code: Path, tb: Testbed, pods_file: Path, bpffs: str, settle: float, log: Path) -> dict:
+def run_agent(code: Path, tb: Testbed, source: list[str], bpffs: str, settle: float, log: Path) -> dict:
     node = tb.node("node0")
     addr = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, PYTHONPATH=str(code), MERBRIDGE_EBPF_DIR=str(code / "ebpf"))
-    argv = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", node.cgroup, "--pods-file", str(pods_file),
+    argv = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", node.cgroup, *source,
             "--bpffs", bpffs, "--metrics-addr", addr]
     with open(log, "ab") as out:
         started = time.monotonic()
@@ -190,30 +191,51 @@ def main() -> None:
     parser.add_argument("--pods", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after ready before RSS is sampled")
+    parser.add_argument("--source", choices=("file", "api"), default="file",
+                        help="the agent reads the pods from a pods file, or lists and watches them on an "
+                             "in-process fake API server (tests/fake_apiserver.py) with the kubernetes client, "
+                             "as in a cluster")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args()
     variants = args.variants.split(",")
 
     name = f"fp{os.getpid()}"
     results: dict[str, list[dict]] = {v: [] for v in variants}
-    with tempfile.TemporaryDirectory(prefix="mbp-footprint-") as tmp, \
-            Testbed.up(name, nodes=1, pods=[PodSpec("plain", meshed=False)], mode="nomesh") as tb:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mbp-footprint-"))
+        tb = stack.enter_context(Testbed.up(name, nodes=1, pods=[PodSpec("plain", meshed=False)], mode="nomesh"))
         codes = {v: export(v, Path(tmp)) for v in variants}
         node = tb.node("node0")
         pods = add_pod_namespaces(tb, args.pods)
-        pods_file = Path(tmp) / "pods.json"
-        pods_file.write_text(json.dumps(kube.pod_list([kube.pod_object(tb.name, p, node) for p in pods])))
+        objects = [kube.pod_object(tb.name, p, node) for p in pods]
+        if args.source == "file":
+            pods_file = Path(tmp) / "pods.json"
+            pods_file.write_text(json.dumps(kube.pod_list(objects)))
+            source = ["--pods-file", str(pods_file)]
+        else:
+            sys.path.insert(0, str(REPO / "tests"))
+            from fake_apiserver import FakeApiServer
+            api = stack.enter_context(FakeApiServer())
+            for obj in objects:
+                api.add_pod(obj)
+            kubeconfig = Path(tmp) / "kubeconfig"
+            kubeconfig.write_text(json.dumps({
+                "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+                "users": [{"name": "agent", "user": {"token": "not-checked"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "agent"}}]}))
+            source = ["--kubeconfig", str(kubeconfig), "--node-name", node.name]
         bpffs = f"{node.bpffs}-agent"   # under the bed's prefix: its teardown removes leftovers
         for r in range(args.rounds):
             order = variants if r % 2 == 0 else variants[::-1]
             for v in order:
-                row = run_agent(codes[v], tb, pods_file, bpffs, args.settle, Path(tmp) / f"agent-{r}.log")
+                row = run_agent(codes[v], tb, source, bpffs, args.settle, Path(tmp) / f"agent-{r}.log")
                 row.update(run_loader_alone(codes[v], Path(f"{node.bpffs}-loader")) or {})
                 results[v].append(row)
                 print(f"round {r + 1} {v}: " + ", ".join(f"{k}={x:.2f}" if isinstance(x, float) else f"{k}={x}"
                                                          for k, x in row.items()), flush=True)
 
-    print(f"\n{args.pods} pods, {args.rounds} interleaved rounds, medians:")
+    print(f"\n{args.pods} pods from the {args.source} source, {args.rounds} interleaved rounds, medians:")
     columns = [("ready s", "ready_s", ".2f"), ("RSS MB", "rss_mb", ".1f"), ("anon MB", "anon_mb", ".1f"),
                ("maps MB", "maps_mb", ".1f"), ("accel", "accelerated", ".0f"), ("loader s", "loader_s", ".2f"),
                ("loader peak MB", "loader_peak_mb", ".1f"), ("loader anon MB", "loader_anon_mb", ".1f"),
