@@ -119,6 +119,8 @@ def run_agent(code: Path, tb: Testbed, source: list[str], bpffs: str, settle: fl
                 raise RuntimeError(f"agent of {code} not ready after 120 s; see {log}")
             time.sleep(0.02)
         ready = time.monotonic() - started
+        cpu = psutil.Process(proc.pid).cpu_times()   # children: the loader, if any, has been waited for
+        ready_cpu = cpu.user + cpu.system + cpu.children_user + cpu.children_system
         time.sleep(settle)
         p = psutil.Process(proc.pid)
         samples = []
@@ -129,7 +131,7 @@ def run_agent(code: Path, tb: Testbed, source: list[str], bpffs: str, settle: fl
         anon_kb = int(re.search(r"^RssAnon:\s+(\d+)", Path(f"/proc/{proc.pid}/status").read_text(), re.M).group(1))
         status = json.loads(get(addr, "/status")[1] or b"{}")
         accelerated = sum(1 for s in status.get("pods", []) if s["accelerated"])
-        return {"ready_s": ready, "rss_mb": statistics.median(samples) / 2**20, "anon_mb": anon_kb / 1024,
+        return {"ready_s": ready, "ready_cpu_s": ready_cpu, "rss_mb": statistics.median(samples) / 2**20, "anon_mb": anon_kb / 1024,
                 "maps_mb": maps_memlock(Path(bpffs)) / 2**20,
                 "llvm_mapped": any(m in maps for m in LLVM_MARKERS), "accelerated": accelerated}
     finally:
@@ -172,7 +174,7 @@ def run_loader_alone(code: Path, bpffs: Path) -> dict | None:
         if done.returncode != 0:
             raise RuntimeError(f"loader of {code} failed: {done.stderr.strip()}")
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        return {"loader_s": wall, "loader_peak_mb": report["peak_rss_kb"] / 1024,
+        return {"loader_s": wall, "loader_cpu_s": report.get("cpu_seconds"), "loader_peak_mb": report["peak_rss_kb"] / 1024,
                 "loader_anon_mb": report.get("anon_rss_kb", 0) / 1024,
                 "loader_file_mb": report.get("file_rss_kb", 0) / 1024}
     finally:
@@ -236,8 +238,9 @@ def main() -> None:
                                                          for k, x in row.items()), flush=True)
 
     print(f"\n{args.pods} pods from the {args.source} source, {args.rounds} interleaved rounds, medians:")
-    columns = [("ready s", "ready_s", ".2f"), ("RSS MB", "rss_mb", ".1f"), ("anon MB", "anon_mb", ".1f"),
-               ("maps MB", "maps_mb", ".1f"), ("accel", "accelerated", ".0f"), ("loader s", "loader_s", ".2f"),
+    columns = [("ready s", "ready_s", ".2f"), ("ready CPU s", "ready_cpu_s", ".2f"), ("RSS MB", "rss_mb", ".1f"),
+               ("anon MB", "anon_mb", ".1f"), ("maps MB", "maps_mb", ".1f"), ("accel", "accelerated", ".0f"),
+               ("loader s", "loader_s", ".2f"), ("loader CPU s", "loader_cpu_s", ".2f"),
                ("loader peak MB", "loader_peak_mb", ".1f"), ("loader anon MB", "loader_anon_mb", ".1f"),
                ("loader file MB", "loader_file_mb", ".1f")]
     print(f"{'variant':<12} " + " ".join(f"{title:>{len(title)}}" for title, _, _ in columns) + "  LLVM mapped")

@@ -9,10 +9,10 @@ does all attaching itself, through bpf(2) (merbridge_py/bpf_syscall.py).
 Nothing is attached here: a loader that dies leaves no program running.
 
 On success one JSON line goes to stdout: the headers used, the programs
-pinned, how long compiling took and this process's peak RSS (with its
-anonymous and file-backed parts at the end). On failure a
-one-line error goes to stderr (after whatever clang or the verifier printed)
-and the exit status is 1, with no program pin left behind.
+pinned, how long compiling took, the CPU time this process used (its whole
+life), its peak RSS (with its anonymous and file-backed parts at the end).
+On failure a one-line error goes to stderr (after whatever clang or the
+verifier printed) and the exit status is 1, with no program pin left behind.
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
             obj_pin(fn.fd, pin_dir / name)
     finally:
         bpf.cleanup()   # closes our fds; the pins keep programs and maps alive
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"headers": headers.description, "programs": sorted(fns), "seconds": round(time.monotonic() - started, 3),
-            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, **_rss_split()}
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_kb": usage.ru_maxrss,
+            **_rss_split()}
 
 
 def _rss_split() -> dict:
