@@ -1,7 +1,7 @@
 """Compile and load the eBPF programs with bcc, pin them, and exit.
 
 The agent runs this as a short-lived child (`python -m merbridge_py.loader`)
-so that bcc and the LLVM it maps (about 130 MB of RSS) never live in the
+so that bcc and the LLVM it maps (about 140 MB of RSS) never live in the
 long-running agent process. bcc creates the maps pinned under --maps-dir, or
 reuses a predecessor's it finds there (see merbridge.h). Each program is
 pinned as --pin-dir/<function>; the agent opens those pins, removes them and
