@@ -1,30 +1,32 @@
-"""The kernel half, driven from user space: compile the eBPF programs with bcc,
-attach them to a cgroup v2 directory, pin their maps and programs under bpffs,
-write per-pod state, read counters, and take everything down again.
+"""The kernel half, driven from user space: have the programs compiled and
+loaded with bcc in a child process (merbridge_py/loader.py), attach them to a
+cgroup v2 directory, pin them under bpffs, write per-pod state, read counters,
+and take everything down again, all through bpf(2) on the pinned objects.
 """
 
 from __future__ import annotations
 
-import ctypes as ct
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kheaders, layout
+from . import bpf_syscall, layout
 from .mesh import MeshProfile
 
 log = logging.getLogger("merbridge_py.datapath")
 
 EBPF_DIR_ENV = "MERBRIDGE_EBPF_DIR"
 HEADER = "merbridge.h"
-BPF_F_ALLOW_MULTI = 2  # share the cgroup with other eBPF tools (Cilium, ...)
 
 SPLICE_POLICIES = {p.name.lower(): p for p in layout.SplicePolicy}
 # Adaptive splicing (ebpf/sockops.bpf.c): this many connections in a row from
@@ -49,9 +51,13 @@ class Hook:
 
     source: str
     function: str
-    prog_type: str      # name in bcc's BPFProgType
-    attach_type: str    # name in bcc's BPFAttachType
+    prog_type: str      # name in bcc's BPFProgType (the loader's business)
+    attach_type: str    # name in bcc's BPFAttachType and bpf_syscall.AttachType
     on_cgroup: bool     # False: attaches to the sockhash
+
+    @property
+    def attach_type_number(self) -> int:
+        return int(bpf_syscall.AttachType[self.attach_type])
 
 
 CONNECT_HOOK = "sock4_connect"
@@ -61,6 +67,7 @@ HOOKS = (
     Hook("sk_msg.bpf.c", "sk_msg_splice", "SK_MSG", "SK_MSG_VERDICT", False),
     Hook("getsockopt.bpf.c", "sockopt_original_dst", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT", True),
 )
+SK_MSG_HOOK = next(h for h in HOOKS if not h.on_cgroup)
 
 
 class DatapathError(RuntimeError):
@@ -94,31 +101,20 @@ def program_text(directory: Path | None = None) -> str:
     return "\n".join(parts)
 
 
-# --- small pieces of the bpf(2) API bcc does not wrap -----------------------------
-
-def _lib():
-    from bcc import libbcc
-    lib = libbcc.lib
-    if not getattr(lib, "_merbridge_typed", False):
-        # libbcc exports these (from its libbpf) but bcc's Python side does not declare them
-        lib.bpf_obj_pin.argtypes, lib.bpf_obj_pin.restype = [ct.c_int, ct.c_char_p], ct.c_int
-        lib.bpf_obj_get.argtypes, lib.bpf_obj_get.restype = [ct.c_char_p], ct.c_int
-        lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
-        lib._merbridge_typed = True
-    return lib
-
+# --- pins --------------------------------------------------------------------------
 
 def obj_pin(fd: int, path: Path) -> None:
-    rc = _lib().bpf_obj_pin(fd, str(path).encode())
-    if rc != 0:  # libbpf returns -errno
-        raise DatapathError(f"cannot pin {path}: {os.strerror(-rc) if rc < 0 else 'bpf_obj_pin failed'}")
+    try:
+        bpf_syscall.obj_pin(fd, path)
+    except OSError as e:
+        raise DatapathError(f"cannot pin {path}: {e.strerror}") from None
 
 
 def obj_get(path: Path) -> int:
-    fd = _lib().bpf_obj_get(str(path).encode())
-    if fd < 0:
-        raise DatapathError(f"cannot open pinned object {path}")
-    return fd
+    try:
+        return bpf_syscall.obj_get(path)
+    except OSError as e:
+        raise DatapathError(f"cannot open pinned object {path}: {e.strerror}") from None
 
 
 def ensure_bpffs(directory: Path) -> None:
@@ -179,6 +175,25 @@ def open_cgroup(path: Path) -> int:
 MODES = ("ebpf", "iptables")
 
 
+class LoadedObjects:
+    """File descriptors of one load: the programs (by function) and the maps
+    (by name, opened from their pins), all released by close()."""
+
+    def __init__(self, progs: dict[str, int], maps: dict[str, bpf_syscall.Map], sockhash_fd: int):
+        self.progs, self.maps, self.sockhash_fd = progs, maps, sockhash_fd
+
+    def __getitem__(self, name: str) -> bpf_syscall.Map:
+        return self.maps[name]
+
+    def close(self) -> None:
+        for fd in [*self.progs.values(), self.sockhash_fd]:
+            if fd >= 0:
+                os.close(fd)
+        for m in self.maps.values():
+            m.close()
+        self.progs, self.maps, self.sockhash_fd = {}, {}, -1
+
+
 class Datapath:
     """Programs, maps and pins of one agent. Use as: load(); attach(); ...; detach().
 
@@ -187,6 +202,10 @@ class Datapath:
     Istio's own rules; the other hooks stay, because connections opened
     before the switch still need them (their spliced sockets, the proxy's
     SO_ORIGINAL_DST answer, the clean-up of their entries when they close).
+
+    Compiling is the loader child's job (merbridge_py/loader.py); this
+    process only holds file descriptors and talks bpf(2), so it never maps
+    bcc's LLVM.
     """
 
     def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: str = "adaptive",
@@ -199,10 +218,9 @@ class Datapath:
         self.splice = splice
         self.rewrite_inbound_port = rewrite_inbound_port
         self.mode = "ebpf"
-        self.bpf = None
-        self._fns: dict[str, object] = {}
+        self.bpf: LoadedObjects | None = None
+        self.loader_result: dict = {}     # what the loader child reported (timings, its peak RSS)
         self._cgroup_fd: int | None = None
-        self._sockhash_fd: int | None = None
         self.attached = False
         self._pinned = False   # the program pins under bpffs_dir are ours (not a predecessor's)
         self._pins_complete = False
@@ -212,47 +230,59 @@ class Datapath:
 
     # --- lifecycle ----------------------------------------------------------------
 
+    def compile_flags(self) -> list[str]:
+        """-D defines for the compiler (the loader adds the maps directory)."""
+        return self.mesh.cflags()
+
     def load(self) -> None:
-        headers = kheaders.find()
-        headers.apply()
-        log.info("compiling eBPF programs against kernel headers: %s", headers.description)
-        from bcc import BPF, BPFAttachType, BPFProgType
-        # bcc creates the maps pinned under maps_dir, or reuses those it finds there.
         ensure_bpffs(self.bpffs_dir)
+        # bcc (in the loader) creates the maps pinned under maps_dir, or reuses those it finds there.
         self.adopted_maps = self.maps_dir.is_dir() and any(self.maps_dir.iterdir())
         self._created_maps_dir = not self.maps_dir.exists()
         self.maps_dir.mkdir(parents=True, exist_ok=True)
         if self.adopted_maps:
             log.info("taking over the maps a previous agent left in %s", self.maps_dir)
+        staging = self.bpffs_dir / LOADER_PIN_DIR
+        shutil.rmtree(staging, ignore_errors=True)   # a loader's whose agent died before taking them
         try:
-            self.bpf = BPF(text=program_text().encode(),
-                           cflags=self.mesh.cflags() + [f'-DMB_MAPS_DIR="{self.maps_dir}"'])
-            for hook in HOOKS:
-                self._fns[hook.function] = self.bpf.load_func(
-                    hook.function.encode(), getattr(BPFProgType, hook.prog_type),
-                    attach_type=getattr(BPFAttachType, hook.attach_type))
-        except Exception as e:  # bcc raises a bare Exception after printing clang's or the verifier's errors
+            self.loader_result = run_loader(self.maps_dir, staging, self.compile_flags())
+            progs = {}
+            try:
+                for hook in HOOKS:
+                    progs[hook.function] = obj_get(staging / hook.function)
+            except DatapathError:
+                for fd in progs.values():
+                    os.close(fd)
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)   # the fds keep the programs loaded now
+            self.bpf = _open_maps(self.maps_dir, progs)
+        except DatapathError:
             self._forget_fresh_maps()
-            raise DatapathError(f"compiling or loading the eBPF programs failed: {e}") from e
-        self._sockhash_fd = _lib().bpf_table_fd(self.bpf.module, b"sock_pairs")
+            raise
+        log.info("eBPF programs loaded by the loader child in %.2f s (compiled %.2f s against %s; "
+                 "its peak RSS %d MB)", self.loader_result.get("elapsed", 0), self.loader_result.get("seconds", 0),
+                 self.loader_result.get("headers", "?"), self.loader_result.get("peak_rss_kb", 0) // 1024)
         self._write_config()
 
     def attach(self) -> None:
         """Attach to the cgroup (next to any other tool's programs), replacing a
         crashed predecessor's programs if its pins are still there, and pin."""
-        from bcc import BPFAttachType
         ensure_bpffs(self.bpffs_dir)
         self._cgroup_fd = open_cgroup(self.cgroup)
         stale = self._stale_programs()
-        self.bpf.attach_func(self._fns["sk_msg_splice"], self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+        # A sockhash has one sk_msg program: this replaces a predecessor's on adopted maps.
+        self._attach(self.bpf.sockhash_fd, SK_MSG_HOOK, 0)
         for hook in HOOKS:
             if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
-                self.bpf.attach_func(self._fns[hook.function], self._cgroup_fd,
-                                     getattr(BPFAttachType, hook.attach_type), BPF_F_ALLOW_MULTI)
+                self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
         self.attached = True
         # Only now that ours run, take the predecessor's off: no gap in between.
         for prog_fd, attach_type in stale:
-            _lib().bpf_prog_detach2(prog_fd, self._cgroup_fd, attach_type)
+            try:
+                bpf_syscall.prog_detach(self._cgroup_fd, prog_fd, attach_type)
+            except OSError as e:   # e.g. not attached any more
+                log.warning("detaching a previous agent's program: %s", e)
             os.close(prog_fd)
         if stale:
             log.info("replaced %d programs left attached by a previous agent", len(stale))
@@ -262,13 +292,21 @@ class Datapath:
         self._pin_programs()
         self._pins_complete = True
 
+    def _attach(self, target_fd: int, hook: "Hook", flags: int) -> None:
+        try:
+            bpf_syscall.prog_attach(target_fd, self.bpf.progs[hook.function], hook.attach_type_number, flags)
+        except OSError as e:
+            raise DatapathError(f"attaching {hook.function}: {e.strerror}") from None
+
+    def _detach(self, target_fd: int, hook: "Hook") -> None:
+        bpf_syscall.prog_detach(target_fd, self.bpf.progs[hook.function], hook.attach_type_number)
+
     def detach(self, drain_seconds: float = 0.0) -> None:
         """Detach every program and remove every pin. Safe to call twice.
 
         With `drain_seconds`, the connect hook goes first and the others a
         little later: connections it has just redirected, still waiting in a
         proxy's accept queue, get their SO_ORIGINAL_DST answer meanwhile."""
-        from bcc import BPFAttachType
         if self.attached and self._cgroup_fd is not None and drain_seconds > 0 and self.mode == "ebpf":
             self.set_mode("iptables")
             time.sleep(drain_seconds)
@@ -276,14 +314,13 @@ class Datapath:
             for hook in HOOKS:
                 if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
                     try:
-                        self.bpf.detach_func(self._fns[hook.function], self._cgroup_fd,
-                                             getattr(BPFAttachType, hook.attach_type))
-                    except Exception as e:
+                        self._detach(self._cgroup_fd, hook)
+                    except OSError as e:
                         log.error("detaching %s: %s", hook.function, e)
             try:
-                self.bpf.detach_func(self._fns["sk_msg_splice"], self._sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
-            except Exception as e:
-                log.error("detaching sk_msg_splice: %s", e)
+                self._detach(self.bpf.sockhash_fd, SK_MSG_HOOK)
+            except OSError as e:
+                log.error("detaching %s: %s", SK_MSG_HOOK.function, e)
             self.attached = False
         # Only our own pins: before attach() the pins are a crashed predecessor's,
         # the one handle a later agent has to find and detach its programs.
@@ -307,7 +344,7 @@ class Datapath:
     def close(self, drain_seconds: float = 0.0) -> None:
         self.detach(drain_seconds)
         if self.bpf is not None:
-            self.bpf.cleanup()
+            self.bpf.close()
             self.bpf = None
 
     # --- pins ------------------------------------------------------------------------
@@ -315,15 +352,15 @@ class Datapath:
     # merbridge.h) and <bpffs>/progs/<function>__<attach type number> (bpffs
     # refuses names with a dot). The attach type in the name lets a successor
     # detach these programs without knowing which version of us pinned them.
+    # <bpffs>/loading/<function> holds the loader child's programs until this
+    # process has opened them.
 
     def _pin_programs(self) -> None:
-        from bcc import BPFAttachType
         progs_dir = self.bpffs_dir / "progs"
         progs_dir.mkdir(parents=True, exist_ok=True)
         for hook in HOOKS:
             if hook.on_cgroup:
-                attach_type = int(getattr(BPFAttachType, hook.attach_type))
-                obj_pin(self._fns[hook.function].fd, progs_dir / f"{hook.function}__{attach_type}")
+                obj_pin(self.bpf.progs[hook.function], progs_dir / f"{hook.function}__{hook.attach_type_number}")
 
     def _stale_programs(self) -> list[tuple[int, int]]:
         progs_dir = self.bpffs_dir / "progs"
@@ -372,33 +409,34 @@ class Datapath:
     def set_mode(self, mode: str) -> None:
         """Switch between "ebpf" and "iptables" (see the class comment). New
         connections take the new path; established ones are not disturbed."""
-        from bcc import BPFAttachType
         if mode not in MODES:
             raise DatapathError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if mode == self.mode:
             return
-        connect = self._fns[CONNECT_HOOK]
-        attach_type = BPFAttachType.CGROUP_INET4_CONNECT
+        connect = next(h for h in HOOKS if h.function == CONNECT_HOOK)
         if mode == "iptables":
             if self.attached:
-                self.bpf.detach_func(connect, self._cgroup_fd, attach_type)
+                try:
+                    self._detach(self._cgroup_fd, connect)
+                except OSError as e:
+                    raise DatapathError(f"detaching {CONNECT_HOOK}: {e.strerror}") from None
             self.mode = mode
             self._write_config()
         else:
             self.mode = mode
             self._write_config()
             if self.attached:
-                self.bpf.attach_func(connect, self._cgroup_fd, attach_type, BPF_F_ALLOW_MULTI)
+                self._attach(self._cgroup_fd, connect, bpf_syscall.BPF_F_ALLOW_MULTI)
         log.info("datapath mode is now %s", mode)
 
     # --- state ----------------------------------------------------------------------
 
     def _write_config(self) -> None:
         policy = SPLICE_POLICIES[self.splice] if self.mode == "ebpf" else layout.SplicePolicy.NEVER
-        self.bpf[b"config"][ct.c_int(0)] = layout.DatapathConfig(
+        self.bpf["config"].update(0, layout.DatapathConfig(
             splice=policy, rewrite_inbound_port=int(self.rewrite_inbound_port),
             short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
-            bulk_bytes=BULK_BYTES, bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS)
+            bulk_bytes=BULK_BYTES, bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS))
 
     def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound) -> None:
         """Write one pod's policy. `outbound`/`inbound` are compiled first-match
@@ -416,34 +454,76 @@ class Datapath:
         for slot, rule in zip(value.inbound, inbound):
             slot.port, slot.capture = rule.port, int(rule.capture)
         # policy first, then the IP index: a reader never finds an IP without its policy
-        self.bpf[b"pod_policy"][ct.c_uint64(netns_cookie)] = value
-        self.bpf[b"local_pod_ip"][ct.c_uint32(value.pod_ip)] = ct.c_uint64(netns_cookie)
+        self.bpf["pod_policy"].update(netns_cookie, value)
+        self.bpf["local_pod_ip"].update(value.pod_ip, netns_cookie)
 
     def remove_pod(self, netns_cookie: int, pod_ip: str) -> None:
-        for table, key in (("local_pod_ip", ct.c_uint32(ip_to_net(pod_ip))),
-                           ("pod_policy", ct.c_uint64(netns_cookie))):
-            try:
-                del self.bpf[table.encode()][key]
-            except KeyError:
-                pass
+        self.bpf["local_pod_ip"].delete(ip_to_net(pod_ip))
+        self.bpf["pod_policy"].delete(netns_cookie)
 
     def pod_entries(self) -> list[tuple[int, str]]:
         """(netns cookie, pod IP) of every pod in the maps: after a takeover,
         also pods only the previous agent knew."""
-        out = []
-        for key, value in self.bpf[b"pod_policy"].items():
-            out.append((int(key.value), socket.inet_ntoa(int(value.pod_ip).to_bytes(4, "little"))))
-        return out
+        return [(int(key.value), socket.inet_ntoa(int(value.pod_ip).to_bytes(4, "little")))
+                for key, value in self.bpf["pod_policy"].items()]
 
     def counters(self) -> dict[str, int]:
-        table = self.bpf[b"counters"]
-        return {c.name.lower(): int(sum(table[ct.c_int(c.value)])) for c in layout.Counter}
+        table = self.bpf["counters"]
+        return {c.name.lower(): sum(v.value for v in table.lookup(c.value) or ()) for c in layout.Counter}
 
     def map_sizes(self) -> dict[str, int]:
-        sizes = {name: sum(1 for _ in self.bpf[name.encode()].keys()) for name in
+        sizes = {name: sum(1 for _ in self.bpf[name].keys()) for name in
                  ("pod_policy", "local_pod_ip", "connect_original_dst", "original_dst")}
-        sizes["sock_pairs"] = sockhash_size(self._sockhash_fd)
+        sizes["sock_pairs"] = sockhash_size(self.bpf.sockhash_fd)
         return sizes
+
+
+LOADER_PIN_DIR = "loading"
+LOADER_TIMEOUT = 120.0
+
+
+def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
+    """Compile, load and pin the programs in a child process (merbridge_py/
+    loader.py): bcc and LLVM live and die there. Returns its report, plus
+    `elapsed` (seconds, as this process saw it)."""
+    argv = [sys.executable, "-m", "merbridge_py.loader", "--maps-dir", str(maps_dir), "--pin-dir", str(pin_dir),
+            "--", *cflags]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=LOADER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        raise DatapathError(f"compiling or loading the eBPF programs took longer than {LOADER_TIMEOUT:.0f} s") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        why = lines[-1].removeprefix("error: ") if lines else f"the loader exited with status {done.returncode}"
+        if len(lines) > 1:   # what clang or the verifier printed before the error
+            log.error("the eBPF loader said:\n%s", "\n".join(lines[:-1]))
+        raise DatapathError(f"compiling or loading the eBPF programs failed: {why}")
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise DatapathError(f"the eBPF loader reported nothing readable: {done.stdout[-200:]!r}") from None
+    result["elapsed"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def _open_maps(maps_dir: Path, progs: dict[str, int]) -> LoadedObjects:
+    """Open every pinned map with its layout.py types; the kernel's key and
+    value sizes are checked against them."""
+    maps: dict[str, bpf_syscall.Map] = {}
+    sockhash_fd = None
+    try:
+        for name, (key_type, value_type) in layout.MAPS.items():
+            maps[name] = bpf_syscall.Map.open(maps_dir / name, key_type, value_type)
+        sockhash_fd = obj_get(maps_dir / layout.SOCKHASH_MAPS[0])
+    except (OSError, DatapathError) as e:
+        for m in maps.values():
+            m.close()
+        for fd in progs.values():
+            os.close(fd)
+        raise DatapathError(f"opening the pinned maps in {maps_dir}: {e}") from None
+    return LoadedObjects(progs, maps, sockhash_fd)
 
 
 def ip_to_net(ip: str) -> int:
@@ -452,37 +532,22 @@ def ip_to_net(ip: str) -> int:
 
 
 def sockhash_size(fd: int) -> int:
-    """Count sockhash keys with bpf_get_next_key: bcc cannot wrap a sockhash."""
-    lib = _lib()
-    key, next_key = (ct.c_char * ct.sizeof(layout.SockTuple))(), (ct.c_char * ct.sizeof(layout.SockTuple))()
-    n, first = 0, True
-    while lib.bpf_get_next_key(fd, None if first else ct.byref(key), ct.byref(next_key)) == 0:
-        n += 1
-        first = False
-        ct.memmove(key, next_key, ct.sizeof(key))
-    return n
+    """Count sockhash keys (its values are sockets, which user space cannot read)."""
+    return sum(1 for _ in bpf_syscall.iter_keys(fd, layout.SockTuple, "sock_pairs"))
 
 
 def attached_program_ids(cgroup: Path) -> dict[str, list[int]]:
     """IDs of programs attached directly to `cgroup`, per hook we use: what
     `bpftool cgroup show` would list, without needing bpftool."""
-    from bcc import BPFAttachType
-    lib = _lib()
-    lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
-                                   ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
     fd = open_cgroup(cgroup)
     try:
         out = {}
         for hook in HOOKS:
-            if not hook.on_cgroup:
-                continue
-            ids = (ct.c_uint32 * 64)()
-            count, flags = ct.c_uint32(64), ct.c_uint32(0)
-            rc = lib.bpf_prog_query(fd, int(getattr(BPFAttachType, hook.attach_type)), 0,
-                                    ct.byref(flags), ids, ct.byref(count))
-            if rc != 0:
-                raise DatapathError(f"querying programs on {cgroup}: {os.strerror(-rc) if rc < 0 else rc}")
-            out[hook.attach_type] = list(ids[: count.value])
+            if hook.on_cgroup:
+                try:
+                    out[hook.attach_type] = bpf_syscall.prog_query(fd, hook.attach_type_number)
+                except OSError as e:
+                    raise DatapathError(f"querying programs on {cgroup}: {e.strerror}") from None
         return out
     finally:
         os.close(fd)
@@ -500,7 +565,7 @@ def leave_attached(dp: Datapath) -> None:
         os.close(dp._cgroup_fd)
         dp._cgroup_fd = None
     if dp.bpf is not None:
-        dp.bpf.cleanup()    # closes descriptors; cgroup attachments and pins hold the programs
+        dp.bpf.close()    # closes descriptors; cgroup attachments and pins hold the programs
         dp.bpf = None
 
 
@@ -522,12 +587,14 @@ def detach_pinned(bpffs_dir: Path, cgroup: Path) -> list[str]:
                 except (IndexError, ValueError, DatapathError) as e:
                     done.append(f"skipped {pin}: not one of our program pins ({e})")
                     continue
+                function = pin.name.rsplit("__", 1)[0]
                 try:
-                    rc = _lib().bpf_prog_detach2(prog_fd, cgroup_fd, attach_type)
+                    bpf_syscall.prog_detach(cgroup_fd, prog_fd, attach_type)
+                    done.append(f"detached {function} from {cgroup}")
+                except OSError:
+                    done.append(f"{function} was not attached to {cgroup}")
                 finally:
                     os.close(prog_fd)
-                done.append(f"detached {pin.name.rsplit('__', 1)[0]} from {cgroup}" if rc == 0 else
-                            f"{pin.name.rsplit('__', 1)[0]} was not attached to {cgroup}")
         finally:
             os.close(cgroup_fd)
     if Path(bpffs_dir).is_dir():

@@ -4,6 +4,7 @@ what it found and, when it fails, how to fix it."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import re
@@ -33,18 +34,17 @@ def check_kernel() -> Check:
 
 
 def check_bpf_syscall() -> Check:
-    libc = ctypes.CDLL(None, use_errno=True)
+    from .bpf_syscall import Cmd, bpf
     # BPF_PROG_LOAD with an empty attr: EINVAL/EFAULT mean the syscall exists and we may call it
     attr = ctypes.create_string_buffer(128)
-    rc = libc.syscall(321, 5, attr, 128)  # __NR_bpf on x86_64, BPF_PROG_LOAD
-    err = ctypes.get_errno()
-    if rc >= 0:
-        os.close(rc)
+    try:
+        os.close(bpf(Cmd.PROG_LOAD, attr, "bpf(BPF_PROG_LOAD)"))
         return Check("bpf() syscall", True, "available")
-    ok = err in (22, 14, 7)  # EINVAL, EFAULT, E2BIG
-    return Check("bpf() syscall", ok, os.strerror(err) if not ok else "available",
-                 "run as root (or with CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN); check kernel.unprivileged_bpf_disabled "
-                 "is irrelevant for root; the kernel needs CONFIG_BPF_SYSCALL")
+    except OSError as e:
+        ok = e.errno in (errno.EINVAL, errno.EFAULT, errno.E2BIG)
+        return Check("bpf() syscall", ok, e.strerror if not ok else "available",
+                     "run as root (or with CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN); check kernel.unprivileged_bpf_disabled "
+                     "is irrelevant for root; the kernel needs CONFIG_BPF_SYSCALL")
 
 
 def check_cgroup2() -> Check:
@@ -65,18 +65,12 @@ def check_bpffs() -> Check:
 
 
 def check_sockhash() -> Check:
+    from .bpf_syscall import MapType, map_create
     try:
-        from bcc import libbcc
-    except ImportError:
-        return Check("sockhash map", False, "bcc missing", "install Debian's python3-bpfcc")
-    lib = libbcc.lib
-    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
-                                   ctypes.c_uint32, ctypes.c_void_p]
-    fd = lib.bpf_map_create(18, b"mbp_doctor", 12, 4, 1, None)  # BPF_MAP_TYPE_SOCKHASH
-    if fd < 0:
-        return Check("sockhash map", False, os.strerror(-fd) if fd < 0 else "failed",
+        os.close(map_create(MapType.SOCKHASH, 12, 4, 1))
+    except OSError as e:
+        return Check("sockhash map", False, e.strerror,
                      "the kernel needs CONFIG_BPF_STREAM_PARSER (sockmap/sockhash)")
-    os.close(fd)
     return Check("sockhash map", True, "can be created")
 
 

@@ -15,7 +15,6 @@ every two seconds, and two new-connection workers.
 
 from __future__ import annotations
 
-import ctypes as ct
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from merbridge_py import datapath
+from merbridge_py import bpf_syscall, datapath
 from merbridge_py.testbed import PodSpec, Testbed, state
 from merbridge_py.testbed.cleanup import leftovers
 from merbridge_py.testbed.load import LoadProcess
@@ -56,10 +55,9 @@ def pinned_objects(bpffs: Path) -> dict[str, int | None]:
 
 
 def program_exists(prog_id: int) -> bool:
-    lib = datapath._lib()
-    lib.bpf_prog_get_fd_by_id.argtypes, lib.bpf_prog_get_fd_by_id.restype = [ct.c_uint32], ct.c_int
-    fd = lib.bpf_prog_get_fd_by_id(prog_id)
-    if fd < 0:
+    try:
+        fd = bpf_syscall.prog_get_fd_by_id(prog_id)
+    except OSError:
         return False
     os.close(fd)
     return True

@@ -42,25 +42,32 @@ def flatten(ctype, prefix="") -> list[tuple[str, int, int]]:
 
 @pytest.mark.bpf
 def test_structs_agree_with_what_bcc_compiles():
+    """bcc runs in this (test) process; the agent itself never imports it."""
     import os
+    import shutil
 
-    from merbridge_py.datapath import Datapath
+    from merbridge_py import kheaders
+    from merbridge_py.datapath import ensure_bpffs
+    from merbridge_py.loader import compile_programs
     from merbridge_py.mesh import ISTIO
-    bpffs = Path(f"/sys/fs/bpf/mbp-layout{os.getpid()}")
-    dp = Datapath(ISTIO, Path("/nonexistent"), bpffs)
-    dp.load()  # compiles, loads and pins fresh maps, attaches nothing
+    kheaders.find().apply()
+    maps_dir = Path(f"/sys/fs/bpf/mbp-layout{os.getpid()}")
+    ensure_bpffs(maps_dir)
     try:
-        for name, (key_type, value_type) in layout.MAPS.items():
-            table = dp.bpf[name.encode()]
-            assert ct.sizeof(table.Key) == ct.sizeof(key_type), name
-            leaf = table.Leaf
-            if name == "counters":  # per-CPU: bcc gives an array of one value per CPU
-                leaf = leaf._type_
-            assert ct.sizeof(leaf) == ct.sizeof(value_type), name
-            if issubclass(value_type, ct.Structure):
-                assert flatten(leaf) == flatten(value_type), name
-            if issubclass(key_type, ct.Structure):
-                assert flatten(table.Key) == flatten(key_type), name
+        bpf, _ = compile_programs(maps_dir, ISTIO.cflags())  # compiles, loads, pins fresh maps, attaches nothing
+        try:
+            for name, (key_type, value_type) in layout.MAPS.items():
+                table = bpf[name.encode()]
+                assert ct.sizeof(table.Key) == ct.sizeof(key_type), name
+                leaf = table.Leaf
+                if name == "counters":  # per-CPU: bcc gives an array of one value per CPU
+                    leaf = leaf._type_
+                assert ct.sizeof(leaf) == ct.sizeof(value_type), name
+                if issubclass(value_type, ct.Structure):
+                    assert flatten(leaf) == flatten(value_type), name
+                if issubclass(key_type, ct.Structure):
+                    assert flatten(table.Key) == flatten(key_type), name
+        finally:
+            bpf.cleanup()
     finally:
-        dp.close()
-    assert not bpffs.exists(), "a load that never attached must not leave the maps it created"
+        shutil.rmtree(maps_dir)

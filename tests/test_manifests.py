@@ -240,8 +240,8 @@ def test_agent_command_probes_and_scheduling(committed):
     assert probes <= {path for _, path in network_routes(None, None, None)}
     assert "/status" not in {path for _, path in network_routes(None, None, None)}
     assert env["MERBRIDGE_PROC_ROOT"]["value"] == manifests.HOST_PROC
-    assert agent["resources"]["requests"]["memory"] == "160Mi"
-    assert agent["resources"]["limits"] == {"memory": "300Mi"}
+    assert agent["resources"]["requests"]["memory"] == "96Mi"
+    assert agent["resources"]["limits"] == {"memory": "256Mi"}
     assert spec["priorityClassName"] == "system-node-critical"
     assert spec["tolerations"] == [{"operator": "Exists"}]
     assert spec["terminationGracePeriodSeconds"] == 30

@@ -1,0 +1,97 @@
+"""Compile and load the eBPF programs with bcc, pin them, and exit.
+
+The agent runs this as a short-lived child (`python -m merbridge_py.loader`)
+so that bcc and the LLVM it maps (about 140 MB of RSS) never live in the
+long-running agent process. bcc creates the maps pinned under --maps-dir, or
+reuses a predecessor's it finds there (see merbridge.h). Each program is
+pinned as --pin-dir/<function>; the agent opens those pins, removes them and
+does all attaching itself, through bpf(2) (merbridge_py/bpf_syscall.py).
+Nothing is attached here: a loader that dies leaves no program running.
+
+On success one JSON line goes to stdout: the headers used, the programs
+pinned, how long compiling took, the CPU time this process used (its whole
+life), its peak RSS (with its anonymous and file-backed parts at the end).
+On failure a one-line error goes to stderr (after whatever clang or the
+verifier printed) and the exit status is 1, with no program pin left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def compile_programs(maps_dir: Path, cflags: list[str]):
+    """The bcc module with every hook's program loaded (not attached). Also
+    what tests/test_layout.py compares layout.py against."""
+    from bcc import BPF, BPFAttachType, BPFProgType
+
+    from .datapath import HOOKS, program_text
+    bpf = BPF(text=program_text().encode(), cflags=list(cflags) + [f'-DMB_MAPS_DIR="{maps_dir}"'])
+    try:
+        fns = {hook.function: bpf.load_func(hook.function.encode(), getattr(BPFProgType, hook.prog_type),
+                                            attach_type=getattr(BPFAttachType, hook.attach_type))
+               for hook in HOOKS}
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return bpf, fns
+
+
+def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
+    from . import kheaders
+    from .datapath import obj_pin
+    headers = kheaders.find()
+    headers.apply()
+    started = time.monotonic()
+    bpf, fns = compile_programs(maps_dir, cflags)
+    try:
+        pin_dir.mkdir(parents=True, exist_ok=False)
+        for name, fn in fns.items():
+            obj_pin(fn.fd, pin_dir / name)
+    finally:
+        bpf.cleanup()   # closes our fds; the pins keep programs and maps alive
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"headers": headers.description, "programs": sorted(fns), "seconds": round(time.monotonic() - started, 3),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_kb": usage.ru_maxrss,
+            **_rss_split()}
+
+
+def _rss_split() -> dict:
+    """Anonymous vs file-backed (mostly LLVM's library) resident memory, at
+    the end, when it is near its peak: only the anonymous part is memory a
+    memory limit cannot reclaim."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                out[f"{key[3:].lower()}_rss_kb"] = int(value.split()[0])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m merbridge_py.loader", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--maps-dir", type=Path, required=True, help="bpffs directory of the pinned maps")
+    parser.add_argument("--pin-dir", type=Path, required=True,
+                        help="bpffs directory to create for the program pins (must not exist)")
+    parser.add_argument("cflags", nargs="*", help="-D defines for the compiler (after --)")
+    args = parser.parse_args(argv)
+    try:
+        result = load_and_pin(args.maps_dir, args.pin_dir, args.cflags)
+    except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; every failure is one line for the agent
+        if args.pin_dir.exists():
+            shutil.rmtree(args.pin_dir, ignore_errors=True)
+        print(f"error: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

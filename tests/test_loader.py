@@ -1,0 +1,109 @@
+"""The agent keeps bcc and LLVM out of its own process: a loader child
+compiles, loads and pins (merbridge_py/loader.py), the agent works on the
+pins through bpf(2) (merbridge_py/bpf_syscall.py)."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from merbridge_py import bpf_syscall, layout
+from merbridge_py.datapath import HOOKS, Datapath, DatapathError, run_loader
+from merbridge_py.mesh import ISTIO
+
+LLVM_MARKERS = ("libbcc", "libLLVM", "libclang")
+
+
+def test_cpu_list_length():
+    assert bpf_syscall.cpu_list_length("0\n") == 1
+    assert bpf_syscall.cpu_list_length("0-3\n") == 4
+    assert bpf_syscall.cpu_list_length("0-3,8,10-11") == 7
+
+
+@pytest.fixture
+def bpffs():
+    d = Path(f"/sys/fs/bpf/mbp-loadertest{os.getpid()}")
+    yield d
+    if d.exists():
+        shutil.rmtree(d)
+        pytest.fail(f"{d} was left behind")
+
+
+@pytest.mark.bpf
+def test_datapath_state_through_bpf_syscalls(bpffs):
+    """Everything the agent reads and writes, on maps a loader child made; a
+    load that never attached leaves nothing behind."""
+    dp = Datapath(ISTIO, Path("/nonexistent"), bpffs)
+    dp.load()
+    try:
+        assert not (bpffs / "loading").exists(), "the loader's program pins must be gone once opened"
+        assert dp.loader_result["programs"] == sorted(h.function for h in HOOKS)
+        config = dp.bpf["config"].lookup(0)
+        assert (config.splice, config.bulk_bytes) == (layout.SplicePolicy.ADAPTIVE, 64 << 20)
+        dp.set_pod(0x1234_5678_9abc, "10.9.8.7", [], [])
+        assert dp.pod_entries() == [(0x1234_5678_9abc, "10.9.8.7")]
+        assert dp.map_sizes() == {"pod_policy": 1, "local_pod_ip": 1, "connect_original_dst": 0,
+                                  "original_dst": 0, "sock_pairs": 0}
+        counters = dp.bpf["counters"].lookup(0)
+        assert len(counters) == bpf_syscall.possible_cpus()
+        assert set(dp.counters()) == {c.name.lower() for c in layout.Counter}
+        dp.remove_pod(0x1234_5678_9abc, "10.9.8.7")
+        dp.remove_pod(0x1234_5678_9abc, "10.9.8.7")   # gone already: not an error
+        assert dp.pod_entries() == []
+        with pytest.raises(OSError, match="key/value sizes"):
+            bpf_syscall.Map.open(dp.maps_dir / "config", ct.c_uint32, ct.c_uint64)
+    finally:
+        dp.close()
+    assert not bpffs.exists(), "a load that never attached must not leave the maps it created"
+
+
+class _BrokenFlags(Datapath):
+    def compile_flags(self) -> list[str]:
+        return []   # merbridge.h refuses to compile without the mesh's constants
+
+
+@pytest.mark.bpf
+def test_a_failed_compile_is_one_line_and_leaves_nothing(bpffs):
+    dp = _BrokenFlags(ISTIO, Path("/nonexistent"), bpffs)
+    with pytest.raises(DatapathError) as e:
+        dp.load()
+    assert str(e.value).startswith("compiling or loading the eBPF programs failed: ")
+    assert "\n" not in str(e.value)
+    assert dp.bpf is None and not bpffs.exists()
+
+
+@pytest.mark.bpf
+def test_loader_reports_its_peak_and_cleans_its_pins_on_failure(bpffs):
+    bpffs.mkdir()
+    try:
+        with pytest.raises(DatapathError):
+            run_loader(bpffs / "maps", bpffs / "loading", ["-DNOT_A_MESH=1"])
+        assert not (bpffs / "loading").exists()
+        (bpffs / "maps").mkdir(exist_ok=True)   # bcc may have made it before the compile failed
+        report = run_loader(bpffs / "maps", bpffs / "loading", ISTIO.cflags())
+        assert sorted(p.name for p in (bpffs / "loading").iterdir()) == report["programs"]
+        assert report["peak_rss_kb"] > 0 and report["elapsed"] >= report["seconds"]
+    finally:
+        shutil.rmtree(bpffs)
+
+
+@pytest.mark.bpf
+@pytest.mark.slow
+def test_the_agent_process_never_maps_bcc_or_llvm():
+    """On a small test bed: the running agent serves meshed traffic, and
+    neither bcc nor LLVM is mapped into its process."""
+    from merbridge_py.testbed import PodSpec, Testbed
+    name = f"ldr{os.getpid()}"
+    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b")], mode="ebpf") as tb:
+        agent = next(r for r in tb.processes if r.role == "agent")
+        assert [r["error"] for r in tb.requests("a", "b", count=5) if r["error"]] == []
+        assert tb.agent_metrics("node0")['merbridge_redirects_total{direction="outbound"}'] > 0
+        mapped = Path(f"/proc/{agent.pid}/maps").read_text()
+        assert agent.alive()
+        found = sorted({line.split()[-1] for line in mapped.splitlines() if any(m in line for m in LLVM_MARKERS)})
+        assert found == [], f"the agent maps {found}"
+        assert not (Path(tb.node("node0").bpffs) / "loading").exists()
