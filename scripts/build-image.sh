@@ -67,7 +67,7 @@ if [ "${MERBRIDGE_IMAGE_REBUILD:-}" = 1 ] || [ "$(label_of "$base" merbridge-py.
 fi
 
 # Everything the image is built from; the Dockerfile copies a subset of it.
-inputs_hash=$(find Dockerfile .dockerignore setup.cfg pyproject.toml README.md merbridge_py ebpf scripts/build-image.sh \
+inputs_hash=$(find Dockerfile .dockerignore setup.cfg pyproject.toml merbridge_py ebpf scripts/build-image.sh \
                 -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum |
               cat - <(echo "$recipe_hash $image") | sha256sum | cut -c1-16)
 if [ "${MERBRIDGE_IMAGE_REBUILD:-}" != 1 ] && [ "$(label_of "$image" merbridge-py.inputs)" = "$inputs_hash" ] &&
