@@ -52,7 +52,7 @@ from merbridge_py import manifests
 from merbridge_py.testbed import Testbed
 from merbridge_py.testbed.topology import Node
 
-from .helpers import runtime_default_seccomp
+from helpers import runtime_default_seccomp
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 
@@ -131,9 +131,11 @@ def _quantity_bytes(q: str) -> int:
 
 
 def run_args(container: dict, mapping: NodeMapping, name: str, seccomp_file: Path,
-             drop: tuple[str, ...] = ()) -> list[str]:
+             drop: tuple[str, ...] = (), seccomp_without: tuple[str, ...] = ()) -> list[str]:
     """`podman run` arguments for one container of the DaemonSet's pod, from
-    the manifest; `drop`: capabilities to withhold from those it grants."""
+    the manifest; `drop`: capabilities to withhold from those it grants;
+    `seccomp_without`: capabilities the seccomp profile is computed without
+    (while the container still holds them)."""
     spec = pod_spec()
     context = container.get("securityContext", {})
     argv = ["run", "--name", name, "--pull=never", *ULIMITS, *mapping.network(),
@@ -149,7 +151,8 @@ def run_args(container: dict, mapping: NodeMapping, name: str, seccomp_file: Pat
             argv += ["--cap-add", cap]
         profile = context.get("seccompProfile", {}).get("type")
         assert profile == "RuntimeDefault", f"the test knows RuntimeDefault only, not {profile}"
-        seccomp_file.write_text(json.dumps(runtime_default_seccomp.profile(granted)))
+        profile_caps = [c for c in granted if c not in seccomp_without]
+        seccomp_file.write_text(json.dumps(runtime_default_seccomp.profile(profile_caps)))
         argv += ["--security-opt", f"seccomp={seccomp_file}"]
         if context.get("appArmorProfile", {}).get("type") == "Unconfined":
             argv += ["--security-opt", "apparmor=unconfined"]
@@ -265,7 +268,7 @@ def node(tmp_path):
 
 
 def run_pod(tb: Testbed, mapping: NodeMapping, containers: list[str], tmp_path: Path,
-            drop: tuple[str, ...] = ()) -> str:
+            drop: tuple[str, ...] = (), seccomp_without: tuple[str, ...] = ()) -> str:
     """The pod's init containers to completion, then the agent, detached; its container name."""
     spec = pod_spec()
     tag = uuid.uuid4().hex[:8]
@@ -276,7 +279,8 @@ def run_pod(tb: Testbed, mapping: NodeMapping, containers: list[str], tmp_path: 
         assert done.returncode == 0, f"init container {init['name']} failed: {done.stderr}"
     name = f"mbp-test-agent-{tag}"
     containers.append(name)
-    argv = run_args(agent_container(), mapping, name, tmp_path / f"{name}.seccomp.json", drop=drop)
+    argv = run_args(agent_container(), mapping, name, tmp_path / f"{name}.seccomp.json", drop=drop,
+                    seccomp_without=seccomp_without)
     podman(argv[0], "--detach", *argv[1:])
     return name
 
@@ -394,7 +398,7 @@ def test_a_node_without_kernel_headers_uses_the_images(image, node, tmp_path):
     assert traffic(tb, count=2) == {"ok": 2, "outbound": 2, "inbound": 2, "istio_redirect": 0}
 
 
-@pytest.mark.parametrize("cap", _capability_cases())
+@pytest.mark.parametrize("cap", list(_capability_cases()))
 def test_each_granted_capability_is_needed(image, node, tmp_path, cap):
     """The agent without one of the capabilities the manifest grants (the
     seccomp profile follows, as containerd's would): it must not end up
@@ -410,3 +414,14 @@ def test_each_granted_capability_is_needed(image, node, tmp_path, cap):
     moved = traffic(tb)
     assert not (moved["ok"] == 5 and moved["istio_redirect"] == 0), (
         f"without CAP_{cap} the agent still accelerated the node ({moved}); its log:\n{container_logs(name)}")
+
+
+def test_the_seccomp_profile_is_in_force(image, node, tmp_path):
+    """The same container, its profile computed as if it held neither CAP_BPF
+    nor CAP_SYS_ADMIN (it still holds both): bpf() is refused by seccomp, so
+    the agent cannot load its programs. Without this, the runs above could
+    pass with no seccomp filter at all."""
+    tb, mapping, containers = node
+    name = run_pod(tb, mapping, containers, tmp_path, seccomp_without=("BPF", "SYS_ADMIN"))
+    assert wait_ready(mapping, name, AGENT_READY_TIMEOUT, settle=UNACCELERATED_SETTLE) is None
+    assert traffic(tb, count=2)["istio_redirect"] == 2   # both requests took Istio's own rule
