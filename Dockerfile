@@ -1,5 +1,7 @@
 # The merbridge-py node agent: Debian 12 with Debian's bcc, and the agent in a
-# virtualenv that sees it. Build from the repository root:
+# virtualenv that sees it. Build from the repository root with `make image`
+# (podman, no Docker daemon, no registry: scripts/build-image.sh makes the base
+# from Debian packages), or where Docker is at hand:
 #   docker build -t registry.example.com/merbridge-py:0.1.0 .
 # then: merbridge-py manifests --image registry.example.com/merbridge-py:0.1.0 | kubectl apply -f -
 FROM debian:bookworm-slim
@@ -18,7 +20,7 @@ FROM debian:bookworm-slim
 # use UAPI structs, which a different kernel version's headers describe the
 # same way). Only the header files are unpacked: the package's dependencies
 # (gcc, kbuild) exist to build modules, which we never do. The -common package
-# carries every architecture's arch/ tree; only this one's is kept (-20 MB).
+# carries every architecture's arch/ tree; only this one's is kept (-19 MB).
 # apt's package cache and lists are removed in the same layer (-140 MB).
 RUN set -eux; \
     apt-get update; \
