@@ -114,9 +114,8 @@ class NodeMapping:
         return {"spec.nodeName": self.node.name, "metadata.namespace": self.namespace}[field_path]
 
     def network(self) -> list[str]:
-        if pod_spec().get("hostNetwork"):
-            return ["--network", f"ns:/run/netns/{self.node.netns}"]
-        return ["--network", "none"]
+        assert pod_spec().get("hostNetwork") is True, "the test maps the host network only"
+        return ["--network", f"ns:/run/netns/{self.node.netns}"]
 
 
 _PROPAGATION = {None: "rprivate", "None": "rprivate", "HostToContainer": "rslave", "Bidirectional": "rshared"}
@@ -221,13 +220,10 @@ def http_get(netns: str, port: int, path: str) -> tuple[int, str]:
     return int(status or 0), body
 
 
-def metric_samples(text: str) -> dict[str, float]:
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
+def unlabelled_samples(text: str) -> dict[str, float]:
+    """The samples of a /metrics page that carry no labels, by name."""
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels}
 
 
 def container_state(name: str) -> dict:
@@ -321,7 +317,7 @@ def wait_ready(mapping: NodeMapping, name: str, timeout: float, settle: float | 
             ready_since = ready_since or time.monotonic()
             code, text = http_get(mapping.node.netns, metrics_port(), "/metrics")
             if code == 200:
-                samples = metric_samples(text)
+                samples = unlabelled_samples(text)
                 if samples.get("merbridge_pods_accelerated", 0) >= 2:
                     return samples
             if settle is not None and time.monotonic() - ready_since > settle:
