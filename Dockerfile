@@ -57,10 +57,10 @@ COPY ebpf /opt/merbridge-py/ebpf
 # --system-site-packages: the venv must see Debian's bcc. The import check
 # fails the build here rather than on a node. Not needed at run time, so
 # removed: pip and setuptools (-25 MB) and the kubernetes client's asyncio
-# variant, kubernetes.aio (-68 MB; the agent uses the synchronous client). The optional secret `ca` is a CA
-# bundle for pip, for build hosts whose egress goes through a TLS-inspecting
-# proxy (scripts/build-image.sh passes the host's bundle); it is mounted for
-# this step only and never stored in a layer.
+# variant, kubernetes.aio (-68 MB; the agent uses the synchronous client).
+# The optional secret `ca` is a CA bundle for pip, for build hosts whose egress
+# goes through a TLS-inspecting proxy (scripts/build-image.sh passes the
+# host's bundle); it is mounted for this step only and never stored in a layer.
 RUN --mount=type=secret,id=ca set -eux; \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     python3 -m venv --system-site-packages /opt/venv; \

@@ -19,7 +19,7 @@ from .mesh import PROFILES
 
 NAME = "merbridge-py"
 DEFAULT_NAMESPACE = "istio-system"
-DEFAULT_IMAGE = f"ghcr.io/merbridge-py/{NAME}:{__version__}"   # pushed by .github/workflows/release.yml; `make image` builds it locally
+DEFAULT_IMAGE = f"ghcr.io/merbridge-py/{NAME}:{__version__}"   # .github/workflows/release.yml pushes it; `make image`
 DEFAULT_MESH = "istio"
 
 # Metrics, /healthz, /readyz. The agent runs on the host network, so this port

@@ -9,7 +9,8 @@
 # Usage: scripts/build-image.sh IMAGE     (the Makefile passes the manifests' image)
 # Cached: nothing is rebuilt when the inputs (Dockerfile, package, eBPF sources,
 # this script) are unchanged; the base is rebuilt only when its recipe changes.
-# Environment: MERBRIDGE_DEBIAN_MIRROR (default http://deb.debian.org/debian),
+# Environment: MERBRIDGE_DEBIAN_MIRROR (default http://deb.debian.org/debian) and
+# MERBRIDGE_DEBIAN_SECURITY_MIRROR (default: the same host's /debian-security),
 # MERBRIDGE_IMAGE_REBUILD=1 to ignore the cache (a fresh base and fresh layers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ image=${1:?usage: scripts/build-image.sh IMAGE}
 version=$(sed -n 's/^version *= *//p' setup.cfg)
 archive="build/merbridge-py-${version}.oci.tar"
 mirror=${MERBRIDGE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-security_mirror=${mirror%/debian}/debian-security
+security_mirror=${MERBRIDGE_DEBIAN_SECURITY_MIRROR:-${mirror%/debian}/debian-security}
 
 # The base stands in for debian:bookworm-slim, which `FROM` then finds in local
 # storage. Same recipe as Debian's slim image: the minbase variant (essential

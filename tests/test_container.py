@@ -12,8 +12,10 @@ and the termination grace period.
 What is translated, and only this (`NodeMapping`):
 - hostPath volumes onto the bed's node: /sys/fs/cgroup -> the node's cgroup
   (the cgroup v2 tree of that simulated node), /sys/fs/bpf -> a directory on
-  the host's bpffs owned by the node; every other hostPath (/proc,
-  /lib/modules, /usr/src) is the host's own. emptyDir -> a fresh directory.
+  the host's bpffs owned by the node; /proc, /lib/modules and /usr/src are the
+  host's own (the bed's pods are host processes); any other hostPath is
+  node-local state and gets a fresh directory of the node. emptyDir -> a
+  fresh directory.
 - hostNetwork -> the node's network namespace (a bed node's "host network";
   the root namespace of this machine is not a node and stays untouched).
 - the pod source: there is no API server, so `--pods-file` with the node's
@@ -65,6 +67,8 @@ PODMAN = ["podman", "--runtime", "runc"]
 ULIMITS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
 POD_SOURCE_PATH = "/etc/merbridge-test/pods.json"
 AGENT_READY_TIMEOUT = 120.0   # bcc compiles at start: seconds, more on 2 busy cores
+# hostPaths a test-bed node shares with the machine (the host's processes and headers)
+SHARED_HOST_PATHS = ("/proc", "/lib/modules", "/usr/src")
 UNACCELERATED_SETTLE = 15.0   # ready but pods not accelerated this long: discovery failed for good
 
 
@@ -108,7 +112,16 @@ class NodeMapping:
                    host_paths={"/sys/fs/cgroup": node.cgroup, "/sys/fs/bpf": str(bpffs)})
 
     def host_path(self, path: str) -> str:
-        return self.host_paths.get(path, path)
+        """The mapped directory; the host's own for the kernel's views every node
+        shares (/proc, headers); any other hostPath is node-local state, kept in
+        a directory of this node's own."""
+        if path in self.host_paths:
+            return self.host_paths[path]
+        if path in SHARED_HOST_PATHS:
+            return path
+        local = self.scratch / "host" / path.strip("/")
+        local.mkdir(parents=True, exist_ok=True)
+        return str(local)
 
     def field_value(self, field_path: str) -> str:
         return {"spec.nodeName": self.node.name, "metadata.namespace": self.namespace}[field_path]
