@@ -1,11 +1,11 @@
-# The two commands the README promises: `make test` and `make demo`. Both
-# install what they need (idempotently) before running.
+# The commands the README promises: `make test`, `make demo` and `make image`.
+# Each installs what it needs (idempotently) before running.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo setup system-deps clean-testbed
+.PHONY: test demo image setup system-deps clean-testbed
 
 system-deps:
 	@scripts/install-system-deps.sh
@@ -20,7 +20,14 @@ $(STAMP): setup.cfg pyproject.toml | system-deps
 
 setup: system-deps $(STAMP)
 
-test: setup
+# The image the committed manifests name, in podman's storage, plus an OCI
+# archive in build/ for nodes without a registry. Cached: a no-op when nothing
+# it is built from changed.
+image: setup
+	scripts/build-image.sh "$$($(PY) -c 'from merbridge_py.manifests import DEFAULT_IMAGE; print(DEFAULT_IMAGE)')"
+
+# The container test (tests/test_container.py) runs the image: build it first.
+test: setup image
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 demo: setup

@@ -19,7 +19,7 @@ from .mesh import PROFILES
 
 NAME = "merbridge-py"
 DEFAULT_NAMESPACE = "istio-system"
-DEFAULT_IMAGE = f"{NAME}:{__version__}"   # built from the repository's Dockerfile; push it and pass --image
+DEFAULT_IMAGE = f"ghcr.io/merbridge-py/{NAME}:{__version__}"   # .github/workflows/release.yml pushes it; `make image`
 DEFAULT_MESH = "istio"
 
 # Metrics, /healthz, /readyz. The agent runs on the host network, so this port

@@ -11,6 +11,8 @@ packages=(
   haproxy            # sidecar stand-in for Envoy (honours SO_ORIGINAL_DST)
   wrk sockperf iperf3 # benchmark load generators
   nginx-light        # the benchmark's app (the Python test app would dominate the figures)
+  podman runc mmdebstrap  # `make image` without a Docker daemon or registry, and the container test
+                          # (runc: crun, podman's default, refuses hybrid cgroup hosts)
 )
 
 missing=()
