@@ -181,7 +181,7 @@ def test_agent_is_unprivileged_with_named_capabilities(committed):
     context = agent_container(committed)["securityContext"]
     assert context["privileged"] is False
     assert context["capabilities"] == {"drop": ["ALL"], "add": list(manifests.CAPABILITIES)}
-    assert set(manifests.CAPABILITIES) == {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}
+    assert set(manifests.CAPABILITIES) == {"NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}
     # the API server rejects allowPrivilegeEscalation: false together with SYS_ADMIN
     assert context.get("allowPrivilegeEscalation") is not False
     assert context["readOnlyRootFilesystem"] is True
