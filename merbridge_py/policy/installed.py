@@ -1,0 +1,728 @@
+"""What Istio really installed for a pod, read back as a capture policy.
+
+Three sources, most trusted first (issue 11):
+  1. the live nat rules in the pod's network namespace: `iptables-save -t nat`
+     text (legacy and nft backends print the same syntax) or Istio's native
+     nftables tables (`nft -j list ruleset`, tables inet istio-proxy-*);
+  2. istio-init's argument list (immutable once the pod exists);
+  3. the annotations -- with istio-cni, the injector writes the effective
+     values there and the CNI plugin reads them (cni/pkg/plugin/sidecar_redirect.go).
+
+Every reader is exact: a rule, flag or value it does not recognise raises
+InstalledError with the reason, and the pod stays on iptables. `choose()`
+picks the most trusted available source and refuses when another available
+source would leave alone something the chosen one captures: eBPF must never
+capture what Istio's rules leave alone.
+
+Facts carried over (not code) from istio/istio: tools/istio-iptables
+(pkg/cmd/root.go flag names, pkg/capture/run.go rule order),
+tools/istio-nftables/pkg/capture/run.go, tools/common/config/types.go
+(list flags: split on ",", empty items dropped).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
+
+from merbridge_py.policy.annotations import PolicyError, parse_cidr_list, parse_port, show
+from merbridge_py.policy.model import ALL_PORTS, IPNetwork, PodPolicy
+
+DEFAULT_PROXY_UID = 1337            # istio-iptables: the istio-proxy user of the proxyv2 image
+DEFAULT_TUNNEL_PORT = 15008
+DEFAULT_LOOPBACK = IPv4Network("127.0.0.1/32")
+PASSTHROUGH_SOURCE = IPv4Network("127.0.0.6/32")
+DNS_PORT = 53
+DNS_AGENT_PORT = 15053
+
+SOURCE_IPTABLES = "iptables rules"
+SOURCE_NFTABLES = "nftables rules"
+SOURCE_ARGS = "istio-init arguments"
+SOURCE_CNI = "istio-cni annotations"
+SOURCE_ANNOTATIONS = "annotations"
+
+
+class InstalledError(ValueError):
+    """A source that cannot be read exactly; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Capture:
+    """The istio-iptables flag set one source yields, parsed."""
+
+    source: str
+    policy: PodPolicy                       # -i -x -b -d -q -o and DNS capture
+    proxy_uids: tuple[int, ...] = (DEFAULT_PROXY_UID,)      # -u
+    proxy_gids: tuple[int, ...] = (DEFAULT_PROXY_UID,)      # -g
+    proxy_port: int = 15001                 # -p
+    inbound_port: int = 15006               # -z
+    mode: str = "REDIRECT"                  # -m
+    notes: tuple[str, ...] = field(default=())
+
+    def describe(self) -> str:
+        """The flags in istio-iptables spelling, for reasons."""
+        p = self.policy
+        ranges = lambda nets: ",".join(str(n) for n in nets)           # noqa: E731
+        ports = lambda ps: ",".join(str(x) for x in ps)                 # noqa: E731
+        include = "*" if p.include_outbound_ip_ranges == (IPv4Network("0.0.0.0/0"),) else \
+            ranges(p.include_outbound_ip_ranges)
+        text = (f"-p {self.proxy_port} -z {self.inbound_port} -u {ports(self.proxy_uids)} "
+                f"-g {ports(self.proxy_gids)} -m {self.mode} -i '{include}' "
+                f"-x '{ranges(p.exclude_outbound_ip_ranges)}' -b '{ports(p.include_inbound_ports)}'")
+        if p.captures_all_inbound_ports:
+            text += f" -d '{ports(p.exclude_inbound_ports)}'"
+        text += f" -q '{ports(p.include_outbound_ports)}' -o '{ports(p.exclude_outbound_ports)}'"
+        return text + (" (DNS capture)" if p.dns_capture else "")
+
+
+def make_capture(source: str, *, include_ranges: Sequence[IPNetwork], exclude_ranges: Sequence[IPNetwork],
+                 include_inbound: Sequence[int] | str, exclude_inbound: Sequence[int],
+                 include_outbound: Sequence[int], exclude_outbound: Sequence[int], dns: bool,
+                 uids: Sequence[int], gids: Sequence[int], proxy_port: int, inbound_port: int,
+                 mode: str = "REDIRECT", notes: Sequence[str] = ()) -> Capture:
+    dedupe = lambda xs: tuple(dict.fromkeys(xs))                        # noqa: E731
+    policy = PodPolicy(
+        include_outbound_ip_ranges=dedupe(include_ranges),
+        exclude_outbound_ip_ranges=dedupe(exclude_ranges),
+        include_inbound_ports=(ALL_PORTS,) if include_inbound == ALL_PORTS else dedupe(include_inbound),
+        exclude_inbound_ports=dedupe(exclude_inbound),
+        include_outbound_ports=dedupe(include_outbound),
+        exclude_outbound_ports=dedupe(exclude_outbound),
+        dns_capture=dns,
+        proxy_uid=uids[0] if uids else DEFAULT_PROXY_UID,
+        proxy_gid=gids[0] if gids else DEFAULT_PROXY_UID,
+        source=source,
+    )
+    return Capture(source, policy, dedupe(uids), dedupe(gids), proxy_port, inbound_port, mode, tuple(notes))
+
+
+# --- values as istio-iptables reads them --------------------------------------
+
+def split_list(value: str) -> list[str]:
+    """tools/common/config Split: comma separated, empty items dropped (no trimming)."""
+    return [item for item in value.split(",") if item != ""]
+
+
+def _port(what: str, text: str) -> int:
+    try:
+        return parse_port(what, text, text)
+    except PolicyError as e:
+        raise InstalledError(f"{what}: {show(text)} is not a port ({e.problem})") from None
+
+
+def _ports(what: str, value: str) -> list[int]:
+    return [_port(what, item) for item in split_list(value)]
+
+
+def _ranges(what: str, value: str, wildcard: bool) -> list[IPNetwork]:
+    if wildcard and value.strip() == "*":
+        return [IPv4Network("0.0.0.0/0")]
+    try:
+        return list(parse_cidr_list(what, ",".join(split_list(value)), wildcard=False))
+    except PolicyError as e:
+        raise InstalledError(str(e)) from None
+
+
+def _ids(what: str, value: str) -> list[int]:
+    items = split_list(value)
+    if not items or not all(i.isascii() and i.isdigit() for i in items):
+        raise InstalledError(f"{what}: {show(value)} is not a list of numeric ids")
+    return [int(i) for i in items]
+
+
+# --- source 2: istio-init's arguments -------------------------------------------
+
+# pkg/cmd/root.go: short flag -> long name, for flags that take a value.
+_VALUE_FLAGS = {
+    "p": "envoy-port", "z": "inbound-capture-port", "e": "inbound-tunnel-port", "u": "proxy-uid",
+    "g": "proxy-gid", "m": "istio-inbound-interception-mode", "b": "istio-inbound-ports",
+    "d": "istio-local-exclude-ports", "c": "istio-exclude-interfaces", "i": "istio-service-cidr",
+    "x": "istio-service-exclude-cidr", "q": "istio-outbound-ports", "o": "istio-local-outbound-ports-exclude",
+    "k": "kube-virt-interfaces", "t": "istio-inbound-tproxy-mark", "r": "istio-inbound-tproxy-route-table",
+}
+_LONG_VALUE_FLAGS = set(_VALUE_FLAGS.values()) | {
+    "iptables-probe-port", "probe-timeout", "network-namespace", "force-iptables-binary",
+    "log_output_level", "log_stacktrace_level", "log_caller", "log_target", "log_rotate",
+    "log_rotate_max_age", "log_rotate_max_size", "log_rotate_max_backups",
+}
+_BOOL_FLAGS = {"n": "dry-run"}
+_LONG_BOOL_FLAGS = set(_BOOL_FLAGS.values()) | {
+    "skip-rule-apply", "run-validation", "redirect-dns", "drop-invalid", "dual-stack", "capture-all-dns",
+    "cni-mode", "reconcile", "cleanup-only", "force-apply", "native-nftables", "iptables-trace-logging",
+    "log_as_json",
+}
+_GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
+             "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+
+
+def read_args(argv: Sequence[str]) -> dict[str, str | bool]:
+    """istio-iptables' command line as pflag reads it: long name -> value."""
+    args = list(argv)
+    if args and args[0].rsplit("/", 1)[-1] == "istio-iptables":
+        args = args[1:]
+    out: dict[str, str | bool] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not isinstance(arg, str):
+            raise InstalledError(f"argument {show(arg)} is not a string")
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+        elif arg.startswith("-") and len(arg) >= 2:
+            short, rest = arg[1], arg[2:]
+            name = _VALUE_FLAGS.get(short) or _BOOL_FLAGS.get(short)
+            if name is None:
+                raise InstalledError(f"unknown istio-iptables flag {show(arg)}")
+            eq, value = ("=", rest[1:]) if rest.startswith("=") else (("=", rest) if rest else ("", ""))
+        else:
+            raise InstalledError(f"unexpected istio-iptables argument {show(arg)}")
+        if name in _LONG_VALUE_FLAGS:
+            if not eq:
+                i += 1
+                if i == len(args):
+                    raise InstalledError(f"istio-iptables flag {show(arg)} has no value")
+                value = args[i]
+            out[name] = value
+        elif name in _LONG_BOOL_FLAGS:
+            if eq and value not in _GO_BOOLS:
+                raise InstalledError(f"istio-iptables flag {show(arg)}: not a boolean")
+            out[name] = _GO_BOOLS[value] if eq else True
+        else:
+            raise InstalledError(f"unknown istio-iptables flag {show(arg)}")
+        i += 1
+    return out
+
+
+def from_args(argv: Sequence[str], dns_env: bool = False) -> Capture:
+    """Source 2: the flags istio-init ran istio-iptables with. `dns_env` is
+    ISTIO_META_DNS_CAPTURE from istio-init's env (the flag's environment twin)."""
+    flags = read_args(argv)
+    get = lambda name, default="": flags.get(name, default)             # noqa: E731
+    for name in ("skip-rule-apply", "dry-run", "cleanup-only"):
+        if get(name, False):
+            raise InstalledError(f"istio-init runs with --{name}: it installed no rules")
+    if get("istio-exclude-interfaces"):
+        raise InstalledError(f"istio-init excludes interfaces (-c {show(get('istio-exclude-interfaces'))}); "
+                             "the datapath cannot tell interfaces apart")
+    uids = _ids("-u", get("proxy-uid", str(DEFAULT_PROXY_UID)))
+    gids = _ids("-g", get("proxy-gid")) if get("proxy-gid") else uids   # root.go: gid defaults to uid
+    include_inbound_raw = get("istio-inbound-ports")
+    mode = get("istio-inbound-interception-mode", "REDIRECT") or "REDIRECT"
+    if mode not in ("REDIRECT", "TPROXY"):
+        raise InstalledError(f"-m {show(mode)}: expected REDIRECT or TPROXY")
+    exclude_ranges = _ranges("-x", get("istio-service-exclude-cidr"), wildcard=False)
+    source = SOURCE_ARGS + (" (native nftables)" if get("native-nftables", False) else "")
+    return make_capture(
+        source,
+        include_ranges=_ranges("-i", get("istio-service-cidr"), wildcard=True),
+        exclude_ranges=exclude_ranges,
+        include_inbound=ALL_PORTS if include_inbound_raw.strip() == ALL_PORTS else _ports("-b", include_inbound_raw),
+        exclude_inbound=_ports("-d", get("istio-local-exclude-ports")),
+        include_outbound=_ports("-q", get("istio-outbound-ports")),
+        exclude_outbound=_ports("-o", get("istio-local-outbound-ports-exclude")),
+        dns=bool(get("redirect-dns", False) or get("capture-all-dns", False) or dns_env),
+        uids=uids, gids=gids,
+        proxy_port=_port("-p", get("envoy-port", "15001")),
+        inbound_port=_port("-z", get("inbound-capture-port", "15006")),
+        mode=mode,
+    )
+
+
+# --- source 3: istio-cni's annotations ------------------------------------------
+
+CNI_ALWAYS_EXCLUDED_INBOUND = (15020, 15021, 15090)     # sidecar_redirect.go appends these
+CNI_DEFAULT_EXCLUDED_PORTS = "15020"                     # when the annotation is absent
+
+
+def from_cni_annotations(annotations: Mapping[str, str], proxy_uid: int | None, proxy_gid: int | None,
+                         dns: bool) -> Capture:
+    """Source 3 with istio-cni: what the CNI plugin builds from the annotations
+    (its own defaults where one is absent) and istio-proxy's runAsUser/Group."""
+    from merbridge_py.policy import annotations as ann
+
+    def value(name: str, default: str) -> str:
+        v = ann.read_annotation(annotations, name, default)
+        return default if v is None else v
+
+    try:
+        include_raw = value(ann.INCLUDE_OUTBOUND_IP_RANGES, "*")
+        include_ranges = ann.parse_cidr_list(ann.INCLUDE_OUTBOUND_IP_RANGES, include_raw, wildcard=True)
+        exclude_ranges = ann.parse_cidr_list(ann.EXCLUDE_OUTBOUND_IP_RANGES,
+                                             value(ann.EXCLUDE_OUTBOUND_IP_RANGES, ""), wildcard=False)
+        inbound_raw = value(ann.INCLUDE_INBOUND_PORTS, ALL_PORTS)
+        include_inbound = ALL_PORTS if inbound_raw == ALL_PORTS else \
+            ann.parse_port_list(ann.INCLUDE_INBOUND_PORTS, inbound_raw)
+        exclude_inbound = ann.parse_port_list(ann.EXCLUDE_INBOUND_PORTS,
+                                              value(ann.EXCLUDE_INBOUND_PORTS, CNI_DEFAULT_EXCLUDED_PORTS))
+        include_outbound = ann.parse_port_list(ann.INCLUDE_OUTBOUND_PORTS, value(ann.INCLUDE_OUTBOUND_PORTS, ""))
+        exclude_outbound = ann.parse_port_list(ann.EXCLUDE_OUTBOUND_PORTS,
+                                               value(ann.EXCLUDE_OUTBOUND_PORTS, CNI_DEFAULT_EXCLUDED_PORTS))
+    except PolicyError as e:
+        raise InstalledError(str(e)) from None
+    uid = proxy_uid or DEFAULT_PROXY_UID      # the plugin treats 0 / unset as 1337
+    gid = proxy_gid or DEFAULT_PROXY_UID
+    return make_capture(SOURCE_CNI, include_ranges=include_ranges, exclude_ranges=exclude_ranges,
+                        include_inbound=include_inbound,
+                        exclude_inbound=tuple(exclude_inbound) + CNI_ALWAYS_EXCLUDED_INBOUND,
+                        include_outbound=include_outbound, exclude_outbound=exclude_outbound, dns=dns,
+                        uids=(uid,), gids=(gid,), proxy_port=15001, inbound_port=15006)
+
+
+# --- source 1: the live rules ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """One nat rule, normalised so iptables and nftables rules compare equal.
+    neg_* say the match is negated; dports is a tuple of ports."""
+
+    chain: str
+    proto: str | None = None
+    src: IPv4Network | None = None
+    dst: IPv4Network | None = None
+    neg_dst: bool = False
+    oif: str | None = None
+    dports: tuple[int, ...] | None = None
+    neg_dports: bool = False
+    uid: int | None = None
+    neg_uid: bool = False
+    gid: int | None = None
+    neg_gid: bool = False
+    target: str = ""               # RETURN, REDIRECT or a chain name (ISTIO_* spelling)
+    to_port: int | None = None
+    text: str = field(default="", compare=False)
+
+
+def _net(text: str) -> IPv4Network:
+    try:
+        return IPv4Network(text if "/" in text else f"{text}/32")
+    except ValueError:
+        raise InstalledError(f"{show(text)} is not an IPv4 network") from None
+
+
+def _int(text: object, what: str) -> int:
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    if isinstance(text, str) and text.isascii() and text.isdigit():
+        return int(text)
+    raise InstalledError(f"{what}: {show(text)} is not a number")
+
+
+def parse_iptables_rule(line: str) -> Rule:
+    """One `-A CHAIN ...` line of iptables-save (or iptables-restore input)."""
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise InstalledError(f"unreadable rule {show(line)}: {e}") from None
+    if len(words) < 2 or words[0] != "-A":
+        raise InstalledError(f"not a rule: {show(line)}")
+    r: dict = {"chain": words[1], "text": line}
+    negate, i = False, 2
+
+    def take() -> str:
+        nonlocal i
+        i += 1
+        if i >= len(words):
+            raise InstalledError(f"rule {show(line)} ends early")
+        return words[i]
+
+    def positive(option: str) -> None:
+        if negate:
+            raise InstalledError(f"rule {show(line)}: unexpected '!' before {option}")
+
+    while i < len(words):
+        w = words[i]
+        if w == "!":
+            negate = True
+            i += 1
+            continue
+        if w == "-p":
+            positive(w)
+            r["proto"] = take()
+        elif w == "-s":
+            positive(w)
+            r["src"] = _net(take())
+        elif w == "-d":
+            r["dst"], r["neg_dst"] = _net(take()), negate
+        elif w == "-o":
+            positive(w)
+            r["oif"] = take()
+        elif w == "-m":
+            positive(w)
+            if take() not in ("tcp", "udp", "multiport", "owner"):
+                raise InstalledError(f"rule {show(line)}: match module {show(words[i])} is not one Istio uses")
+        elif w in ("--dport", "--dports"):
+            r["dports"] = tuple(_int(p, "port") for p in take().split(","))
+            r["neg_dports"] = negate
+        elif w in ("--uid-owner", "--gid-owner"):
+            key = "uid" if w == "--uid-owner" else "gid"
+            r[key], r["neg_" + key] = _int(take(), w), negate
+        elif w == "-j":
+            positive(w)
+            r["target"] = take()
+        elif w in ("--to-ports", "--to-port") and r.get("target") == "REDIRECT":
+            positive(w)
+            r["to_port"] = _int(take(), w)
+        else:
+            raise InstalledError(f"rule {show(line)}: {show(w)} is not something Istio's rules use")
+        negate = False
+        i += 1
+    if negate:
+        raise InstalledError(f"rule {show(line)} ends with '!'")
+    return Rule(**r)
+
+
+def iptables_nat_rules(text: str) -> list[Rule]:
+    """The nat table's rules from `iptables-save` output (other tables skipped)."""
+    rules, table = [], None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line == "COMMIT":
+            table = None
+        elif table == "nat":
+            if line.startswith(":") or line.startswith("-N "):
+                continue              # chain declarations
+            rules.append(parse_iptables_rule(line))
+    return rules
+
+
+# nftables chain names -> the iptables spelling the classifier uses.
+_NFT_CHAINS = {"prerouting": "PREROUTING", "output": "OUTPUT", "istio-inbound": "ISTIO_INBOUND",
+               "istio-redirect": "ISTIO_REDIRECT", "istio-in-redirect": "ISTIO_IN_REDIRECT",
+               "istio-output": "ISTIO_OUTPUT", "istio-output-dns": "ISTIO_OUTPUT_DNS"}
+NFT_TABLES = ("istio-proxy-nat", "istio-proxy-mangle", "istio-proxy-raw")
+
+
+def _nft_value(value: object) -> object:
+    if isinstance(value, dict) and "prefix" in value:
+        return _net(f"{value['prefix']['addr']}/{value['prefix']['len']}")
+    if isinstance(value, dict) and "set" in value:
+        return tuple(_int(v, "set element") for v in value["set"])
+    return value
+
+
+def _nft_rule(chain: str, exprs: list, text: str) -> Rule | None:
+    """A rule of table inet istio-proxy-nat; None for IPv6-only rules (IPv6
+    traffic is never accelerated, so their values do not matter here)."""
+    r: dict = {"chain": _NFT_CHAINS.get(chain, chain), "text": text}
+    for expr in exprs:
+        if not isinstance(expr, dict) or len(expr) != 1:
+            raise InstalledError(f"rule {text}: unreadable expression {show(expr)}")
+        (kind, body), = expr.items()
+        if kind == "counter":
+            continue
+        if kind == "return":
+            r["target"] = "RETURN"
+        elif kind == "jump":
+            r["target"] = _NFT_CHAINS.get(body.get("target"), body.get("target"))
+        elif kind == "redirect":
+            r["target"], r["to_port"] = "REDIRECT", _int(body.get("port"), "redirect port")
+        elif kind == "match":
+            op, left, right = body.get("op"), body.get("left"), _nft_value(body.get("right"))
+            if op not in ("==", "!="):
+                raise InstalledError(f"rule {text}: operator {show(op)} is not one Istio uses")
+            neg = op == "!="
+            if "meta" in left and left["meta"].get("key") in ("l4proto", "oifname", "skuid", "skgid"):
+                key = left["meta"]["key"]
+                if key == "l4proto" and not neg:
+                    r["proto"] = right
+                elif key == "oifname" and not neg:
+                    r["oif"] = right
+                elif key in ("skuid", "skgid"):
+                    name = "uid" if key == "skuid" else "gid"
+                    r[name], r["neg_" + name] = _int(right, key), neg
+                else:
+                    raise InstalledError(f"rule {text}: negated {key} is not something Istio's rules use")
+            elif "payload" in left:
+                proto, fld = left["payload"].get("protocol"), left["payload"].get("field")
+                if proto == "ip6":
+                    return None
+                if proto == "ip" and fld in ("saddr", "daddr") and isinstance(right, (str, IPv4Network)):
+                    net = right if isinstance(right, IPv4Network) else _net(right)
+                    if fld == "saddr" and not neg:
+                        r["src"] = net
+                    elif fld == "daddr":
+                        r["dst"], r["neg_dst"] = net, neg
+                    else:
+                        raise InstalledError(f"rule {text}: negated source address is not something Istio uses")
+                elif proto in ("tcp", "udp") and fld == "dport":
+                    if r.get("proto", proto) != proto:
+                        raise InstalledError(f"rule {text}: mixes protocols")
+                    r["proto"] = proto
+                    r["dports"] = right if isinstance(right, tuple) else (_int(right, "port"),)
+                    r["neg_dports"] = neg
+                else:
+                    raise InstalledError(f"rule {text}: match on {proto} {fld} is not something Istio's rules use")
+            else:
+                raise InstalledError(f"rule {text}: match {show(left)} is not something Istio's rules use")
+        else:
+            raise InstalledError(f"rule {text}: statement {show(kind)} is not something Istio's nat rules use")
+    return Rule(**r)
+
+
+def nftables_nat_rules(ruleset_json: str) -> list[Rule]:
+    """The rules of table inet istio-proxy-nat from `nft -j list ruleset` (or
+    `nft -j list table inet istio-proxy-nat`). A mangle table (TPROXY mode or
+    drop-invalid) is refused: it is not the REDIRECT capture the datapath mirrors."""
+    try:
+        items = json.loads(ruleset_json)["nftables"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InstalledError(f"unreadable nft JSON: {e}") from None
+    rules, tables = [], set()
+    for item in items:
+        if not isinstance(item, dict):
+            raise InstalledError(f"unreadable nft JSON item {show(item)}")
+        if "table" in item and item["table"].get("family") == "inet" and item["table"].get("name") in NFT_TABLES:
+            tables.add(item["table"]["name"])
+        rule = item.get("rule")
+        if rule is None or rule.get("family") != "inet" or rule.get("table") != "istio-proxy-nat":
+            continue
+        text = f"[{rule.get('chain')} handle {rule.get('handle')}]"
+        parsed = _nft_rule(rule.get("chain"), rule.get("expr", []), text)
+        if parsed is not None:
+            rules.append(parsed)
+    if "istio-proxy-mangle" in tables:
+        raise InstalledError("table inet istio-proxy-mangle exists (TPROXY mode or drop-invalid): "
+                             "left to Istio's nftables rules")
+    if "istio-proxy-nat" not in tables:
+        raise InstalledError("no table inet istio-proxy-nat")
+    return rules
+
+
+def from_rules(rules: list[Rule], source: str) -> Capture:
+    """Source 1: the capture flags that produce exactly these nat rules."""
+    if not rules:
+        raise InstalledError(f"no Istio nat rules ({source})")
+    by_chain: dict[str, list[Rule]] = {}
+    for r in rules:
+        by_chain.setdefault(r.chain, []).append(r)
+    known = {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING", "ISTIO_INBOUND", "ISTIO_REDIRECT",
+             "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_OUTPUT_DNS"}
+    for chain in by_chain:
+        if chain not in known:
+            raise InstalledError(f"chain {show(chain)} is not one istio-iptables creates in REDIRECT mode")
+    if "ISTIO_OUTPUT" not in by_chain:
+        raise InstalledError(f"no ISTIO_OUTPUT rules ({source})")
+
+    def only(chain: str, expected: Iterable[Rule], what: str) -> None:
+        got = by_chain.get(chain, [])
+        if got != list(expected):
+            shown = "; ".join(r.text for r in got) or "none"
+            raise InstalledError(f"{chain} is not {what} ({source}): {shown}")
+
+    only("OUTPUT", [Rule("OUTPUT", target="ISTIO_OUTPUT")], "a jump to ISTIO_OUTPUT")
+    proxy_port = _redirect_port(by_chain, "ISTIO_REDIRECT", source)
+    inbound_port = _redirect_port(by_chain, "ISTIO_IN_REDIRECT", source)
+    tunnel, include_inbound, exclude_inbound = _inbound(by_chain, source)
+    out = _output(by_chain["ISTIO_OUTPUT"], tunnel, source)
+    dns_chain = by_chain.get("ISTIO_OUTPUT_DNS", [])
+    for r in dns_chain:
+        if not (r.target == "REDIRECT" and r.to_port == DNS_AGENT_PORT and r.dports == (DNS_PORT,)
+                and r.proto in ("tcp", "udp") and not r.neg_dports and not r.neg_dst and r.src is None
+                and r.oif is None and r.uid is None and r.gid is None):
+            raise InstalledError(f"ISTIO_OUTPUT_DNS rule is not a DNS redirect ({source}): {r.text}")
+    if out["dns"] != bool(dns_chain):
+        raise InstalledError(f"DNS capture rules are incomplete ({source})")
+    return make_capture(source, include_ranges=out["include_ranges"], exclude_ranges=out["exclude_ranges"],
+                        include_inbound=include_inbound, exclude_inbound=exclude_inbound,
+                        include_outbound=out["include_ports"], exclude_outbound=out["exclude_ports"],
+                        dns=out["dns"], uids=out["uids"], gids=out["gids"], proxy_port=proxy_port,
+                        inbound_port=inbound_port)
+
+
+def _redirect_port(by_chain: dict, chain: str, source: str) -> int:
+    got = by_chain.get(chain, [])
+    if len(got) != 1 or replace(got[0], to_port=None) != Rule(chain, proto="tcp", target="REDIRECT") \
+            or got[0].to_port is None:
+        raise InstalledError(f"{chain} is not one REDIRECT rule ({source}): "
+                             + ("; ".join(r.text for r in got) or "none"))
+    return got[0].to_port
+
+
+def _inbound(by_chain: dict, source: str) -> tuple[int, object, list[int]]:
+    chain = list(by_chain.get("ISTIO_INBOUND", []))
+    if not chain or chain[0].target != "RETURN" or replace(chain[0], dports=None) != \
+            Rule("ISTIO_INBOUND", proto="tcp", target="RETURN") or not chain[0].dports or len(chain[0].dports) != 1:
+        raise InstalledError(f"ISTIO_INBOUND does not start with the tunnel port's RETURN ({source})")
+    tunnel, rest = chain[0].dports[0], chain[1:]
+    prerouting = by_chain.get("PREROUTING", [])
+    if not prerouting:
+        if rest:
+            raise InstalledError(f"ISTIO_INBOUND has rules but PREROUTING does not jump to it ({source})")
+        return tunnel, (), []
+    if prerouting != [Rule("PREROUTING", proto="tcp", target="ISTIO_INBOUND")]:
+        raise InstalledError(f"PREROUTING is not a jump to ISTIO_INBOUND ({source}): "
+                             + "; ".join(r.text for r in prerouting))
+    catch_all = Rule("ISTIO_INBOUND", proto="tcp", target="ISTIO_IN_REDIRECT")
+    if rest and rest[-1] == catch_all:
+        excluded = []
+        for r in rest[:-1]:
+            if replace(r, dports=None) != Rule("ISTIO_INBOUND", proto="tcp", target="RETURN") or not r.dports:
+                raise InstalledError(f"unrecognised ISTIO_INBOUND rule ({source}): {r.text}")
+            excluded += r.dports
+        return tunnel, ALL_PORTS, excluded
+    included = []
+    for r in rest:
+        if replace(r, dports=None) != Rule("ISTIO_INBOUND", proto="tcp", target="ISTIO_IN_REDIRECT") \
+                or not r.dports or len(r.dports) != 1:
+            raise InstalledError(f"unrecognised ISTIO_INBOUND rule ({source}): {r.text}")
+        included += r.dports
+    return tunnel, included, []
+
+
+def _output(chain: list[Rule], tunnel: int, source: str) -> dict:
+    """ISTIO_OUTPUT in istio-iptables' order; any other rule or order is refused."""
+    o = "ISTIO_OUTPUT"
+    out = {"exclude_ports": [], "uids": [], "gids": [], "dns": False, "exclude_ranges": [],
+           "include_ports": [], "include_ranges": []}
+    rules, i = chain, 0
+
+    def at(pred) -> bool:
+        return i < len(rules) and pred(rules[i])
+
+    def fail(why: str):
+        shown = rules[i].text if i < len(rules) else "end of chain"
+        raise InstalledError(f"ISTIO_OUTPUT: {why} ({source}): {shown}")
+
+    # -o: RETURN per port (and protocol); TCP and UDP must list the same ports.
+    by_proto: dict[str, list[int]] = {"tcp": [], "udp": []}
+    while at(lambda r: r.proto in ("tcp", "udp") and r.dports and replace(r, proto=None, dports=None)
+             == Rule(o, target="RETURN")):
+        by_proto[rules[i].proto] += rules[i].dports
+        i += 1
+    if set(by_proto["tcp"]) != set(by_proto["udp"]):
+        fail("excluded TCP and UDP ports differ")
+    out["exclude_ports"] = by_proto["tcp"]
+    if not at(lambda r: r == Rule(o, oif="lo", src=PASSTHROUGH_SOURCE, target="RETURN")):
+        fail("expected the 127.0.0.6 passthrough RETURN")
+    i += 1
+    loopback = None
+    for key in ("uid", "gid"):
+        while at(lambda r: getattr(r, key) is not None and r.oif == "lo" and r.target == "ISTIO_IN_REDIRECT"):
+            r = rules[i]
+            ident = getattr(r, key)
+            loopback = loopback or r.dst
+            dns = r.dports == (DNS_PORT, tunnel)
+            if r != Rule(o, oif="lo", dst=r.dst, neg_dst=True, proto="tcp",
+                         dports=(DNS_PORT, tunnel) if dns else (tunnel,), neg_dports=True,
+                         target="ISTIO_IN_REDIRECT", **{key: ident}) or r.dst != loopback:
+                fail(f"unrecognised proxy {key} rule")
+            if key == "uid":
+                out["dns"] = out["dns"] or dns
+            i += 1
+            lo_return = Rule(o, oif="lo", target="RETURN", **{key: ident, "neg_" + key: True})
+            lo_return_dns = replace(lo_return, proto="tcp", dports=(DNS_PORT,), neg_dports=True)
+            if at(lambda r: r in (lo_return, lo_return_dns)):
+                i += 1
+            if not at(lambda r: r == Rule(o, target="RETURN", **{key: ident})):
+                fail(f"expected the proxy {key} {ident} RETURN")
+            i += 1
+            out[key + "s"].append(ident)
+    if not out["uids"]:
+        fail("no proxy uid rules")
+    if at(lambda r: r == Rule(o, target="ISTIO_OUTPUT_DNS")):
+        out["dns"] = True
+        i += 1
+    if not at(lambda r: r == Rule(o, dst=loopback, target="RETURN")):
+        fail("expected the loopback RETURN")
+    i += 1
+    while at(lambda r: r.dst is not None and r == Rule(o, dst=r.dst, target="RETURN")):
+        out["exclude_ranges"].append(rules[i].dst)
+        i += 1
+    while at(lambda r: r.dports is not None and len(r.dports) == 1
+             and r == Rule(o, proto="tcp", dports=r.dports, target="ISTIO_REDIRECT")):
+        out["include_ports"].append(rules[i].dports[0])
+        i += 1
+    if at(lambda r: r == Rule(o, target="ISTIO_REDIRECT")):
+        out["include_ranges"] = [IPv4Network("0.0.0.0/0")]
+        i += 1
+    else:
+        while at(lambda r: r.dst is not None and r == Rule(o, dst=r.dst, target="ISTIO_REDIRECT")):
+            out["include_ranges"].append(rules[i].dst)
+            i += 1
+    if i != len(rules):
+        fail("unrecognised rule")
+    return out
+
+
+def from_iptables_save(text: str) -> Capture:
+    return from_rules(iptables_nat_rules(text), SOURCE_IPTABLES)
+
+
+def from_nft_json(text: str) -> Capture:
+    return from_rules(nftables_nat_rules(text), SOURCE_NFTABLES)
+
+
+# --- choosing -------------------------------------------------------------------
+
+class Refused(Exception):
+    """Two sources disagree in a way that would make eBPF capture more."""
+
+
+def _outbound_points(a: PodPolicy, b: PodPolicy) -> tuple[list[IPv4Address], list[int]]:
+    """Representative destinations: CIDRs nest or are disjoint, so each region
+    their boundaries cut out contains 0.0.0.0, a CIDR's first address or the
+    address after a CIDR's last; ports: every listed one plus one unlisted."""
+    nets = [n for p in (a, b) for n in p.include_outbound_ip_ranges + p.exclude_outbound_ip_ranges if n.version == 4]
+    ips = {IPv4Address(0)}
+    for n in nets:
+        ips.add(n.network_address)
+        if int(n.broadcast_address) < 2 ** 32 - 1:
+            ips.add(n.broadcast_address + 1)
+    listed = {x for p in (a, b) for x in p.include_outbound_ports + p.exclude_outbound_ports} | {DNS_PORT}
+    unlisted = next(x for x in range(1, 65536) if x not in listed)
+    return sorted(ips), sorted(listed | {unlisted})
+
+
+def extra_capture(used: PodPolicy, other: PodPolicy) -> str | None:
+    """A connection `used` captures and `other` leaves alone, or None."""
+    from merbridge_py.policy.reference import captures_inbound, captures_outbound
+    ips, ports = _outbound_points(used, other)
+    for ip in ips:
+        for port in ports:
+            if port and captures_outbound(used, str(ip), port) and not captures_outbound(other, str(ip), port):
+                return f"outbound to {ip}:{port}"
+    inbound = {x for p in (used, other) for x in p.include_inbound_ports + p.exclude_inbound_ports
+               if isinstance(x, int)}
+    extra = set(range(1, 65536)) if used.captures_all_inbound_ports and not other.captures_all_inbound_ports \
+        else inbound | {next(x for x in range(1, 65536) if x not in inbound)}
+    for port in sorted(extra):
+        if captures_inbound(used, port) and not captures_inbound(other, port):
+            return f"inbound to port {port}"
+    return None
+
+
+def choose(sources: Sequence[Capture | InstalledError | None]) -> Capture:
+    """The most trusted readable source (sources in trust order; None = not
+    available). Raises Refused when no source is readable, or when another
+    available source would leave alone something the chosen one captures, or
+    names other proxy ids or ports; the reason names both values."""
+    available = [s for s in sources if s is not None]
+    if not available:
+        raise Refused("no source of the capture policy is available")
+    first = available[0]
+    if isinstance(first, InstalledError):
+        raise Refused(f"installed rules cannot be read exactly: {first}")
+    notes = []
+    for other in available[1:]:
+        if isinstance(other, InstalledError):
+            notes.append(f"not compared with a source that cannot be read ({other})")
+            continue
+        for what in ("proxy_uids", "proxy_gids", "proxy_port", "inbound_port", "mode"):
+            mine, theirs = getattr(first, what), getattr(other, what)
+            if mine != theirs:
+                raise Refused(f"{first.source} and {other.source} disagree on {what}: {mine} vs {theirs}")
+        extra = extra_capture(first.policy, other.policy)
+        if extra is not None:
+            raise Refused(f"{first.source} capture {extra}, which {other.source} leave alone: "
+                          f"{first.source}: {first.describe()}; {other.source}: {other.describe()}")
+        if extra_capture(other.policy, first.policy) is not None:
+            notes.append(f"{other.source} would capture more than {first.source}; {first.source} apply")
+    return replace(first, notes=first.notes + tuple(notes))
