@@ -633,20 +633,18 @@ def _output(chain: list[Rule], tunnel: int, source: str) -> dict:
     if not at(lambda r: r == Rule(o, dst=loopback, target="RETURN")):
         fail("expected the loopback RETURN")
     i += 1
-    while at(lambda r: r.dst is not None and r == Rule(o, dst=r.dst, target="RETURN")):
-        out["exclude_ranges"].append(rules[i].dst)
+    # iptables-save prints "-d 0.0.0.0/0" as no -d at all
+    while at(lambda r: r == Rule(o, dst=r.dst, target="RETURN")):
+        out["exclude_ranges"].append(rules[i].dst or IPv4Network("0.0.0.0/0"))
         i += 1
     while at(lambda r: r.dports is not None and len(r.dports) == 1
              and r == Rule(o, proto="tcp", dports=r.dports, target="ISTIO_REDIRECT")):
         out["include_ports"].append(rules[i].dports[0])
         i += 1
-    if at(lambda r: r == Rule(o, target="ISTIO_REDIRECT")):
-        out["include_ranges"] = [IPv4Network("0.0.0.0/0")]
+    # -i '*' and a listed 0.0.0.0/0 both read as a rule without -d
+    while at(lambda r: r == Rule(o, dst=r.dst, target="ISTIO_REDIRECT")):
+        out["include_ranges"].append(rules[i].dst or IPv4Network("0.0.0.0/0"))
         i += 1
-    else:
-        while at(lambda r: r.dst is not None and r == Rule(o, dst=r.dst, target="ISTIO_REDIRECT")):
-            out["include_ranges"].append(rules[i].dst)
-            i += 1
     if i != len(rules):
         fail("unrecognised rule")
     return out
