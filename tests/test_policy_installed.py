@@ -291,3 +291,50 @@ def test_decide_keeps_the_rules_behaviour_or_refuses_after_an_annotation_patch()
     assert "policy from iptables rules" in verdict.reason
     unreadable = decide(obj, installed=inst.InstalledError("no Istio nat rules"))
     assert not unreadable.accelerate and unreadable.code == "rules_unreadable"
+
+
+# --- reading a namespace ------------------------------------------------------------------
+
+def fake_runner(outputs: dict):
+    def run(path, argv):
+        return outputs.get(argv[0]) if argv[1:] != ["--version"] else ("v" if argv[0] in outputs else None)
+    return run
+
+
+def test_read_netns_uses_whichever_kind_of_rules_is_there():
+    ipt = ii.restore_payload(ii.flags_from_annotations({}))
+    ruleset = (DATA / "istio-nftables-ruleset.json").read_text()
+    assert inst.read_netns("/p", fake_runner({"iptables-legacy-save": ipt, "iptables-nft-save": "", "nft": "{}"})) \
+        .source == "iptables rules"
+    assert inst.read_netns("/p", fake_runner({"iptables-nft-save": "*nat\nCOMMIT\n", "nft": ruleset})) \
+        .source == "nftables rules"
+    both = inst.read_netns("/p", fake_runner({"iptables-nft-save": ipt, "nft": ruleset}))
+    assert isinstance(both, inst.InstalledError) and "more than one kind" in str(both)
+    none = inst.read_netns("/p", fake_runner({"iptables-nft-save": "", "nft": '{"nftables": []}'}))
+    assert isinstance(none, inst.InstalledError) and "no Istio rules" in str(none)
+    assert "neither" in str(inst.read_netns("/p", fake_runner({})))
+
+
+@pytest.mark.bpf
+def test_read_netns_reads_real_rules_of_both_kinds():
+    """Both rule kinds installed in a throwaway namespace with the real
+    binaries and read back through nsenter, the way the agent would."""
+    needs_root("nft")
+    needs_root("iptables-save")
+    ns = f"mbp-rt-{uuid.uuid4().hex[:8]}"
+    sandbox.netns_add(ns)
+    try:
+        path = f"/run/netns/{ns}"
+        assert "no Istio rules" in str(inst.read_netns(path))
+        flags = ii.flags_from_annotations({}, mesh=ii.MeshDefaults(exclude_ip_ranges="10.0.0.0/8", proxy_uid=1001))
+        sandbox.sh("iptables-restore", "--noflush", netns=ns, input=ii.restore_payload(flags))
+        got = inst.read_netns(path)
+        assert got.source == "iptables rules" and parsed(got) == expected(flags)
+        sandbox.sh("iptables-restore", netns=ns, input=ii.flush_payload(flags))
+        sandbox.sh("nft", "-f", "-", netns=ns, input=nft.script(flags))
+        got = inst.read_netns(path)
+        assert got.source == "nftables rules" and parsed(got) == expected(flags)
+        sandbox.sh("iptables-restore", "--noflush", netns=ns, input=ii.restore_payload(flags))
+        assert "more than one kind" in str(inst.read_netns(path))
+    finally:
+        sandbox.netns_delete(ns)

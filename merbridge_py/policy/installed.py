@@ -724,3 +724,55 @@ def choose(sources: Sequence[Capture | InstalledError | None]) -> Capture:
         if extra_capture(other.policy, first.policy) is not None:
             notes.append(f"{other.source} would capture more than {first.source}; {first.source} apply")
     return replace(first, notes=first.notes + tuple(notes))
+
+
+# --- reading a pod's namespace ----------------------------------------------------
+
+# iptables-save only shows its own backend's tables; istio-init picks the
+# backend that already has rules, so both are read where both exist.
+IPTABLES_SAVERS = ("iptables-nft-save", "iptables-legacy-save")
+
+
+def _run_in_netns(netns_path: str, argv: Sequence[str]) -> str | None:
+    """stdout of argv run inside the namespace; None when the binary is missing."""
+    import shutil
+    import subprocess
+    if shutil.which(argv[0]) is None:
+        return None
+    proc = subprocess.run(["nsenter", f"--net={netns_path}", *argv], capture_output=True, text=True, timeout=10)
+    if proc.returncode != 0:
+        raise InstalledError(f"{' '.join(argv)} failed in {netns_path}: {proc.stderr.strip()[:200]}")
+    return proc.stdout
+
+
+def read_netns(netns_path: str, run=_run_in_netns) -> Capture | InstalledError:
+    """Source 1 for one pod: the Istio rules in the network namespace at
+    `netns_path` (/proc/PID/ns/net or /run/netns/NAME), whichever kind is
+    there. Never raises: an InstalledError is returned as the reason."""
+    try:
+        found: list[tuple[str, str]] = []
+        checked = []
+        savers = [s for s in IPTABLES_SAVERS if run(netns_path, [s, "--version"]) is not None] or ["iptables-save"]
+        for saver in savers:
+            text = run(netns_path, [saver, "-t", "nat"])
+            if text is None:
+                continue
+            checked.append(saver)
+            if any(line.startswith("-A ISTIO_") for line in text.splitlines()):
+                found.append((saver, text))
+        ruleset = run(netns_path, ["nft", "-j", "list", "ruleset"])
+        if ruleset is not None:
+            checked.append("nft")
+            if '"istio-proxy-' in ruleset:
+                found.append(("nft", ruleset))
+        if not found:
+            return InstalledError("no Istio rules in the pod's network namespace (read with "
+                                  f"{', '.join(checked) or 'nothing: neither iptables-save nor nft is installed'})")
+        if len(found) > 1:
+            return InstalledError(f"Istio rules of more than one kind ({', '.join(k for k, _ in found)})")
+        kind, text = found[0]
+        return from_nft_json(text) if kind == "nft" else from_iptables_save(text)
+    except InstalledError as e:
+        return e
+    except (OSError, ValueError) as e:
+        return InstalledError(f"reading the rules failed: {e}")
