@@ -338,3 +338,19 @@ def test_read_netns_reads_real_rules_of_both_kinds():
         assert "more than one kind" in str(inst.read_netns(path))
     finally:
         sandbox.netns_delete(ns)
+
+
+def test_rules_are_read_once_per_namespace_and_spec():
+    reads = []
+    cache = inst.InstalledRulesCache(reader=lambda path: reads.append(path) or inst.InstalledError(path))
+    pod = {"metadata": {"uid": "u1", "annotations": {"a": "1"}}, "spec": {"initContainers": [{"name": "istio-init"}]}}
+    for _ in range(3):
+        cache.get("u1", 11, "/proc/1/ns/net", inst.spec_key(pod))
+    assert reads == ["/proc/1/ns/net"]
+    pod["metadata"]["annotations"]["a"] = "2"                                  # spec changed
+    cache.get("u1", 11, "/proc/1/ns/net", inst.spec_key(pod))
+    cache.get("u1", 12, "/proc/2/ns/net", inst.spec_key(pod))                  # new namespace (pod restarted)
+    assert reads == ["/proc/1/ns/net", "/proc/1/ns/net", "/proc/2/ns/net"] and cache.reads == 3
+    cache.retain([])
+    cache.get("u1", 12, "/proc/2/ns/net", inst.spec_key(pod))
+    assert cache.reads == 4

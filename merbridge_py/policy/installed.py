@@ -22,15 +22,18 @@ tools/istio-nftables/pkg/capture/run.go, tools/common/config/types.go
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import shlex
+import shutil
+import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
-from merbridge_py.policy.annotations import PolicyError, parse_cidr_list, parse_port, show
+from merbridge_py.policy import annotations as ann
+from merbridge_py.policy.annotations import PolicyError, dedupe, parse_cidr_list, parse_port, show
 from merbridge_py.policy.model import ALL_PORTS, IPNetwork, PodPolicy
+from merbridge_py.policy.reference import captures_inbound, captures_outbound
 
 DEFAULT_PROXY_UID = 1337            # istio-iptables: the istio-proxy user of the proxyv2 image
 DEFAULT_TUNNEL_PORT = 15008
@@ -66,17 +69,19 @@ class Capture:
     def describe(self) -> str:
         """The flags in istio-iptables spelling, for reasons."""
         p = self.policy
-        ranges = lambda nets: ",".join(str(n) for n in nets)           # noqa: E731
-        ports = lambda ps: ",".join(str(x) for x in ps)                 # noqa: E731
         include = "*" if p.include_outbound_ip_ranges == (IPv4Network("0.0.0.0/0"),) else \
-            ranges(p.include_outbound_ip_ranges)
-        text = (f"-p {self.proxy_port} -z {self.inbound_port} -u {ports(self.proxy_uids)} "
-                f"-g {ports(self.proxy_gids)} -m {self.mode} -i '{include}' "
-                f"-x '{ranges(p.exclude_outbound_ip_ranges)}' -b '{ports(p.include_inbound_ports)}'")
+            _joined(p.include_outbound_ip_ranges)
+        text = (f"-p {self.proxy_port} -z {self.inbound_port} -u {_joined(self.proxy_uids)} "
+                f"-g {_joined(self.proxy_gids)} -m {self.mode} -i '{include}' "
+                f"-x '{_joined(p.exclude_outbound_ip_ranges)}' -b '{_joined(p.include_inbound_ports)}'")
         if p.captures_all_inbound_ports:
-            text += f" -d '{ports(p.exclude_inbound_ports)}'"
-        text += f" -q '{ports(p.include_outbound_ports)}' -o '{ports(p.exclude_outbound_ports)}'"
+            text += f" -d '{_joined(p.exclude_inbound_ports)}'"
+        text += f" -q '{_joined(p.include_outbound_ports)}' -o '{_joined(p.exclude_outbound_ports)}'"
         return text + (" (DNS capture)" if p.dns_capture else "")
+
+
+def _joined(items: Iterable) -> str:
+    return ",".join(str(x) for x in items)
 
 
 def make_capture(source: str, *, include_ranges: Sequence[IPNetwork], exclude_ranges: Sequence[IPNetwork],
@@ -84,7 +89,6 @@ def make_capture(source: str, *, include_ranges: Sequence[IPNetwork], exclude_ra
                  include_outbound: Sequence[int], exclude_outbound: Sequence[int], dns: bool,
                  uids: Sequence[int], gids: Sequence[int], proxy_port: int, inbound_port: int,
                  mode: str = "REDIRECT", notes: Sequence[str] = ()) -> Capture:
-    dedupe = lambda xs: tuple(dict.fromkeys(xs))                        # noqa: E731
     policy = PodPolicy(
         include_outbound_ip_ranges=dedupe(include_ranges),
         exclude_outbound_ip_ranges=dedupe(exclude_ranges),
@@ -201,7 +205,9 @@ def from_args(argv: Sequence[str], dns_env: bool = False) -> Capture:
     """Source 2: the flags istio-init ran istio-iptables with. `dns_env` is
     ISTIO_META_DNS_CAPTURE from istio-init's env (the flag's environment twin)."""
     flags = read_args(argv)
-    get = lambda name, default="": flags.get(name, default)             # noqa: E731
+
+    def get(name: str, default: str | bool = "") -> str | bool:
+        return flags.get(name, default)
     for name in ("skip-rule-apply", "dry-run", "cleanup-only"):
         if get(name, False):
             raise InstalledError(f"istio-init runs with --{name}: it installed no rules")
@@ -242,8 +248,6 @@ def from_cni_annotations(annotations: Mapping[str, str], proxy_uid: int | None, 
                          dns: bool) -> Capture:
     """Source 3 with istio-cni: what the CNI plugin builds from the annotations
     (its own defaults where one is absent) and istio-proxy's runAsUser/Group."""
-    from merbridge_py.policy import annotations as ann
-
     def value(name: str, default: str) -> str:
         v = ann.read_annotation(annotations, name, default)
         return default if v is None else v
@@ -681,7 +685,6 @@ def _outbound_points(a: PodPolicy, b: PodPolicy) -> tuple[list[IPv4Address], lis
 
 def extra_capture(used: PodPolicy, other: PodPolicy) -> str | None:
     """A connection `used` captures and `other` leaves alone, or None."""
-    from merbridge_py.policy.reference import captures_inbound, captures_outbound
     ips, ports = _outbound_points(used, other)
     for ip in ips:
         for port in ports:
@@ -735,8 +738,6 @@ IPTABLES_SAVERS = ("iptables-nft-save", "iptables-legacy-save")
 
 def _run_in_netns(netns_path: str, argv: Sequence[str]) -> str | None:
     """stdout of argv run inside the namespace; None when the binary is missing."""
-    import shutil
-    import subprocess
     if shutil.which(argv[0]) is None:
         return None
     proc = subprocess.run(["nsenter", f"--net={netns_path}", *argv], capture_output=True, text=True, timeout=10)
@@ -776,3 +777,41 @@ def read_netns(netns_path: str, run=_run_in_netns) -> Capture | InstalledError:
         return e
     except (OSError, ValueError) as e:
         return InstalledError(f"reading the rules failed: {e}")
+
+
+def spec_key(pod: Mapping) -> str:
+    """A fingerprint of what the pod spec says about capture (annotations,
+    init containers, the proxy's security context): a change means the
+    spec-side sources must be compared with the rules again."""
+    metadata = pod.get("metadata") if isinstance(pod, Mapping) else None
+    spec = pod.get("spec") if isinstance(pod, Mapping) else None
+    metadata, spec = metadata if isinstance(metadata, Mapping) else {}, spec if isinstance(spec, Mapping) else {}
+    relevant = {"annotations": metadata.get("annotations"), "init": spec.get("initContainers"),
+                "contexts": [c.get("securityContext") for c in spec.get("containers") or [] if isinstance(c, Mapping)]}
+    return json.dumps(relevant, sort_keys=True, default=str)
+
+
+class InstalledRulesCache:
+    """The rules of each pod, read when its namespace is first seen or its
+    spec changes -- not on every reconcile pass (issue 11). Keyed by pod uid;
+    forgets pods not seen in the last `retain` call."""
+
+    def __init__(self, reader=read_netns):
+        self._reader = reader
+        self._entries: dict[str, tuple[tuple, Capture | InstalledError]] = {}
+        self.reads = 0
+
+    def get(self, pod_uid: str, netns_inode: int, netns_path: str, key: str) -> Capture | InstalledError:
+        stamp = (netns_inode, key)
+        entry = self._entries.get(pod_uid)
+        if entry is None or entry[0] != stamp:
+            self.reads += 1
+            entry = (stamp, self._reader(netns_path))
+            self._entries[pod_uid] = entry
+        return entry[1]
+
+    def retain(self, pod_uids: Iterable[str]) -> None:
+        keep = set(pod_uids)
+        for uid in list(self._entries):
+            if uid not in keep:
+                del self._entries[uid]
