@@ -252,21 +252,19 @@ def from_cni_annotations(annotations: Mapping[str, str], proxy_uid: int | None, 
         v = ann.read_annotation(annotations, name, default)
         return default if v is None else v
 
-    try:
-        include_raw = value(ann.INCLUDE_OUTBOUND_IP_RANGES, "*")
-        include_ranges = ann.parse_cidr_list(ann.INCLUDE_OUTBOUND_IP_RANGES, include_raw, wildcard=True)
-        exclude_ranges = ann.parse_cidr_list(ann.EXCLUDE_OUTBOUND_IP_RANGES,
-                                             value(ann.EXCLUDE_OUTBOUND_IP_RANGES, ""), wildcard=False)
-        inbound_raw = value(ann.INCLUDE_INBOUND_PORTS, ALL_PORTS)
-        include_inbound = ALL_PORTS if inbound_raw == ALL_PORTS else \
-            ann.parse_port_list(ann.INCLUDE_INBOUND_PORTS, inbound_raw)
-        exclude_inbound = ann.parse_port_list(ann.EXCLUDE_INBOUND_PORTS,
-                                              value(ann.EXCLUDE_INBOUND_PORTS, CNI_DEFAULT_EXCLUDED_PORTS))
-        include_outbound = ann.parse_port_list(ann.INCLUDE_OUTBOUND_PORTS, value(ann.INCLUDE_OUTBOUND_PORTS, ""))
-        exclude_outbound = ann.parse_port_list(ann.EXCLUDE_OUTBOUND_PORTS,
-                                               value(ann.EXCLUDE_OUTBOUND_PORTS, CNI_DEFAULT_EXCLUDED_PORTS))
-    except PolicyError as e:
-        raise InstalledError(str(e)) from None
+    # a malformed annotation raises PolicyError, named as such by decide()
+    include_raw = value(ann.INCLUDE_OUTBOUND_IP_RANGES, "*")
+    include_ranges = ann.parse_cidr_list(ann.INCLUDE_OUTBOUND_IP_RANGES, include_raw, wildcard=True)
+    exclude_ranges = ann.parse_cidr_list(ann.EXCLUDE_OUTBOUND_IP_RANGES,
+                                         value(ann.EXCLUDE_OUTBOUND_IP_RANGES, ""), wildcard=False)
+    inbound_raw = value(ann.INCLUDE_INBOUND_PORTS, ALL_PORTS)
+    include_inbound = ALL_PORTS if inbound_raw == ALL_PORTS else \
+        ann.parse_port_list(ann.INCLUDE_INBOUND_PORTS, inbound_raw)
+    exclude_inbound = ann.parse_port_list(ann.EXCLUDE_INBOUND_PORTS,
+                                          value(ann.EXCLUDE_INBOUND_PORTS, CNI_DEFAULT_EXCLUDED_PORTS))
+    include_outbound = ann.parse_port_list(ann.INCLUDE_OUTBOUND_PORTS, value(ann.INCLUDE_OUTBOUND_PORTS, ""))
+    exclude_outbound = ann.parse_port_list(ann.EXCLUDE_OUTBOUND_PORTS,
+                                           value(ann.EXCLUDE_OUTBOUND_PORTS, CNI_DEFAULT_EXCLUDED_PORTS))
     uid = proxy_uid or DEFAULT_PROXY_UID      # the plugin treats 0 / unset as 1337
     gid = proxy_gid or DEFAULT_PROXY_UID
     return make_capture(SOURCE_CNI, include_ranges=include_ranges, exclude_ranges=exclude_ranges,

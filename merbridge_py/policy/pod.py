@@ -207,7 +207,10 @@ def spec_capture(facts: PodFacts, env: Mapping[str, str], mesh: MeshProfile) -> 
     setup = interception_setup(facts)
     if setup == ISTIO_INIT:
         init = _named(facts.init_containers, ISTIO_INIT)
-        argv = [*(init.get("command") or []), *(init.get("args") or [])]
+        command, args = init.get("command") or [], init.get("args") or []
+        if not isinstance(command, list) or not isinstance(args, list):
+            raise InstalledError(f"{ISTIO_INIT}'s command and args are not lists")
+        argv = command + args
         if argv:
             return from_args(argv, dns)
     elif setup == "istio-cni":
