@@ -277,9 +277,10 @@ def test_choose_refuses_other_proxy_ids_and_unreadable_rules():
 
 def test_decide_keeps_the_rules_behaviour_or_refuses_after_an_annotation_patch():
     from merbridge_py.testbed import kube
-    from tests.test_policy_injector import NODE, Pod
+    from merbridge_py.testbed.topology import Node, Pod
+    node = Node("n0", 0, "mbp-n0", "10.244.0.0/24", "10.244.0.1", "192.168.0.2", "/x", "/y")
     pod = Pod("web", "n0", "10.244.0.5", "mbp-x", True, "/x", {}, [8080], "veth0", "10.96.0.5")
-    obj = kube.pod_object("tb", pod, NODE, cni=True)
+    obj = kube.pod_object("tb", pod, node, cni=True)
     rules = inst.from_iptables_save(ii.restore_payload(ii.installed_flags({}, cni=True)))
     assert decide(obj, installed=rules).accelerate
     obj["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] = "5432"   # patched later
