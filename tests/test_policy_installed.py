@@ -355,3 +355,28 @@ def test_rules_are_read_once_per_namespace_and_spec():
     cache.retain([])
     cache.get("u1", 12, "/proc/2/ns/net", inst.spec_key(pod))
     assert cache.reads == 4
+
+
+def test_istio_init_pod_whose_annotation_was_patched_keeps_its_rules_or_is_refused():
+    """istio-init's arguments are immutable: an annotation patched later that
+    would leave alone what they capture is refused, naming both values; one
+    that would capture more changes nothing; a malformed one is named."""
+    from merbridge_py.testbed import kube
+    from merbridge_py.testbed.topology import Node, Pod
+    node = Node("n0", 0, "mbp-n0", "10.244.0.0/24", "10.244.0.1", "192.168.0.2", "/x", "/y")
+    pod = Pod("web", "n0", "10.244.0.5", "mbp-x", True, "/x", {}, [8080], "veth0", "10.96.0.5")
+    obj = kube.pod_object("tb", pod, node, mesh=ii.MeshDefaults(exclude_ip_ranges="10.0.0.0/8", status_port="15999"))
+    ann = obj["metadata"]["annotations"]
+    ann[ii.ANN_EXCLUDE_INBOUND_PORTS] = "22"          # the status port 15999 stays exempt: not a patch
+    assert decide(obj).accelerate
+    ann[ii.ANN_EXCLUDE_OUTBOUND_PORTS] = "8080"
+    refused = decide(obj)
+    assert not refused.accelerate and refused.code == "installed_mismatch"
+    assert "outbound to 0.0.0.0:8080" in refused.reason and "-o '8080'" in refused.reason
+    ann[ii.ANN_EXCLUDE_OUTBOUND_PORTS] = "70000"
+    assert decide(obj).code == "malformed_annotation"
+    del ann[ii.ANN_EXCLUDE_OUTBOUND_PORTS]
+    ann[ii.ANN_EXCLUDE_OUTBOUND_IP_RANGES] = ""           # would capture 10/8 too
+    kept = decide(obj)
+    assert kept.accelerate and [str(n) for n in kept.policy.exclude_outbound_ip_ranges] == ["10.0.0.0/8"]
+    assert "annotations would capture more" in kept.reason

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from merbridge_py.layout import MAX_INBOUND_RULES, MAX_OUTBOUND_RULES
 from merbridge_py.mesh import ISTIO, MeshProfile
 from merbridge_py.policy.annotations import (
-    EXCLUDE_INBOUND_PORTS, PolicyError, parse_policy, read_annotation, show,
+    EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_IP_RANGES, EXCLUDE_OUTBOUND_PORTS, INCLUDE_INBOUND_PORTS,
+    INCLUDE_OUTBOUND_IP_RANGES, INCLUDE_OUTBOUND_PORTS, POLICY_ANNOTATIONS, STATUS_PORT, PolicyError, dedupe,
+    parse_policy, parse_port_list, read_annotation, show,
 )
 from merbridge_py.policy.installed import (
-    SOURCE_ANNOTATIONS, Capture, InstalledError, Refused, choose, from_args, from_cni_annotations,
+    SOURCE_ANNOTATIONS, SOURCE_ARGS, Capture, InstalledError, Refused, choose, from_args, from_cni_annotations,
 )
 from merbridge_py.policy.model import PodPolicy, Verdict
 from merbridge_py.policy.rules import compile_rules
@@ -223,20 +225,48 @@ def spec_capture(facts: PodFacts, env: Mapping[str, str], mesh: MeshProfile) -> 
                    mesh.outbound_port, mesh.inbound_port)
 
 
+def annotation_overlay(args: Capture, annotations: Mapping) -> Capture | None:
+    """With istio-init, what the pod's annotations say now: istio-init's
+    arguments with each flag an annotation names replaced by its value (an
+    absent annotation means the injector used the mesh-wide value, which the
+    arguments hold). Differs from the arguments when an annotation was
+    patched after the pod started; None when no policy annotation is set.
+    Raises PolicyError."""
+    present = [name for name in POLICY_ANNOTATIONS if name in annotations]
+    if not present:
+        return None
+    p = parse_policy(annotations, ISTIO, args.policy.dns_capture)     # annotation values, injector defaults
+    fields = {INCLUDE_OUTBOUND_IP_RANGES: "include_outbound_ip_ranges",
+              EXCLUDE_OUTBOUND_IP_RANGES: "exclude_outbound_ip_ranges",
+              INCLUDE_INBOUND_PORTS: "include_inbound_ports", INCLUDE_OUTBOUND_PORTS: "include_outbound_ports",
+              EXCLUDE_OUTBOUND_PORTS: "exclude_outbound_ports"}
+    changes = {fields[name]: getattr(p, fields[name]) for name in present if name in fields}
+    if STATUS_PORT in present:
+        changes["exclude_inbound_ports"] = p.exclude_inbound_ports
+    elif EXCLUDE_INBOUND_PORTS in present:
+        # the status port the injector appended is not known: keep what the
+        # arguments exempt and add what the annotation lists now
+        listed = parse_port_list(EXCLUDE_INBOUND_PORTS, annotations[EXCLUDE_INBOUND_PORTS])
+        changes["exclude_inbound_ports"] = dedupe(args.policy.exclude_inbound_ports + listed)
+    policy = dataclasses.replace(args.policy, source=SOURCE_ANNOTATIONS, **changes)
+    return dataclasses.replace(args, source=SOURCE_ANNOTATIONS, policy=policy, notes=())
+
+
 def _chosen_capture(facts: PodFacts, env: Mapping[str, str], mesh: MeshProfile,
                     installed: Capture | InstalledError | None) -> tuple[Capture | None, NotAccelerated | None]:
+    overlay = None
     try:
         spec: Capture | InstalledError = spec_capture(facts, env, mesh)
+        if spec.source.startswith(SOURCE_ARGS):
+            overlay = annotation_overlay(spec, facts.annotations)
     except PolicyError as e:
-        if installed is None:
-            return None, NotAccelerated(str(e), "malformed_annotation")
-        spec = InstalledError(str(e))
+        return None, NotAccelerated(str(e), "malformed_annotation")
     except InstalledError as e:
         if installed is None:
             return None, NotAccelerated(f"{ISTIO_INIT} arguments cannot be read exactly: {e}", "malformed_init_args")
         spec = e
     try:
-        return choose([installed, spec]), None
+        return choose([installed, spec, overlay]), None
     except Refused as e:
         code = "rules_unreadable" if isinstance(installed, InstalledError) else "installed_mismatch"
         return None, NotAccelerated(str(e), code)
