@@ -364,11 +364,14 @@ def test_istio_init_pod_whose_annotation_was_patched_keeps_its_rules_or_is_refus
     from merbridge_py.testbed import kube
     from merbridge_py.testbed.topology import Node, Pod
     node = Node("n0", 0, "mbp-n0", "10.244.0.0/24", "10.244.0.1", "192.168.0.2", "/x", "/y")
-    pod = Pod("web", "n0", "10.244.0.5", "mbp-x", True, "/x", {}, [8080], "veth0", "10.96.0.5")
+    pod = Pod("web", "n0", "10.244.0.5", "mbp-x", True, "/x", {ii.ANN_EXCLUDE_INBOUND_PORTS: "22"}, [8080],
+              "veth0", "10.96.0.5")
     obj = kube.pod_object("tb", pod, node, mesh=ii.MeshDefaults(exclude_ip_ranges="10.0.0.0/8", status_port="15999"))
     ann = obj["metadata"]["annotations"]
-    ann[ii.ANN_EXCLUDE_INBOUND_PORTS] = "22"          # the status port 15999 stays exempt: not a patch
-    assert decide(obj).accelerate
+    assert decide(obj).accelerate                        # -d 15090,15021,22,15999 agrees with the annotation
+    ann[ii.ANN_EXCLUDE_INBOUND_PORTS] = "22,23"          # patched: 23 is captured by the rules
+    assert "inbound to port 23" in decide(obj).reason
+    ann[ii.ANN_EXCLUDE_INBOUND_PORTS] = "22"
     ann[ii.ANN_EXCLUDE_OUTBOUND_PORTS] = "8080"
     refused = decide(obj)
     assert not refused.accelerate and refused.code == "installed_mismatch"
