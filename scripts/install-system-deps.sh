@@ -8,6 +8,7 @@ packages=(
   linux-headers-amd64 # kernel headers bcc compiles against when the running kernel has none
   python3-venv
   iproute2 iptables conntrack  # test bed: namespaces, Istio's own rules, conntrack flush
+  nftables           # Istio's native nftables rules (test bed --rules nftables, reading them back)
   haproxy            # sidecar stand-in for Envoy (honours SO_ORIGINAL_DST)
   wrk sockperf iperf3 # benchmark load generators
   nginx-light        # the benchmark's app (the Python test app would dominate the figures)

@@ -70,7 +70,7 @@ def test_classic_sidecar_with_istio_init_is_accelerated():
 
 def test_native_sidecar_with_istio_cni_is_accelerated():
     v = decide(make_pod(native=True, setup="istio-validation"))
-    assert v.accelerate and v.reason == "accelerated: istio sidecar (native, istio-cni)"
+    assert v.accelerate and v.reason == "accelerated: istio sidecar (native, istio-cni); policy from istio-cni annotations"
 
 
 def test_init_container_named_istio_proxy_without_restart_policy_always_is_not_a_sidecar():
@@ -248,6 +248,9 @@ def test_defaults_match_the_injection_template():
         "exclude_inbound_ports": [15090, 15021, 15020],
         "include_outbound_ports": [],
         "exclude_outbound_ports": [],
+        "proxy_uid": 1337,
+        "proxy_gid": 1337,
+        "source": "annotations",
     }
 
 
@@ -260,15 +263,22 @@ def test_default_rules_capture_everything_but_the_exempt_and_tunnel_ports():
 
 
 @pytest.mark.parametrize("status, expected", [
-    ("15999", [15090, 15021, 15020, 8080, 15999]),   # appended after the user's ports
-    ("8080", [15090, 15021, 15020, 8080]),           # already listed: not repeated
-    ("0", [15090, 15021, 15020, 8080]),              # 0 = no status port: nothing appended
-    (" 15999 ", [15090, 15021, 15020, 8080, 15999]),  # [validate] parsePort trims
+    (None, [15090, 15021, 8080, 15020]),             # values.yaml global.proxy.statusPort: 15020
+    ("15999", [15090, 15021, 8080, 15999]),          # a moved status port replaces 15020 (which is captured)
+    ("8080", [15090, 15021, 8080]),                  # already listed: not repeated
+    ("0", [15090, 15021, 8080]),                     # 0 = no status port: nothing appended
+    (" 15999 ", [15090, 15021, 8080, 15999]),        # [validate] parsePort trims
 ])
 def test_status_port_is_merged_into_exclude_inbound_ports(status, expected):
-    # [template] excludeInboundPort(statusPort, excludeInboundPorts)
-    policy = decide(make_pod({T + "excludeInboundPorts": "8080", "status.sidecar.istio.io/port": status})).policy
+    # [template] -d "15090,15021,{{ excludeInboundPort(statusPort, excludeInboundPorts) }}":
+    # 15090/15021 are literal, the status port is appended to the user's list.
+    # 15999 is just an example of a moved status port, not a port Istio uses.
+    annotations = {T + "excludeInboundPorts": "8080"}
+    if status is not None:
+        annotations["status.sidecar.istio.io/port"] = status
+    policy = decide(make_pod(annotations)).policy
     assert list(policy.exclude_inbound_ports) == expected
+    assert captures_inbound(policy, 15020) == (status is not None)
 
 
 def test_empty_status_port_is_malformed():
@@ -309,7 +319,7 @@ def test_inbound_ports_include_golden():
 def test_inbound_wildcard_exclude_golden():
     # [golden] inbound-wildcard-exclude: -b * -d 22,80,443 -> RETURN for each, then ISTIO_IN_REDIRECT
     policy = policy_of(excludeInboundPorts="22,80,443")
-    assert policy.exclude_inbound_ports == (15090, 15021, 15020, 22, 80, 443)
+    assert policy.exclude_inbound_ports == (15090, 15021, 22, 80, 443, 15020)
     assert [captures_inbound(policy, p) for p in (22, 80, 443, 8080, 15008)] == [False, False, False, True, False]
 
 
@@ -493,6 +503,9 @@ def test_to_json_has_exactly_the_documented_shape():
         "exclude_inbound_ports": [15090, 15021, 15020],
         "include_outbound_ports": [],
         "exclude_outbound_ports": [],
+        "proxy_uid": 1337,
+        "proxy_gid": 1337,
+        "source": "annotations",
     }
 
 

@@ -104,8 +104,10 @@ def reference_policy(annotations: dict) -> tuple[PodPolicy | None, set[str]]:
         attempt(status, ref_single_port, None)
     if rejected:
         return None, rejected
-    status_ports = [p for p in parsed.get(status, []) if p != 0]
-    excluded_inbound = list(dict.fromkeys([15090, 15021, 15020] + parsed[T + "excludeInboundPorts"] + status_ports))
+    # -d "15090,15021,<excludeInboundPorts>,<status port>": the status port
+    # (default 15020, values.yaml) is appended unless 0; nothing else is implied.
+    status_ports = [p for p in parsed.get(status, [15020]) if p != 0]
+    excluded_inbound = list(dict.fromkeys([15090, 15021] + parsed[T + "excludeInboundPorts"] + status_ports))
     return PodPolicy(
         include_outbound_ip_ranges=tuple(parsed[T + "includeOutboundIPRanges"]),
         exclude_outbound_ip_ranges=tuple(parsed[T + "excludeOutboundIPRanges"]),

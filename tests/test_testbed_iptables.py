@@ -193,11 +193,53 @@ def test_inbound_port_list_matches_istio_golden(flags):
 
 
 def test_injector_defaults_are_istios_well_known_init_args():
+    # injection-template.yaml: no -g (istio-iptables uses the uid), -q/-o only when set
     argv = ii.flags_from_annotations({}).argv()
-    assert argv[:17] == ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-g", "1337",
+    assert argv[:15] == ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337",
                          "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]
-    assert argv[17:19] == ["-d", "15090,15021,15020"]
-    assert "-o" not in argv and "-q" not in argv
+    assert argv[15:17] == ["-d", "15090,15021,15020"]
+    assert "-o" not in argv and "-q" not in argv and "-g" not in argv
+
+
+MESH = ii.MeshDefaults(include_ip_ranges="10.0.0.0/8", exclude_ip_ranges="10.96.0.0/12",
+                       include_inbound_ports="8080,9090", exclude_inbound_ports="22",
+                       include_outbound_ports="5432", exclude_outbound_ports="6379", status_port="15999",
+                       proxy_uid=1000720000)
+
+
+def test_injector_fills_istio_init_args_from_mesh_defaults():
+    """[template] each flag is the annotation or else values.global.proxy.*;
+    -u is the injector's proxy uid."""
+    argv = ii.flags_from_annotations({}, mesh=MESH).argv()
+    value = lambda flag: argv[argv.index(flag) + 1]      # noqa: E731
+    assert [value(f) for f in ("-u", "-i", "-x", "-b", "-d", "-q", "-o")] == \
+        ["1000720000", "10.0.0.0/8", "10.96.0.0/12", "8080,9090", "15090,15021,22,15999", "5432", "6379"]
+    # an annotation wins over the mesh value, also an empty one
+    flags = ii.flags_from_annotations({ii.ANN_EXCLUDE_OUTBOUND_IP_RANGES: "", ii.ANN_EXCLUDE_OUTBOUND_PORTS: ""},
+                                      mesh=MESH)
+    assert flags.exclude_outbound_ip_ranges == "" and flags.argv().count("-o") == 0
+
+
+def test_cni_injection_writes_effective_values_into_annotations():
+    """[template, pilot.cni.enabled] the metadata block; [sidecar_redirect.go]
+    the plugin appends 15020,15021,15090 and excludes outbound 15020 by default."""
+    ann = ii.cni_annotations({}, MESH)
+    assert ann[ii.ANN_EXCLUDE_OUTBOUND_IP_RANGES] == "10.96.0.0/12"
+    assert ann[ii.ANN_EXCLUDE_INBOUND_PORTS] == "22,15999"
+    assert ann[ii.ANN_EXCLUDE_OUTBOUND_PORTS] == "6379"
+    flags = ii.installed_flags({}, MESH, cni=True)
+    assert flags.exclude_inbound_ports == "22,15999,15020,15021,15090"
+    assert flags.proxy_uid == "1000720000"
+    default = ii.installed_flags({}, cni=True)
+    assert ii.ANN_EXCLUDE_OUTBOUND_PORTS not in ii.cni_annotations({})
+    assert (default.exclude_outbound_ports, default.exclude_inbound_ports) == ("15020", "15020,15021,15090")
+
+
+def test_mesh_defaults_parse_from_the_command_line_form():
+    assert ii.MeshDefaults.parse(["excludeIPRanges=10.0.0.0/8", "proxyUID=1000"]) == \
+        ii.MeshDefaults(exclude_ip_ranges="10.0.0.0/8", proxy_uid=1000)
+    with pytest.raises(ValueError, match="includeIPRanges"):
+        ii.MeshDefaults.parse(["nope=1"])
 
 
 def test_injector_merges_status_port_into_user_exclusions():

@@ -11,8 +11,10 @@ Sources (facts, not code, carried over):
   (manifests/charts/istio-control/istio-discovery/files/injection-template.yaml):
   -i includeOutboundIPRanges (default "*"), -x excludeOutboundIPRanges,
   -b includeInboundPorts (default "*"), -d "15090,15021," + excludeInboundPorts
-  with status.sidecar.istio.io/port appended unless it is 0 or already listed
-  (template.go excludeInboundPort), -q includeOutboundPorts, -o excludeOutboundPorts.
+  with status.sidecar.istio.io/port (default 15020) appended unless it is 0 or
+  already listed (template.go excludeInboundPort), -q includeOutboundPorts,
+  -o excludeOutboundPorts. These are the values with no mesh-wide defaults;
+  decide() prefers istio-init's arguments, which include them (installed.py).
 - istio-iptables (tools/istio-iptables/pkg/capture/run.go): "*" is a wildcard
   only as the whole value; an empty value means an empty list.
 
@@ -39,6 +41,11 @@ EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
 INCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/includeOutboundPorts"
 EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
 STATUS_PORT = "status.sidecar.istio.io/port"
+
+# injection-template.yaml: `-d "15090,15021,{{ excludeInboundPort ... }}"`;
+# the status port defaults to values.yaml global.proxy.statusPort.
+INJECTOR_EXEMPT_INBOUND_PORTS = (15090, 15021)
+DEFAULT_STATUS_PORT = 15020
 
 POLICY_ANNOTATIONS = (
     INCLUDE_OUTBOUND_IP_RANGES, EXCLUDE_OUTBOUND_IP_RANGES, INCLUDE_INBOUND_PORTS,
@@ -174,11 +181,12 @@ def parse_policy(annotations: Mapping, mesh: MeshProfile, dns_capture: bool = Fa
     exclude_outbound = parse_port_list(EXCLUDE_OUTBOUND_PORTS, read_annotation(annotations, EXCLUDE_OUTBOUND_PORTS, ""))
 
     status_raw = read_annotation(annotations, STATUS_PORT, None)
-    status_port = None if status_raw is None else parse_port(STATUS_PORT, status_raw, status_raw)
-    # The template prepends the ports Istio always exempts and appends the
-    # status port unless it is 0 (no status port).
+    status_port = DEFAULT_STATUS_PORT if status_raw is None else parse_port(STATUS_PORT, status_raw, status_raw)
+    # The template writes "-d 15090,15021,<excludeInboundPorts>" and appends
+    # the status port unless it is 0 or already listed: a moved status port
+    # replaces 15020, which is then captured like any other port.
     extra = (status_port,) if status_port else ()
-    exclude_inbound = dedupe(mesh.always_exempt_inbound_ports + exclude_inbound + extra)
+    exclude_inbound = dedupe(INJECTOR_EXEMPT_INBOUND_PORTS + exclude_inbound + extra)
 
     return PodPolicy(
         include_outbound_ip_ranges=include_ranges,

@@ -35,6 +35,13 @@ class PodPolicy:
     # runs with ISTIO_META_DNS_CAPTURE; the datapath must leave port 53 alone.
     # Not part of the JSON shape (issue 4 fixes it); the verdict's reason says it.
     dns_capture: bool = False
+    # The proxy's own traffic is never captured: the uid/gid Istio's rules
+    # exempt (istio-iptables -u/-g, the owner matches of the installed rules).
+    proxy_uid: int = 1337
+    proxy_gid: int = 1337
+    # Where the values were read (see policy/installed.py): the pod's live
+    # nat rules, istio-init's arguments, or the annotations.
+    source: str = "annotations"
 
     @property
     def captures_all_inbound_ports(self) -> bool:
@@ -48,6 +55,9 @@ class PodPolicy:
             "exclude_inbound_ports": list(self.exclude_inbound_ports),
             "include_outbound_ports": list(self.include_outbound_ports),
             "exclude_outbound_ports": list(self.exclude_outbound_ports),
+            "proxy_uid": self.proxy_uid,
+            "proxy_gid": self.proxy_gid,
+            "source": self.source,
         }
 
 

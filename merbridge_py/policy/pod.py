@@ -12,6 +12,7 @@ pod and keep serving it exactly as before.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +20,12 @@ from dataclasses import dataclass
 from merbridge_py.layout import MAX_INBOUND_RULES, MAX_OUTBOUND_RULES
 from merbridge_py.mesh import ISTIO, MeshProfile
 from merbridge_py.policy.annotations import (
-    EXCLUDE_INBOUND_PORTS, PolicyError, parse_policy, read_annotation, show,
+    EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_IP_RANGES, EXCLUDE_OUTBOUND_PORTS, INCLUDE_INBOUND_PORTS,
+    INCLUDE_OUTBOUND_IP_RANGES, INCLUDE_OUTBOUND_PORTS, POLICY_ANNOTATIONS, STATUS_PORT, PolicyError, dedupe,
+    parse_policy, parse_port_list, read_annotation, show,
+)
+from merbridge_py.policy.installed import (
+    SOURCE_ANNOTATIONS, SOURCE_ARGS, Capture, InstalledError, Refused, choose, from_args, from_cni_annotations,
 )
 from merbridge_py.policy.model import PodPolicy, Verdict
 from merbridge_py.policy.rules import compile_rules
@@ -181,6 +187,112 @@ def proxy_env(facts: PodFacts, mesh: MeshProfile) -> dict[str, str]:
     return env
 
 
+def _named(containers: tuple[Mapping, ...], name: str) -> Mapping | None:
+    return next((c for c in containers if c.get("name") == name), None)
+
+
+def _run_as(container: Mapping | None, key: str) -> int | None:
+    context = container.get("securityContext") if container else None
+    value = context.get(key) if isinstance(context, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def spec_capture(facts: PodFacts, env: Mapping[str, str], mesh: MeshProfile) -> Capture:
+    """The capture policy the pod spec records: istio-init's arguments (what
+    istio-iptables ran with, mesh-wide defaults included), or with istio-cni
+    the annotations the CNI plugin reads. A pod without either (hand-written
+    pod objects) falls back to the annotations with the injector's defaults.
+    Raises InstalledError or PolicyError."""
+    dns = env.get(ENV_DNS_CAPTURE) in GO_TRUE
+    proxy = _named(facts.containers + facts.init_containers, mesh.proxy_container)
+    uid, gid = _run_as(proxy, "runAsUser"), _run_as(proxy, "runAsGroup")
+    setup = interception_setup(facts)
+    if setup == ISTIO_INIT:
+        init = _named(facts.init_containers, ISTIO_INIT)
+        command, args = init.get("command") or [], init.get("args") or []
+        if not isinstance(command, list) or not isinstance(args, list):
+            raise InstalledError(f"{ISTIO_INIT}'s command and args are not lists")
+        argv = command + args
+        if argv:
+            return from_args(argv, dns)
+    elif setup == "istio-cni":
+        # istio-validation's own arguments only check the rules; the CNI
+        # plugin installs them from the annotations.
+        return from_cni_annotations(facts.annotations, uid, gid, dns)
+    policy = parse_policy(facts.annotations, mesh, dns)
+    policy = dataclasses.replace(policy, proxy_uid=uid or mesh.proxy_uid, proxy_gid=gid or uid or mesh.proxy_gid)
+    return Capture(SOURCE_ANNOTATIONS, policy, (policy.proxy_uid,), (policy.proxy_gid,),
+                   mesh.outbound_port, mesh.inbound_port)
+
+
+def annotation_overlay(args: Capture, annotations: Mapping) -> Capture | None:
+    """With istio-init, what the pod's annotations say now: istio-init's
+    arguments with each flag an annotation names replaced by its value (an
+    absent annotation means the injector used the mesh-wide value, which the
+    arguments hold). Differs from the arguments when an annotation was
+    patched after the pod started; None when no policy annotation is set.
+    Raises PolicyError."""
+    present = [name for name in POLICY_ANNOTATIONS if name in annotations]
+    if not present:
+        return None
+    p = parse_policy(annotations, ISTIO, args.policy.dns_capture)     # annotation values, injector defaults
+    fields = {INCLUDE_OUTBOUND_IP_RANGES: "include_outbound_ip_ranges",
+              EXCLUDE_OUTBOUND_IP_RANGES: "exclude_outbound_ip_ranges",
+              INCLUDE_INBOUND_PORTS: "include_inbound_ports", INCLUDE_OUTBOUND_PORTS: "include_outbound_ports",
+              EXCLUDE_OUTBOUND_PORTS: "exclude_outbound_ports"}
+    changes = {fields[name]: getattr(p, fields[name]) for name in present if name in fields}
+    if STATUS_PORT in present:
+        changes["exclude_inbound_ports"] = p.exclude_inbound_ports
+    elif EXCLUDE_INBOUND_PORTS in present:
+        # the status port the injector appended is not known: keep what the
+        # arguments exempt and add what the annotation lists now
+        listed = parse_port_list(EXCLUDE_INBOUND_PORTS, annotations[EXCLUDE_INBOUND_PORTS])
+        changes["exclude_inbound_ports"] = dedupe(args.policy.exclude_inbound_ports + listed)
+    policy = dataclasses.replace(args.policy, source=SOURCE_ANNOTATIONS, **changes)
+    return dataclasses.replace(args, source=SOURCE_ANNOTATIONS, policy=policy, notes=())
+
+
+def _chosen_capture(facts: PodFacts, env: Mapping[str, str], mesh: MeshProfile,
+                    installed: Capture | InstalledError | None) -> tuple[Capture | None, NotAccelerated | None]:
+    overlay = None
+    try:
+        spec: Capture | InstalledError = spec_capture(facts, env, mesh)
+        if spec.source.startswith(SOURCE_ARGS):
+            overlay = annotation_overlay(spec, facts.annotations)
+    except PolicyError as e:
+        return None, NotAccelerated(str(e), "malformed_annotation")
+    except InstalledError as e:
+        if installed is None:
+            return None, NotAccelerated(f"{ISTIO_INIT} arguments cannot be read exactly: {e}", "malformed_init_args")
+        spec = e
+    try:
+        return choose([installed, spec, overlay]), None
+    except Refused as e:
+        code = "rules_unreadable" if isinstance(installed, InstalledError) else "installed_mismatch"
+        return None, NotAccelerated(str(e), code)
+
+
+def _check_capture(capture: Capture, mesh: MeshProfile) -> None:
+    """What the datapath cannot mirror: other interception modes, other
+    listener ports, several proxy ids."""
+    if capture.mode != "REDIRECT":
+        raise NotAccelerated(f"interception mode {capture.mode} ({capture.source}) is left to Istio's rules", "tproxy")
+    if (capture.proxy_port, capture.inbound_port) != (mesh.outbound_port, mesh.inbound_port):
+        raise NotAccelerated(f"{capture.source} redirect to ports {capture.proxy_port}/{capture.inbound_port}, "
+                             f"the datapath to {mesh.outbound_port}/{mesh.inbound_port}", "policy_not_exact")
+    if len(capture.proxy_uids) != 1 or len(capture.proxy_gids) != 1:
+        raise NotAccelerated(f"{capture.source} exempt several proxy ids (uids {list(capture.proxy_uids)}, "
+                             f"gids {list(capture.proxy_gids)}); the datapath exempts one uid", "policy_not_exact")
+    # The kernel side still exempts the mesh's compile-time uid (MESH_PROXY_UID):
+    # accelerating a pod whose proxy runs as another uid would send the proxy's
+    # own upstream connections back to its listener. Drop this check once
+    # policy.proxy_uid reaches the per-pod policy in the kernel.
+    if (capture.proxy_uids[0], capture.proxy_gids[0]) != (mesh.proxy_uid, mesh.proxy_gid):
+        raise NotAccelerated(f"the proxy runs as uid {capture.proxy_uids[0]} gid {capture.proxy_gids[0]} "
+                             f"({capture.source}); the datapath exempts only uid {mesh.proxy_uid} so far",
+                             "proxy_uid")
+
+
 def _string_annotation(annotations: Mapping, name: str) -> str | None:
     try:
         return read_annotation(annotations, name)
@@ -262,7 +374,7 @@ def _notes(facts: PodFacts, policy: PodPolicy, mesh: MeshProfile) -> list[str]:
     return notes
 
 
-def _decide(pod: object, mesh: MeshProfile) -> Verdict:
+def _decide(pod: object, mesh: MeshProfile, installed: Capture | InstalledError | None) -> Verdict:
     try:
         facts = read_pod(pod)
     except MalformedPod as e:
@@ -270,10 +382,8 @@ def _decide(pod: object, mesh: MeshProfile) -> Verdict:
                        code="malformed_pod")
 
     env = proxy_env(facts, mesh)
-    try:
-        policy, policy_error = parse_policy(facts.annotations, mesh, env.get(ENV_DNS_CAPTURE) in GO_TRUE), None
-    except PolicyError as e:
-        policy, policy_error = None, e
+    capture, capture_error = _chosen_capture(facts, env, mesh, installed)
+    policy = capture.policy if capture else None
 
     kind, setup = sidecar_kind(facts, mesh), interception_setup(facts)
     try:
@@ -297,27 +407,34 @@ def _decide(pod: object, mesh: MeshProfile) -> Verdict:
             raise NotAccelerated(f"no {ISTIO_INIT} or {ISTIO_VALIDATION} init container: "
                                  "Istio set up no interception for this pod", "no_interception_setup")
         _check_honourable(facts, env)
-        if policy_error is not None:
-            raise NotAccelerated(str(policy_error), "malformed_annotation")
+        if capture_error is not None:
+            raise capture_error
+        _check_capture(capture, mesh)
         _check_ips(facts)
         _check_rule_counts(policy, mesh)
     except NotAccelerated as e:
         reason = f"not accelerated: {e}"
-        if policy_error is not None and str(policy_error) not in reason:
-            reason += f"; also {policy_error}"
+        if capture_error is not None and str(capture_error) not in reason:
+            reason += f"; also {capture_error}"
         return Verdict(facts.id, False, reason, mesh.name, facts.ipv4, policy, code=e.code)
 
     reason = f"accelerated: {mesh.name} sidecar ({kind}, {setup})"
-    notes = _notes(facts, policy, mesh)
+    notes = ([] if capture.source == SOURCE_ANNOTATIONS else [f"policy from {capture.source}"]) + \
+        list(capture.notes) + _notes(facts, policy, mesh)
     if notes:
         reason += "; " + "; ".join(notes)
     return Verdict(facts.id, True, reason, mesh.name, facts.ipv4, policy)
 
 
-def decide(pod: dict, mesh: MeshProfile = ISTIO) -> Verdict:
-    """The verdict for one Pod (a dict in Kubernetes API JSON form). Never raises."""
+def decide(pod: dict, mesh: MeshProfile = ISTIO, installed: Capture | InstalledError | None = None) -> Verdict:
+    """The verdict for one Pod (a dict in Kubernetes API JSON form). Never raises.
+
+    `installed` is what the pod's live nat rules say (installed.read_netns),
+    or None when they were not read: the rules win over the pod spec, and a
+    spec that would leave alone something the rules capture keeps the pod on
+    iptables (policy/installed.py choose)."""
     try:
-        return _decide(pod, mesh)
+        return _decide(pod, mesh, installed)
     except Exception as e:  # noqa: BLE001 - the agent's loop must survive any pod
         # Reaching this is a bug in this module (tests assert it never happens);
         # the pod stays on iptables, which is safe.

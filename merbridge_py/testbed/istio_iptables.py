@@ -35,8 +35,47 @@ ANN_STATUS_PORT = "status.sidecar.istio.io/port"
 # the health port (15021) from inbound capture, then appends the agent's status
 # port (annotation above, default `global.proxy.statusPort` = 15020) unless the
 # user's list already has it: `-d 15090,15021,<excludeInboundPorts>,15020`.
+# A moved status port replaces 15020 in that list.
 INJECTOR_FIXED_INBOUND_EXCLUDES = "15090,15021"
 DEFAULT_STATUS_PORT = "15020"
+# istio-cni (cni/pkg/plugin/sidecar_redirect.go) always appends these to the
+# annotation's excluded inbound ports, and excludes outbound 15020 when the
+# excludeOutboundPorts annotation is absent.
+CNI_ALWAYS_EXCLUDED_INBOUND = "15020,15021,15090"
+CNI_DEFAULT_EXCLUDED_PORTS = "15020"
+
+
+@dataclass(frozen=True)
+class MeshDefaults:
+    """Mesh-wide injection values (helm `values.global.proxy.*`) the injector
+    uses where a pod has no annotation, and the proxy uid it passes as -u
+    (`.ProxyUID`, e.g. from an OpenShift namespace's uid range)."""
+
+    include_ip_ranges: str = "*"              # includeIPRanges -> -i
+    exclude_ip_ranges: str = ""               # excludeIPRanges -> -x
+    include_inbound_ports: str = "*"          # includeInboundPorts -> -b
+    exclude_inbound_ports: str = ""           # excludeInboundPorts -> -d (with the status port)
+    include_outbound_ports: str = ""          # includeOutboundPorts -> -q
+    exclude_outbound_ports: str = ""          # excludeOutboundPorts -> -o
+    status_port: str = DEFAULT_STATUS_PORT    # statusPort
+    proxy_uid: int = ISTIO.proxy_uid
+
+    FIELDS = ("includeIPRanges", "excludeIPRanges", "includeInboundPorts", "excludeInboundPorts",
+              "includeOutboundPorts", "excludeOutboundPorts", "statusPort", "proxyUID")
+
+    @classmethod
+    def parse(cls, settings: list[str]) -> "MeshDefaults":
+        """From `name=value` items as the test bed's --mesh-default takes them."""
+        names = dict(zip(cls.FIELDS, ("include_ip_ranges", "exclude_ip_ranges", "include_inbound_ports",
+                                      "exclude_inbound_ports", "include_outbound_ports", "exclude_outbound_ports",
+                                      "status_port", "proxy_uid")))
+        values: dict = {}
+        for item in settings:
+            name, eq, value = item.partition("=")
+            if not eq or name not in names:
+                raise ValueError(f"--mesh-default {item!r}: expected NAME=VALUE with NAME one of {', '.join(cls.FIELDS)}")
+            values[names[name]] = int(value) if name == "proxyUID" else value
+        return cls(**values)
 
 INBOUND_TUNNEL_PORT = 15008     # HBONE; istio-iptables always lets it through
 DNS_AGENT_PORT = 15053          # where pilot-agent's DNS proxy listens
@@ -72,18 +111,22 @@ class CaptureFlags:
     dns_servers: tuple[str, ...] = field(default=())      # IPv4 resolvers when redirect_dns
     host_loopback_cidr: str = "127.0.0.1/32"
 
-    def argv(self) -> list[str]:
-        """The `istio-init` container's arguments, as the injector writes them."""
+    def argv(self, cni: bool = False) -> list[str]:
+        """The `istio-init` container's arguments, as the injector's template
+        writes them (-q/-o only when set; no -g: istio-iptables uses the uid)."""
         args = ["istio-iptables",
-                "-p", str(self.proxy_port), "-z", str(self.inbound_capture_port),
-                "-u", self.proxy_uid, "-g", self.proxy_gid, "-m", self.interception_mode,
-                "-i", self.include_outbound_ip_ranges, "-x", self.exclude_outbound_ip_ranges,
-                "-b", self.include_inbound_ports, "-d", self.exclude_inbound_ports]
-        for flag, value in (("-o", self.exclude_outbound_ports), ("-q", self.include_outbound_ports),
+                "-p", str(self.proxy_port), "-z", str(self.inbound_capture_port), "-u", self.proxy_uid]
+        if self.proxy_gid != self.proxy_uid:
+            args += ["-g", self.proxy_gid]
+        args += ["-m", self.interception_mode,
+                 "-i", self.include_outbound_ip_ranges, "-x", self.exclude_outbound_ip_ranges,
+                 "-b", self.include_inbound_ports, "-d", self.exclude_inbound_ports]
+        for flag, value in (("-q", self.include_outbound_ports), ("-o", self.exclude_outbound_ports),
                             ("-k", self.kube_virt_interfaces)):
             if value:
                 args += [flag, value]
-        return args + ["--log_output_level=default:info"]
+        args.append("--log_output_level=default:info")
+        return args + (["--run-validation", "--skip-rule-apply"] if cni else [])
 
 
 def _exclude_inbound_port(status_port: str, excluded: str) -> str:
@@ -98,28 +141,95 @@ def _exclude_inbound_port(status_port: str, excluded: str) -> str:
     return ",".join([p.strip() for p in ports if p.strip()] + [port])
 
 
-def flags_from_annotations(annotations: dict[str, str] | None, profile: MeshProfile = ISTIO) -> CaptureFlags:
-    """What Istio's sidecar injector passes to istio-iptables for a pod with
-    these annotations (default mesh values: capture every outbound range and
-    every inbound port)."""
+def flags_from_annotations(annotations: dict[str, str] | None, profile: MeshProfile = ISTIO,
+                           mesh: MeshDefaults = MeshDefaults()) -> CaptureFlags:
+    """What Istio's sidecar injector passes to istio-iptables (istio-init's
+    arguments) for a pod with these annotations: each value from the
+    annotation, or else the mesh-wide default (injection-template.yaml)."""
     ann = annotations or {}
-    merged = _exclude_inbound_port(ann.get(ANN_STATUS_PORT, DEFAULT_STATUS_PORT),
-                                   ann.get(ANN_EXCLUDE_INBOUND_PORTS, ""))
+    merged = _exclude_inbound_port(ann.get(ANN_STATUS_PORT, mesh.status_port),
+                                   ann.get(ANN_EXCLUDE_INBOUND_PORTS, mesh.exclude_inbound_ports))
     exclude_inbound = f"{INJECTOR_FIXED_INBOUND_EXCLUDES},{merged}" if merged else INJECTOR_FIXED_INBOUND_EXCLUDES
+
+    def set_or_mesh(name: str, mesh_value: str) -> str:
+        # `-q`/`-o` appear when the annotation is set or the mesh value is not empty
+        return ann[name] if name in ann else mesh_value
+
+    uid = str(mesh.proxy_uid if mesh.proxy_uid != ISTIO.proxy_uid else profile.proxy_uid)
     return CaptureFlags(
         proxy_port=profile.outbound_port,
         inbound_capture_port=profile.inbound_port,
-        proxy_uid=str(profile.proxy_uid),
-        proxy_gid=str(profile.proxy_gid),
+        proxy_uid=uid,
+        proxy_gid=uid,
         interception_mode=ann.get(ANN_INTERCEPTION_MODE, "REDIRECT"),
-        include_outbound_ip_ranges=ann.get(ANN_INCLUDE_OUTBOUND_IP_RANGES, "*"),
-        exclude_outbound_ip_ranges=ann.get(ANN_EXCLUDE_OUTBOUND_IP_RANGES, ""),
-        include_inbound_ports=ann.get(ANN_INCLUDE_INBOUND_PORTS, "*"),
+        include_outbound_ip_ranges=ann.get(ANN_INCLUDE_OUTBOUND_IP_RANGES, mesh.include_ip_ranges),
+        exclude_outbound_ip_ranges=ann.get(ANN_EXCLUDE_OUTBOUND_IP_RANGES, mesh.exclude_ip_ranges),
+        include_inbound_ports=ann.get(ANN_INCLUDE_INBOUND_PORTS, mesh.include_inbound_ports),
         exclude_inbound_ports=exclude_inbound,
-        exclude_outbound_ports=ann.get(ANN_EXCLUDE_OUTBOUND_PORTS, ""),
-        include_outbound_ports=ann.get(ANN_INCLUDE_OUTBOUND_PORTS, ""),
+        exclude_outbound_ports=set_or_mesh(ANN_EXCLUDE_OUTBOUND_PORTS, mesh.exclude_outbound_ports),
+        include_outbound_ports=set_or_mesh(ANN_INCLUDE_OUTBOUND_PORTS, mesh.include_outbound_ports),
         kube_virt_interfaces=ann.get(ANN_KUBEVIRT_INTERFACES, ""),
     )
+
+
+def cni_annotations(annotations: dict[str, str] | None, mesh: MeshDefaults = MeshDefaults()) -> dict[str, str]:
+    """The pod's annotations after injection with istio-cni: the injector
+    writes the effective values there (injection-template.yaml, metadata
+    block under pilot.cni.enabled) and the CNI plugin reads them."""
+    ann = dict(annotations or {})
+    out = dict(ann)
+    out[ANN_INTERCEPTION_MODE] = ann.get(ANN_INTERCEPTION_MODE, "REDIRECT")
+    for name, mesh_value in ((ANN_INCLUDE_OUTBOUND_IP_RANGES, mesh.include_ip_ranges),
+                             (ANN_EXCLUDE_OUTBOUND_IP_RANGES, mesh.exclude_ip_ranges)):
+        value = ann.get(name, mesh_value)     # `with`: written only when not empty
+        if value:
+            out[name] = value
+        else:
+            out.pop(name, None)
+    out[ANN_INCLUDE_INBOUND_PORTS] = ann.get(ANN_INCLUDE_INBOUND_PORTS, mesh.include_inbound_ports)
+    out[ANN_EXCLUDE_INBOUND_PORTS] = _exclude_inbound_port(
+        ann.get(ANN_STATUS_PORT, mesh.status_port), ann.get(ANN_EXCLUDE_INBOUND_PORTS, mesh.exclude_inbound_ports))
+    for name, mesh_value in ((ANN_INCLUDE_OUTBOUND_PORTS, mesh.include_outbound_ports),
+                             (ANN_EXCLUDE_OUTBOUND_PORTS, mesh.exclude_outbound_ports)):
+        if name in ann or mesh_value:
+            out[name] = ann.get(name, mesh_value)
+    return out
+
+
+def flags_from_cni_annotations(annotations: dict[str, str], proxy_uid: int = ISTIO.proxy_uid,
+                               profile: MeshProfile = ISTIO) -> CaptureFlags:
+    """What the istio-cni plugin hands istio-iptables for a pod: annotation
+    values or the plugin's own defaults, its fixed inbound exclusions
+    appended, and the proxy container's runAsUser as -u/-g."""
+    excluded = annotations.get(ANN_EXCLUDE_INBOUND_PORTS, CNI_DEFAULT_EXCLUDED_PORTS).strip()
+    if excluded and not excluded.endswith(","):
+        excluded += ","
+    excluded_items = (excluded + CNI_ALWAYS_EXCLUDED_INBOUND).split(",")
+    uid = str(proxy_uid or ISTIO.proxy_uid)
+    return CaptureFlags(
+        proxy_port=profile.outbound_port,
+        inbound_capture_port=profile.inbound_port,
+        proxy_uid=uid,
+        proxy_gid=uid,
+        interception_mode=annotations.get(ANN_INTERCEPTION_MODE, "REDIRECT"),
+        include_outbound_ip_ranges=annotations.get(ANN_INCLUDE_OUTBOUND_IP_RANGES, "*"),
+        exclude_outbound_ip_ranges=annotations.get(ANN_EXCLUDE_OUTBOUND_IP_RANGES, ""),
+        include_inbound_ports=annotations.get(ANN_INCLUDE_INBOUND_PORTS, "*"),
+        exclude_inbound_ports=",".join(dict.fromkeys(excluded_items)),
+        exclude_outbound_ports=annotations.get(ANN_EXCLUDE_OUTBOUND_PORTS, CNI_DEFAULT_EXCLUDED_PORTS),
+        include_outbound_ports=annotations.get(ANN_INCLUDE_OUTBOUND_PORTS, ""),
+        kube_virt_interfaces=annotations.get(ANN_KUBEVIRT_INTERFACES, ""),
+    )
+
+
+def installed_flags(annotations: dict[str, str] | None, mesh: MeshDefaults = MeshDefaults(),
+                    cni: bool = False, profile: MeshProfile = ISTIO) -> CaptureFlags:
+    """The flags Istio's rules in a pod are built from: istio-init's
+    arguments, or with istio-cni what the plugin reads from the annotations
+    the injector wrote."""
+    if cni:
+        return flags_from_cni_annotations(cni_annotations(annotations, mesh), mesh.proxy_uid, profile)
+    return flags_from_annotations(annotations, profile, mesh)
 
 
 class _Table:

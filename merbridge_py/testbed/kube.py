@@ -1,7 +1,9 @@
 """Kubernetes Pod objects for the test bed's pods, in the API's JSON form: what
 the agent reads from a node's pods file, shaped like pods Istio's injector
 produced (classic sidecar: `istio-init` init container running istio-iptables
-with the flags derived from the annotations, `istio-proxy` container).
+with the flags derived from the annotations and the mesh-wide defaults, or with
+istio-cni `istio-validation` and the effective values written into the
+annotations; `istio-proxy` container).
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ APP_IMAGE = "merbridge-py/testbed-app:latest"
 _UID_NAMESPACE = uuid.UUID("6b1f1f3e-9a57-4d7c-9a8e-6d62a7e0c0de")
 
 
-def _sidecar_status() -> str:
+def _sidecar_status(init_name: str = "istio-init") -> str:
     """The injector's record of what it added (annotation sidecar.istio.io/status)."""
-    return json.dumps({"initContainers": ["istio-init"], "containers": [ISTIO.proxy_container],
+    return json.dumps({"initContainers": [init_name], "containers": [ISTIO.proxy_container],
                        "volumes": ["istio-envoy", "istio-data", "istio-podinfo", "istio-token", "istiod-ca-cert"],
                        "imagePullSecrets": None, "revision": "default"}, separators=(",", ":"))
 
 
-def pod_object(testbed: str, pod: Pod, node: Node, created: str | None = None) -> dict:
+def pod_object(testbed: str, pod: Pod, node: Node, created: str | None = None,
+               mesh: istio_iptables.MeshDefaults = istio_iptables.MeshDefaults(), cni: bool = False) -> dict:
+    """`mesh`: the mesh-wide injection values the injector used; `cni`: the
+    pod was injected for istio-cni (istio-validation, effective values in the
+    annotations) rather than istio-init."""
     created = created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    annotations = dict(pod.annotations)
+    annotations = istio_iptables.cni_annotations(pod.annotations, mesh) if pod.meshed and cni \
+        else dict(pod.annotations)
     labels = {"app": pod.name, "merbridge-py/testbed": testbed}
     app = {"name": "app", "image": APP_IMAGE,
            "command": ["python", "-m", "merbridge_py.testbed.app"],
@@ -40,21 +47,26 @@ def pod_object(testbed: str, pod: Pod, node: Node, created: str | None = None) -
     statuses = [{"name": "app", "ready": True, "restartCount": 0, "image": APP_IMAGE,
                  "state": {"running": {"startedAt": created}}}]
     if pod.meshed:
-        flags = istio_iptables.flags_from_annotations(pod.annotations)
-        annotations.setdefault("sidecar.istio.io/status", _sidecar_status())
+        flags = istio_iptables.flags_from_annotations(pod.annotations, mesh=mesh)
+        init_name = "istio-validation" if cni else "istio-init"
+        annotations.setdefault("sidecar.istio.io/status", _sidecar_status(init_name))
         annotations.setdefault("kubectl.kubernetes.io/default-container", "app")
         annotations.setdefault("prometheus.io/port", "15020")
         labels.update({"security.istio.io/tlsMode": "istio", "service.istio.io/canonical-name": pod.name})
-        init_containers.append({
-            "name": "istio-init", "image": PROXY_IMAGE, "args": flags.argv(),
-            "securityContext": {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
-                                "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False}})
+        if cni:
+            context = {"capabilities": {"drop": ["ALL"]}, "runAsUser": mesh.proxy_uid,
+                       "runAsGroup": mesh.proxy_uid, "runAsNonRoot": True}
+        else:
+            context = {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                       "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False}
+        init_containers.append({"name": init_name, "image": PROXY_IMAGE, "args": flags.argv(cni=cni),
+                                "securityContext": context})
         containers.append({
             "name": ISTIO.proxy_container, "image": PROXY_IMAGE,
             "args": ["proxy", "sidecar", "--domain", "$(POD_NAMESPACE).svc.cluster.local"],
             "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
             "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}},
-            "securityContext": {"runAsUser": ISTIO.proxy_uid, "runAsGroup": ISTIO.proxy_gid, "runAsNonRoot": True}})
+            "securityContext": {"runAsUser": mesh.proxy_uid, "runAsGroup": mesh.proxy_uid, "runAsNonRoot": True}})
         statuses.append({"name": ISTIO.proxy_container, "ready": True, "restartCount": 0, "image": PROXY_IMAGE,
                          "state": {"running": {"startedAt": created}}})
     # The service account is the pod's name: each pod has its own mesh identity (see envoy.service_account).
