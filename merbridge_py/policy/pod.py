@@ -185,7 +185,7 @@ def _string_annotation(annotations: Mapping, name: str) -> str | None:
     try:
         return read_annotation(annotations, name)
     except PolicyError as e:
-        raise NotAccelerated(str(e), "malformed_annotation") from None
+        raise NotAccelerated(str(e), e.code) from None
 
 
 def _check_opt_out(annotations: Mapping) -> None:
@@ -298,7 +298,7 @@ def _decide(pod: object, mesh: MeshProfile) -> Verdict:
                                  "Istio set up no interception for this pod", "no_interception_setup")
         _check_honourable(facts, env)
         if policy_error is not None:
-            raise NotAccelerated(str(policy_error), "malformed_annotation")
+            raise NotAccelerated(str(policy_error), policy_error.code)
         _check_ips(facts)
         _check_rule_counts(policy, mesh)
     except NotAccelerated as e:
