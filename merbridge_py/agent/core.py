@@ -93,7 +93,6 @@ class Agent:
         # Called as on_decision_change(pod, status) on the reconcile thread when a pod's
         # decision (accelerated, reason) changes; it must not block (events.py only queues).
         self.on_decision_change = on_decision_change
-        self.source_error: str | None = None   # the source's current input error, for /status
         self.decisions = 0                     # decide() calls so far (work done, for tests and metrics)
         self._pods: dict[str, dict] | None = None
         self._changed = False

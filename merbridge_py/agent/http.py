@@ -45,7 +45,9 @@ class AgentHTTPServer:
                     self._send(200, generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST)
                 elif path == "/status":
                     body = json.dumps({"attached": server.is_attached(), "ready": server.agent.ready.is_set(),
-                                       "mode": server.mode(), "pods": server.agent.status()}, indent=2).encode()
+                                       "mode": server.mode(), "pods": server.agent.status(),
+                                       "source_error": getattr(server.metrics.source, "last_error", None)},
+                                      indent=2).encode()
                     self._send(200, body, "application/json")
                 else:
                     self._send(404, b"not found\n")
