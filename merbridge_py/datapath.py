@@ -190,7 +190,7 @@ class Datapath:
     """
 
     def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: str = "adaptive",
-                 rewrite_inbound_port: bool = False):
+                 rewrite_inbound_port: bool = False, max_connections: int | None = None):
         if splice not in SPLICE_POLICIES:
             raise DatapathError(f"unknown splice policy {splice!r}; expected one of {', '.join(SPLICE_POLICIES)}")
         self.mesh = mesh
@@ -198,6 +198,7 @@ class Datapath:
         self.bpffs_dir = Path(bpffs_dir)
         self.splice = splice
         self.rewrite_inbound_port = rewrite_inbound_port
+        self.max_connections = max_connections   # size of the per-connection maps (None: the header's)
         self.mode = "ebpf"
         self.bpf = None
         self._fns: dict[str, object] = {}
@@ -226,7 +227,8 @@ class Datapath:
             log.info("taking over the maps a previous agent left in %s", self.maps_dir)
         try:
             self.bpf = BPF(text=program_text().encode(),
-                           cflags=self.mesh.cflags() + [f'-DMB_MAPS_DIR="{self.maps_dir}"'])
+                           cflags=self.mesh.cflags() + [f'-DMB_MAPS_DIR="{self.maps_dir}"']
+                           + ([f"-DMAX_CONNECTIONS={int(self.max_connections)}"] if self.max_connections else []))
             for hook in HOOKS:
                 self._fns[hook.function] = self.bpf.load_func(
                     hook.function.encode(), getattr(BPFProgType, hook.prog_type),
