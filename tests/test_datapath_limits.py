@@ -7,6 +7,7 @@ small per-connection map still serves every connection.
 Pods a and b meshed (test sidecars), one simulated node, no iptables rules.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_failed_bind_leaves_the_connection_to_the_normal_path(agent):
     assert metric(agent, "merbridge_redirects_total", '{direction="outbound"}') == redirects + 1
 
 
-CHURN = 100_000
+CHURN = int(os.environ.get("MERBRIDGE_CHURN_CONNECTIONS", "100000"))  # fewer for a quick local run
 
 
 def test_connection_churn_returns_the_maps_to_baseline(agent):
