@@ -159,7 +159,7 @@ def sidecar_kind(facts: PodFacts, mesh: MeshProfile) -> str | None:
 
 
 def interception_setup(facts: PodFacts) -> str | None:
-    names = {c.get("name") for c in facts.init_containers}
+    names = {c.get("name") for c in facts.init_containers if isinstance(c.get("name"), str)}
     if ISTIO_INIT in names:
         return ISTIO_INIT
     if ISTIO_VALIDATION in names:
@@ -173,7 +173,8 @@ def proxy_env(facts: PodFacts, mesh: MeshProfile) -> dict[str, str]:
     wanted = {mesh.proxy_container, ISTIO_INIT, ISTIO_VALIDATION}
     env: dict[str, str] = {}
     for container in facts.containers + facts.init_containers:
-        if container.get("name") not in wanted or not isinstance(container.get("env"), list):
+        name = container.get("name")
+        if not isinstance(name, str) or name not in wanted or not isinstance(container.get("env"), list):
             continue
         for var in container["env"]:
             if isinstance(var, Mapping) and isinstance(var.get("name"), str) and isinstance(var.get("value"), str):
