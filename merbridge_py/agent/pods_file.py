@@ -28,6 +28,9 @@ def pod_key(pod: dict) -> str:
 
 
 def _documents(text: str, origin: str) -> list:
+    if not text.strip():
+        # Also what a reader sees while an editor truncates and rewrites the file: never "no pods".
+        raise PodsFileError(f"{origin} is empty (for no pods, write a PodList with no items)")
     try:
         # JSON first: what the test bed and `kubectl -o json` write, far faster than YAML.
         return [json.loads(text)]
