@@ -136,3 +136,47 @@ def test_connections_beyond_a_small_map_still_succeed(node):
     finally:
         rc, out = node.stop_agent()
         assert rc == 0, out
+
+
+def test_status_equals_what_the_kernel_maps_hold_through_changes(node):
+    """Duplicate IP, a pod whose namespace does not exist, a pod deleted: after
+    each change /status and the pinned maps (read with bpftool) agree."""
+    import json
+
+    from helpers.kernel_check import status_matches_kernel
+    a, b = node.pods["a"], node.pods["b"]
+
+    def write(*pods):
+        tmp = node.pods_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"kind": "PodList", "items": list(pods)}))
+        tmp.replace(node.pods_file)
+
+    def settled(expect_accelerated: set[str]):
+        def check():
+            status = json.loads(node.agent_get("/status"))
+            ok, _ = status_matches_kernel(status, node.bpffs)
+            return ok and {p["pod"] for p in status["pods"] if p["accelerated"]} == expect_accelerated
+        assert wait_for(check), status_matches_kernel(json.loads(node.agent_get("/status")), node.bpffs)[1]
+
+    node.start_agent()
+    try:
+        settled({"default/a", "default/b"})
+        twin = a.manifest("node1")
+        twin["metadata"]["name"] = "twin"          # claims a's IP
+        ghost = a.manifest("node1")
+        ghost["metadata"]["name"] = "ghost"
+        ghost["status"] = {"phase": "Running", "podIP": "10.255.255.77"}   # no namespace has it
+        write(a.manifest("node1"), b.manifest("node1"), twin, ghost)
+        settled({"default/b"})
+        reasons = {p["pod"]: p["reason"] for p in json.loads(node.agent_get("/status"))["pods"]}
+        assert reasons["default/a"] == (f"not accelerated: pod IP {a.ip} is also the IP of pod default/twin; "
+                                        "left to iptables until only one pod has it")
+        assert reasons["default/ghost"].startswith("not accelerated yet: no network namespace has IP 10.255.255.77")
+        write(a.manifest("node1"), ghost)          # twin and b deleted
+        settled({"default/a"})
+        node.write_pods_file()
+        settled({"default/a", "default/b"})
+    finally:
+        node.write_pods_file()
+        rc, out = node.stop_agent()
+        assert rc == 0, out
