@@ -3,15 +3,12 @@ a pod's namespace and cgroup.
 
     python conn_client.py bound HOST PORT        binds its socket itself (port chosen by the kernel)
                                                  before connecting; prints the answer
-    python conn_client.py many HOST PORT N       N short connections of one request each, as fast as
-                                                 it can; prints "ok=<n> failed=<n> seconds=<s>"
     python conn_client.py concurrent HOST PORT N opens N connections, asks on each, keeps them all
                                                  open, asks on each again; prints answers: "ok=<n> failed=<n>"
 """
 
 import socket
 import sys
-import time
 
 
 def ask(s: socket.socket, f) -> bool:
@@ -26,21 +23,6 @@ def bound(host: str, port: int) -> None:
         s.connect((host, port))
         s.sendall(b"who\n")
         print(s.makefile("rb").readline().decode().strip(), flush=True)
-
-
-def many(host: str, port: int, n: int) -> None:
-    ok = failed = 0
-    start = time.monotonic()
-    for _ in range(n):
-        try:
-            with socket.create_connection((host, port), timeout=10) as s:
-                if ask(s, s.makefile("rb")):
-                    ok += 1
-                else:
-                    failed += 1
-        except OSError:
-            failed += 1
-    print(f"ok={ok} failed={failed} seconds={time.monotonic() - start:.1f}", flush=True)
 
 
 def concurrent(host: str, port: int, n: int) -> None:
@@ -64,4 +46,4 @@ def concurrent(host: str, port: int, n: int) -> None:
 
 if __name__ == "__main__":
     cmd, host, port, *rest = sys.argv[1:]
-    {"bound": bound, "many": many, "concurrent": concurrent}[cmd](host, int(port), *map(int, rest))
+    {"bound": bound, "concurrent": concurrent}[cmd](host, int(port), *map(int, rest))
