@@ -226,3 +226,19 @@ def test_loop_survives_a_bug_in_a_pass(bed, monkeypatch):
     t.join(5)
     assert len(calls) >= 2, "the loop must go on after a failed pass"
     assert f"merbridge_reconcile_errors_total {float(len(calls))}".encode() in generate_latest(metrics.registry)
+
+
+def test_a_failed_policy_update_keeps_status_true_to_the_kernel(bed, monkeypatch):
+    agent, dp, netns, _ = bed
+    monkeypatch.setattr(core.time, "monotonic", lambda: 1000.0)
+    netns.add("10.0.0.1", 1)
+    agent.update_pods({"ns/a": pod("a", "10.0.0.1")})
+    agent.reconcile_once()
+    dp.fail_ips.add("10.0.0.1")
+    agent.update_pods({"ns/a": pod("a", "10.0.0.1", **{"traffic.sidecar.istio.io/excludeOutboundPorts": "9"})})
+    agent.reconcile_once()
+    st = by_pod(agent)["ns/a"]
+    assert st["accelerated"] and st["pending"]
+    assert st["reason"] == ("accelerated with its previous policy: writing its datapath entries failed (OSError: "
+                            "[Errno 28] No space left on device); will retry")
+    kernel_matches_status(agent, dp)

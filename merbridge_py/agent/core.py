@@ -249,9 +249,13 @@ class Agent:
                                            "meanwhile)", ip, pending=True, code=r.code)
         except Exception as e:  # noqa: BLE001 - one pod's failure must not stop the others
             log.warning("applying pod %s failed: %s: %s", key, type(e).__name__, e)
-            status = PodStatus(key, False, f"not accelerated yet: writing its datapath entries failed "
-                                           f"({type(e).__name__}: {e}); will retry", ip, pending=True,
-                               code="apply_failed")
+            failure = f"writing its datapath entries failed ({type(e).__name__}: {e}); will retry"
+            if key in self._applied:   # a policy update failed: the kernel still serves the previous one
+                status = PodStatus(key, True, f"accelerated with its previous policy: {failure}", ip,
+                                   pending=True, code="update_failed")
+            else:
+                status = PodStatus(key, False, f"not accelerated yet: {failure}", ip, pending=True,
+                                   code="apply_failed")
         if status.pending:
             t.next_try = now + min(MAX_RETRY, FIRST_RETRY * 2 ** min(t.tries, 16))
             t.tries += 1
@@ -297,10 +301,6 @@ class Agent:
     def remove_all(self) -> None:
         for key in list(self._applied):
             self._remove(key, "agent stopping")
-
-    def applied(self) -> dict[str, tuple[int, str]]:
-        """pod -> (netns cookie, IP) the agent has written: what the kernel maps should hold."""
-        return {k: (a.netns_cookie, a.ip) for k, a in self._applied.items()}
 
     def _sweep_taken_over_maps(self) -> None:
         """After taking over a previous agent's maps: drop the pods it knew
