@@ -16,7 +16,6 @@ import random
 import threading
 import time
 
-import pytest
 from kubernetes import client
 
 from fake_apiserver import FakeApiServer
