@@ -43,10 +43,15 @@ int sock4_connect(struct bpf_sock_addr *ctx)
         /* Bind the source to the pod IP (the port is still chosen at connect,
          * bpf_bind implies IP_BIND_ADDRESS_NO_PORT): without it every pod's
          * redirected connection would come from 127.0.0.1 and 4-tuples would
-         * collide across pods in the original_dst map. */
+         * collide across pods in the original_dst map, so one pod's proxy
+         * could be told another pod's destination. When the bind fails (the
+         * app bound the socket itself, so it has a port already), the
+         * connection is left to iptables, which keys by conntrack instead. */
         struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = self->pod_ip};
-        if (bpf_bind(ctx, (struct sockaddr *)&src, sizeof(src)) != 0)
+        if (bpf_bind(ctx, (struct sockaddr *)&src, sizeof(src)) != 0) {
             count(CNT_ERR_BIND, 1);
+            return 1;
+        }
         if (remember_original_dst(ctx, dst_ip, dst_port, 0) != 0)
             return 1;   /* we could not answer SO_ORIGINAL_DST: let iptables do it */
         ctx->user_ip4 = bpf_htonl(MESH_REDIRECT_IP_HOST);

@@ -19,7 +19,10 @@
 #define MAX_OUTBOUND_RULES 128
 #define MAX_INBOUND_RULES 128
 #define MAX_PODS 1024
+/* per-connection maps; a loader may pass a smaller -DMAX_CONNECTIONS (tests of a full map) */
+#ifndef MAX_CONNECTIONS
 #define MAX_CONNECTIONS 65536
+#endif
 #define MAX_DESTINATIONS 4096
 
 /* SO_ORIGINAL_DST from linux/netfilter_ipv4.h; not pulled in to keep includes UAPI-only. */
@@ -139,7 +142,7 @@ enum counter {
     CNT_SPLICE_MISS,             /* peer not in the sockhash: sent through TCP */
     CNT_SOCKHASH_INSERT,
     CNT_ERR_SOCKHASH_INSERT,
-    CNT_ERR_BIND,
+    CNT_ERR_BIND,                /* bpf_bind to the pod IP failed: the connection was left to iptables */
     CNT_ERR_MAP_UPDATE,
     CNT_SPLICE_SKIPPED,          /* sockets not spliced: their destination's connections are short-lived */
     CNT_SPLICE_BULK,             /* spliced sockets switched to TCP: they carry bulk data */

@@ -209,7 +209,7 @@ class Datapath:
     """
 
     def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: str = "adaptive",
-                 rewrite_inbound_port: bool = False):
+                 rewrite_inbound_port: bool = False, max_connections: int | None = None):
         if splice not in SPLICE_POLICIES:
             raise DatapathError(f"unknown splice policy {splice!r}; expected one of {', '.join(SPLICE_POLICIES)}")
         self.mesh = mesh
@@ -217,6 +217,7 @@ class Datapath:
         self.bpffs_dir = Path(bpffs_dir)
         self.splice = splice
         self.rewrite_inbound_port = rewrite_inbound_port
+        self.max_connections = max_connections   # size of the per-connection maps (None: the header's)
         self.mode = "ebpf"
         self.bpf: LoadedObjects | None = None
         self.loader_result: dict = {}     # what the loader child reported (timings, its peak RSS)
@@ -232,7 +233,7 @@ class Datapath:
 
     def compile_flags(self) -> list[str]:
         """-D defines for the compiler (the loader adds the maps directory)."""
-        return self.mesh.cflags()
+        return self.mesh.cflags() + ([f"-DMAX_CONNECTIONS={int(self.max_connections)}"] if self.max_connections else [])
 
     def load(self) -> None:
         ensure_bpffs(self.bpffs_dir)

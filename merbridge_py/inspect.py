@@ -48,6 +48,8 @@ def load_pod(data: bytes) -> dict:
     try:
         # JSON first: PyYAML (YAML 1.1) rejects some valid JSON, e.g. tab indentation.
         document = json.loads(text)
+    except RecursionError:
+        raise NotAPod("document is nested too deeply") from None
     except ValueError:
         try:
             document = yaml.safe_load(text)
@@ -55,6 +57,8 @@ def load_pod(data: bytes) -> dict:
             raise NotAPod(_yaml_problem(e)) from None
         except RecursionError:
             raise NotAPod("document is nested too deeply") from None
+        except ValueError as e:   # a scalar YAML cannot construct, e.g. the timestamp 2025-13-01
+            raise NotAPod(f"a value YAML cannot read: {str(e).splitlines()[0]}") from None
     if document is None:
         raise NotAPod("empty document; expected a Pod")
     if not isinstance(document, dict):

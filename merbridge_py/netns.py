@@ -112,16 +112,21 @@ class NetnsIndex:
         paths.pop(own, None)
         return paths
 
-    def refresh(self) -> None:
-        """Rescan: new namespaces are inspected, gone ones forgotten, and the
-        addresses of known ones re-read (an IP can be assigned after the
-        namespace appears)."""
+    def refresh(self, reread: bool = True) -> None:
+        """Rescan: new namespaces are inspected and gone ones forgotten; with
+        `reread`, the addresses of known ones are read again too (an IP can be
+        assigned after the namespace appears). Without it a rescan costs one
+        setns per new namespace, not one per namespace on the node."""
         found: dict[int, Netns] = {}
         for inode, path in self._namespace_paths().items():
+            known = self._by_inode.get(inode)
+            if known is not None and known.path == path and not reread:
+                found[inode] = known
+                continue
             try:
                 found[inode] = inspect(path)
-            except OSError:
-                continue  # vanished while we looked
+            except Exception:  # noqa: BLE001 - vanished while we looked, or unreadable: skip this one
+                continue
         self._by_inode = found
 
     def lookup(self, ip: str) -> Netns | None:

@@ -3,12 +3,17 @@
 Tests marked `bpf` need root, bcc, kernel headers and a BPF-capable kernel.
 Where those are missing they skip, except when MERBRIDGE_REQUIRE_BPF=1 (CI sets
 it): then the missing piece is a failure, so CI can never pass by skipping.
+That holds for every skip of a bpf test, whatever raised it (this file's
+check, a pytest.skip() inside the test or a fixture, a skipif marker): the
+report hook below turns them all into failures.
 """
 
 import os
 import shutil
 
 import pytest
+
+pytest_plugins = ["pytester"]   # tests of this file's hooks run pytest on generated tests
 
 REQUIRE_BPF = os.environ.get("MERBRIDGE_REQUIRE_BPF") == "1"
 
@@ -51,3 +56,16 @@ def pytest_runtest_setup(item):
     if REQUIRE_BPF:
         pytest.fail(f"BPF test cannot run ({reason}) and MERBRIDGE_REQUIRE_BPF=1 forbids skipping", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not (REQUIRE_BPF and report.skipped and item.get_closest_marker("bpf") is not None):
+        return
+    if hasattr(report, "wasxfail"):
+        return   # an expected failure is reported as skipped too; it is not a skip
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"BPF test skipped ({reason}) and MERBRIDGE_REQUIRE_BPF=1 forbids skipping"

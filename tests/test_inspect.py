@@ -90,3 +90,26 @@ def test_help_ends_with_examples():
     assert result.exit_code == 0
     assert "examples:" in result.stdout
     assert "kubectl get pod web-0 -o yaml | merbridge-py inspect-pod -" in result.stdout
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  creationTimestamp: 2025-13-01\n",
+     "a value YAML cannot read: month must be in 1..12"),
+    (b"[" * 100_000, "document is nested too deeply"),
+    (b"a: " + b"[" * 100_000, "document is nested too deeply"),
+    (b"kind: Pod\n\xff", "input is not UTF-8 text (byte 10)"),
+])
+def test_malformed_inputs_are_one_line_errors(tmp_path, data, message):
+    path = tmp_path / "pod.yaml"
+    path.write_bytes(data)
+    result = run([str(path)])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {path}: {message}\n"
+
+
+def test_a_huge_annotation_is_refused_by_its_size():
+    pod = json.loads(json.dumps(POD))
+    pod["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] = ",".join(["80"] * 100_000)
+    doc = json.loads(run(["-"], stdin=json.dumps(pod)).stdout)
+    assert doc["accelerate"] is False
+    assert doc["reason"].endswith("(299999 characters, more than the 16384 this agent reads)")

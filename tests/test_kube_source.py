@@ -351,3 +351,67 @@ def test_list_watch_serves_other_resources(server):
         stop.set()
         watcher.abort()
         thread.join(timeout=5)
+
+
+# --- issue 13: malformed objects and events from the API are refused, counted, skipped ---
+
+class CannedResponse:
+    """What `_preload_content=False` returns, with a fixed body."""
+
+    def __init__(self, body: bytes):
+        self.data, self._left = body, body
+
+    def read1(self, n):
+        chunk, self._left = self._left[:n], self._left[n:]
+        return chunk
+
+    def release_conn(self):
+        pass
+
+    def close(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def test_malformed_list_items_and_watch_events_are_skipped_and_counted(caplog):
+    import json as _json
+    good = make_pod("good")
+    good["metadata"]["resourceVersion"] = "5"
+    listing = {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "5"},
+               "items": [good, "a string", {"metadata": {"name": 7}}, {"metadata": []}]}
+    added = make_pod("later")
+    added["metadata"]["resourceVersion"] = "9"
+    events = [b"{not json", b"[" * 100_000, _json.dumps({"type": "ADDED", "object": [1]}).encode(),
+              _json.dumps({"type": "ADDED", "object": {"metadata": {"name": "x"}}}).encode(),
+              _json.dumps({"type": "MODIFIED", "object": {"metadata": {"resourceVersion": "8", "name": ["x"]}}}).encode(),
+              _json.dumps({"type": "ADDED", "object": added}).encode()]
+    bodies = [_json.dumps(listing).encode(), b"\n".join(events) + b"\n"]
+    stop = threading.Event()
+    recorder = Recorder()
+
+    def list_call(**params):
+        if not bodies:
+            stop.set()
+            raise OSError("no more canned answers")
+        return CannedResponse(bodies.pop(0))
+    lw = ListWatch("pods", list_call, recorder, backoff_initial=0.01, backoff_max=0.01)
+    with caplog.at_level(logging.WARNING, logger="merbridge_py.kube"):
+        lw.run(stop)
+    assert sorted(recorder.deliveries[0]) == ["default/good"]
+    assert sorted(recorder.latest) == ["default/good", "default/later"]
+    assert lw.errors == 8
+    assert lw.resource_version == "9"
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals == [
+        "pods: refused a malformed list item: object is a str, not a mapping",
+        "pods: refused a malformed list item: object has no metadata.name string",
+        "pods: refused a malformed list item: object has no metadata mapping",
+        "pods: refused a malformed watch event: not JSON: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1)",
+        "pods: refused a malformed watch event: JSON nested too deeply",
+        "pods: refused a malformed watch event: event or its object is not a mapping",
+        "pods: refused a malformed watch event: ADDED event without a resourceVersion string",
+        "pods: refused a malformed watch event: object has no metadata.name string",
+    ]

@@ -241,19 +241,82 @@ def test_compiled_inbound_rules_agree_with_the_reference_model(policy, port):
 
 # --- arbitrary objects ------------------------------------------------------------
 
+# Leaves include the words a meshed pod is made of, and half the objects have a
+# pod's skeleton with random parts, so that random objects do form accelerated
+# pods (test_arbitrary_objects_can_be_accelerated shows they do): the property
+# below is then about real verdicts both ways.
+POD_WORDS = ["istio-proxy", "istio-init", "istio-validation", "Always", "Running", "Succeeded", "10.1.2.3",
+             "fd00::1", "true", "false", "TPROXY", "*", "80", "web"]
+POD_KEYS = ["metadata", "spec", "status", "name", "annotations", "containers", "initContainers", "podIP",
+            "podIPs", "ip", "phase", "hostNetwork", "restartPolicy", "env", "value", "deletionTimestamp",
+            "merbridge.io/accelerate"]
+leaves = st.none() | st.booleans() | st.integers() | st.sampled_from(POD_WORDS) | st.text(max_size=8)
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(
-        st.sampled_from(["metadata", "spec", "status", "name", "annotations", "containers", "initContainers",
-                         "podIP", "podIPs", "ip", "phase", "hostNetwork", "restartPolicy", "env", "value"]),
-        children, max_size=4),
-    max_leaves=20,
+    leaves,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(POD_KEYS), children,
+                                                                      max_size=5),
+    max_leaves=30,
 )
+word_or_any = st.sampled_from(POD_WORDS) | json_like
 
 
-@settings(max_examples=500, deadline=None)
-@given(json_like)
-def test_arbitrary_objects_never_raise(obj):
+def likely(*words):
+    return st.sampled_from(words) | word_or_any
+
+
+def containers(*names):
+    return st.lists(st.fixed_dictionaries({"name": likely(*names)}, optional={"restartPolicy": likely("Always")}),
+                    max_size=3)
+
+
+pod_shaped = st.fixed_dictionaries({
+    "metadata": st.fixed_dictionaries({"name": likely("web")}, optional={
+        "annotations": st.dictionaries(st.sampled_from(["merbridge.io/accelerate", "sidecar.istio.io/interceptionMode",
+                                                        "traffic.sidecar.istio.io/excludeOutboundPorts"]),
+                                       word_or_any, max_size=2),
+        "deletionTimestamp": word_or_any}),
+    "spec": st.fixed_dictionaries({"containers": containers("istio-proxy", "app"),
+                                   "initContainers": containers("istio-init", "istio-validation", "istio-proxy")},
+                                  optional={"hostNetwork": word_or_any}),
+    "status": st.fixed_dictionaries({"podIP": likely("10.1.2.3", "fd00::1")}, optional={"phase": word_or_any}),
+}) | json_like
+
+
+def _named(items, name):
+    return [c for c in items if isinstance(c, dict) and c.get("name") == name] if isinstance(items, list) else []
+
+
+def assert_accelerated_pod_is_well_formed(obj, verdict):
+    """What must hold of any object decide() accelerates, read independently of decide()."""
+    assert isinstance(obj, dict)
+    meta, spec, status = obj.get("metadata"), obj.get("spec"), obj.get("status") or {}
+    assert isinstance(meta, dict) and isinstance(meta.get("name"), str) and meta["name"]
+    assert meta.get("deletionTimestamp") is None
+    annotations = meta.get("annotations") or {}
+    assert annotations.get("merbridge.io/accelerate", "true") == "true"
+    assert isinstance(spec, dict) and spec.get("hostNetwork") in (None, False)
+    assert _named(spec.get("containers"), "istio-proxy") or [
+        c for c in _named(spec.get("initContainers"), "istio-proxy") if c.get("restartPolicy") == "Always"]
+    assert _named(spec.get("initContainers"), "istio-init") or _named(spec.get("initContainers"), "istio-validation")
+    assert status.get("phase") not in ("Succeeded", "Failed")
+    ips = [status.get("podIP")] + [e.get("ip") for e in status.get("podIPs") or [] if isinstance(e, dict)]
+    assert verdict.ips and verdict.ips[0] in ips and ipaddress.ip_address(verdict.ips[0]).version == 4
+    assert verdict.reason.startswith("accelerated: ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(json_like, pod_shaped))
+def test_arbitrary_objects_get_a_verdict_that_agrees_with_the_object(obj):
     verdict = decide(obj)
-    assert not verdict.accelerate
-    assert verdict.reason.startswith("not accelerated: ") and "internal error" not in verdict.reason
+    assert "internal error" not in verdict.reason
+    if verdict.accelerate:
+        assert_accelerated_pod_is_well_formed(obj, verdict)
+    else:
+        assert verdict.reason.startswith("not accelerated: ")
+
+
+def test_arbitrary_objects_can_be_accelerated():
+    """The strategy above reaches accelerated verdicts, so its property is not vacuous."""
+    from hypothesis import find
+    found = find(pod_shaped, lambda obj: decide(obj).accelerate, settings=settings(max_examples=2000, database=None))
+    assert_accelerated_pod_is_well_formed(found, decide(found))

@@ -74,8 +74,10 @@ examples:
                    "Istio rule (conntrack-identical to iptables mode), or the connect hook (for pods without "
                    "inbound rules).")
 @click.option("--ebpf", "print_ebpf", is_flag=True, hidden=True, help="Print the eBPF program text and exit.")
+@click.option("--max-connections", type=click.IntRange(16, 1 << 20), hidden=True,
+              help="Entries of the per-connection maps (tests of a full map).")
 def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_socket, on_sigterm, daemonset, mesh,
-        namespace, log_format, splice, inbound_redirect, print_ebpf):
+        namespace, log_format, splice, inbound_redirect, print_ebpf, max_connections):
     """Load the eBPF datapath and keep it in step with this node's pods."""
     from ..datapath import Datapath, DatapathError, leave_attached, open_cgroup, program_text
     from ..kheaders import HeadersNotFound
@@ -110,7 +112,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
     from .mode import ModeController
 
     datapath = Datapath(profile, cgroup, bpffs, splice=splice,
-                        rewrite_inbound_port=inbound_redirect == "ebpf")
+                        rewrite_inbound_port=inbound_redirect == "ebpf", max_connections=max_connections)
     metrics = AgentMetrics()
     agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics)
     modes = ModeController(datapath, metrics)

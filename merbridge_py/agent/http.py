@@ -242,9 +242,10 @@ def network_routes(agent, metrics, is_serving) -> Routes:
             ("GET", "/metrics"): lambda _body: (200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)}
 
 
-def admin_routes(agent, is_serving, modes) -> Routes:
+def admin_routes(agent, metrics, is_serving, modes) -> Routes:
     def status(_body):
-        body = {"attached": is_serving(), "ready": agent.ready.is_set(), "mode": modes.mode, "pods": agent.status()}
+        body = {"attached": is_serving(), "ready": agent.ready.is_set(), "mode": modes.mode, "pods": agent.status(),
+                "source_error": getattr(metrics.source, "last_error", None)}
         return 200, json.dumps(body, indent=2).encode(), JSON
 
     def mode(body):
@@ -266,7 +267,7 @@ class AgentEndpoints:
             raise
         self._admin_inode = os.stat(self.admin_socket).st_ino
         self.network = EndpointServer(net_sock, network_routes(agent, metrics, is_serving), "http")
-        self.admin = EndpointServer(admin_sock, admin_routes(agent, is_serving, modes), "admin",
+        self.admin = EndpointServer(admin_sock, admin_routes(agent, metrics, is_serving, modes), "admin",
                                     peer_check=root_or_self_only)
 
     @property

@@ -59,6 +59,25 @@ def object_key(obj: dict) -> str:
     return f"{meta['namespace']}/{meta['name']}" if meta.get("namespace") else meta["name"]
 
 
+class Malformed(ValueError):
+    """An object or event from the API that cannot be filed: refused, counted, skipped."""
+
+
+def checked_key(obj: object) -> str:
+    """object_key() of an object the API should never send malformed; Malformed if it did."""
+    if not isinstance(obj, dict):
+        raise Malformed(f"object is a {type(obj).__name__}, not a mapping")
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        raise Malformed("object has no metadata mapping")
+    name, namespace = meta.get("name"), meta.get("namespace")
+    if not isinstance(name, str) or not name:
+        raise Malformed("object has no metadata.name string")
+    if namespace is not None and not isinstance(namespace, str):
+        raise Malformed(f"object {name} has a metadata.namespace that is not a string")
+    return object_key(obj)
+
+
 class ListWatch:
     """Mirror of one collection, delivered whole to `on_change` after every
     list and every change.
@@ -77,6 +96,7 @@ class ListWatch:
         self.resource_version: str | None = None   # None means: (re)list first
         self.synced = threading.Event()
         self.watch_restarts = 0
+        self.errors = 0                          # objects and events refused as malformed (skipped)
         self.last_error: str | None = None       # the failure being retried; None once a request succeeds
         self._list_call = list_call
         self._on_change = on_change
@@ -131,18 +151,29 @@ class ListWatch:
     def _list(self) -> None:
         response = self._request(self._list_read_timeout)
         try:
-            body = json.loads(response.data)
+            body = _json(response.data)
         finally:
             response.release_conn()
-        item_kind = (body.get("kind") or "").removesuffix("List")
+        metadata = body.get("metadata") if isinstance(body, dict) else None
+        items = body.get("items") if isinstance(body, dict) else None
+        version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+        if not isinstance(version, str) or not isinstance(items, (list, type(None))):
+            # retried by run() with backoff, like any failed request; the last good state stays
+            raise Malformed("the list answer is not a list with metadata.resourceVersion")
+        item_kind = body.get("kind") if isinstance(body.get("kind"), str) else ""
         objects = {}
-        for obj in body.get("items") or []:
+        for obj in items or []:
+            try:
+                key = checked_key(obj)
+            except Malformed as e:
+                self._refuse(f"list item: {e}")
+                continue
             # List items come without kind/apiVersion; watch objects have them. Make both look alike.
-            obj.setdefault("kind", item_kind)
+            obj.setdefault("kind", item_kind.removesuffix("List"))
             obj.setdefault("apiVersion", body.get("apiVersion", "v1"))
-            objects[object_key(obj)] = obj
+            objects[key] = obj
         self.objects = objects
-        self.resource_version = body["metadata"]["resourceVersion"]
+        self.resource_version = version
         self._backoff.reset()
         log.info("%s: listed %d at resourceVersion %s", self.name, len(objects), self.resource_version)
         if not self._stop.is_set():
@@ -161,7 +192,10 @@ class ListWatch:
             for line in _lines(response):
                 if self._stop.is_set():
                     return
-                self._apply(json.loads(line))
+                try:
+                    self._apply(_json(line))
+                except Malformed as e:
+                    self._refuse(f"watch event: {e}")
         finally:
             with self._response_lock:
                 self._response = None
@@ -183,13 +217,22 @@ class ListWatch:
             self.abort()
         return response
 
+    def _refuse(self, problem: str) -> None:
+        self.errors += 1
+        log.warning("%s: refused a malformed %s", self.name, problem)
+
     def _apply(self, event: dict) -> None:
+        if not isinstance(event, dict) or not isinstance(event.get("object") or {}, dict):
+            raise Malformed("event or its object is not a mapping")
         kind, obj = event.get("type"), event.get("object") or {}
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise ResourceExpired(obj.get("message", "Gone"))
             raise WatchError(f"ERROR event {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        rv = metadata.get("resourceVersion")
+        if not isinstance(rv, str):
+            raise Malformed(f"{kind} event without a resourceVersion string")
         if kind == "BOOKMARK":
             self.resource_version = rv
             self._backoff.reset()
@@ -198,7 +241,7 @@ class ListWatch:
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             log.warning("%s: ignoring watch event of unknown type %r", self.name, kind)
             return
-        key = object_key(obj)
+        key = checked_key(obj)
         if kind == "DELETED":
             self.objects.pop(key, None)
         else:
@@ -213,6 +256,15 @@ class ListWatch:
             self._on_change(dict(self.objects))
         except Exception:
             log.error("%s: on_change callback failed; continuing", self.name, exc_info=True)
+
+
+def _json(data: bytes | str) -> Any:
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise Malformed("JSON nested too deeply") from None
+    except ValueError as e:   # includes UnicodeDecodeError
+        raise Malformed(f"not JSON: {str(e).splitlines()[0][:100]}") from None
 
 
 def _lines(response: Any) -> Iterator[bytes]:
@@ -292,6 +344,10 @@ class KubePodSource:
     @property
     def last_error(self) -> str | None:
         return self._pods.last_error
+
+    @property
+    def errors(self) -> int:
+        return self._pods.errors
 
     @property
     def resource_version(self) -> str | None:

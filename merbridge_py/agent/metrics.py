@@ -73,6 +73,15 @@ class AgentMetrics:
         restarts = CounterMetricFamily("merbridge_watch_restarts", "Times the pod watch was re-established")
         restarts.add_metric([], getattr(self.source, "watch_restarts", 0))
         yield restarts
+        # A bad input never stops the source: it is refused, counted here, and the last good state kept.
+        refused = CounterMetricFamily("merbridge_source_errors", "Inputs the pod source refused (bad pods "
+                                      "file, malformed API object); the last good state was kept")
+        refused.add_metric([], getattr(self.source, "errors", 0))
+        yield refused
+        failing = GaugeMetricFamily("merbridge_source_failing", "1 while the pod source's latest input is refused "
+                                    "or its requests fail (see `merbridge-py status`)")
+        failing.add_metric([], 1 if getattr(self.source, "last_error", None) else 0)
+        yield failing
         dp = self.datapath
         if dp is None or dp.bpf is None:
             return

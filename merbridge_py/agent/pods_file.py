@@ -1,7 +1,7 @@
 """A pods file as the agent's source: Kubernetes Pod objects (a Pod, a PodList
 or a List, or a stream of Pod documents), YAML or JSON, in the schema the API
 server returns. Re-read when it changes; a broken edit keeps the last good
-state (nothing is lost) and is logged.
+state (nothing is lost), is logged, counted and shown in the agent's status.
 """
 
 from __future__ import annotations
@@ -27,27 +27,34 @@ def pod_key(pod: dict) -> str:
     return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
 
 
-def _documents(text: str) -> list:
-    # JSON (what the test bed and `kubectl get -o json` write) is YAML too, but
-    # PyYAML's pure-Python parser left the agent ~30 MB larger after reading 200
-    # pods than json does (benchmarks/agent_footprint.py).
+def _documents(text: str, origin: str) -> list:
+    if not text.strip():
+        # Also what a reader sees while an editor truncates and rewrites the file: never "no pods".
+        raise PodsFileError(f"{origin} is empty (for no pods, write a PodList with no items)")
     try:
-        doc = json.loads(text)
+        # JSON first: what the test bed and `kubectl -o json` write, far faster than YAML.
+        return [json.loads(text)]
     except ValueError:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    return [] if doc is None else [doc]
-
-
-def parse_pods(text: str, origin: str = "pods file") -> dict[str, dict]:
+        pass
+    except RecursionError:
+        raise PodsFileError(f"{origin} is nested too deeply") from None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        docs = _documents(text)
+        return [d for d in yaml.load_all(text, Loader=loader) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise PodsFileError(f"{origin} is not valid YAML or JSON{where}: {getattr(e, 'problem', e)}; "
                             "fix the file (it must hold Pod objects, a PodList or a List)") from None
+    except RecursionError:
+        raise PodsFileError(f"{origin} is nested too deeply") from None
+    except ValueError as e:   # a YAML scalar that cannot be a value, e.g. the timestamp 2025-13-01
+        raise PodsFileError(f"{origin} holds a value YAML cannot read: {str(e).splitlines()[0]}") from None
+
+
+def parse_pods(text: str, origin: str = "pods file") -> dict[str, dict]:
     pods: list[dict] = []
-    for doc in docs:
+    for doc in _documents(text, origin):
         if not isinstance(doc, dict):
             raise PodsFileError(f"{origin}: expected Pod objects or a PodList, found a {type(doc).__name__}")
         kind = doc.get("kind")
@@ -62,20 +69,31 @@ def parse_pods(text: str, origin: str = "pods file") -> dict[str, dict]:
         elif kind == "Pod":
             pods.append(doc)
         else:
-            raise PodsFileError(f"{origin}: expected kind Pod, PodList or List, found kind {kind!r}")
+            raise PodsFileError(f"{origin}: expected kind Pod, PodList or List, found kind {_shown(kind)}")
     out: dict[str, dict] = {}
     for pod in pods:
-        if not isinstance(pod.get("metadata"), dict) or not pod["metadata"].get("name"):
-            raise PodsFileError(f"{origin}: a Pod has no metadata.name")
+        meta = pod.get("metadata")
+        if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+            raise PodsFileError(f"{origin}: a Pod has no metadata.name (a non-empty string)")
+        # Other wrong types are the decision's business: such a pod gets a reason, not the whole file.
         out[pod_key(pod)] = pod
     return out
 
 
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
 def load_pods(path: Path) -> dict[str, dict]:
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise PodsFileError(f"cannot read pods file {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PodsFileError(f"pods file {path} is not UTF-8 text (byte {e.start})") from None
     return parse_pods(text, f"pods file {path}")
 
 
@@ -87,6 +105,7 @@ class PodsFileSource:
         self.synced = threading.Event()
         self.last_error: str | None = None
         self.watch_restarts = 0   # same surface as the Kubernetes source
+        self.errors = 0           # reads refused (bad file); the last good state was kept
 
     def _signature(self):
         try:
@@ -104,11 +123,17 @@ class PodsFileSource:
                 try:
                     pods = load_pods(self.path)
                 except PodsFileError as e:
-                    if self.last_error != str(e):
-                        log.error("%s (keeping the last good state)", e)
-                    self.last_error = str(e)
+                    self._failed(str(e))
+                except Exception as e:  # noqa: BLE001 - a bug must not end the only source: keep the last state
+                    self._failed(f"reading pods file {self.path} failed: {type(e).__name__}: {e}")
                 else:
                     self.last_error = None
                     self.on_change(pods)
                     self.synced.set()
             stop.wait(self.interval)
+
+    def _failed(self, error: str) -> None:
+        if self.last_error != error:
+            log.error("%s (keeping the last good state)", error)
+        self.last_error = error
+        self.errors += 1

@@ -165,7 +165,7 @@ def sidecar_kind(facts: PodFacts, mesh: MeshProfile) -> str | None:
 
 
 def interception_setup(facts: PodFacts) -> str | None:
-    names = {c.get("name") for c in facts.init_containers}
+    names = {c.get("name") for c in facts.init_containers if isinstance(c.get("name"), str)}
     if ISTIO_INIT in names:
         return ISTIO_INIT
     if ISTIO_VALIDATION in names:
@@ -179,7 +179,8 @@ def proxy_env(facts: PodFacts, mesh: MeshProfile) -> dict[str, str]:
     wanted = {mesh.proxy_container, ISTIO_INIT, ISTIO_VALIDATION}
     env: dict[str, str] = {}
     for container in facts.containers + facts.init_containers:
-        if container.get("name") not in wanted or not isinstance(container.get("env"), list):
+        name = container.get("name")
+        if not isinstance(name, str) or name not in wanted or not isinstance(container.get("env"), list):
             continue
         for var in container["env"]:
             if isinstance(var, Mapping) and isinstance(var.get("name"), str) and isinstance(var.get("value"), str):
@@ -260,7 +261,7 @@ def _chosen_capture(facts: PodFacts, env: Mapping[str, str], mesh: MeshProfile,
         if spec.source.startswith(SOURCE_ARGS):
             overlay = annotation_overlay(spec, facts.annotations)
     except PolicyError as e:
-        return None, NotAccelerated(str(e), "malformed_annotation")
+        return None, NotAccelerated(str(e), e.code)
     except InstalledError as e:
         if installed is None:
             return None, NotAccelerated(f"{ISTIO_INIT} arguments cannot be read exactly: {e}", "malformed_init_args")
@@ -297,7 +298,7 @@ def _string_annotation(annotations: Mapping, name: str) -> str | None:
     try:
         return read_annotation(annotations, name)
     except PolicyError as e:
-        raise NotAccelerated(str(e), "malformed_annotation") from None
+        raise NotAccelerated(str(e), e.code) from None
 
 
 def _check_opt_out(annotations: Mapping) -> None:
