@@ -47,6 +47,7 @@ class FakeMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         Counter("merbridge_test_total", "a sample", registry=self.registry).inc()
+        self.source = None      # the pod source, whose last_error /status shows
 
 
 @pytest.fixture
