@@ -71,7 +71,7 @@ RUN --mount=type=secret,id=ca set -eux; \
     merbridge-py --help >/dev/null
 
 # The agent runs as root: Kubernetes grants a container's added capabilities
-# (BPF, NET_ADMIN, SYS_ADMIN, ...) only to uid 0, and the bpf(), setns() and
+# (NET_ADMIN, SYS_ADMIN, SYS_PTRACE) only to uid 0, and the bpf(), setns() and
 # cgroup-attach calls need them. The DaemonSet drops every other capability.
 ENTRYPOINT ["merbridge-py"]
 CMD ["--help"]

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import psutil
 
+from merbridge_py.agent.status import agent_request
 from merbridge_py.mesh import ISTIO
 from merbridge_py.testbed import PodSpec, Testbed, kube, topology
 from merbridge_py.testbed.topology import Pod
@@ -104,7 +105,11 @@ def free_port() -> int:
 def run_agent(code: Path, tb: Testbed, source: list[str], bpffs: str, settle: float, log: Path) -> dict:
     node = tb.node("node0")
     addr = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, PYTHONPATH=str(code), MERBRIDGE_EBPF_DIR=str(code / "ebpf"))
+    # A private admin socket, and detach on SIGTERM whatever the source: each
+    # variant starts from a clean node (older versions ignore both variables).
+    admin = log.with_suffix(".sock")
+    env = dict(os.environ, PYTHONPATH=str(code), MERBRIDGE_EBPF_DIR=str(code / "ebpf"),
+               MERBRIDGE_ADMIN_SOCKET=str(admin), MERBRIDGE_ON_SIGTERM="detach")
     argv = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", node.cgroup, *source,
             "--bpffs", bpffs, "--metrics-addr", addr]
     with open(log, "ab") as out:
@@ -129,7 +134,8 @@ def run_agent(code: Path, tb: Testbed, source: list[str], bpffs: str, settle: fl
             time.sleep(0.2)
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
         anon_kb = int(re.search(r"^RssAnon:\s+(\d+)", Path(f"/proc/{proc.pid}/status").read_text(), re.M).group(1))
-        status = json.loads(get(addr, "/status")[1] or b"{}")
+        # /status moved to the admin socket; older versions serve it on the port.
+        status = agent_request(admin, "/status") if admin.exists() else json.loads(get(addr, "/status")[1] or b"{}")
         accelerated = sum(1 for s in status.get("pods", []) if s["accelerated"])
         return {"ready_s": ready, "ready_cpu_s": ready_cpu, "rss_mb": statistics.median(samples) / 2**20, "anon_mb": anon_kb / 1024,
                 "maps_mb": maps_memlock(Path(bpffs)) / 2**20,

@@ -225,7 +225,9 @@ class Datapath:
         self.attached = False
         self._pinned = False   # the program pins under bpffs_dir are ours (not a predecessor's)
         self._pins_complete = False
-        self.maps_dir = self.bpffs_dir / f"maps-{layout_version()}"
+        # Maps of another size are another layout: never adopt them.
+        size = f"-c{int(max_connections)}" if max_connections else ""
+        self.maps_dir = self.bpffs_dir / f"maps-{layout_version()}{size}"
         self.adopted_maps = False     # the maps were a predecessor's, taken over
         self._created_maps_dir = False
 
@@ -272,12 +274,20 @@ class Datapath:
         ensure_bpffs(self.bpffs_dir)
         self._cgroup_fd = open_cgroup(self.cgroup)
         stale = self._stale_programs()
-        # A sockhash has one sk_msg program: this replaces a predecessor's on adopted maps.
-        self._attach(self.bpf.sockhash_fd, SK_MSG_HOOK, 0)
-        for hook in HOOKS:
-            if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
-                self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
+        # Set before the first attach: if a later one fails, detach() still takes
+        # off those already attached (nothing pins them yet, so `cleanup` could
+        # not find them).
         self.attached = True
+        try:
+            # A sockhash has one sk_msg program: this replaces a predecessor's on adopted maps.
+            self._attach(self.bpf.sockhash_fd, SK_MSG_HOOK, 0)
+            for hook in HOOKS:
+                if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
+                    self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
+        except BaseException:
+            for prog_fd, _ in stale:
+                os.close(prog_fd)
+            raise
         # Only now that ours run, take the predecessor's off: no gap in between.
         for prog_fd, attach_type in stale:
             try:

@@ -45,7 +45,8 @@ ADMIN_DIR = "/run/merbridge-py"
 # SYS_ADMIN is needed anyway (setns), and the kernel accepts it wherever it
 # asks for CAP_BPF or CAP_PERFMON (bpf_capable(), perfmon_capable()): granting
 # those two as well would add nothing (tests/test_container.py removes each
-# granted capability in turn and expects the agent to fail).
+# granted capability in turn and expects the agent to fail, except NET_ADMIN on
+# kernels from 6.9, where SYS_ADMIN stands in for it too; 5.15-6.8 need it).
 CAPABILITIES = ("NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE")
 
 # Measured with benchmarks/agent_footprint.py, 200 pods listed and watched

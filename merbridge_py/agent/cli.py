@@ -170,12 +170,16 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
         deadline = time.monotonic() + FIRST_SYNC_TIMEOUT
         while not agent.ready.wait(0.05) and not stop.is_set() and time.monotonic() < deadline:
             pass
-        try:
-            datapath.attach()
-        except (DatapathError, OSError) as e:
-            raise click.ClickException(str(e))
-        metrics.attached.set(1)
-        log.info("datapath attached to %s; serving on %s:%d, admin socket %s", cgroup, *http.address, admin_socket)
+        # Stopped before attaching: leave a predecessor's programs and pins as
+        # they are (close() below detaches nothing that is not ours).
+        if not stop.is_set():
+            try:
+                datapath.attach()
+            except (DatapathError, OSError) as e:
+                raise click.ClickException(str(e))
+            metrics.attached.set(1)
+            log.info("datapath attached to %s; serving on %s:%d, admin socket %s", cgroup, *http.address,
+                     admin_socket)
         while not stop.wait(1.0):
             pass
         action, why = sigterm.decide(on_sigterm, ds_check)

@@ -76,6 +76,10 @@ def parse_pods(text: str, origin: str = "pods file") -> dict[str, dict]:
         if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
             raise PodsFileError(f"{origin}: a Pod has no metadata.name (a non-empty string)")
         # Other wrong types are the decision's business: such a pod gets a reason, not the whole file.
+        # A resourceVersion in a file is not an API server's word that nothing
+        # changed (the test bed writes "1", `kubectl get -o yaml` keeps its
+        # own): drop it, so the agent compares such pods by content.
+        meta.pop("resourceVersion", None)
         out[pod_key(pod)] = pod
     return out
 

@@ -12,8 +12,9 @@ with the reason, and the pod stays on iptables. `choose()` (capture.py) picks
 the most trusted available source and refuses when another available source
 would leave alone something the chosen one captures.
 
-For the agent: `InstalledRulesCache(read_netns).get(...)` once per pod
-namespace and spec, then `decide(pod, installed=...)`.
+How an agent would use it: `InstalledRulesCache(read_netns).get(...)` once
+per pod namespace and spec, then `decide(pod, installed=...)`. The agent does
+not do this yet (it decides from istio-init's arguments or the annotations).
 """
 
 from merbridge_py.policy.capture import (  # noqa: F401

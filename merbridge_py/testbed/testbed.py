@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from .. import sandbox
+from ..datapath import detach_pinned
 from . import envoy, istio_iptables, kube, nginx_app, pki, state, topology
 from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
 from .envoy import EnvoySidecar
@@ -337,9 +338,10 @@ class Testbed:
 
     def restart_agent(self, node: str | Node) -> None:
         """Start `node`'s agent again the way the bed starts it, and wait until
-        it is ready. A running agent is stopped first (SIGTERM: it detaches);
-        one that died or was killed is only reaped, and the new one finds its
-        predecessor's programs through the pins it left and replaces them."""
+        it is ready. A running agent is stopped first (SIGTERM: with no API to
+        ask, it detaches); one that died or was killed is only reaped, and the
+        new one finds its predecessor's programs through the pins it left and
+        replaces them."""
         n = self.node(node)
         if self.mode != "ebpf":
             raise TestbedError(f"no agents run in mode {self.mode}")
@@ -392,6 +394,11 @@ class Testbed:
         if old == "ebpf":
             self._stop("agent", AGENT_STOP_TIMEOUT)
             self.agents = {}
+            # A stopped agent detaches when it has no API to ask, but one told to
+            # keep (MERBRIDGE_ON_SIGTERM, a kubeconfig in the environment) would
+            # leave eBPF serving a bed that says "iptables".
+            for node in self.nodes:
+                detach_pinned(Path(node.bpffs), Path(node.cgroup))
         if mode == "nomesh":
             self._stop("sidecar", 5.0)
             self._apply_rules(install=False)
