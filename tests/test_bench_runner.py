@@ -35,7 +35,8 @@ def fake_measure(calls, fail=lambda load, mode: False):
     def measure(bed, pair, load, connections, duration_s, script):
         mode = next(e[1] for e in reversed(bed.events) if e[0] == "mode")
         calls.append((mode, pair.server.name, load, connections, duration_s))
-        assert open(script).read() == loads.WRK_REPORT_LUA
+        assert open(script.report).read() == loads.WRK_REPORT_LUA
+        assert open(script.fixedrate).read() == loads.WRK_FIXEDRATE_LUA
         if fail(load, mode):
             raise loads.LoadFailed("no result line")
         return Measurement(loads.LoadResult(duration_s=2.0, requests=200, p50_us=100.0, p90_us=150.0, p99_us=300.0),
@@ -125,7 +126,7 @@ def test_full_profile_covers_every_load_and_path():
     assert full.rounds >= 5
     assert {(c.load, c.connections) for c in full.cases} == {
         ("keepalive", 1), ("keepalive", 4), ("keepalive", 16), ("keepalive", 64), ("newconn", 4), ("tcp_rr", 1),
-        ("bulk", 1)}
+        ("bulk", 1), ("fixedrate", 16)}
     assert {c.path for c in full.cases} == {"same-node", "cross-node"}
 
 
@@ -150,13 +151,20 @@ def test_the_recorded_command_reproduces_the_profile():
 
     for quick, profile in ((True, runner.quick_profile()), (False, runner.full_profile()),
                            (False, _profile(False, 2, 1, 0, ["ebpf"], ("keepalive:1,4 bulk",), ["same-node"]))):
-        for sidecar in ("http", "tcp"):
-            argv = shlex.split(reproduce_command(profile, quick, sidecar))[2:]
+        for sidecar, proxy, mtls, workers in (("http", "envoy", "strict", 2), ("tcp", "envoy", "off", 1),
+                                              ("http", "envoy", "permissive", 4), ("http", "haproxy", "off", 2)):
+            argv = shlex.split(reproduce_command(profile, quick, sidecar, proxy, mtls, workers))[2:]
             ctx = bench.make_context("bench", argv)
             p = ctx.params
             again = _profile(p["quick"], p["rounds"], p["duration"], p["warmup"], _split(p["modes"]),
                              p["load_specs"], _split(p["paths"]))
             assert again == profile and p["sidecar"] == sidecar
+            assert (p["proxy"], p["mtls"]) == (proxy, mtls)
+            # the worker count is Envoy's; with HAProxy the option is left at its default
+            assert p["envoy_workers"] == (workers if proxy == "envoy" else 2)
+    # a bed's default mTLS not known: the command leaves the choice to the bed again
+    argv = shlex.split(reproduce_command(runner.quick_profile(), True))[2:]
+    assert bench.make_context("bench", argv).params["mtls"] is None
 
 
 def test_progress_reports_time_left_from_the_pace_so_far():

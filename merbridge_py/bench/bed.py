@@ -54,6 +54,11 @@ class Bed(Protocol):
         sysctl record."""
         ...
 
+    def datapath_counters(self) -> dict[str, dict[str, float]]:
+        """node -> the counters of its agent's /metrics (ebpf mode; empty in
+        the other modes), to see per node what the datapath did in a run."""
+        ...
+
 
 @dataclass(frozen=True)
 class PodPair:
@@ -92,6 +97,10 @@ class TestbedBed:
 
     def __init__(self, testbed) -> None:
         self._tb = testbed
+        # What the bed actually runs (it fills in its own defaults)
+        self.proxy: str = getattr(testbed, "proxy", "haproxy")
+        self.mtls: str = getattr(testbed, "mtls", "off")
+        self.envoy_workers: int | None = getattr(testbed, "envoy_workers", None) if self.proxy == "envoy" else None
         self.pods = [BenchPod(name=p.name, node=p.node, ip=p.ip, netns=p.netns, meshed=bool(p.meshed),
                               cgroup=Path(p.cgroup)) for p in testbed.pods]
 
@@ -113,19 +122,32 @@ class TestbedBed:
     def namespaces(self) -> list[str]:
         return list(self._tb.namespaces())
 
+    def datapath_counters(self) -> dict[str, dict[str, float]]:
+        if self._tb.mode != "ebpf":
+            return {}
+        return {node.name: {k: v for k, v in self._tb.agent_metrics(node).items() if k.startswith("merbridge_")}
+                for node in self._tb.nodes}
+
 
 @contextlib.contextmanager
 def testbed(name: str, nodes: int = 2, pods_per_node: int = 2, mode: str = "nomesh",
-            app: str = "nginx", http_ports: tuple[int, ...] = ()) -> Iterator[TestbedBed]:
+            app: str = "nginx", http_ports: tuple[int, ...] = (), proxy: str = "envoy",
+            mtls: str | None = None, envoy_workers: int | None = None) -> Iterator[TestbedBed]:
     """Bring a test bed up for the benchmark and always take it down. The pods'
     app is nginx: the Python test app spends hundreds of microseconds of CPU
     per request, which would hide the cost of the mesh being measured.
     `http_ports`: ports the sidecars proxy as HTTP with pooled upstream
-    connections (see merbridge_py.testbed.sidecar)."""
+    connections. `mtls` and `envoy_workers` left None take the bed's own
+    defaults (Istio's), which the returned bed reports."""
     try:
         from ..testbed import Testbed
     except ImportError as e:
         raise RuntimeError(f"the test bed (merbridge_py.testbed) is not available: {e}") from e
+    sidecar = {"proxy": proxy}
+    if mtls is not None:
+        sidecar["mtls"] = mtls
+    if envoy_workers is not None:
+        sidecar["envoy_workers"] = envoy_workers
     with Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, mode=mode, app=app,
-                    http_ports=http_ports) as tb:
+                    http_ports=http_ports, **sidecar) as tb:
         yield TestbedBed(tb)
