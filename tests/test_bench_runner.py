@@ -40,7 +40,9 @@ def fake_measure(calls, fail=lambda load, mode: False):
         if fail(load, mode):
             raise loads.LoadFailed("no result line")
         return Measurement(loads.LoadResult(duration_s=2.0, requests=200, p50_us=100.0, p90_us=150.0, p99_us=300.0),
-                           {"client": 1000.0, "sidecars": 2000.0, "apps": 1000.0})
+                           {"client": 1000.0, "sidecars": 2000.0, "apps": 1000.0},
+                           cpu_user_us={"client": 600.0, "sidecars": 1200.0, "apps": 200.0},
+                           datapath={"client node": {"merbridge_spliced_messages_total": 400.0}})
     return measure
 
 
@@ -76,6 +78,9 @@ def test_rows_carry_the_measurement():
     assert r["rps"] == pytest.approx(100.0) and r["p99_us"] == 300.0
     assert r["cpu_us_per_req"] == pytest.approx(4000.0 / 200) and r["error"] is None
     assert r["started_at"]
+    # the sidecars' user space, and the kernel time of all: (4000 - 2000) / 200
+    assert r["sidecar_user_us_per_req"] == pytest.approx(6.0) and r["kernel_us_per_req"] == pytest.approx(10.0)
+    assert r["datapath"] == {"client node": {"merbridge_spliced_messages_total": 400.0}}
 
 
 def test_a_failed_run_is_a_row_not_an_abort():
@@ -189,3 +194,20 @@ def test_progress_reports_time_left_from_the_pace_so_far():
     bar.close()
     assert tty.getvalue().startswith("\r[######") and tty.getvalue().endswith("\n")
     assert (format_duration(59.4), format_duration(61), format_duration(-3)) == ("59s", "1m01s", "0s")
+
+
+def test_datapath_counters_are_the_increase_per_node_role():
+    from merbridge_py.bench.bed import PodPair
+    from merbridge_py.bench.measure import counter_increase, node_role
+
+    cross = PodPair(PODS[0], PODS[2])
+    assert node_role("node0", cross) == "client node" and node_role("node1", cross) == "server node"
+    assert node_role("node0", PodPair(PODS[0], PODS[1])) == "client and server node"
+    before = {"node0": {"merbridge_spliced_messages_total": 10.0, "merbridge_spliced_messages_created": 1.0},
+              "node1": {"merbridge_sockhash_inserts_total": 5.0}}
+    after = {"node0": {"merbridge_spliced_messages_total": 410.0, "merbridge_spliced_messages_created": 1.0},
+             "node1": {"merbridge_sockhash_inserts_total": 5.0, "merbridge_splice_misses_total": 2.0}}
+    # only counters that grew; a counter new in `after` grew from 0
+    assert counter_increase(before, after, cross) == {
+        "client node": {"merbridge_spliced_messages_total": 400.0},
+        "server node": {"merbridge_splice_misses_total": 2.0}}

@@ -27,6 +27,9 @@ CLIENT_GRACE_S = 20.0
 class Measurement:
     result: loads.LoadResult
     cpu_us: dict[str, float]      # client / sidecars / apps / agents, microseconds
+    # the same, user space only: a proxy's user-space work is what no kernel
+    # datapath can take away; the rest (system time) is where eBPF can act
+    cpu_user_us: dict[str, float] = field(default_factory=dict)
     # ebpf mode: what each node's datapath counted during the run, as
     # {"client node"|"server node"|"client and server node": {metric: increase}}
     datapath: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -36,6 +39,19 @@ class Measurement:
         if not self.result.requests:
             return None
         return sum(self.cpu_us.values()) / self.result.requests
+
+    @property
+    def sidecar_user_us_per_req(self) -> float | None:
+        if not self.result.requests or "sidecars" not in self.cpu_user_us:
+            return None
+        return self.cpu_user_us["sidecars"] / self.result.requests
+
+    @property
+    def kernel_us_per_req(self) -> float | None:
+        """System time of every counted process per request."""
+        if not self.result.requests or not self.cpu_user_us:
+            return None
+        return (sum(self.cpu_us.values()) - sum(self.cpu_user_us.values())) / self.result.requests
 
 
 def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: int,
@@ -53,15 +69,19 @@ def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: in
                    "apps": server_roles["apps"], "agents": bed.agent_pids()}
         counters_before = _datapath_counters(bed)
         before = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
+        before_user = {role: procs.cpu_seconds(pids, user_only=True) for role, pids in counted.items()}
         argv = _client(load, pair.server.ip, connections, duration_s, wrk_scripts)
         run = procs.run_client(lambda **io: bed.spawn(pair.client, argv, **io),
                                timeout_s=duration_s + CLIENT_GRACE_S)
         after = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
+        after_user = {role: procs.cpu_seconds(pids, user_only=True) for role, pids in counted.items()}
         counters_after = _datapath_counters(bed)
     result = _parse(load, run.output)
     cpu_us = {"client": run.cpu_s * 1e6}
     cpu_us.update({role: procs.cpu_delta(before[role], after[role]) * 1e6 for role in counted})
-    return Measurement(result=result, cpu_us=cpu_us,
+    cpu_user_us = {"client": run.user_s * 1e6}
+    cpu_user_us.update({role: procs.cpu_delta(before_user[role], after_user[role]) * 1e6 for role in counted})
+    return Measurement(result=result, cpu_us=cpu_us, cpu_user_us=cpu_user_us,
                        datapath=counter_increase(counters_before, counters_after, pair))
 
 

@@ -81,6 +81,18 @@ def added_latency_table(added: Sequence[dict]) -> str | None:
     return "\n".join(lines)
 
 
+def cpu_split_table(summary: Sequence[dict]) -> str | None:
+    rows = [e for e in summary if e["load"] != loads.BULK and e.get("sidecar_user_us_per_req") is not None]
+    if not rows:
+        return None
+    lines = ["| path | load | conns | mode | CPU µs/req | sidecars' user space | kernel (all processes) |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    one = lambda v: _num(v, 1)  # noqa: E731
+    lines += [f"| {e['path']} | {e['load']} | {e['connections']} | {e['mode']} | {one(e['cpu_us_per_req'])} | "
+              f"{one(e['sidecar_user_us_per_req'])} | {one(e['kernel_us_per_req'])} |" for e in rows]
+    return "\n".join(lines)
+
+
 # Counters worth a column, in the order a leg goes through them.
 DATAPATH_COLUMNS = (
     ("merbridge_redirects_total", "redirects"),
@@ -228,6 +240,12 @@ def markdown(results: dict, plots: Sequence[str] = ()) -> str:
         late = [f"{a['path']}: {a['late_slots']} late send slots, lowest rate {_num(a['rps_min'])} req/s"
                 for a in results["added_latency"]]
         parts += ["", "Schedule: " + "; ".join(late) + " (a late slot is a send the client could not make on time)."]
+    split = cpu_split_table(results["summary"])
+    if split:
+        parts += ["", "## Where the CPU goes, per request",
+                  "Medians over rounds. The sidecars' user-space time is the proxies' own work (HTTP, TLS, "
+                  "routing), which no kernel datapath can remove; kernel time (system time of the client, "
+                  "sidecars, app and agents) is where iptables and eBPF differ.", "", split]
     dp = datapath_table(results.get("datapath", []))
     if dp:
         parts += ["", "## What the datapath did, per request (ebpf mode)",

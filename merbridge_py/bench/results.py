@@ -17,7 +17,10 @@ SCHEMA_VERSION = 2
 # Row fields summarized as the median (<metric>) and IQR (iqr_<metric>) across
 # rounds, and compared ebpf/iptables round by round as <name>_ebpf_over_iptables
 # (name = metric without "_us").
-METRICS = ("p50_us", "p90_us", "p99_us", "rps", "cpu_us_per_req", "throughput_bps")
+METRICS = ("p50_us", "p90_us", "p99_us", "rps", "cpu_us_per_req", "throughput_bps",
+           # where the CPU goes: the sidecars' user space (out of any kernel
+           # datapath's reach) and the system time of every counted process
+           "sidecar_user_us_per_req", "kernel_us_per_req")
 
 # With fewer pairs the IQR of the baseline is not an estimate of anything (one
 # round has an IQR of 0), so the noise check is left undecided.

@@ -190,6 +190,9 @@ def _row(step: Step, profile: Profile, started: str | None = None, m: Measuremen
         "late_slots": r.late_slots if r else None,
         "cpu_us": dict(m.cpu_us) if m else None,
         "cpu_us_per_req": m.cpu_us_per_req if m else None,
+        "cpu_user_us": dict(m.cpu_user_us) if m and m.cpu_user_us else None,
+        "sidecar_user_us_per_req": m.sidecar_user_us_per_req if m else None,
+        "kernel_us_per_req": m.kernel_us_per_req if m else None,
         "datapath": m.datapath if m and m.datapath else None,
     })
     return row
