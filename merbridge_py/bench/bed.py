@@ -122,6 +122,14 @@ class TestbedBed:
     def namespaces(self) -> list[str]:
         return list(self._tb.namespaces())
 
+    def tls_handshakes(self) -> dict[str, dict[str, int]]:
+        """pod -> TLS handshakes its Envoy completed since it started (as a
+        client: "outbound", as a server: "inbound"): the witness that the
+        sidecar-to-sidecar leg was mutual TLS. Empty without Envoy sidecars."""
+        if self.proxy != "envoy" or self._tb.mode == "nomesh":
+            return {}
+        return {p.name: self._tb.sidecar_tls_handshakes(p.name) for p in self.pods if p.meshed}
+
     def datapath_counters(self) -> dict[str, dict[str, float]]:
         if self._tb.mode != "ebpf":
             return {}

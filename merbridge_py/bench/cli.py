@@ -119,6 +119,10 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
         finally:
             bar.close()
         load_after = machine.load_average()
+        try:
+            handshakes = bed.tls_handshakes()
+        except (RuntimeError, OSError) as e:
+            handshakes = {"error": str(e)}
         machine_info = machine.collect(bed.namespaces())
         settle_how = bed.settle_how
 
@@ -128,6 +132,8 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
               "pods": outcome.pods, "settle_how": settle_how, "sidecar": sidecar,
               "sidecar_how": sidecar_how(sidecar, proxy), "proxy": proxy,
               "proxy_version": machine_info["tools"].get(proxy), "mtls": mtls, "mtls_how": mtls_how(proxy, mtls),
+              # since the sidecars last started (the last round's iptables and ebpf blocks)
+              "tls_handshakes_last_round": handshakes,
               "envoy_workers": envoy_workers if proxy == "envoy" else None,
               "fixedrate": {"rps": loads.FIXEDRATE_RPS, "payload_bytes": loads.FIXEDRATE_PAYLOAD_BYTES},
               "loadavg_before": load_before, "loadavg_after": load_after,
