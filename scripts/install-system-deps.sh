@@ -10,6 +10,7 @@ packages=(
   iproute2 iptables conntrack  # test bed: namespaces, Istio's own rules, conntrack flush
   haproxy            # sidecar stand-in for Envoy (honours SO_ORIGINAL_DST)
   wrk sockperf iperf3 # benchmark load generators
+  bpftool            # benchmarks/bpf_cost.py: our programs' run time per request
   nginx-light        # the benchmark's app (the Python test app would dominate the figures)
 )
 

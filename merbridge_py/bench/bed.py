@@ -137,6 +137,34 @@ class TestbedBed:
                 for node in self._tb.nodes}
 
 
+def add_sidecar_options(parser) -> None:
+    """The sidecar options of `merbridge-py bench`, for the profilers in
+    benchmarks/ (argparse), so they run on the same sidecars as the bench."""
+    parser.add_argument("--proxy", choices=("envoy", "haproxy"), default="envoy")
+    parser.add_argument("--mtls", choices=("strict", "permissive", "off"), default=None,
+                        help="[the test bed's default: Istio's, permissive]")
+    parser.add_argument("--envoy-workers", type=int, default=2, help="Envoy worker threads (Istio's default 2)")
+    parser.add_argument("--path", choices=PATHS, default=SAME_NODE,
+                        help="client and server pod on one node, or on two")
+
+
+def sidecar_kwargs(args) -> dict:
+    """Testbed.up keyword arguments for the options above."""
+    kwargs = {"proxy": args.proxy}
+    if args.mtls is not None:
+        kwargs["mtls"] = args.mtls
+    if args.proxy == "envoy":
+        kwargs["envoy_workers"] = args.envoy_workers
+    return kwargs
+
+
+def profiler_pair(tb, path: str) -> tuple:
+    """(client pod, server pod) of a test bed for `path`: the same pods
+    merbridge-py bench picks (pick_paths), as the bed's own Pod objects."""
+    pair = pick_paths(TestbedBed(tb).pods)[path]
+    return tb.pod(pair.client.name), tb.pod(pair.server.name)
+
+
 @contextlib.contextmanager
 def testbed(name: str, nodes: int = 2, pods_per_node: int = 2, mode: str = "nomesh",
             app: str = "nginx", http_ports: tuple[int, ...] = (), proxy: str = "envoy",
