@@ -30,6 +30,7 @@ from merbridge_py import datapath
 from merbridge_py.testbed import PodSpec, Testbed, state
 from merbridge_py.testbed.cleanup import leftovers
 from merbridge_py.testbed.load import LoadProcess
+from merbridge_py.testbed.testbed import AGENT_START_TIMEOUT
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 
@@ -37,6 +38,7 @@ RESTARTS = 3
 RUN = 2.5            # seconds of load with each agent
 AGENT_DEAD = 1.5     # with no agent at all
 CLIENT_PODS = ("a", "c")
+CLIENT_PATIENCE = int(AGENT_START_TIMEOUT) + 30   # seconds a paused client waits for its answer
 
 
 def pinned_objects(bpffs: Path) -> dict[str, int | None]:
@@ -105,7 +107,7 @@ def describe(failures: list[dict], restarts: list[tuple[float, float, float]]) -
 
 def test_agent_killed_under_load_then_restarted_loses_no_request():
     name = f"rst{os.getpid()}"
-    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b"), PodSpec("c")], mode="ebpf") as tb:
+    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b"), PodSpec("c")], mode="ebpf", mtls="strict") as tb:
         node = tb.node("node0")
         cgroup, bpffs = Path(node.cgroup), Path(node.bpffs)
         programs = one_program_per_hook(cgroup)
@@ -183,7 +185,7 @@ def test_a_failed_start_after_a_crash_keeps_the_pins():
     so that the next one still replaces those programs instead of attaching
     a second set next to them."""
     name = f"rsf{os.getpid()}"
-    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b")], mode="ebpf") as tb:
+    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b")], mode="ebpf", mtls="strict") as tb:
         node = tb.node("node0")
         cgroup, bpffs = Path(node.cgroup), Path(node.bpffs)
         first = one_program_per_hook(cgroup)
@@ -212,15 +214,18 @@ def test_connections_a_proxy_has_not_accepted_yet_survive_a_restart():
     to its local address and connects to itself). The sidecar is paused
     (SIGSTOP) around the restart, as a busy proxy lags behind its queue."""
     name = f"rsq{os.getpid()}"
-    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b")], mode="ebpf") as tb:
+    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b")], mode="ebpf", mtls="strict") as tb:
         node, b = tb.node("node0"), tb.pod("b")
         sidecar = next(r for r in tb.processes if r.role == "sidecar" and r.owner == "a")
         clients = []
         assert state.signal_if_ours(sidecar, signal.SIGSTOP)
         try:
             for _ in range(3):
+                # The clients must outwait the restart (bcc compiles for up to
+                # AGENT_START_TIMEOUT on busy cores): a client that gives up
+                # closes its socket, which rightly drops its record.
                 clients.append(tb.spawn_in("a", [sys.executable, "-m", "merbridge_py.testbed.client", "--host", b.ip,
-                                                 "--port", "8080", "--timeout", "8"],
+                                                 "--port", "8080", "--timeout", str(CLIENT_PATIENCE)],
                                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True))
             deadline = time.monotonic() + 10
             while len(tb.exec_in("a", ["ss", "-Htn", "state", "established", "dst", "127.0.0.2:15001"])
@@ -231,7 +236,7 @@ def test_connections_a_proxy_has_not_accepted_yet_survive_a_restart():
             tb.restart_agent(node)
         finally:
             state.signal_if_ours(sidecar, signal.SIGCONT)
-        answers = [json.loads(c.communicate(timeout=30)[0])["results"][0] for c in clients]
+        answers = [json.loads(c.communicate(timeout=CLIENT_PATIENCE + 30)[0])["results"][0] for c in clients]
         refused = tb.agent_metrics(node)['merbridge_original_dst_queries_total{result="refused"}']
     assert [(r["status"], r["error"]) for r in answers] == [(200, None)] * len(clients), f"refused: {refused}"
     assert {r["body"]["pod"] for r in answers} == {"b"}

@@ -16,7 +16,7 @@ import pytest
 from merbridge_py import sandbox
 from merbridge_py.testbed import Testbed, state, topology
 from merbridge_py.testbed.cleanup import all_names, leftovers, teardown
-from merbridge_py.testbed.sidecar import HAProxySidecar
+from merbridge_py.testbed.envoy import EnvoySidecar
 from merbridge_py.testbed.testbed import TestbedError
 from merbridge_py.testbed.topology import PodSpec
 
@@ -50,8 +50,8 @@ def test_a_failure_inside_the_bed_leaves_nothing_behind():
 
 def test_a_failed_up_says_why_and_removes_what_it_made(monkeypatch):
     name = unique("g")
-    monkeypatch.setattr(HAProxySidecar, "config", lambda self: "global\n    no-such-keyword\n")
-    with pytest.raises(TestbedError, match="(?s)sidecar of n0p.* exited during start-up.*no-such-keyword"):
+    monkeypatch.setattr(EnvoySidecar, "config", lambda self: {"no_such_field": 1})
+    with pytest.raises(TestbedError, match="(?s)sidecar of n0p.* exited during start-up.*no_such_field"):
         Testbed.up(name, nodes=1, pods_per_node=2, mode="iptables")
     assert_gone(name, [])
 
@@ -129,13 +129,18 @@ def test_command_line():
         assert doc["name"] == name and doc["mode"] == "iptables"
         assert [(p["name"], p["node"], p["meshed"]) for p in doc["pods"]] == [
             ("n0p0", "node0", True), ("n0p1", "node0", False), ("n1p0", "node1", True), ("n1p1", "node1", False)]
-        # `netns` is what `ip netns exec` takes; the processes outlived the command that started them
+        # `testbed exec` runs in the pod; the processes outlived the command that started them
         pod = doc["pods"][0]
-        assert sandbox.sh("ip", "addr", "show", "eth0", netns=pod["netns"]).count(pod["ip"]) == 1
+        shown = merbridge_py("exec", "--name", name, "n0p0", "--", "ip", "addr", "show", "eth0")
+        assert shown.returncode == 0 and shown.stdout.count(pod["ip"]) == 1
         other = doc["pods"][2]["ip"]
-        out = sandbox.sh(sys.executable, "-m", "merbridge_py.testbed.client", "--host", other, "--port", "8080",
-                         netns=pod["netns"])
-        assert json.loads(out)["results"][0]["body"]["pod"] == "n1p0"
+        out = merbridge_py("exec", "--name", name, "n0p0", "--", sys.executable, "-m", "merbridge_py.testbed.client",
+                           "--host", other, "--port", "8080")
+        assert json.loads(out.stdout)["results"][0]["body"]["pod"] == "n1p0"
+        failed = merbridge_py("exec", "--name", name, "n0p0", "--", "sh", "-c", "exit 3")
+        assert failed.returncode == 3                  # the command's own exit status
+        unknown = merbridge_py("exec", "--name", name, "nosuchpod", "--", "true")
+        assert unknown.returncode != 0 and "no pod 'nosuchpod'" in unknown.stderr
 
         status = json.loads(merbridge_py("status", "--name", name).stdout)
         assert status["mode"] == "iptables"
@@ -160,3 +165,23 @@ def test_command_line():
         assert merbridge_py("status", "--name", name).returncode != 0
     finally:
         merbridge_py("down", "--name", name)
+
+
+def test_exec_runs_inside_the_pods_cgroup():
+    """`testbed exec` is where a pod's container runs: in the pod's network
+    namespace AND its cgroup, so in ebpf mode its connection is redirected in
+    the kernel and Istio's ISTIO_REDIRECT rule stays flat. `ip netns exec`
+    alone runs outside the cgroup: the same request silently takes iptables."""
+    name = unique("x")
+    with Testbed.up(name, nodes=1, pods=[PodSpec("p"), PodSpec("q")], mode="ebpf", mtls="strict") as tb:
+        p, q = tb.pod("p"), tb.pod("q")
+        client = [sys.executable, "-m", "merbridge_py.testbed.client", "--host", q.ip, "--port", "8080"]
+        own = merbridge_py("exec", "--name", name, "p", "--", "cat", "/proc/self/cgroup")
+        assert own.stdout.strip().endswith(f"/mbp-{name}/node0/p")
+        before = tb.nat_counters(p)["ISTIO_REDIRECT"]
+        out = merbridge_py("exec", "--name", name, "p", "--", *client)
+        assert json.loads(out.stdout)["results"][0]["body"]["peer"].startswith("127.0.0.6:")
+        assert tb.nat_counters(p)["ISTIO_REDIRECT"] == before
+        out = sandbox.sh("ip", "netns", "exec", p.netns, *client)
+        assert json.loads(out)["results"][0]["body"]["peer"].startswith("127.0.0.6:")
+        assert tb.nat_counters(p)["ISTIO_REDIRECT"] == before + 1

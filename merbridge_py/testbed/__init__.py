@@ -1,5 +1,5 @@
 """A simulated Istio node on this kernel: network namespaces for nodes and
-pods, Istio's own nat rules, HAProxy sidecars, a small app per pod, and
+pods, Istio's own nat rules, Envoy sidecars with mTLS (or HAProxy), a small app per pod, and
 optionally one merbridge-py agent per node. See docs/testbed.md.
 
 `Testbed` is imported lazily so that `python -m merbridge_py.testbed.app`

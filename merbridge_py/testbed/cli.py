@@ -7,17 +7,18 @@ import sys
 
 import click
 
+from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MODES, MTLS_MODES, PROXIES
+
 EXAMPLES = """
 \b
 examples:
-  merbridge-py testbed up --nodes 2 --pods-per-node 2 --mode iptables
-  ip netns exec mbp-tb-pod-n0p0 curl -s 10.200.1.10:8080/whoami   # pod n1p0
+  merbridge-py testbed up --nodes 2 --pods-per-node 2 --mode iptables --mtls strict
+  merbridge-py testbed exec n0p0 -- curl -s 10.200.1.10:8080/whoami   # from pod n0p0 to n1p0
   merbridge-py testbed mode ebpf            # + one merbridge-py agent per node
+  merbridge-py testbed up --name hp --proxy haproxy   # HAProxy sidecars instead of Envoy
   merbridge-py testbed status
   merbridge-py testbed down                 # or: down --all, for every leftover
 """
-
-MODES = ("nomesh", "iptables", "ebpf")
 
 
 def _emit(data) -> None:
@@ -26,8 +27,9 @@ def _emit(data) -> None:
 
 @click.group(epilog=EXAMPLES)
 def testbed():
-    """A simulated Istio node: pods in network namespaces, Istio's nat rules,
-    HAProxy sidecars, and (mode ebpf) the merbridge-py agent. See docs/testbed.md."""
+    """A simulated Istio node: pods in network namespaces and cgroups, Istio's
+    nat rules, Envoy sidecars with mTLS, and (mode ebpf) the merbridge-py
+    agent. See docs/testbed.md."""
 
 
 @testbed.command(epilog=EXAMPLES)
@@ -37,21 +39,29 @@ def testbed():
 @click.option("--plain-per-node", type=click.IntRange(0, 200), default=0, show_default=True,
               help="How many pods of each node have no sidecar.")
 @click.option("--mode", type=click.Choice(MODES), default="iptables", show_default=True)
-@click.option("--sidecar-log", is_flag=True, help="Sidecars log every forwarded connection (original destination).")
+@click.option("--proxy", type=click.Choice(PROXIES), default="envoy", show_default=True,
+              help="The sidecar: Envoy, configured as istiod configures it, or HAProxy (plain forwarding, no mTLS).")
+@click.option("--mtls", type=click.Choice(MTLS_MODES), default=DEFAULT_MTLS, show_default=True,
+              help="Envoy's peer authentication: strict (mTLS only), permissive (Istio's default: mTLS between "
+                   "sidecars, plain text accepted too) or off.")
+@click.option("--envoy-workers", type=click.IntRange(1, 64), default=DEFAULT_ENVOY_WORKERS, show_default=True,
+              help="Envoy's --concurrency (Istio's sidecar default is 2).")
+@click.option("--sidecar-log", is_flag=True,
+              help="HAProxy sidecars log every forwarded connection (original destination).")
 @click.option("--app", type=click.Choice(["python", "nginx"]), default="python", show_default=True,
               help="The pods' HTTP server: python (every test endpoint) or nginx (for benchmarks).")
 @click.option("--http-port", "http_ports", type=click.IntRange(1, 65535), multiple=True,
               help="A port the sidecars proxy as HTTP with pooled upstream connections, as Envoy does for a "
                    "Service port declared HTTP (repeatable). Other ports are plain TCP.")
-def up(name, nodes, pods_per_node, plain_per_node, mode, sidecar_log, app, http_ports):
+def up(name, nodes, pods_per_node, plain_per_node, mode, proxy, mtls, envoy_workers, sidecar_log, app, http_ports):
     """Create a test bed and print its pods as JSON."""
     from .testbed import Testbed, TestbedError
     if plain_per_node > pods_per_node:
         raise click.BadParameter("cannot exceed --pods-per-node", param_hint="--plain-per-node")
     try:
         tb = Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, plain_per_node=plain_per_node,
-                        mode=mode, sidecar_log=sidecar_log, app=app,
-                        http_ports=tuple(http_ports))
+                        mode=mode, sidecar_log=sidecar_log, app=app, http_ports=tuple(http_ports),
+                        proxy=proxy, mtls=mtls, envoy_workers=envoy_workers)
     except (TestbedError, ValueError) as e:
         raise click.ClickException(str(e))
     _emit(tb.summary())
@@ -105,3 +115,24 @@ def down(name, everything):
     if failed:
         click.echo("\n".join(failed), err=True)
         sys.exit(1)
+
+
+@testbed.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.option("--name", default="tb", show_default=True)
+@click.argument("pod")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(name, pod, command):
+    """Run COMMAND inside POD's network namespace and cgroup, as a container
+    of the pod would run (`ip netns exec` alone would leave it outside the
+    cgroup, where the eBPF programs never see it). Exits with its status."""
+    from .testbed import Testbed, TestbedError
+    try:
+        tb = Testbed.attach(name)
+        proc = tb.exec(pod, list(command))
+    except (TestbedError, KeyError) as e:
+        raise click.ClickException(str(e).strip('"'))
+    try:
+        status = proc.wait()
+    except KeyboardInterrupt:   # the command got the same SIGINT (same process group): let it finish
+        status = proc.wait()
+    sys.exit(status)

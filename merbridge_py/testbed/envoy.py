@@ -44,11 +44,10 @@ from .. import sandbox
 from ..mesh import ISTIO, MeshProfile
 from . import istio_iptables, pki
 from .kube import NAMESPACE
+from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MTLS_MODES
+from .sidecar import Sidecar
 from .topology import Pod
 
-MTLS_MODES = ("strict", "permissive", "off")
-DEFAULT_MTLS = "permissive"     # Istio's default PeerAuthentication; auto-mTLS still makes sidecars speak mTLS
-DEFAULT_WORKERS = 2             # Istio's sidecar default (proxy.istio.io/config concurrency: 2)
 HEALTH_PORT = 15021
 LISTENERS = ("outbound", "inbound", "health")
 # Istio's ALPN values (pilot/pkg/networking/util): what an outbound cluster to
@@ -139,13 +138,13 @@ def _listener(name: str, ip: str, port: int, **fields) -> dict:
     return {"name": name, "address": {"socket_address": {"address": ip, "port_value": port}}, **fields}
 
 
-class EnvoySidecar:
+class EnvoySidecar(Sidecar):
     """Envoy for pod `pod` of a bed whose pods are `pods` (every pod is the one
     endpoint of its Service). Files live in `<workdir>/<pod>.envoy/`, owned
     by the proxy's uid: config, admin socket, certificate and key."""
 
     def __init__(self, workdir: Path, pod: Pod, pods: list[Pod], http_ports: tuple[int, ...] = (),
-                 mtls: str = DEFAULT_MTLS, workers: int = DEFAULT_WORKERS, profile: MeshProfile = ISTIO):
+                 mtls: str = DEFAULT_MTLS, workers: int = DEFAULT_ENVOY_WORKERS, profile: MeshProfile = ISTIO):
         self.workdir = Path(workdir)
         self.pod = pod
         self.pods = pods
@@ -197,7 +196,8 @@ class EnvoySidecar:
                       "routes": [_route_to(f"outbound|{port}||{service_host(dst)}")]}
                      for dst, p in self._destinations() if p == port]
             hosts.append({"name": "allow_any", "domains": ["*"], "routes": [_route_to("PassthroughCluster")]})
-            listeners.append(_listener(f"0.0.0.0_{port}", "0.0.0.0", port, bind_to_port=False, traffic_direction="OUTBOUND",
+            listeners.append(_listener(f"0.0.0.0_{port}", "0.0.0.0", port, bind_to_port=False,
+                                       traffic_direction="OUTBOUND",
                                        filter_chains=[{"filters": [_http_manager(f"outbound_0.0.0.0_{port}", hosts)]}]))
         for dst, port in self._destinations():
             if port in self.http_ports:
@@ -263,7 +263,8 @@ class EnvoySidecar:
     def _health(self) -> dict:
         ready = [{"name": "ready", "domains": ["*"],
                   "routes": [{"match": {"prefix": "/healthz/ready"}, "direct_response": {"status": 200}}]}]
-        return _listener("health", "0.0.0.0", HEALTH_PORT, filter_chains=[{"filters": [_http_manager("health", ready)]}])
+        return _listener("health", "0.0.0.0", HEALTH_PORT,
+                         filter_chains=[{"filters": [_http_manager("health", ready)]}])
 
     def config(self) -> dict:
         p = self.profile
@@ -356,7 +357,8 @@ class EnvoySidecar:
         """TLS handshakes completed: "outbound" as a client (sum over the
         outbound clusters), "inbound" as a server on virtualInbound."""
         stats = self.stats() if stats is None else stats
-        outbound = sum(v for k, v in stats.items() if k.startswith("cluster.outbound|") and k.endswith(".ssl.handshake"))
+        outbound = sum(v for k, v in stats.items()
+                       if k.startswith("cluster.outbound|") and k.endswith(".ssl.handshake"))
         inbound = stats.get(f"listener.0.0.0.0_{self.profile.inbound_port}.ssl.handshake", 0)
         return {"outbound": outbound, "inbound": inbound}
 

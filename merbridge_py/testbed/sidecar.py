@@ -1,5 +1,6 @@
-"""The sidecar proxy of a meshed test-bed pod, behind a small interface so a
-real Envoy can take HAProxy's place where a user has one.
+"""The sidecar proxy of a meshed test-bed pod, behind a small interface:
+Envoy (envoy.py, the default, as Istio runs it) or HAProxy (here: a second,
+independent proxy showing the datapath does not depend on one proxy).
 
 What a sidecar must do here (what Istio's Envoy does for plain TCP):
   15001 outbound: accept connections redirected to it and forward each to
@@ -57,11 +58,6 @@ class Sidecar(abc.ABC):
     @abc.abstractmethod
     def connection_counts(self) -> dict[str, int]:
         """Connections accepted so far per listener: {"outbound", "inbound", "health"}."""
-
-    @abc.abstractmethod
-    def connections(self) -> list[ProxiedConnection]:
-        """Every forwarded connection with its original destination (empty
-        unless the sidecar was created with connection logging on)."""
 
 
 class HAProxySidecar(Sidecar):
@@ -206,6 +202,8 @@ backend {side}_http
         return counts
 
     def connections(self) -> list[ProxiedConnection]:
+        """Every forwarded connection with its original destination (empty
+        unless the sidecar was created with connection logging on)."""
         if not self.log_connections or not self.log_path.exists():
             return []
         result = []

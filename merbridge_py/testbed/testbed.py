@@ -29,13 +29,12 @@ from .. import sandbox
 from . import envoy, istio_iptables, kube, nginx_app, pki, state, topology
 from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
 from .envoy import EnvoySidecar
+from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MODES, PROXIES
 from .sidecar import HAProxySidecar, ProxiedConnection
 from .state import ProcessRecord
 from .topology import Node, Pod, PodSpec
 
-MODES = ("nomesh", "iptables", "ebpf")
 APPS = ("python", "nginx")
-PROXIES = ("envoy", "haproxy")
 APP_START_TIMEOUT = 20.0
 SIDECAR_START_TIMEOUT = 30.0   # Envoys of every pod start at once on 2 busy cores
 AGENT_START_TIMEOUT = 90.0     # bcc compiles the programs at start: seconds on 2 busy cores
@@ -68,7 +67,7 @@ class Testbed:
     def __init__(self, name: str, nodes: list[Node], pods: list[Pod], fabric: str, slot: int, mode: str = "nomesh",
                  sidecar_log: bool = False, processes: list[ProcessRecord] | None = None,
                  agents: dict[str, str] | None = None, app: str = "python", http_ports: tuple[int, ...] = (),
-                 proxy: str = "envoy", mtls: str = envoy.DEFAULT_MTLS, envoy_workers: int = envoy.DEFAULT_WORKERS):
+                 proxy: str = "envoy", mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS):
         self.name = name
         self.slot = slot
         self.nodes = nodes
@@ -93,7 +92,7 @@ class Testbed:
     def up(cls, name: str = "tb", nodes: int = 2, pods_per_node: int = 2, mode: str = "iptables",
            pods: list[PodSpec] | None = None, plain_per_node: int = 0, sidecar_log: bool = False,
            app: str = "python", http_ports: tuple[int, ...] = (), proxy: str = "envoy",
-           mtls: str = envoy.DEFAULT_MTLS, envoy_workers: int = envoy.DEFAULT_WORKERS) -> "Testbed":
+           mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS) -> "Testbed":
         """Create the bed and start it in `mode`. `pods` replaces the default
         n<node>p<i> pods (all meshed, except the last `plain_per_node` per node).
         `app` is the pods' HTTP server: "python" (every endpoint, for tests) or
@@ -114,8 +113,10 @@ class Testbed:
         if proxy not in PROXIES:
             raise ValueError(f"proxy {proxy!r}: one of {', '.join(PROXIES)}")
         envoy.check_mtls(mtls)
-        if proxy == "haproxy" and mtls != "off":
-            mtls = "off"    # HAProxy forwards bytes as they come: no mesh identities
+        if proxy == "haproxy":
+            if mtls == "strict":
+                raise ValueError("mtls 'strict' needs proxy='envoy': HAProxy sidecars forward plain bytes")
+            mtls = "off"
         if sidecar_log and proxy != "haproxy":
             raise ValueError("sidecar_log needs proxy='haproxy'; Envoy's witness is its stats (sidecar_stats)")
         if not (isinstance(envoy_workers, int) and 1 <= envoy_workers <= 64):
@@ -160,7 +161,7 @@ class Testbed:
                    processes=[ProcessRecord(**p) for p in data["processes"]], agents=data["agents"],
                    app=data.get("app", "python"), http_ports=tuple(data.get("http_ports", ())),
                    proxy=data.get("proxy", "haproxy"), mtls=data.get("mtls", "off"),
-                   envoy_workers=data.get("envoy_workers", envoy.DEFAULT_WORKERS))
+                   envoy_workers=data.get("envoy_workers", DEFAULT_ENVOY_WORKERS))
 
     def down(self) -> None:
         """Stop everything and remove every resource; safe to call twice."""
