@@ -158,13 +158,14 @@ def test_the_recorded_command_reproduces_the_profile():
                            (False, _profile(False, 2, 1, 0, ["ebpf"], ("keepalive:1,4 bulk",), ["same-node"]))):
         for sidecar, proxy, mtls, workers in (("http", "envoy", "strict", 2), ("tcp", "envoy", "off", 1),
                                               ("http", "envoy", "permissive", 4), ("http", "haproxy", "off", 2)):
-            argv = shlex.split(reproduce_command(profile, quick, sidecar, proxy, mtls, workers))[2:]
+            rate = 1000 if proxy == "envoy" else 300
+            argv = shlex.split(reproduce_command(profile, quick, sidecar, proxy, mtls, workers, rate))[2:]
             ctx = bench.make_context("bench", argv)
             p = ctx.params
             again = _profile(p["quick"], p["rounds"], p["duration"], p["warmup"], _split(p["modes"]),
                              p["load_specs"], _split(p["paths"]))
             assert again == profile and p["sidecar"] == sidecar
-            assert (p["proxy"], p["mtls"]) == (proxy, mtls)
+            assert (p["proxy"], p["mtls"], p["fixedrate_rps"]) == (proxy, mtls, rate)
             # the worker count is Envoy's; with HAProxy the option is left at its default
             assert p["envoy_workers"] == (workers if proxy == "envoy" else 2)
     # a bed's default mTLS not known: the command leaves the choice to the bed again

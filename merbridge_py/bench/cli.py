@@ -78,13 +78,15 @@ def _split(value: str | None) -> list[str] | None:
               help="Sidecar-to-sidecar mutual TLS (Envoy only) [the test bed's default: Istio's, permissive].")
 @click.option("--envoy-workers", type=click.IntRange(min=1, max=64), default=DEFAULT_ENVOY_WORKERS,
               show_default=True, help="Envoy worker threads per sidecar (Istio's default is 2).")
+@click.option("--fixedrate-rps", type=click.IntRange(min=1), default=loads.FIXEDRATE_RPS, show_default=True,
+              help="Total requests/s of the fixedrate load (Istio's method uses 1000).")
 @click.option("--sidecar", type=click.Choice(["http", "tcp"]), default="http", show_default=True,
               help="How the sidecars proxy the HTTP loads' port: http (per request, reusing pooled upstream "
                    "connections, as Envoy does for a port Istio knows is HTTP) or tcp (one upstream connection "
                    "per client connection, as Envoy does for an opaque TCP port).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, proxy, mtls, envoy_workers,
-          sidecar, no_plots):
+          fixedrate_rps, sidecar, no_plots):
     """Benchmark the sidecar data path in every mode on a fresh test bed.
 
     Brings up a test bed (2 nodes × 2 pods, Envoy or HAProxy sidecars, Istio's rules),
@@ -110,12 +112,12 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
     with bedmod.testbed(name, mode=profile.modes[0], http_ports=http_ports, proxy=proxy, mtls=mtls,
                         envoy_workers=envoy_workers if proxy == "envoy" else None) as bed:
         mtls = bed.mtls
-        command = reproduce_command(profile, quick, sidecar, proxy, mtls, envoy_workers)
+        command = reproduce_command(profile, quick, sidecar, proxy, mtls, envoy_workers, fixedrate_rps)
         click.echo(f"test bed {name} is up; {len(steps)} steps, about "
                    f"{format_duration(sum(s.weight for s in steps))} of planned work", err=True)
         bar = Progress(steps)
         try:
-            outcome = runner.run(bed, profile, progress=bar)
+            outcome = runner.run(bed, profile, progress=bar, fixedrate_rps=fixedrate_rps)
         finally:
             bar.close()
         load_after = machine.load_average()
@@ -135,7 +137,7 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
               # since the sidecars last started (the last round's iptables and ebpf blocks)
               "tls_handshakes_last_round": handshakes,
               "envoy_workers": envoy_workers if proxy == "envoy" else None,
-              "fixedrate": {"rps": loads.FIXEDRATE_RPS, "payload_bytes": loads.FIXEDRATE_PAYLOAD_BYTES},
+              "fixedrate": {"rps": fixedrate_rps, "payload_bytes": loads.FIXEDRATE_PAYLOAD_BYTES},
               "loadavg_before": load_before, "loadavg_after": load_after,
               "started_at": started_at, "elapsed_s": time.monotonic() - started}
     doc = results.build(machine_info, config, outcome.rows, outcome.warmup_failures)
@@ -154,7 +156,8 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
 
 
 def reproduce_command(profile: runner.Profile, quick: bool, sidecar: str = "http", proxy: str = "envoy",
-                      mtls: str | None = None, envoy_workers: int = DEFAULT_ENVOY_WORKERS) -> str:
+                      mtls: str | None = None, envoy_workers: int = DEFAULT_ENVOY_WORKERS,
+                      fixedrate_rps: int = loads.FIXEDRATE_RPS) -> str:
     """The command line that runs exactly this profile again, whatever
     defaults were filled in (pass the bed's actual mTLS mode). Cases other
     than the profile's own always come from --loads x --paths, so those two
@@ -168,6 +171,8 @@ def reproduce_command(profile: runner.Profile, quick: bool, sidecar: str = "http
         argv += ["--envoy-workers", str(envoy_workers)]
     if sidecar != "http":
         argv += ["--sidecar", sidecar]
+    if fixedrate_rps != loads.FIXEDRATE_RPS:
+        argv += ["--fixedrate-rps", str(fixedrate_rps)]
     base = runner.quick_profile() if quick else runner.full_profile()
     if profile.cases != base.cases:
         specs: dict[str, list[int]] = {}

@@ -130,6 +130,7 @@ class WrkScripts:
     """Paths of the two wrk scripts, as files every pod can read."""
     report: str       # WRK_REPORT_LUA: keepalive and newconn
     fixedrate: str    # WRK_FIXEDRATE_LUA
+    fixedrate_rps: int = FIXEDRATE_RPS
 
 
 class LoadFailed(RuntimeError):

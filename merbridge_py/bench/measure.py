@@ -124,7 +124,8 @@ def _server(load: str, server: BenchPod) -> tuple[list[str] | None, int]:
 
 def _client(load: str, ip: str, connections: int, duration_s: int, wrk_scripts: loads.WrkScripts) -> list[str]:
     if load == loads.FIXEDRATE:
-        return loads.wrk_fixedrate_argv(ip, connections, duration_s, wrk_scripts.fixedrate)
+        return loads.wrk_fixedrate_argv(ip, connections, duration_s, wrk_scripts.fixedrate,
+                                        rps=wrk_scripts.fixedrate_rps)
     if load in (loads.KEEPALIVE, loads.NEWCONN):
         return loads.wrk_argv(ip, connections, duration_s, wrk_scripts.report,
                               new_connection=load == loads.NEWCONN)

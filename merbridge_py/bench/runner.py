@@ -125,7 +125,7 @@ class Outcome:
 
 
 def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
-        measure_fn: Measure = measure) -> Outcome:
+        measure_fn: Measure = measure, fixedrate_rps: int = loads.FIXEDRATE_RPS) -> Outcome:
     """Execute the plan. A measurement that fails becomes a row with ok=false
     and its error; the benchmark goes on, because a mode that breaks under one
     load is a finding, and the other measurements are still worth having."""
@@ -133,7 +133,7 @@ def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
     outcome = Outcome(pods={path: {"client": p.client.name, "client_ip": p.client.ip, "server": p.server.name,
                                    "server_ip": p.server.ip} for path, p in pairs.items()})
     block_error: str | None = None
-    with _wrk_scripts() as script:
+    with _wrk_scripts(fixedrate_rps) as script:
         for step in plan(profile):
             if step.kind == "mode":
                 block_error = _enter_mode(bed, step.mode)
@@ -199,7 +199,7 @@ def _row(step: Step, profile: Profile, started: str | None = None, m: Measuremen
 
 
 @contextlib.contextmanager
-def _wrk_scripts() -> Iterator[loads.WrkScripts]:
+def _wrk_scripts(fixedrate_rps: int = loads.FIXEDRATE_RPS) -> Iterator[loads.WrkScripts]:
     """The wrk scripts as files every pod can read: namespaces share the file
     system, only the network is private."""
     with tempfile.TemporaryDirectory(prefix="mbp-bench-") as tmp:
@@ -209,5 +209,5 @@ def _wrk_scripts() -> Iterator[loads.WrkScripts]:
             paths[name] = os.path.join(tmp, f"{name}.lua")
             with open(paths[name], "w") as f:
                 f.write(text)
-        yield loads.WrkScripts(**paths)
+        yield loads.WrkScripts(**paths, fixedrate_rps=fixedrate_rps)
 
