@@ -48,14 +48,17 @@ IPERF3_PORT = 5201
 # histogram (the default report rounds them to 2-3 significant digits) and the
 # raw counters, in one line the parser can find among wrk's report.
 WRK_REPORT_LUA = """\
+-- more fields for the result line; the fixed-rate script adds its own
+function report_extra() return "" end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     "mbp-wrk requests=%d duration_us=%d bytes=%d connect=%d read=%d write=%d status=%d timeout=%d"
-    .. " p50_us=%d p90_us=%d p99_us=%d\\n",
+    .. " p50_us=%d p90_us=%d p99_us=%d%s\\n",
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), report_extra()))
 end
 """
 
@@ -74,7 +77,8 @@ end
 # therefore counts slots that were already past when claimed (`late=`); with
 # late=0 the schedule held and nothing was omitted.
 # LuaJIT's ffi gives a monotonic microsecond clock (os.clock is CPU time).
-WRK_FIXEDRATE_LUA = """local ffi = require("ffi")
+WRK_FIXEDRATE_LUA = WRK_REPORT_LUA + """\
+local ffi = require("ffi")
 ffi.cdef[[
 typedef struct { long tv_sec; long tv_nsec; } mbp_timespec;
 int clock_gettime(int clk, mbp_timespec *tp);
@@ -111,16 +115,10 @@ function setup(thread)
   table.insert(threads, thread)
 end
 
-done = function(summary, latency, requests)
+function report_extra()
   local behind = 0
   for _, t in ipairs(threads) do behind = behind + t:get("late") end
-  local e = summary.errors
-  io.write(string.format(
-    "mbp-wrk requests=%d duration_us=%d bytes=%d connect=%d read=%d write=%d status=%d timeout=%d"
-    .. " p50_us=%d p90_us=%d p99_us=%d late=%d\\n",
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), behind))
+  return string.format(" late=%d", behind)
 end
 """
 
