@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .. import sandbox
+from ..testbed.options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MTLS_MODES, PROXIES
 
 SAME_NODE = "same-node"
 CROSS_NODE = "cross-node"
@@ -140,10 +141,11 @@ class TestbedBed:
 def add_sidecar_options(parser) -> None:
     """The sidecar options of `merbridge-py bench`, for the profilers in
     benchmarks/ (argparse), so they run on the same sidecars as the bench."""
-    parser.add_argument("--proxy", choices=("envoy", "haproxy"), default="envoy")
-    parser.add_argument("--mtls", choices=("strict", "permissive", "off"), default=None,
-                        help="[the test bed's default: Istio's, permissive]")
-    parser.add_argument("--envoy-workers", type=int, default=2, help="Envoy worker threads (Istio's default 2)")
+    parser.add_argument("--proxy", choices=PROXIES, default="envoy")
+    parser.add_argument("--mtls", choices=MTLS_MODES, default=None,
+                        help=f"[the test bed's default: Istio's, {DEFAULT_MTLS}]")
+    parser.add_argument("--envoy-workers", type=int, default=DEFAULT_ENVOY_WORKERS,
+                        help=f"Envoy worker threads (Istio's default {DEFAULT_ENVOY_WORKERS})")
     parser.add_argument("--path", choices=PATHS, default=SAME_NODE,
                         help="client and server pod on one node, or on two")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ..testbed.options import DEFAULT_ENVOY_WORKERS, MTLS_MODES, PROXIES
 from . import bed as bedmod
 from . import loads, machine, report, results, runner, schema
 from .progress import Progress, format_duration
@@ -25,10 +26,6 @@ examples:
 """
 
 
-PROXIES = ("envoy", "haproxy")
-MTLS_MODES = ("strict", "permissive", "off")
-# Istio's sidecar default (concurrency 2); see --envoy-workers.
-DEFAULT_ENVOY_WORKERS = 2
 
 
 def sidecar_how(sidecar: str, proxy: str) -> str:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import jsonschema
 
+from ..testbed.options import MTLS_MODES, PROXIES
 from .bed import MODES, PATHS
 from .loads import LOADS
-
-PROXIES = ("envoy", "haproxy")
-MTLS_MODES = ("strict", "permissive", "off")
 
 _NUM = {"type": "number"}
 _NUM_OR_NULL = {"type": ["number", "null"]}
