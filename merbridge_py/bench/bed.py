@@ -163,7 +163,11 @@ def sidecar_kwargs(args) -> dict:
 def profiler_pair(tb, path: str) -> tuple:
     """(client pod, server pod) of a test bed for `path`: the same pods
     merbridge-py bench picks (pick_paths), as the bed's own Pod objects."""
-    pair = pick_paths(TestbedBed(tb).pods)[path]
+    pods = TestbedBed(tb).pods
+    if path == SAME_NODE and len({p.node for p in pods}) == 1:
+        meshed = [p for p in pods if p.meshed]     # a one-node bed has no cross-node pair to pick
+        return tb.pod(meshed[0].name), tb.pod(meshed[1].name)
+    pair = pick_paths(pods)[path]
     return tb.pod(pair.client.name), tb.pod(pair.server.name)
 
 
