@@ -133,7 +133,9 @@ class SimNode:
                 str(self.pods_file), "--bpffs", str(self.bpffs), "--node-name", "node1",
                 "--inbound-redirect", "ebpf", *extra]
 
-    def start_agent(self, *extra: str, timeout: float = 30) -> None:
+    def start_agent(self, *extra: str, timeout: float = 90) -> None:
+        # 90 s as the test bed waits: bcc compiles at start, which took over
+        # 30 s on 2 cores shared with other agents compiling.
         self.agent_port = _free_port()
         self.agent = subprocess.Popen(self.agent_argv("--metrics-addr", f"127.0.0.1:{self.agent_port}", *extra),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
