@@ -204,11 +204,14 @@ def test_datapath_counters_are_the_increase_per_node_role():
     cross = PodPair(PODS[0], PODS[2])
     assert node_role("node0", cross) == "client node" and node_role("node1", cross) == "server node"
     assert node_role("node0", PodPair(PODS[0], PODS[1])) == "client and server node"
-    before = {"node0": {"merbridge_spliced_messages_total": 10.0, "merbridge_spliced_messages_created": 1.0},
+    skipped = 'merbridge_splice_skipped_total{reason="short_lived"}'
+    before = {"node0": {"merbridge_spliced_messages_total": 10.0, "merbridge_spliced_messages_created": 1.0,
+                        skipped: 3.0},
               "node1": {"merbridge_sockhash_inserts_total": 5.0}}
-    after = {"node0": {"merbridge_spliced_messages_total": 410.0, "merbridge_spliced_messages_created": 1.0},
+    after = {"node0": {"merbridge_spliced_messages_total": 410.0, "merbridge_spliced_messages_created": 2.0,
+                       skipped: 7.0},
              "node1": {"merbridge_sockhash_inserts_total": 5.0, "merbridge_splice_misses_total": 2.0}}
-    # only counters that grew; a counter new in `after` grew from 0
+    # only counters that grew, labelled ones too; a counter new in `after` grew from 0
     assert counter_increase(before, after, cross) == {
-        "client node": {"merbridge_spliced_messages_total": 400.0},
+        "client node": {"merbridge_spliced_messages_total": 400.0, skipped: 4.0},
         "server node": {"merbridge_splice_misses_total": 2.0}}

@@ -106,8 +106,9 @@ def counter_increase(before: dict[str, dict[str, float]], after: dict[str, dict[
         role = node_role(node, pair)
         if role is None or node not in before:
             continue
+        # counters only (`name_total`, labels or not), not their `_created` timestamps
         grew = {k: v - before[node].get(k, 0.0) for k, v in values.items()
-                if k.endswith("_total") and v - before[node].get(k, 0.0) > 0}
+                if k.split("{")[0].endswith("_total") and v - before[node].get(k, 0.0) > 0}
         out[role] = grew
     return out
 
