@@ -54,7 +54,8 @@ def synthetic_rows():
                  row(r, "iptables", "same-node", "fixedrate", 16, 300.0 + r, 700.0, 1000.0),
                  row(r, "ebpf", "same-node", "fixedrate", 16, 250.0 + r, 500.0, 1000.0)]
         # cross-node: eBPF's p50 half again iptables' (noise 10/210), same p99 and rate
-        spliced = {"client node": {"merbridge_spliced_messages_total": 4000.0},
+        spliced = {"client node": {"merbridge_spliced_messages_total": 4000.0,
+                                   'merbridge_redirects_total{direction="outbound"}': 2.0},
                    "server node": {"merbridge_sockhash_inserts_total": 2.0}}
         rows += [row(r, "iptables", "cross-node", "keepalive", 1, 200.0 + 10 * r, 900.0, 1000.0),
                  row(r, "ebpf", "cross-node", "keepalive", 1, 1.5 * (200.0 + 10 * r), 900.0, 1000.0,
@@ -148,7 +149,8 @@ def test_added_latency_is_istios_overhead_figure(doc):
 def test_datapath_counters_per_request_per_node(doc):
     [client, server] = [d for d in doc["datapath"] if d["path"] == "cross-node"]
     assert client["node"] == "client node" and client["rounds"] == 3
-    assert client["per_request"] == {"merbridge_spliced_messages_total": pytest.approx(2.0)}
+    assert client["per_request"] == {"merbridge_spliced_messages_total": pytest.approx(2.0),
+                                     'merbridge_redirects_total{direction="outbound"}': pytest.approx(0.001)}
     assert server["per_request"] == {"merbridge_sockhash_inserts_total": pytest.approx(0.001)}
 
 
@@ -190,7 +192,11 @@ def test_markdown_reports_targets_failures_and_sysctls(doc):
     assert "permissive: mutual TLS" in md and "1.00/1.50/2.00 before" in md
     assert "| same-node | iptables | 200 | 350 | 500 | 3 |" in md
     assert "| same-node | share eBPF removes | 25% |" in md
-    assert "| cross-node | keepalive | 1 | client node | 0.000 | 0.000 | 2.000 | 0.000 | 0.000 |" in md
+    assert "| cross-node | keepalive | 1 | client node | 0.001 | 0.000 | 2.000 | 0.000 | 0.000 |" in md
+    # a run that kept no labelled counter cannot tell redirects or skips from none
+    unlabelled = [{**d, "per_request": {k: v for k, v in d["per_request"].items() if "{" not in k}}
+                  for d in doc["datapath"]]
+    assert "| client node | not recorded | 0.000 | 2.000 | 0.000 | not recorded |" in report.datapath_table(unlabelled)
     assert "round 2 ebpf same-node keepalive c=16: LoadFailed: boom" in md
     assert "net.ipv4.tcp_max_tw_buckets | 4096 | 0 in 1 namespace | favours iptables" in md
     assert "![latency.png](latency.png)" in md
