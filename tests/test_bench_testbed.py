@@ -38,7 +38,9 @@ def test_tiny_bench_on_the_test_bed(tmp_path):
             assert r["cpu_us"]["sidecars"] == 0, r
         else:
             assert r["cpu_us"]["sidecars"] > 0, r
-        assert r["cpu_us"]["client"] > 0 and r["cpu_us"]["apps"] > 0, r
+        assert r["cpu_us"]["client"] > 0, r
+        # /proc counts CPU in 10 ms ticks: nginx serving 100 requests may not reach one
+        assert r["load"] == "fixedrate" or r["cpu_us"]["apps"] > 0, r
         # node agents run in ebpf mode only; their CPU is counted there
         assert (r["mode"] == "ebpf") or r["cpu_us"]["agents"] == 0, r
         if r["load"] == "bulk":
