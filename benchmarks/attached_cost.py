@@ -1,6 +1,6 @@
 """What having our programs attached costs a connection, apart from what they do.
 
-Brings up a one-node test bed (nginx apps, HAProxy sidecars, Istio's rules)
+Brings up a test bed (nginx apps, Envoy or HAProxy sidecars, Istio's rules)
 and runs wrk with a new connection per request from one pod to the other in
 three variants, interleaved round by round:
 
@@ -16,6 +16,7 @@ Prints requests/s per round and the median of the paired ratios. Run from the
 repository as root:
 
     .venv/bin/python benchmarks/attached_cost.py [--rounds 5] [--seconds 4] [--sidecar tcp|http]
+        [--path same-node|cross-node] [--proxy envoy|haproxy] [--mtls strict|permissive|off] [--envoy-workers N]
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import subprocess
 import sys
 
 from merbridge_py.agent.status import agent_request
+from merbridge_py.bench.bed import CROSS_NODE, add_sidecar_options, profiler_pair, sidecar_kwargs
 from merbridge_py.testbed import Testbed
 
 VARIANTS = ("iptables", "agent-iptables", "ebpf")
 
 
-def run_wrk(tb: Testbed, seconds: int) -> float:
-    src, dst = tb.pods[0], tb.pods[1]
+def run_wrk(tb: Testbed, seconds: int, path: str) -> float:
+    src, dst = profiler_pair(tb, path)
     tb.settle()
     wrk = tb.spawn_in(src.name, ["wrk", "-c4", "-t2", f"-d{seconds}s", "-H", "Connection: close",
                                  f"http://{dst.ip}:8080/"], stdout=subprocess.PIPE, text=True)
@@ -48,7 +50,8 @@ def set_variant(tb: Testbed, variant: str) -> None:
         return
     tb.set_mode("ebpf")
     agent_mode = "iptables" if variant == "agent-iptables" else "ebpf"
-    agent_request(tb.admin_socket(tb.nodes[0]), "/mode", {"mode": agent_mode})
+    for node in tb.nodes:
+        agent_request(tb.admin_socket(node), "/mode", {"mode": agent_mode})
 
 
 def main() -> int:
@@ -58,17 +61,20 @@ def main() -> int:
     ap.add_argument("--sidecar", choices=("tcp", "http"), default="tcp",
                     help="tcp: every leg of a request is a new connection (the case this measures); "
                          "http: pooled upstreams, as Envoy")
+    add_sidecar_options(ap)
     args = ap.parse_args()
     http_ports = (8080,) if args.sidecar == "http" else ()
     rps: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    with Testbed.up(f"attached{os.getpid()}", nodes=1, pods_per_node=2, mode="iptables", app="nginx",
-                    http_ports=http_ports) as tb:
+    nodes = 2 if args.path == CROSS_NODE else 1
+    with Testbed.up(f"attached{os.getpid()}", nodes=nodes, pods_per_node=2, mode="iptables", app="nginx",
+                    http_ports=http_ports, **sidecar_kwargs(args)) as tb:
         for r in range(args.rounds):
             for variant in VARIANTS:
                 set_variant(tb, variant)
-                rps[variant].append(run_wrk(tb, args.seconds))
+                rps[variant].append(run_wrk(tb, args.seconds, args.path))
             print(f"round {r + 1}: " + ", ".join(f"{v} {rps[v][-1]:,.0f}" for v in VARIANTS), file=sys.stderr)
-    print(f"\nnew connection per request, 4 connections, {args.sidecar} sidecars, {args.rounds} rounds")
+    print(f"\n{args.path}, new connection per request, 4 connections, {args.proxy} {args.sidecar} sidecars, "
+          f"mTLS {args.mtls or 'bed default'}, {args.rounds} rounds")
     for v in VARIANTS:
         ratios = [a / b for a, b in zip(rps[v], rps["iptables"])]
         print(f"{v:<16} median {statistics.median(rps[v]):>8,.0f} req/s   "

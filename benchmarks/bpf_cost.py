@@ -1,14 +1,15 @@
 """Where the eBPF datapath spends its time, per request.
 
-Brings up a one-node test bed (nginx apps, HAProxy sidecars, Istio's rules,
-the agent), turns on the kernel's BPF run-time statistics for as long as this
+Brings up a test bed (nginx apps, Envoy or HAProxy sidecars as `merbridge-py
+bench` runs them, Istio's rules, the agents), turns on the kernel's BPF run-time statistics for as long as this
 script holds the file descriptor (bpf(BPF_ENABLE_STATS): nothing is left
 changed), runs wrk from one pod to the other under a load, and prints, for each
 of our programs, how often it ran and how much CPU time it took per request.
 
 Needs root and bpftool (Debian: bpftool). Run from the repository:
 
-    .venv/bin/python benchmarks/bpf_cost.py [--seconds 5] [--sidecar http|tcp]
+    .venv/bin/python benchmarks/bpf_cost.py [--seconds 5] [--sidecar http|tcp] [--path same-node|cross-node]
+        [--proxy envoy|haproxy] [--mtls strict|permissive|off] [--envoy-workers N]
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+from merbridge_py.bench.bed import CROSS_NODE, add_sidecar_options, profiler_pair, sidecar_kwargs
 from merbridge_py.testbed import Testbed
 
 BPF_ENABLE_STATS = 32
@@ -45,10 +48,28 @@ def enable_stats() -> int:
     return fd
 
 
-def program_stats() -> dict[str, tuple[int, int]]:
-    """name -> (run_cnt, run_time_ns), summed over programs of that name."""
+def program_ids(pids: list[int]) -> set[int]:
+    """IDs of the BPF programs these processes hold open (fdinfo's prog_id):
+    this bed's agents' programs, not those of other beds on the machine."""
+    ids = set()
+    for pid in pids:
+        fdinfo = Path(f"/proc/{pid}/fdinfo")
+        for entry in fdinfo.iterdir():
+            try:
+                m = re.search(r"^prog_id:\s+(\d+)$", entry.read_text(), re.MULTILINE)
+            except OSError:
+                continue
+            if m:
+                ids.add(int(m.group(1)))
+    return ids
+
+
+def program_stats(ids: set[int]) -> dict[str, tuple[int, int]]:
+    """name -> (run_cnt, run_time_ns), summed over the programs `ids` of that name."""
     out: dict[str, tuple[int, int]] = {}
     for p in json.loads(subprocess.check_output(["bpftool", "-j", "prog", "show"])):
+        if p.get("id") not in ids:
+            continue
         name = next((prog for prog in PROGRAMS if prog[:NAME_LEN] == p.get("name", "")[:NAME_LEN]), None)
         if name:
             cnt, ns = out.get(name, (0, 0))
@@ -61,20 +82,25 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--sidecar", choices=("http", "tcp"), default="http",
                     help="sidecars proxy port 8080 as HTTP with pooled upstreams (as Envoy) or as plain TCP")
+    add_sidecar_options(ap)
     args = ap.parse_args()
     stats_fd = enable_stats()
     name = f"cost{os.getpid()}"
     try:
         http_ports = (8080,) if args.sidecar == "http" else ()
-        with Testbed.up(name, nodes=1, pods_per_node=2, mode="ebpf", app="nginx", http_ports=http_ports) as tb:
-            src, dst = tb.pods[0], tb.pods[1]
+        nodes = 2 if args.path == CROSS_NODE else 1
+        with Testbed.up(name, nodes=nodes, pods_per_node=2, mode="ebpf", app="nginx", http_ports=http_ports,
+                        **sidecar_kwargs(args)) as tb:
+            src, dst = profiler_pair(tb, args.path)
+            print(f"{args.path}, {tb.proxy} sidecars, mTLS {getattr(tb, 'mtls', 'off')}, {args.sidecar} port 8080")
+            ids = program_ids([r.pid for r in tb.processes if r.role == "agent" and r.alive()])
             for load, flags in LOADS.items():
                 tb.settle()
-                before = program_stats()
+                before = program_stats(ids)
                 p = tb.spawn_in(src.name, ["wrk", *flags, f"-d{args.seconds}s", f"http://{dst.ip}:8080/"],
                                 stdout=subprocess.PIPE, text=True)
                 out, _ = p.communicate()
-                after = program_stats()
+                after = program_stats(ids)
                 requests = int(re.search(r"(\d+) requests in", out).group(1))
                 print(f"\n{load}: {requests} requests")
                 print(f"  {'program':<21} {'runs/request':>12} {'ns/run':>8} {'ns/request':>11}")

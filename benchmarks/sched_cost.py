@@ -1,6 +1,6 @@
 """Where a keep-alive request's wall time goes: running, or waiting for a CPU.
 
-Brings up a test bed (nginx apps, HAProxy sidecars, Istio's rules),
+Brings up a test bed (nginx apps, Envoy or HAProxy sidecars, Istio's rules),
 and for iptables and ebpf mode in turn (interleaved, `--rounds` times) runs
 wrk from one pod to the other and reads the scheduler's own accounting
 (/proc/<pid>/task/<tid>/schedstat: time on a CPU, time runnable but waiting
@@ -15,7 +15,13 @@ than iptables but was not faster (benchmarks/results). A request that costs
 less CPU but waits longer for one points at scheduling, not work. Run from
 the repository as root:
 
-    .venv/bin/python benchmarks/sched_cost.py [--connections 4] [--threads 2] [--rounds 5] [--nodes 2] [--seconds 4] [--sidecar http|tcp]
+    .venv/bin/python benchmarks/sched_cost.py [--connections 4] [--threads 2] [--rounds 5] [--seconds 4]
+        [--sidecar http|tcp] [--path same-node|cross-node] [--proxy envoy|haproxy] [--mtls strict|permissive|off]
+        [--envoy-workers N]
+
+"sidecars run_us" is the sidecars' time on a CPU per request, user and kernel;
+"sidecars user_us" is the user-space part (from /proc/<pid>/stat utime), the
+proxy's own work that no kernel datapath can remove.
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ import time
 from pathlib import Path
 
 from merbridge_py import sandbox
-from merbridge_py.bench.procs import SIDECAR_NAMES
+from merbridge_py.bench.bed import add_sidecar_options, profiler_pair, sidecar_kwargs
+from merbridge_py.bench.procs import SIDECAR_NAMES, cpu_seconds
 from merbridge_py.testbed import Testbed
 
 GROUPS = ("client", "sidecars", "app")
-FIELDS = ("run_us", "wait_us", "slices")
+FIELDS = ("run_us", "wait_us", "slices", "user_us")
 
 
 def schedstat(pid: int) -> tuple[int, int, int]:
@@ -81,18 +88,20 @@ def machine_counters() -> dict[str, int]:
 
 
 def snapshot(pids: dict[int, str]) -> dict[str, list[int]]:
-    sums = {g: [0, 0, 0] for g in GROUPS}
+    sums = {g: [0, 0, 0, 0] for g in GROUPS}
+    user = cpu_seconds(pids, user_only=True)
     for pid, group in pids.items():
         for i, v in enumerate(schedstat(pid)):
             sums[group][i] += v
+        sums[group][3] += int(user.get(pid, 0.0) * 1e9)
     sums["machine"] = machine_counters()
     return sums
 
 
-def measure(tb: Testbed, connections: int, threads: int, seconds: int) -> dict[str, float]:
+def measure(tb: Testbed, connections: int, threads: int, seconds: int, path: str) -> dict[str, float]:
     """One wrk run; per-request figures of the middle of the run (the first
     and last half second left out, so start-up and wind-down do not count)."""
-    src, dst = tb.pods[0], tb.pods[1]
+    src, dst = profiler_pair(tb, path)
     tb.settle()
     wrk = tb.spawn_in(src.name, ["wrk", f"-c{connections}", f"-t{threads}", f"-d{seconds}s",
                                  f"http://{dst.ip}:8080/"], stdout=subprocess.PIPE, text=True)
@@ -116,6 +125,7 @@ def measure(tb: Testbed, connections: int, threads: int, seconds: int) -> dict[s
         result[f"{g}.run_us"] = (after[g][0] - before[g][0]) / 1e3 / requests
         result[f"{g}.wait_us"] = (after[g][1] - before[g][1]) / 1e3 / requests
         result[f"{g}.slices"] = (after[g][2] - before[g][2]) / requests
+        result[f"{g}.user_us"] = (after[g][3] - before[g][3]) / 1e3 / requests
     return result
 
 
@@ -124,24 +134,24 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (the bench uses min(connections, 2))")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--nodes", type=int, default=2, help="test bed nodes (the bench uses 2; traffic stays on node 0)")
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--sidecar", choices=("http", "tcp"), default="http",
                     help="sidecars proxy port 8080 as HTTP with pooled upstreams (as Envoy) or as plain TCP")
+    add_sidecar_options(ap)
     args = ap.parse_args()
     if args.seconds < 2:
         ap.error("--seconds must be at least 2 (the first and last half second are not counted)")
     http_ports = (8080,) if args.sidecar == "http" else ()
     runs: dict[str, list[dict[str, float]]] = {"iptables": [], "ebpf": []}
-    with Testbed.up(f"sched{os.getpid()}", nodes=args.nodes, pods_per_node=2, mode="iptables", app="nginx",
-                    http_ports=http_ports) as tb:
+    with Testbed.up(f"sched{os.getpid()}", nodes=2, pods_per_node=2, mode="iptables", app="nginx",
+                    http_ports=http_ports, **sidecar_kwargs(args)) as tb:
         for r in range(args.rounds):
             for mode in runs:
                 tb.set_mode(mode)
-                runs[mode].append(measure(tb, args.connections, args.threads, args.seconds))
+                runs[mode].append(measure(tb, args.connections, args.threads, args.seconds, args.path))
                 print(f"round {r + 1} {mode}: {runs[mode][-1]['rps']:,.0f} req/s", file=sys.stderr)
-    print(f"\nkeep-alive, {args.connections} connections, {args.threads} wrk threads, {args.sidecar} sidecars; "
-          f"medians of {args.rounds} rounds, per request")
+    print(f"\n{args.path}, keep-alive, {args.connections} connections, {args.threads} wrk threads, {args.proxy} "
+          f"{args.sidecar} sidecars, mTLS {args.mtls or 'bed default'}; medians of {args.rounds} rounds, per request")
     print(f"{'':<10}{'req/s':>10}{'IPIs':>8}{'idle us':>9}"
           + "".join(f"{g + ' ' + f:>20}" for g in GROUPS for f in FIELDS))
     for mode, rows in runs.items():

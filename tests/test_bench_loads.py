@@ -133,3 +133,32 @@ def test_load_specs():
     for bad in ("http:1", "keepalive:x", "keepalive:0", "bulk:4"):
         with pytest.raises(ValueError):
             loads.parse_load_specs([bad])
+
+
+def test_wrk_fixedrate_sample():
+    # recorded: wrk -c 16 -t 2 -d 3s -s <WRK_FIXEDRATE_LUA> ... -- 500 1024 against nginx on loopback
+    r = loads.parse_wrk(sample("wrk_fixedrate.txt"))
+    assert (r.requests, r.p50_us, r.p90_us, r.p99_us) == (3032, 103.0, 355.0, 3964.0)
+    assert r.rps == pytest.approx(1000.2, abs=0.1)
+    # a 23 ms stall in that run left 34 send slots already past when claimed
+    assert r.late_slots == 34 and r.errors == 0
+    # the other wrk loads have no schedule
+    assert loads.parse_wrk(sample("wrk_keepalive.txt")).late_slots is None
+
+
+def test_wrk_fixedrate_command_line_splits_the_rate_over_threads():
+    argv = loads.wrk_fixedrate_argv("10.0.0.2", 16, 5, "/tmp/f.lua")
+    assert argv[:5] == ["wrk", "-c", "16", "-t", "2"] and argv[argv.index("-s") + 1] == "/tmp/f.lua"
+    # Istio's method: 1000 requests/s in total, 1 KB bodies; each of 2 threads paces 500/s
+    assert argv[-4:] == ["http://10.0.0.2:8080/", "--", "500", "1024"]
+    one = loads.wrk_fixedrate_argv("10.0.0.2", 1, 5, "/tmp/f.lua", rps=300, payload_bytes=10)
+    assert one[-2:] == ["300", "10"]
+    assert loads.parse_load_specs(["fixedrate"]) == [("fixedrate", 16)]
+
+
+def test_the_fixedrate_script_paces_and_reports_what_the_parser_reads():
+    text = loads.WRK_FIXEDRATE_LUA
+    assert "function delay()" in text and "CLOCK_MONOTONIC" in text
+    assert "late=%d" in text and 'wrk.method = "POST"' in text
+    # the pacing must not leak into the other wrk loads: their script has no delay()
+    assert "delay" not in loads.WRK_REPORT_LUA

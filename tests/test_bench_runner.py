@@ -35,11 +35,14 @@ def fake_measure(calls, fail=lambda load, mode: False):
     def measure(bed, pair, load, connections, duration_s, script):
         mode = next(e[1] for e in reversed(bed.events) if e[0] == "mode")
         calls.append((mode, pair.server.name, load, connections, duration_s))
-        assert open(script).read() == loads.WRK_REPORT_LUA
+        assert open(script.report).read() == loads.WRK_REPORT_LUA
+        assert open(script.fixedrate).read() == loads.WRK_FIXEDRATE_LUA
         if fail(load, mode):
             raise loads.LoadFailed("no result line")
         return Measurement(loads.LoadResult(duration_s=2.0, requests=200, p50_us=100.0, p90_us=150.0, p99_us=300.0),
-                           {"client": 1000.0, "sidecars": 2000.0, "apps": 1000.0})
+                           {"client": 1000.0, "sidecars": 2000.0, "apps": 1000.0},
+                           cpu_user_us={"client": 600.0, "sidecars": 1200.0, "apps": 200.0},
+                           datapath={"client node": {"merbridge_spliced_messages_total": 400.0}})
     return measure
 
 
@@ -75,6 +78,9 @@ def test_rows_carry_the_measurement():
     assert r["rps"] == pytest.approx(100.0) and r["p99_us"] == 300.0
     assert r["cpu_us_per_req"] == pytest.approx(4000.0 / 200) and r["error"] is None
     assert r["started_at"]
+    # the sidecars' user space, and the kernel time of all: (4000 - 2000) / 200
+    assert r["sidecar_user_us_per_req"] == pytest.approx(6.0) and r["kernel_us_per_req"] == pytest.approx(10.0)
+    assert r["datapath"] == {"client node": {"merbridge_spliced_messages_total": 400.0}}
 
 
 def test_a_failed_run_is_a_row_not_an_abort():
@@ -125,7 +131,7 @@ def test_full_profile_covers_every_load_and_path():
     assert full.rounds >= 5
     assert {(c.load, c.connections) for c in full.cases} == {
         ("keepalive", 1), ("keepalive", 4), ("keepalive", 16), ("keepalive", 64), ("newconn", 4), ("tcp_rr", 1),
-        ("bulk", 1)}
+        ("bulk", 1), ("fixedrate", 16)}
     assert {c.path for c in full.cases} == {"same-node", "cross-node"}
 
 
@@ -150,13 +156,21 @@ def test_the_recorded_command_reproduces_the_profile():
 
     for quick, profile in ((True, runner.quick_profile()), (False, runner.full_profile()),
                            (False, _profile(False, 2, 1, 0, ["ebpf"], ("keepalive:1,4 bulk",), ["same-node"]))):
-        for sidecar in ("http", "tcp"):
-            argv = shlex.split(reproduce_command(profile, quick, sidecar))[2:]
+        for sidecar, proxy, mtls, workers in (("http", "envoy", "strict", 2), ("tcp", "envoy", "off", 1),
+                                              ("http", "envoy", "permissive", 4), ("http", "haproxy", "off", 2)):
+            rate = 1000 if proxy == "envoy" else 300
+            argv = shlex.split(reproduce_command(profile, quick, sidecar, proxy, mtls, workers, rate))[2:]
             ctx = bench.make_context("bench", argv)
             p = ctx.params
             again = _profile(p["quick"], p["rounds"], p["duration"], p["warmup"], _split(p["modes"]),
                              p["load_specs"], _split(p["paths"]))
             assert again == profile and p["sidecar"] == sidecar
+            assert (p["proxy"], p["mtls"], p["fixedrate_rps"]) == (proxy, mtls, rate)
+            # the worker count is Envoy's; with HAProxy the option is left at its default
+            assert p["envoy_workers"] == (workers if proxy == "envoy" else 2)
+    # a bed's default mTLS not known: the command leaves the choice to the bed again
+    argv = shlex.split(reproduce_command(runner.quick_profile(), True))[2:]
+    assert bench.make_context("bench", argv).params["mtls"] is None
 
 
 def test_progress_reports_time_left_from_the_pace_so_far():
@@ -181,3 +195,23 @@ def test_progress_reports_time_left_from_the_pace_so_far():
     bar.close()
     assert tty.getvalue().startswith("\r[######") and tty.getvalue().endswith("\n")
     assert (format_duration(59.4), format_duration(61), format_duration(-3)) == ("59s", "1m01s", "0s")
+
+
+def test_datapath_counters_are_the_increase_per_node_role():
+    from merbridge_py.bench.bed import PodPair
+    from merbridge_py.bench.measure import counter_increase, node_role
+
+    cross = PodPair(PODS[0], PODS[2])
+    assert node_role("node0", cross) == "client node" and node_role("node1", cross) == "server node"
+    assert node_role("node0", PodPair(PODS[0], PODS[1])) == "client and server node"
+    skipped = 'merbridge_splice_skipped_total{reason="short_lived"}'
+    before = {"node0": {"merbridge_spliced_messages_total": 10.0, "merbridge_spliced_messages_created": 1.0,
+                        skipped: 3.0},
+              "node1": {"merbridge_sockhash_inserts_total": 5.0}}
+    after = {"node0": {"merbridge_spliced_messages_total": 410.0, "merbridge_spliced_messages_created": 2.0,
+                       skipped: 7.0},
+             "node1": {"merbridge_sockhash_inserts_total": 5.0, "merbridge_splice_misses_total": 2.0}}
+    # only counters that grew, labelled ones too; a counter new in `after` grew from 0
+    assert counter_increase(before, after, cross) == {
+        "client node": {"merbridge_spliced_messages_total": 400.0, skipped: 4.0},
+        "server node": {"merbridge_splice_misses_total": 2.0}}

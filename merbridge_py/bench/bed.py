@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .. import sandbox
+from ..testbed.options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MTLS_MODES, PROXIES
 
 SAME_NODE = "same-node"
 CROSS_NODE = "cross-node"
@@ -54,6 +55,11 @@ class Bed(Protocol):
         sysctl record."""
         ...
 
+    def datapath_counters(self) -> dict[str, dict[str, float]]:
+        """node -> the counters of its agent's /metrics (ebpf mode; empty in
+        the other modes), to see per node what the datapath did in a run."""
+        ...
+
 
 @dataclass(frozen=True)
 class PodPair:
@@ -92,6 +98,10 @@ class TestbedBed:
 
     def __init__(self, testbed) -> None:
         self._tb = testbed
+        # What the bed actually runs (it fills in its own defaults)
+        self.proxy: str = getattr(testbed, "proxy", "haproxy")
+        self.mtls: str = getattr(testbed, "mtls", "off")
+        self.envoy_workers: int | None = getattr(testbed, "envoy_workers", None) if self.proxy == "envoy" else None
         self.pods = [BenchPod(name=p.name, node=p.node, ip=p.ip, netns=p.netns, meshed=bool(p.meshed),
                               cgroup=Path(p.cgroup)) for p in testbed.pods]
 
@@ -113,19 +123,73 @@ class TestbedBed:
     def namespaces(self) -> list[str]:
         return list(self._tb.namespaces())
 
+    def tls_handshakes(self) -> dict[str, dict[str, int]]:
+        """pod -> TLS handshakes its Envoy completed since it started (as a
+        client: "outbound", as a server: "inbound"): the witness that the
+        sidecar-to-sidecar leg was mutual TLS. Empty without Envoy sidecars."""
+        if self.proxy != "envoy" or self._tb.mode == "nomesh":
+            return {}
+        return {p.name: self._tb.sidecar_tls_handshakes(p.name) for p in self.pods if p.meshed}
+
+    def datapath_counters(self) -> dict[str, dict[str, float]]:
+        if self._tb.mode != "ebpf":
+            return {}
+        return {node.name: {k: v for k, v in self._tb.agent_metrics(node).items() if k.startswith("merbridge_")}
+                for node in self._tb.nodes}
+
+
+def add_sidecar_options(parser) -> None:
+    """The sidecar options of `merbridge-py bench`, for the profilers in
+    benchmarks/ (argparse), so they run on the same sidecars as the bench."""
+    parser.add_argument("--proxy", choices=PROXIES, default="envoy")
+    parser.add_argument("--mtls", choices=MTLS_MODES, default=None,
+                        help=f"[the test bed's default: Istio's, {DEFAULT_MTLS}]")
+    parser.add_argument("--envoy-workers", type=int, default=DEFAULT_ENVOY_WORKERS,
+                        help=f"Envoy worker threads (Istio's default {DEFAULT_ENVOY_WORKERS})")
+    parser.add_argument("--path", choices=PATHS, default=SAME_NODE,
+                        help="client and server pod on one node, or on two")
+
+
+def sidecar_kwargs(args) -> dict:
+    """Testbed.up keyword arguments for the options above."""
+    kwargs = {"proxy": args.proxy}
+    if args.mtls is not None:
+        kwargs["mtls"] = args.mtls
+    if args.proxy == "envoy":
+        kwargs["envoy_workers"] = args.envoy_workers
+    return kwargs
+
+
+def profiler_pair(tb, path: str) -> tuple:
+    """(client pod, server pod) of a test bed for `path`: the same pods
+    merbridge-py bench picks (pick_paths), as the bed's own Pod objects."""
+    pods = TestbedBed(tb).pods
+    if path == SAME_NODE and len({p.node for p in pods}) == 1:
+        meshed = [p for p in pods if p.meshed]     # a one-node bed has no cross-node pair to pick
+        return tb.pod(meshed[0].name), tb.pod(meshed[1].name)
+    pair = pick_paths(pods)[path]
+    return tb.pod(pair.client.name), tb.pod(pair.server.name)
+
 
 @contextlib.contextmanager
 def testbed(name: str, nodes: int = 2, pods_per_node: int = 2, mode: str = "nomesh",
-            app: str = "nginx", http_ports: tuple[int, ...] = ()) -> Iterator[TestbedBed]:
+            app: str = "nginx", http_ports: tuple[int, ...] = (), proxy: str = "envoy",
+            mtls: str | None = None, envoy_workers: int | None = None) -> Iterator[TestbedBed]:
     """Bring a test bed up for the benchmark and always take it down. The pods'
     app is nginx: the Python test app spends hundreds of microseconds of CPU
     per request, which would hide the cost of the mesh being measured.
     `http_ports`: ports the sidecars proxy as HTTP with pooled upstream
-    connections (see merbridge_py.testbed.sidecar)."""
+    connections. `mtls` and `envoy_workers` left None take the bed's own
+    defaults (Istio's), which the returned bed reports."""
     try:
         from ..testbed import Testbed
     except ImportError as e:
         raise RuntimeError(f"the test bed (merbridge_py.testbed) is not available: {e}") from e
+    sidecar = {"proxy": proxy}
+    if mtls is not None:
+        sidecar["mtls"] = mtls
+    if envoy_workers is not None:
+        sidecar["envoy_workers"] = envoy_workers
     with Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, mode=mode, app=app,
-                    http_ports=http_ports) as tb:
+                    http_ports=http_ports, **sidecar) as tb:
         yield TestbedBed(tb)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ..testbed.options import DEFAULT_ENVOY_WORKERS, MTLS_MODES, PROXIES
 from . import bed as bedmod
 from . import loads, machine, report, results, runner, schema
 from .progress import Progress, format_duration
@@ -25,14 +26,30 @@ examples:
 """
 
 
-# How the sidecars treat the HTTP loads' port, in the report's words.
-SIDECAR_KINDS = {
-    "http": (f"HAProxy proxies port {loads.HTTP_PORT} as HTTP and reuses pooled upstream connections, "
-             "as Envoy does for a port Istio knows is HTTP: a client's new connection ends at its own "
-             "sidecar; sidecar-to-sidecar and sidecar-to-app connections are kept"),
-    "tcp": (f"HAProxy proxies port {loads.HTTP_PORT} as plain TCP, as Envoy does for an opaque port: "
-            "every client connection makes a new sidecar-to-sidecar and sidecar-to-app connection"),
-}
+
+
+def sidecar_how(sidecar: str, proxy: str) -> str:
+    """How the sidecars treat the HTTP loads' port, in the report's words."""
+    if sidecar == "http":
+        how = (f"proxies port {loads.HTTP_PORT} as HTTP and reuses pooled upstream connections: a client's "
+               "new connection ends at its own sidecar; sidecar-to-sidecar and sidecar-to-app connections are kept")
+        return (f"Envoy (an HTTP connection manager per declared port, as istiod configures it) {how}"
+                if proxy == "envoy" else f"HAProxy {how}, as Envoy does for a port Istio knows is HTTP")
+    how = (f"proxies port {loads.HTTP_PORT} as plain TCP: every client connection makes a new "
+           "sidecar-to-sidecar and sidecar-to-app connection")
+    return (f"Envoy (tcp_proxy, as for a port Istio treats as opaque) {how}" if proxy == "envoy"
+            else f"HAProxy {how}, as Envoy does for an opaque port")
+
+
+def mtls_how(proxy: str, mtls: str) -> str:
+    if proxy != "envoy" or mtls == "off":
+        return "off: sidecars speak plain text to each other"
+    if mtls == "strict":
+        return ("strict: sidecar-to-sidecar connections are TLS with client certificates (SPIFFE URI SANs from the "
+                "bed's CA, Istio's ALPN); the inbound chains accept nothing else")
+    return ("permissive (Istio's default PeerAuthentication): the inbound chains accept TLS and plain text; the "
+            "client sidecars originate mutual TLS to meshed pods (Istio's auto mTLS), so sidecar-to-sidecar "
+            "traffic is mutual TLS as under strict")
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -52,15 +69,24 @@ def _split(value: str | None) -> list[str] | None:
               help="Directory for results.json, results.md and plots [bench-results/<time>].")
 @click.option("--name", default=lambda: f"bench{os.getpid()}", show_default="bench<pid>",
               help="Name of the test bed this run brings up.")
-@click.option("--sidecar", type=click.Choice(list(SIDECAR_KINDS)), default="http", show_default=True,
+@click.option("--proxy", type=click.Choice(PROXIES), default="envoy", show_default=True,
+              help="The sidecar: Envoy (what Istio runs) or HAProxy (a second, independent proxy).")
+@click.option("--mtls", type=click.Choice(MTLS_MODES),
+              help="Sidecar-to-sidecar mutual TLS (Envoy only) [the test bed's default: Istio's, permissive].")
+@click.option("--envoy-workers", type=click.IntRange(min=1, max=64), default=DEFAULT_ENVOY_WORKERS,
+              show_default=True, help="Envoy worker threads per sidecar (Istio's default is 2).")
+@click.option("--fixedrate-rps", type=click.IntRange(min=1), default=loads.FIXEDRATE_RPS, show_default=True,
+              help="Total requests/s of the fixedrate load (Istio's method uses 1000).")
+@click.option("--sidecar", type=click.Choice(["http", "tcp"]), default="http", show_default=True,
               help="How the sidecars proxy the HTTP loads' port: http (per request, reusing pooled upstream "
                    "connections, as Envoy does for a port Istio knows is HTTP) or tcp (one upstream connection "
                    "per client connection, as Envoy does for an opaque TCP port).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
-def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, sidecar, no_plots):
+def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, proxy, mtls, envoy_workers,
+          fixedrate_rps, sidecar, no_plots):
     """Benchmark the sidecar data path in every mode on a fresh test bed.
 
-    Brings up a test bed (2 nodes × 2 pods, HAProxy sidecars, Istio's rules),
+    Brings up a test bed (2 nodes × 2 pods, Envoy or HAProxy sidecars, Istio's rules),
     runs rounds of nomesh / iptables / ebpf blocks, and writes results.json,
     results.md and PNG plots. Targets that are missed are reported, not errors.
     """
@@ -70,22 +96,32 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
         profile = _profile(quick, rounds, duration, warmup, _split(modes), load_specs, _split(paths))
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+    if proxy == "haproxy" and mtls not in (None, "off"):
+        raise click.UsageError(f"--mtls {mtls} needs --proxy envoy: HAProxy sidecars forward plain bytes")
     out = out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    command = reproduce_command(profile, quick, sidecar)
 
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_before = machine.load_average()
     steps = runner.plan(profile)
     http_ports = (loads.HTTP_PORT,) if sidecar == "http" else ()
-    with bedmod.testbed(name, mode=profile.modes[0], http_ports=http_ports) as bed:
+    with bedmod.testbed(name, mode=profile.modes[0], http_ports=http_ports, proxy=proxy, mtls=mtls,
+                        envoy_workers=envoy_workers if proxy == "envoy" else None) as bed:
+        mtls = bed.mtls
+        command = reproduce_command(profile, quick, sidecar, proxy, mtls, envoy_workers, fixedrate_rps)
         click.echo(f"test bed {name} is up; {len(steps)} steps, about "
                    f"{format_duration(sum(s.weight for s in steps))} of planned work", err=True)
         bar = Progress(steps)
         try:
-            outcome = runner.run(bed, profile, progress=bar)
+            outcome = runner.run(bed, profile, progress=bar, fixedrate_rps=fixedrate_rps)
         finally:
             bar.close()
+        load_after = machine.load_average()
+        try:
+            handshakes = bed.tls_handshakes()
+        except (RuntimeError, OSError) as e:
+            handshakes = {"error": str(e)}
         machine_info = machine.collect(bed.namespaces())
         settle_how = bed.settle_how
 
@@ -93,7 +129,14 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
               "warmup_s": profile.warmup_s, "modes": list(profile.modes),
               "cases": [{"path": c.path, "load": c.load, "connections": c.connections} for c in profile.cases],
               "pods": outcome.pods, "settle_how": settle_how, "sidecar": sidecar,
-              "sidecar_how": SIDECAR_KINDS[sidecar], "started_at": started_at, "elapsed_s": time.monotonic() - started}
+              "sidecar_how": sidecar_how(sidecar, proxy), "proxy": proxy,
+              "proxy_version": machine_info["tools"].get(proxy), "mtls": mtls, "mtls_how": mtls_how(proxy, mtls),
+              # since the sidecars last started (the last round's iptables and ebpf blocks)
+              "tls_handshakes_last_round": handshakes,
+              "envoy_workers": envoy_workers if proxy == "envoy" else None,
+              "fixedrate": {"rps": fixedrate_rps, "payload_bytes": loads.FIXEDRATE_PAYLOAD_BYTES},
+              "loadavg_before": load_before, "loadavg_after": load_after,
+              "started_at": started_at, "elapsed_s": time.monotonic() - started}
     doc = results.build(machine_info, config, outcome.rows, outcome.warmup_failures)
     schema.validate(doc)
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -109,13 +152,24 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
     click.echo(f"\nwrote {out}/results.json, results.md" + (", " + ", ".join(plots) if plots else ""))
 
 
-def reproduce_command(profile: runner.Profile, quick: bool, sidecar: str = "http") -> str:
+def reproduce_command(profile: runner.Profile, quick: bool, sidecar: str = "http", proxy: str = "envoy",
+                      mtls: str | None = None, envoy_workers: int = DEFAULT_ENVOY_WORKERS,
+                      fixedrate_rps: int = loads.FIXEDRATE_RPS) -> str:
     """The command line that runs exactly this profile again, whatever
-    defaults were filled in. Cases other than the profile's own always come
-    from --loads x --paths, so those two options reproduce them."""
+    defaults were filled in (pass the bed's actual mTLS mode). Cases other
+    than the profile's own always come from --loads x --paths, so those two
+    options reproduce them."""
     argv = ["merbridge-py", "bench"] + (["--quick"] if quick else []) + [
         "--rounds", str(profile.rounds), "--duration", str(profile.duration_s), "--warmup", str(profile.warmup_s),
-        "--modes", ",".join(profile.modes)] + (["--sidecar", sidecar] if sidecar != "http" else [])
+        "--modes", ",".join(profile.modes), "--proxy", proxy]
+    if mtls is not None:
+        argv += ["--mtls", mtls]
+    if proxy == "envoy":
+        argv += ["--envoy-workers", str(envoy_workers)]
+    if sidecar != "http":
+        argv += ["--sidecar", sidecar]
+    if fixedrate_rps != loads.FIXEDRATE_RPS:
+        argv += ["--fixedrate-rps", str(fixedrate_rps)]
     base = runner.quick_profile() if quick else runner.full_profile()
     if profile.cases != base.cases:
         specs: dict[str, list[int]] = {}

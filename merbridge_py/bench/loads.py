@@ -1,6 +1,6 @@
 """The load generators: their command lines and parsers for their output.
 
-Four loads, each driven by a Debian tool:
+Five loads, each driven by a Debian tool:
 - keepalive: wrk over persistent HTTP/1.1 connections (`-c` connections).
 - newconn:   wrk with `Connection: close`; the server answers with
              `Connection: close` too, so wrk opens a new connection for every
@@ -11,6 +11,9 @@ Four loads, each driven by a Debian tool:
 - tcp_rr:    sockperf ping-pong over TCP (one connection, 14-byte messages),
              full round-trip times.
 - bulk:      iperf3, one TCP stream, receiver-side throughput.
+- fixedrate: Istio's own overhead method: a fixed 1000 requests/s over 16
+             keep-alive connections with 1 KB request bodies, paced by a wrk
+             script (WRK_FIXEDRATE_LUA; why wrk and not hey: see there).
 
 Every tool here exits 0 on some failures (sockperf on "connection refused",
 iperf3 with -J), so the parsers decide success from the output, not from the
@@ -27,7 +30,15 @@ KEEPALIVE = "keepalive"
 NEWCONN = "newconn"
 TCP_RR = "tcp_rr"
 BULK = "bulk"
-LOADS = (KEEPALIVE, NEWCONN, TCP_RR, BULK)
+FIXEDRATE = "fixedrate"
+LOADS = (KEEPALIVE, NEWCONN, TCP_RR, BULK, FIXEDRATE)
+# The loads wrk drives (HTTP to the pod app), and which of them runs the pacing script.
+WRK_LOADS = (KEEPALIVE, NEWCONN, FIXEDRATE)
+
+# Istio's published sidecar overhead is measured at 1000 requests/s over 16
+# connections with 1 KB payloads; the fixedrate load repeats that method.
+FIXEDRATE_RPS = 1000
+FIXEDRATE_PAYLOAD_BYTES = 1024
 
 HTTP_PORT = 8080        # the test bed's pod app
 SOCKPERF_PORT = 11111
@@ -37,16 +48,87 @@ IPERF3_PORT = 5201
 # histogram (the default report rounds them to 2-3 significant digits) and the
 # raw counters, in one line the parser can find among wrk's report.
 WRK_REPORT_LUA = """\
+-- more fields for the result line; the fixed-rate script adds its own
+function report_extra() return "" end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     "mbp-wrk requests=%d duration_us=%d bytes=%d connect=%d read=%d write=%d status=%d timeout=%d"
-    .. " p50_us=%d p90_us=%d p99_us=%d\\n",
+    .. " p50_us=%d p90_us=%d p99_us=%d%s\\n",
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), report_extra()))
 end
 """
+
+# The fixed-rate client. Debian has no wrk2 or fortio; its `hey -q` paces each
+# worker with a Go ticker but prints latencies in seconds with 4 decimals
+# (100 us steps), too coarse for differences of tens of microseconds. wrk keeps
+# a 1 us histogram, and its `delay()` hook decides when each connection sends
+# its next request, so a schedule can be imposed on it: each wrk thread hands
+# out send slots `1 / (its share of the rate)` apart, in order, to whichever
+# of its connections has its answer back. Slots never drift (a slot is the
+# previous slot plus the period, not "now" plus it), so the rate holds even
+# though wrk's timer rounds waits down to whole milliseconds. Latency is timed
+# by wrk from the actual send, as fortio (Istio's client) and hey time it: a
+# stall longer than the slack between a connection's requests would delay the
+# sends behind it and hide their waiting (coordinated omission). The script
+# therefore counts slots that were already past when claimed (`late=`); with
+# late=0 the schedule held and nothing was omitted.
+# LuaJIT's ffi gives a monotonic microsecond clock (os.clock is CPU time).
+WRK_FIXEDRATE_LUA = WRK_REPORT_LUA + """\
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } mbp_timespec;
+int clock_gettime(int clk, mbp_timespec *tp);
+]]
+local ts = ffi.new("mbp_timespec")
+local function now_us()
+  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1e6 + tonumber(ts.tv_nsec) / 1e3
+end
+
+local period_us, slot_us = 0, nil
+late = 0  -- global: done() reads it from every thread
+
+function init(args)
+  period_us = 1e6 / tonumber(args[1])  -- args[1]: this thread's requests/s
+  wrk.method = "POST"
+  wrk.body = string.rep("x", tonumber(args[2]))
+  wrk.headers["Content-Type"] = "application/octet-stream"
+end
+
+function delay()
+  local now = now_us()
+  slot_us = (slot_us or now) + period_us
+  local wait = slot_us - now
+  if wait < 0 then
+    late = late + 1
+    return 0
+  end
+  return wait / 1000  -- milliseconds
+end
+
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function report_extra()
+  local behind = 0
+  for _, t in ipairs(threads) do behind = behind + t:get("late") end
+  return string.format(" late=%d", behind)
+end
+"""
+
+
+@dataclass(frozen=True)
+class WrkScripts:
+    """Paths of the two wrk scripts, as files every pod can read."""
+    report: str       # WRK_REPORT_LUA: keepalive and newconn
+    fixedrate: str    # WRK_FIXEDRATE_LUA
+    fixedrate_rps: int = FIXEDRATE_RPS
 
 
 class LoadFailed(RuntimeError):
@@ -64,6 +146,7 @@ class LoadResult:
     bytes: int | None = None
     throughput_bps: float | None = None  # bulk only: bits/s at the receiver
     retransmits: int | None = None       # bulk only: TCP retransmissions seen by the sender
+    late_slots: int | None = None        # fixedrate only: send slots already past when claimed
 
     @property
     def rps(self) -> float | None:
@@ -99,7 +182,7 @@ def parse_load_specs(specs: list[str]) -> list[tuple[str, int]]:
 
 # A new connection per request with 4 concurrent clients: what the prototype
 # measured, enough to keep two cores busy without measuring only the queue.
-DEFAULT_CONNECTIONS = {KEEPALIVE: 1, NEWCONN: 4, TCP_RR: 1, BULK: 1}
+DEFAULT_CONNECTIONS = {KEEPALIVE: 1, NEWCONN: 4, TCP_RR: 1, BULK: 1, FIXEDRATE: 16}
 
 
 # --- command lines ---------------------------------------------------------------
@@ -115,6 +198,15 @@ def wrk_argv(ip: str, connections: int, duration_s: int, script_path: str, *, ne
     if new_connection:
         argv += ["-H", "Connection: close"]
     return argv + [f"http://{ip}:{port}/"]
+
+
+def wrk_fixedrate_argv(ip: str, connections: int, duration_s: int, script_path: str, *,
+                       rps: int = FIXEDRATE_RPS, payload_bytes: int = FIXEDRATE_PAYLOAD_BYTES,
+                       port: int = HTTP_PORT) -> list[str]:
+    """wrk paced by WRK_FIXEDRATE_LUA: `rps` in total, split evenly over its threads."""
+    argv = wrk_argv(ip, connections, duration_s, script_path, new_connection=False, port=port)
+    threads = int(argv[argv.index("-t") + 1])
+    return argv + ["--", f"{rps / threads:g}", str(payload_bytes)]
 
 
 def sockperf_server_argv(ip: str, port: int = SOCKPERF_PORT) -> list[str]:
@@ -150,6 +242,7 @@ def parse_wrk(output: str) -> LoadResult:
     if n["requests"] == 0:
         raise LoadFailed(f"wrk completed no request: {_tail(output)}")
     return LoadResult(
+        late_slots=n.get("late"),
         duration_s=n["duration_us"] / 1e6,
         requests=n["requests"],
         p50_us=float(n["p50_us"]), p90_us=float(n["p90_us"]), p99_us=float(n["p99_us"]),

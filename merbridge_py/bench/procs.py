@@ -31,6 +31,7 @@ class ClientRun:
     returncode: int
     output: str          # stdout then stderr: the parsers look for their lines anywhere
     cpu_s: float         # user + system time of the client process itself
+    user_s: float = 0.0  # of which user space
 
 
 def run_client(start: Callable[..., subprocess.Popen], timeout_s: float) -> ClientRun:
@@ -58,7 +59,7 @@ def run_client(start: Callable[..., subprocess.Popen], timeout_s: float) -> Clie
         out.seek(0)
         err.seek(0)
         return ClientRun(returncode=proc.returncode, output=out.read() + err.read(),
-                         cpu_s=rusage.ru_utime + rusage.ru_stime)
+                         cpu_s=rusage.ru_utime + rusage.ru_stime, user_s=rusage.ru_utime)
 
 
 def wait_listening(netns: str | None, port: int, timeout_s: float = 5.0,
@@ -88,15 +89,15 @@ def classify(pids: Iterable[int]) -> dict[str, list[int]]:
     return roles
 
 
-def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
-    """user + system seconds so far of each pid that still exists."""
+def cpu_seconds(pids: Iterable[int], user_only: bool = False) -> dict[int, float]:
+    """user + system (or only user) seconds so far of each pid that still exists."""
     out = {}
     for pid in pids:
         try:
             t = psutil.Process(pid).cpu_times()
         except psutil.NoSuchProcess:
             continue
-        out[pid] = t.user + t.system
+        out[pid] = t.user if user_only else t.user + t.system
     return out
 
 

@@ -64,6 +64,66 @@ def ratios_table(ratios: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def added_latency_table(added: Sequence[dict]) -> str | None:
+    """Istio's overhead figure: microseconds each mode adds over no mesh at a
+    fixed rate, and the share of iptables' addition that eBPF removes."""
+    if not added:
+        return None
+    lines = ["| path | mode | added p50 µs | added p90 µs | added p99 µs | pairs |", "|---|---|---:|---:|---:|---:|"]
+    for a in added:
+        for mode, v in a["added_us"].items():
+            lines.append(f"| {a['path']} | {mode} | {_us(v['p50_us'])} | {_us(v['p90_us'])} | {_us(v['p99_us'])} | "
+                         f"{v['pairs']} |")
+        share = a["ebpf_removes_share"]
+        pct = lambda v: "–" if v is None else f"{v:.0%}"  # noqa: E731
+        lines.append(f"| {a['path']} | share eBPF removes | {pct(share['p50_us'])} | {pct(share['p90_us'])} | "
+                     f"{pct(share['p99_us'])} | |")
+    return "\n".join(lines)
+
+
+def cpu_split_table(summary: Sequence[dict]) -> str | None:
+    rows = [e for e in summary if e["load"] != loads.BULK and e.get("sidecar_user_us_per_req") is not None]
+    if not rows:
+        return None
+    lines = ["| path | load | conns | mode | CPU µs/req | sidecars' user space | kernel (all processes) |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    one = lambda v: _num(v, 1)  # noqa: E731
+    lines += [f"| {e['path']} | {e['load']} | {e['connections']} | {e['mode']} | {one(e['cpu_us_per_req'])} | "
+              f"{one(e['sidecar_user_us_per_req'])} | {one(e['kernel_us_per_req'])} |" for e in rows]
+    return "\n".join(lines)
+
+
+# Counters worth a column, in the order a leg goes through them, and whether
+# the agent labels them (by direction, by reason).
+DATAPATH_COLUMNS = (
+    ("merbridge_redirects_total", "redirects", True),
+    ("merbridge_sockhash_inserts_total", "sockhash inserts", False),
+    ("merbridge_spliced_messages_total", "spliced msgs", False),
+    ("merbridge_splice_misses_total", "splice misses", False),
+    ("merbridge_splice_skipped_total", "splice skipped", True),
+)
+
+
+def datapath_table(datapath: Sequence[dict]) -> str | None:
+    if not datapath:
+        return None
+    head = " | ".join(label for _, label, _ in DATAPATH_COLUMNS)
+    lines = [f"| path | load | conns | node | {head} |", "|---|---|---:|---|" + "---:|" * len(DATAPATH_COLUMNS)]
+    # runs made before the bench kept labelled counters have none at all (not even redirects)
+    labelled = any("{" in k for d in datapath for k in d["per_request"])
+    for d in datapath:
+        cells = []
+        for prefix, _, has_labels in DATAPATH_COLUMNS:
+            if has_labels and not labelled:
+                cells.append("not recorded")
+                continue
+            # counters with labels (redirects by direction, skips by reason) are summed
+            total = sum(v for k, v in d["per_request"].items() if k.split("{")[0] == prefix)
+            cells.append(f"{total:.3f}")
+        lines.append(f"| {d['path']} | {d['load']} | {d['connections']} | {d['node']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def targets_section(targets: Sequence[dict]) -> str:
     lines = []
     for t in targets:
@@ -107,6 +167,9 @@ def console(results: dict) -> str:
         parts.append(bulk)
     if results["ratios"]:
         parts += ["eBPF / iptables, median of per-round ratios:", ratios_table(results["ratios"])]
+    added = added_latency_table(results.get("added_latency", []))
+    if added:
+        parts += ["Added latency over no mesh at a fixed rate (Istio's method):", added]
     parts += ["Targets (a miss is a finding, not an error):", targets_section(results["targets"])]
     warned = warnings(results)
     if warned:
@@ -115,6 +178,20 @@ def console(results: dict) -> str:
     if failed:
         parts.append(f"{len(failed)} of {len(results['rounds'])} runs failed; see results.md.")
     return "\n\n".join(parts)
+
+
+def _proxy_line(cfg: dict) -> str:
+    proxy = cfg.get("proxy")
+    if proxy is None:
+        return "proxy not recorded"
+    text = f"{proxy} {cfg.get('proxy_version') or '(version unknown)'}"
+    if cfg.get("envoy_workers"):
+        text += f", {cfg['envoy_workers']} worker thread{'s' if cfg['envoy_workers'] > 1 else ''} per sidecar"
+    return text
+
+
+def _loadavg(values) -> str:
+    return "/".join(f"{v:.2f}" for v in values) if values else "not recorded"
 
 
 def markdown(results: dict, plots: Sequence[str] = ()) -> str:
@@ -128,7 +205,10 @@ def markdown(results: dict, plots: Sequence[str] = ()) -> str:
         f"- Rounds: {cfg['rounds']} × {cfg['duration_s']} s per run, modes interleaved in the order "
         f"{', '.join(cfg['modes'])} in every round, {cfg['warmup_s']} s keep-alive warm-up per mode block",
         f"- Clean state: {cfg['settle_how']}; new-connection runs settle again before they start",
-        f"- Sidecars: {cfg.get('sidecar_how', 'not recorded')}",
+        f"- Sidecars: {_proxy_line(cfg)}; {cfg.get('sidecar_how', 'not recorded')}",
+        f"- mTLS between sidecars: {cfg.get('mtls_how', cfg.get('mtls', 'not recorded'))}",
+        f"- Machine load (1/5/15 min load average): {_loadavg(cfg.get('loadavg_before'))} before, "
+        f"{_loadavg(cfg.get('loadavg_after'))} after",
         "- Pods: " + ("; ".join(f"{path} {p['client']} ({p['client_ip']}) -> {p['server']} ({p['server_ip']})"
                                 for path, p in cfg.get("pods", {}).items()) or "not recorded"),
         f"- Started {cfg['started_at']}, took {cfg['elapsed_s']:.0f} s",
@@ -155,6 +235,30 @@ def markdown(results: dict, plots: Sequence[str] = ()) -> str:
                   ratios_table(results["ratios"])]
     parts += ["", "## Targets", "A miss is a finding to investigate, not a failure of the run.", "",
               targets_section(results["targets"])]
+    added = added_latency_table(results.get("added_latency", []))
+    if added:
+        fixed = cfg.get("fixedrate", {})
+        parts += ["", "## Added latency at a fixed rate (Istio's method)",
+                  f"{fixed.get('rps', '?')} requests/s in total over the fixedrate case's connections, "
+                  f"{fixed.get('payload_bytes', '?')}-byte request bodies, paced by a wrk script (see "
+                  "merbridge_py/bench/loads.py); per round, the mode's percentile minus no mesh's, then the median "
+                  "over rounds. The share eBPF removes is (iptables added - eBPF added) / iptables added.", "", added]
+        late = [f"{a['path']}: {a['late_slots']} late send slots, lowest rate {_num(a['rps_min'])} req/s"
+                for a in results["added_latency"]]
+        parts += ["", "Schedule: " + "; ".join(late) + " (a late slot is a send the client could not make on time)."]
+    split = cpu_split_table(results["summary"])
+    if split:
+        parts += ["", "## Where the CPU goes, per request",
+                  "Medians over rounds. The sidecars' user-space time is the proxies' own work (HTTP, TLS, "
+                  "routing), which no kernel datapath can remove; kernel time (system time of the client, "
+                  "sidecars, app and agents) is where iptables and eBPF differ.", "", split]
+    dp = datapath_table(results.get("datapath", []))
+    if dp:
+        parts += ["", "## What the datapath did, per request (ebpf mode)",
+                  "Increase of each node agent's counters during a run divided by the run's requests, median over "
+                  "rounds. The client node runs the client pod and its sidecar, the server node the server pod and "
+                  "its sidecar; each spliced leg moves a request and its response, so about 2 spliced messages per "
+                  "request per spliced leg (more when a message is split).", "", dp]
     if plots:
         parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     parts += ["", "## Sysctls the test bed set", ""]

@@ -56,7 +56,7 @@ def cases_for(paths: Sequence[str], specs: Sequence[tuple[str, int]]) -> tuple[C
     return tuple(Case(path, load, c) for path in paths for load, c in specs)
 
 
-FULL_LOADS = loads.parse_load_specs(["keepalive:1,4,16,64", "newconn", "tcp_rr", "bulk"])
+FULL_LOADS = loads.parse_load_specs(["keepalive:1,4,16,64", "newconn", "tcp_rr", "bulk", "fixedrate"])
 
 
 def full_profile() -> Profile:
@@ -125,7 +125,7 @@ class Outcome:
 
 
 def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
-        measure_fn: Measure = measure) -> Outcome:
+        measure_fn: Measure = measure, fixedrate_rps: int = loads.FIXEDRATE_RPS) -> Outcome:
     """Execute the plan. A measurement that fails becomes a row with ok=false
     and its error; the benchmark goes on, because a mode that breaks under one
     load is a finding, and the other measurements are still worth having."""
@@ -133,7 +133,7 @@ def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
     outcome = Outcome(pods={path: {"client": p.client.name, "client_ip": p.client.ip, "server": p.server.name,
                                    "server_ip": p.server.ip} for path, p in pairs.items()})
     block_error: str | None = None
-    with _wrk_script() as script:
+    with _wrk_scripts(fixedrate_rps) as script:
         for step in plan(profile):
             if step.kind == "mode":
                 block_error = _enter_mode(bed, step.mode)
@@ -187,21 +187,27 @@ def _row(step: Step, profile: Profile, started: str | None = None, m: Measuremen
         "bytes": r.bytes if r else None,
         "throughput_bps": r.throughput_bps if r else None,
         "retransmits": r.retransmits if r else None,
+        "late_slots": r.late_slots if r else None,
         "cpu_us": dict(m.cpu_us) if m else None,
         "cpu_us_per_req": m.cpu_us_per_req if m else None,
+        "cpu_user_us": dict(m.cpu_user_us) if m and m.cpu_user_us else None,
+        "sidecar_user_us_per_req": m.sidecar_user_us_per_req if m else None,
+        "kernel_us_per_req": m.kernel_us_per_req if m else None,
+        "datapath": m.datapath if m and m.datapath else None,
     })
     return row
 
 
 @contextlib.contextmanager
-def _wrk_script() -> Iterator[str]:
-    """The wrk report script as a file every pod can read: namespaces share
-    the file system, only the network is private."""
-    fd, path = tempfile.mkstemp(prefix="mbp-bench-", suffix=".lua")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(loads.WRK_REPORT_LUA)
-        yield path
-    finally:
-        os.unlink(path)
+def _wrk_scripts(fixedrate_rps: int = loads.FIXEDRATE_RPS) -> Iterator[loads.WrkScripts]:
+    """The wrk scripts as files every pod can read: namespaces share the file
+    system, only the network is private."""
+    with tempfile.TemporaryDirectory(prefix="mbp-bench-") as tmp:
+        os.chmod(tmp, 0o755)
+        paths = {}
+        for name, text in (("report", loads.WRK_REPORT_LUA), ("fixedrate", loads.WRK_FIXEDRATE_LUA)):
+            paths[name] = os.path.join(tmp, f"{name}.lua")
+            with open(paths[name], "w") as f:
+                f.write(text)
+        yield loads.WrkScripts(**paths, fixedrate_rps=fixedrate_rps)
 

@@ -2,8 +2,9 @@
 use too (`merbridge_py.bench.schema.RESULTS_SCHEMA`), and a validator.
 
 The four keys of the issue (machine, rounds, summary, ratios) and their fields
-are required; more keys are allowed, so adding a metric does not break a
-reader. Latency fields are null where a load does not measure latency (bulk),
+are required, and so is what decides every figure about the sidecar (config:
+proxy, its version, mTLS mode, Envoy's worker count); more keys are allowed,
+so adding a metric does not break a reader. Latency fields are null where a load does not measure latency (bulk),
 and every metric is null where all rounds of a case failed.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import jsonschema
 
+from ..testbed.options import MTLS_MODES, PROXIES
 from .bed import MODES, PATHS
 from .loads import LOADS
 
 _NUM = {"type": "number"}
 _NUM_OR_NULL = {"type": ["number", "null"]}
+_P_US = {"p50_us": _NUM_OR_NULL, "p90_us": _NUM_OR_NULL, "p99_us": _NUM_OR_NULL}
 _CASE = {
     "path": {"enum": list(PATHS)},
     "load": {"enum": list(LOADS)},
@@ -26,9 +29,26 @@ RESULTS_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "merbridge-py bench results",
     "type": "object",
-    "required": ["machine", "rounds", "summary", "ratios"],
+    "required": ["machine", "config", "rounds", "summary", "ratios"],
     "properties": {
         "schema_version": {"type": "integer"},
+        "config": {
+            "type": "object",
+            "required": ["command", "proxy", "proxy_version", "mtls", "envoy_workers"],
+            "properties": {
+                "command": {"type": "string"},
+                "proxy": {"enum": list(PROXIES)},
+                "proxy_version": {"type": ["string", "null"]},
+                "mtls": {"enum": list(MTLS_MODES)},
+                # Envoy's --concurrency; null with HAProxy
+                "envoy_workers": {"type": ["integer", "null"], "minimum": 1},
+                "loadavg_before": {"type": "array", "items": _NUM},
+                "loadavg_after": {"type": "array", "items": _NUM},
+            },
+            "if": {"properties": {"proxy": {"const": "envoy"}}},
+            "then": {"properties": {"envoy_workers": {"type": "integer"}}},
+            "else": {"properties": {"mtls": {"const": "off"}}},
+        },
         "machine": {
             "type": "object",
             "required": ["kernel", "cpu_count", "cpu_model", "tools", "sysctls"],
@@ -56,6 +76,10 @@ RESULTS_SCHEMA = {
                 "rps": _NUM_OR_NULL, "p50_us": _NUM_OR_NULL, "p90_us": _NUM_OR_NULL, "p99_us": _NUM_OR_NULL,
                 "cpu_us": {"type": ["object", "null"], "additionalProperties": _NUM},
                 "cpu_us_per_req": _NUM_OR_NULL,
+                "late_slots": {"type": ["integer", "null"], "minimum": 0},
+                # node role -> counter -> increase during the run (ebpf mode)
+                "datapath": {"type": ["object", "null"],
+                             "additionalProperties": {"type": "object", "additionalProperties": _NUM}},
             },
             # a successful run has the numbers its load measures
             "if": {"properties": {"ok": {"const": True}, "load": {"not": {"const": "bulk"}}}},
@@ -79,6 +103,21 @@ RESULTS_SCHEMA = {
                 "p50_ebpf_over_iptables": _NUM_OR_NULL,
                 "rps_ebpf_over_iptables": _NUM_OR_NULL,
             },
+        }},
+        "added_latency": {"type": "array", "items": {
+            "type": "object",
+            "required": [*_CASE, "added_us", "ebpf_removes_share"],
+            "properties": {
+                **_CASE,
+                "added_us": {"type": "object", "additionalProperties": {"type": "object", "properties": _P_US}},
+                "ebpf_removes_share": {"type": "object", "properties": _P_US},
+            },
+        }},
+        "datapath": {"type": "array", "items": {
+            "type": "object",
+            "required": [*_CASE, "node", "per_request"],
+            "properties": {**_CASE, "node": {"type": "string"},
+                           "per_request": {"type": "object", "additionalProperties": _NUM}},
         }},
         "targets": {"type": "array", "items": {
             "type": "object",
