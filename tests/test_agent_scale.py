@@ -95,13 +95,31 @@ def wait_settled(tb: Testbed, expected: set[str], timeout: float) -> float:
     return time.monotonic() - start
 
 
-def churn(tb: Testbed, pods_file, objects: dict[str, str], live: list) -> tuple[int, float]:
+class Lag:
+    """The agent behind the pods file, sampled from /status during the churn:
+    pods in the file it does not report accelerated yet, pods it still
+    reports after their deletion, and any refusal that is not pending (a pod
+    given up on: none of these pods should be)."""
+
+    def __init__(self):
+        self.behind, self.stale, self.refused = 0, 0, []
+
+    def sample(self, tb: Testbed, objects: dict[str, str]) -> None:
+        status = {p["pod"]: p for p in agent_request(tb.admin_socket("node0"), "/status")["pods"]}
+        wanted = {f"{kube.NAMESPACE}/{name}" for name in objects}
+        self.behind = max(self.behind, sum(1 for n in wanted if not status.get(n, {}).get("accelerated")))
+        self.stale = max(self.stale, len(set(status) - wanted))
+        self.refused += [f"{n}: {status[n]['reason']}" for n in wanted & set(status)
+                         if not status[n]["accelerated"] and not status[n]["pending"]]
+
+
+def churn(tb: Testbed, pods_file, objects: dict[str, str], live: list, lag: Lag) -> tuple[int, float]:
     """RATE pods created and RATE deleted per second (the oldest first) for
     CHURN_SECONDS, in steps of STEP seconds, each ending in one rewrite of
-    the pods file; (pods created, seconds it took). A step's namespaces are
-    made AHEAD steps early in worker threads (a runtime, too, makes a pod's
-    sandbox before its IP shows in the API): made in line, they alone took
-    longer than a step on a busy machine."""
+    the pods file; `lag` sampled once a second; (pods created, seconds it
+    took). A step's namespaces are made AHEAD steps early in worker threads
+    (a runtime, too, makes a pod's sandbox before its IP shows in the API):
+    made in line, they alone took longer than a step on a busy machine."""
     per_step = int(RATE * STEP)
     next_index = EXTRA
     prepared = collections.deque()
@@ -125,6 +143,8 @@ def churn(tb: Testbed, pods_file, objects: dict[str, str], live: list) -> tuple[
             write_pods_file(pods_file, objects)
             created += len(new)
             steps += 1
+            if steps % round(1 / STEP) == 0:
+                lag.sample(tb, objects)
             time.sleep(max(0.0, start + steps * STEP - time.monotonic()))
         seconds = time.monotonic() - start
         remove_pod_namespaces([p for f in prepared for p in f.result()])   # made ahead, never in the file
@@ -158,7 +178,8 @@ def test_200_pods_and_a_minute_of_churn_lose_no_request_and_status_equals_kernel
                     load.wait_ready()
                 redirects = tb.agent_metrics("node0")['merbridge_redirects_total{direction="outbound"}']
                 cpu_before = cpu_seconds(agent)
-                created, churn_seconds = churn(tb, pods_file, objects, live)
+                lag = Lag()
+                created, churn_seconds = churn(tb, pods_file, objects, live, lag)
                 churn_cpu = cpu_seconds(agent) - cpu_before
                 settle = wait_settled(tb, names(), SETTLE_TIMEOUT)
                 redirected = tb.agent_metrics("node0")['merbridge_redirects_total{direction="outbound"}'] - redirects
@@ -182,7 +203,8 @@ def test_200_pods_and_a_minute_of_churn_lose_no_request_and_status_equals_kernel
     broken = [c for r in results for c in r["keepalive_connections"] if c["broken"]]
     print(f"churn: {created} pods created and {created} deleted in {churn_seconds:.1f} s "
           f"({created / churn_seconds:.1f}/s each way, target {RATE}/s), {len(live)} extra pods at the end; "
-          f"agent settled {settle:.1f} s after the last change\n"
+          f"agent settled {settle:.1f} s after the last change; during the churn, at most {lag.behind} pods of the "
+          f"file not accelerated yet and {lag.stale} deleted pods still in /status (sampled once a second)\n"
           f"load: {requests} requests ({sum(r['connections'] for r in results)} connections), {failed} failed, "
           f"{len(broken)} keep-alive connections broken; {redirected:.0f} connections redirected by eBPF meanwhile\n"
           f"agent CPU: {churn_cpu:.2f} s over the churn ({churn_seconds:.0f} s), {idle_cpu:.2f} s over "
@@ -191,6 +213,7 @@ def test_200_pods_and_a_minute_of_churn_lose_no_request_and_status_equals_kernel
 
     assert failed == 0, [f for r in results for f in r["failures"]][:20]
     assert broken == []
+    assert lag.refused == [], lag.refused[:10]
     assert redirected > 0, "the stable pods' load did not go through eBPF during the churn"
     assert idle_problems == [], idle_problems
     assert leftover_extra == [], "extra pod namespaces survived the test's own clean-up"
