@@ -167,6 +167,7 @@ def test_200_pods_and_a_minute_of_churn_lose_no_request_and_status_equals_kernel
             def names() -> set[str]:
                 return {f"{kube.NAMESPACE}/{name}" for name in objects}
             first = wait_settled(tb, names(), SETTLE_TIMEOUT)
+            rss_before_mb = agent.memory_info().rss / 2**20
             print(f"\n{EXTRA} extra pods accelerated {first:.1f} s after they appeared in the pods file")
 
             b, c = (f"{tb.pod(p).ip}:{topology.APP_PORT}" for p in ("b", "c"))
@@ -208,7 +209,8 @@ def test_200_pods_and_a_minute_of_churn_lose_no_request_and_status_equals_kernel
           f"load: {requests} requests ({sum(r['connections'] for r in results)} connections), {failed} failed, "
           f"{len(broken)} keep-alive connections broken; {redirected:.0f} connections redirected by eBPF meanwhile\n"
           f"agent CPU: {churn_cpu:.2f} s over the churn ({churn_seconds:.0f} s), {idle_cpu:.2f} s over "
-          f"{IDLE_SECONDS:.0f} s idle with {len(live)} extra pods; RSS {rss_mb:.1f} MB\n"
+          f"{IDLE_SECONDS:.0f} s idle with {len(live)} extra pods; RSS {rss_before_mb:.1f} MB before the churn, "
+          f"{rss_mb:.1f} MB after the idle minute\n"
           f"run time {time.monotonic() - started:.0f} s")
 
     assert failed == 0, [f for r in results for f in r["failures"]][:20]
