@@ -45,34 +45,12 @@ import psutil
 
 from merbridge_py.agent.status import agent_request
 from merbridge_py.mesh import ISTIO
-from merbridge_py.testbed import PodSpec, Testbed, kube, topology
-from merbridge_py.testbed.topology import Pod
+from merbridge_py.testbed import PodSpec, Testbed, kube
+from merbridge_py.testbed.extra_pods import add_pod_namespaces, pod_objects
 
 REPO = Path(__file__).resolve().parent.parent
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 LLVM_MARKERS = ("libbcc", "libLLVM", "libclang")
-
-
-def pod_ip(i: int) -> str:
-    return f"198.18.{i // 250}.{i % 250 + 1}"
-
-
-def add_pod_namespaces(tb: Testbed, n: int) -> list[Pod]:
-    """n namespaces named like the bed's own (so its teardown removes them)."""
-    node = tb.node("node0")
-    pods = []
-    batch = []
-    for i in range(n):
-        name = f"fp{i}"
-        netns = f"{topology.prefix(tb.name)}x{i}"
-        batch.append(f"netns add {netns}")
-        pods.append(Pod(name=name, node=node.name, ip=pod_ip(i), netns=netns, meshed=True, cgroup=node.cgroup,
-                        annotations={}, ports=[8080], veth="", service_ip=""))
-    subprocess.run(["ip", "-batch", "-"], input="\n".join(batch) + "\n", text=True, check=True)
-    for p in pods:
-        subprocess.run(["ip", "-n", p.netns, "addr", "add", f"{p.ip}/32", "dev", "lo"], check=True)
-        subprocess.run(["ip", "-n", p.netns, "link", "set", "lo", "up"], check=True)
-    return pods
 
 
 def export(ref: str, into: Path) -> Path:
@@ -215,7 +193,7 @@ def main() -> None:
         codes = {v: export(v, Path(tmp)) for v in variants}
         node = tb.node("node0")
         pods = add_pod_namespaces(tb, args.pods)
-        objects = [kube.pod_object(tb.name, p, node) for p in pods]
+        objects = pod_objects(tb, pods)
         if args.source == "file":
             pods_file = Path(tmp) / "pods.json"
             pods_file.write_text(json.dumps(kube.pod_list(objects)))
