@@ -1,8 +1,21 @@
-/* cgroup/connect4: send a meshed app's outbound connections straight to its
- * proxy's outbound listener, recording where each was meant to go for
- * getsockopt(SO_ORIGINAL_DST). A proxy's connections to a same-node meshed pod
- * are not rewritten (see below), only remembered so sockops can splice them. */
+/* cgroup/connect4 and cgroup/connect6: send a meshed app's outbound
+ * connections straight to its proxy's outbound listener, recording where each
+ * was meant to go for getsockopt(SO_ORIGINAL_DST). A proxy's connections to a
+ * same-node meshed pod are not rewritten (see below), only remembered so
+ * sockops can splice them.
+ *
+ * An AF_INET6 socket connecting to an IPv4 address (::ffff:a.b.c.d, as the
+ * JVM's sockets do) reaches connect6, not connect4; its packets are IPv4 and
+ * Istio's iptables (not ip6tables) rules would take them, so it follows the
+ * pod's IPv4 policy. Native IPv6 destinations follow the pod's IPv6 policy. */
 #include "merbridge.h"
+
+/* What the connect hook did with one connection. */
+enum connect_action {
+    CONNECT_LEFT = 0,        /* left as it is */
+    CONNECT_TO_OUTBOUND,     /* the caller rewrites it to the outbound listener */
+    CONNECT_TO_INBOUND_PORT, /* the caller rewrites its port to the inbound listener's */
+};
 
 /* Istio's rules skip the proxy's traffic with `-m owner --uid-owner U` and
  * `--gid-owner G` (either one matching), with this pod's U and G. */
@@ -12,10 +25,11 @@ static __always_inline int current_is_proxy(struct pod_policy *self)
     return (__u32)uid_gid == self->proxy_uid || (__u32)(uid_gid >> 32) == self->proxy_gid;
 }
 
-static __always_inline int remember_original_dst(struct bpf_sock_addr *ctx, __u32 ip, __u16 port, __u16 flags)
+static __always_inline int remember_original_dst(struct bpf_sock_addr *ctx, const struct addr *ip, __u16 port,
+                                                 __u16 flags)
 {
     __u64 cookie = socket_cookie64(ctx);
-    struct original_dst dst = {.ip = ip, .port = port, .flags = flags};
+    struct original_dst dst = {.ip = *ip, .port = port, .flags = flags};
     if (connect_original_dst.update(&cookie, &dst) != 0) {
         count(CNT_ERR_MAP_UPDATE, 1);
         return -1;
@@ -23,43 +37,62 @@ static __always_inline int remember_original_dst(struct bpf_sock_addr *ctx, __u3
     return 0;
 }
 
-int sock4_connect(struct bpf_sock_addr *ctx)
+/* Bind the source to the pod's address of the destination's family (the port
+ * is still chosen at connect, bpf_bind implies IP_BIND_ADDRESS_NO_PORT):
+ * without it every pod's redirected connection would come from loopback and
+ * 4-tuples would collide across pods in the original_dst map, so one pod's
+ * proxy could be told another pod's destination. An AF_INET6 socket bound to
+ * ::ffff:<pod IPv4> still connects over IPv4. */
+static __always_inline int bind_to_pod(struct bpf_sock_addr *ctx, struct pod_policy *self, int v4)
+{
+    if (ctx->family == AF_INET) {
+        struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = self->pod_ip};
+        return bpf_bind(ctx, (struct sockaddr *)&src, sizeof(src));
+    }
+    struct sockaddr_in6 src6 = {.sin6_family = AF_INET6};
+    struct addr a = self->pod_ip6;
+    if (v4)
+        addr_set_v4(&a, self->pod_ip);
+    src6.sin6_addr.in6_u.u6_addr32[0] = a.w[0];
+    src6.sin6_addr.in6_u.u6_addr32[1] = a.w[1];
+    src6.sin6_addr.in6_u.u6_addr32[2] = a.w[2];
+    src6.sin6_addr.in6_u.u6_addr32[3] = a.w[3];
+    return bpf_bind(ctx, (struct sockaddr *)&src6, sizeof(src6));
+}
+
+/* The decision shared by both hooks; `dst` is v4-mapped for IPv4. */
+static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struct addr *dst, __u16 dst_port)
 {
     if (ctx->protocol != IPPROTO_TCP)
-        return 1;
+        return CONNECT_LEFT;
     __u64 netns = bpf_get_netns_cookie(ctx);
     struct pod_policy *self = pod_policy.lookup(&netns);
     if (!self)
-        return 1;   /* not an accelerated pod: iptables (if any) handles it */
+        return CONNECT_LEFT;   /* not an accelerated pod: iptables (if any) handles it */
 
-    __u32 dst_ip = ctx->user_ip4;
-    __u16 dst_port = bpf_ntohs((__u16)ctx->user_port);
+    int v4 = addr_is_v4(dst);
+    if (!(self->families & (v4 ? POD_IPV4 : POD_IPV6)))
+        return CONNECT_LEFT;   /* that family stays with Istio's rules for this pod */
     /* Istio returns loopback traffic of apps (-o lo), and a proxy calling its
      * own pod IP goes through iptables' ISTIO_IN_REDIRECT: leave both alone. */
-    if (is_loopback(dst_ip) || dst_ip == self->pod_ip)
-        return 1;
+    if (is_loopback(dst) || (v4 ? dst->w[3] == self->pod_ip : addr_eq(dst, &self->pod_ip6)))
+        return CONNECT_LEFT;
 
     if (!current_is_proxy(self)) {
-        if (!outbound_captured(self, dst_ip, dst_port))
-            return 1;
-        /* Bind the source to the pod IP (the port is still chosen at connect,
-         * bpf_bind implies IP_BIND_ADDRESS_NO_PORT): without it every pod's
-         * redirected connection would come from 127.0.0.1 and 4-tuples would
-         * collide across pods in the original_dst map, so one pod's proxy
-         * could be told another pod's destination. When the bind fails (the
-         * app bound the socket itself, so it has a port already), the
-         * connection is left to iptables, which keys by conntrack instead. */
-        struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = self->pod_ip};
-        if (bpf_bind(ctx, (struct sockaddr *)&src, sizeof(src)) != 0) {
+        int captured = v4 ? outbound_captured(self, dst->w[3], dst_port) : outbound6_captured(self, dst, dst_port);
+        if (!captured)
+            return CONNECT_LEFT;
+        /* When the bind fails (the app bound the socket itself, so it has a
+         * port already), the connection is left to iptables, which keys by
+         * conntrack instead. */
+        if (bind_to_pod(ctx, self, v4) != 0) {
             count(CNT_ERR_BIND, 1);
-            return 1;
+            return CONNECT_LEFT;
         }
-        if (remember_original_dst(ctx, dst_ip, dst_port, 0) != 0)
-            return 1;   /* we could not answer SO_ORIGINAL_DST: let iptables do it */
-        ctx->user_ip4 = bpf_htonl(MESH_REDIRECT_IP_HOST);
-        ctx->user_port = bpf_htons(MESH_OUTBOUND_PORT);
+        if (remember_original_dst(ctx, dst, dst_port, 0) != 0)
+            return CONNECT_LEFT;   /* we could not answer SO_ORIGINAL_DST: let iptables do it */
         count(CNT_REDIRECT_OUTBOUND, 1);
-        return 1;
+        return CONNECT_TO_OUTBOUND;
     }
 
     /* The proxy connecting to another accelerated pod on this node, on a port
@@ -71,18 +104,57 @@ int sock4_connect(struct bpf_sock_addr *ctx)
      * tuple as an iptables-mode one from the same source port still in
      * conntrack TIME_WAIT, and netfilter drops such a clashing SYN. For pods
      * without inbound rules, the rewrite can be switched on. */
-    __u64 *peer_netns = local_pod_ip.lookup(&dst_ip);
+    __u64 *peer_netns = local_pod_ip.lookup((struct addr *)dst);
     if (!peer_netns)
-        return 1;
+        return CONNECT_LEFT;
     struct pod_policy *peer = pod_policy.lookup(peer_netns);
-    if (!peer || dst_port == MESH_INBOUND_PORT || !inbound_captured(peer, dst_port))
-        return 1;
+    if (!peer || !(peer->families & (v4 ? POD_IPV4 : POD_IPV6)) || dst_port == MESH_INBOUND_PORT ||
+        !inbound_captured(peer, dst_port))
+        return CONNECT_LEFT;
     struct datapath_config *cfg = datapath_config();
     int rewrite = cfg && cfg->rewrite_inbound_port;
-    if (remember_original_dst(ctx, dst_ip, dst_port, rewrite ? 0 : ODST_VIA_INBOUND_REDIRECT) != 0)
-        return 1;
-    if (rewrite)
-        ctx->user_port = bpf_htons(MESH_INBOUND_PORT);
+    if (remember_original_dst(ctx, dst, dst_port, rewrite ? 0 : ODST_VIA_INBOUND_REDIRECT) != 0)
+        return CONNECT_LEFT;
     count(CNT_REDIRECT_INBOUND, 1);
+    return rewrite ? CONNECT_TO_INBOUND_PORT : CONNECT_LEFT;
+}
+
+int sock4_connect(struct bpf_sock_addr *ctx)
+{
+    struct addr dst = {};
+    addr_set_v4(&dst, ctx->user_ip4);
+    int action = connect_common(ctx, &dst, bpf_ntohs((__u16)ctx->user_port));
+    if (action == CONNECT_TO_OUTBOUND) {
+        ctx->user_ip4 = bpf_htonl(MESH_REDIRECT_IP_HOST);
+        ctx->user_port = bpf_htons(MESH_OUTBOUND_PORT);
+    } else if (action == CONNECT_TO_INBOUND_PORT) {
+        ctx->user_port = bpf_htons(MESH_INBOUND_PORT);
+    }
+    return 1;
+}
+
+int sock6_connect(struct bpf_sock_addr *ctx)
+{
+    struct addr dst = {};
+    dst.w[0] = ctx->user_ip6[0];
+    dst.w[1] = ctx->user_ip6[1];
+    dst.w[2] = ctx->user_ip6[2];
+    dst.w[3] = ctx->user_ip6[3];
+    int action = connect_common(ctx, &dst, bpf_ntohs((__u16)ctx->user_port));
+    if (action == CONNECT_TO_OUTBOUND) {
+        /* IPv4 destinations to the IPv4 listener address (v4-mapped), IPv6 ones to [::1] */
+        struct addr to = {};
+        if (addr_is_v4(&dst))
+            addr_set_v4(&to, bpf_htonl(MESH_REDIRECT_IP_HOST));
+        else
+            addr_set_host(&to, MESH_REDIRECT_IP6_HOST);
+        ctx->user_ip6[0] = to.w[0];
+        ctx->user_ip6[1] = to.w[1];
+        ctx->user_ip6[2] = to.w[2];
+        ctx->user_ip6[3] = to.w[3];
+        ctx->user_port = bpf_htons(MESH_OUTBOUND_PORT);
+    } else if (action == CONNECT_TO_INBOUND_PORT) {
+        ctx->user_port = bpf_htons(MESH_INBOUND_PORT);
+    }
     return 1;
 }

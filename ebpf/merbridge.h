@@ -11,6 +11,7 @@
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
 #include <linux/socket.h>
 
 #ifndef MESH_OUTBOUND_PORT
@@ -26,9 +27,21 @@
 #endif
 #define MAX_DESTINATIONS 4096
 
-/* SO_ORIGINAL_DST from linux/netfilter_ipv4.h; not pulled in to keep includes UAPI-only. */
+/* SO_ORIGINAL_DST from linux/netfilter_ipv4.h and IP6T_SO_ORIGINAL_DST from
+ * linux/netfilter_ipv6/ip6_tables.h (both 80); not pulled in to keep includes UAPI-only. */
 #define SOL_IP_LEVEL 0
+#define SOL_IPV6_LEVEL 41
 #define SO_ORIGINAL_DST_OPT 80
+
+/* Addresses of both families, in one shape: 16 bytes, network order, IPv4
+ * stored v4-mapped (::ffff:a.b.c.d). An AF_INET6 socket talking to an IPv4
+ * peer holds exactly that form, so the two ends of a connection find each
+ * other whichever family each socket has (an app's v4-mapped AF_INET6 socket,
+ * the proxy's accepted AF_INET one). Compared word by word: the verifier and
+ * bcc handle __u32[4] where a 16-byte memcmp would not do. */
+struct addr {
+    __u32 w[4];
+};
 
 /* Policy rules are first-match lists, in the order istio-iptables appends its
  * nat rules for the same annotations; no match means "not captured". This
@@ -37,6 +50,15 @@
 struct outbound_rule {
     __u32 addr;
     __u32 mask;
+    __u16 port;
+    __u8 capture;
+    __u8 pad;
+};
+
+/* The same for IPv6 destinations (ip6tables' ISTIO_OUTPUT chain). */
+struct outbound_rule6 {
+    struct addr addr;
+    struct addr mask;
     __u16 port;
     __u8 capture;
     __u8 pad;
@@ -52,30 +74,42 @@ struct inbound_rule {
  * them by owner (istio-iptables -u/-g), and so does the connect hook, by the
  * uid and gid of the calling process. Per pod, because one node can run pods
  * whose proxies run as different ids (OpenShift gives each namespace its own). */
+/* Each family is accelerated on its own: Istio captures IPv6 with ip6tables
+ * only for pods with an IPv6 address, and a pod's IPv6 policy may not be
+ * known exactly when its IPv4 one is. A family not in `families` is left to
+ * the kernel's normal path (Istio's rules, if any) for every connection. */
+#define POD_IPV4 1
+#define POD_IPV6 2
+
 struct pod_policy {
     __u32 pod_ip;            /* network order */
     __u16 n_outbound;
     __u16 n_inbound;
     __u32 proxy_uid;
     __u32 proxy_gid;
+    struct addr pod_ip6;     /* zero without POD_IPV6 */
+    __u16 n_outbound6;
+    __u16 families;          /* POD_IPV4 | POD_IPV6 */
     struct outbound_rule outbound[MAX_OUTBOUND_RULES];
-    struct inbound_rule inbound[MAX_INBOUND_RULES];
+    struct outbound_rule6 outbound6[MAX_OUTBOUND_RULES];
+    struct inbound_rule inbound[MAX_INBOUND_RULES];   /* both families: Istio gives both the same ports */
 };
 
-/* A connection seen from one of its ends: addresses network order, ports host
+/* A connection seen from one of its ends: addresses as struct addr, ports host
  * order. original_dst keys use the client's view, sock_pairs keys each
  * socket's own view (so a sender finds its peer by swapping the halves). */
 struct sock_tuple {
-    __u32 local_ip;
-    __u32 remote_ip;
+    struct addr local_ip;
+    struct addr remote_ip;
     __u16 local_port;
     __u16 remote_port;
 };
 
 struct original_dst {
-    __u32 ip;      /* network order */
-    __u16 port;    /* host order */
-    __u16 flags;   /* ODST_* */
+    struct addr ip;  /* v4-mapped for IPv4 destinations */
+    __u16 port;      /* host order */
+    __u16 flags;     /* ODST_* */
+    __u32 pad;
     __u64 established_ns;  /* when the client end was established (adaptive splicing learns lifetimes) */
 };
 
@@ -105,10 +139,11 @@ enum leg {
  * leg's client end): one pod's burst of short connections must not leave
  * another pod's long-lived connection to the same destination unspliced. */
 struct dest_key {
-    __u64 netns;   /* netns cookie of the leg's client end */
-    __u32 ip;      /* original destination, network order */
-    __u16 port;    /* host order */
-    __u16 leg;     /* enum leg */
+    __u64 netns;     /* netns cookie of the leg's client end */
+    struct addr ip;  /* original destination */
+    __u16 port;      /* host order */
+    __u16 leg;       /* enum leg */
+    __u32 pad;
 };
 
 struct dest_profile {
@@ -173,8 +208,9 @@ enum counter {
  * cookie. User space fills it, so a pod knows it is meshed from its first
  * connection on (Merbridge learnt this by failing one connection). */
 MB_TABLE("hash", __u64, struct pod_policy, pod_policy, MAX_PODS);
-/* local_pod_ip: pod IP -> netns cookie, for "is this destination a pod on this node". */
-MB_TABLE("hash", __u32, __u64, local_pod_ip, MAX_PODS);
+/* local_pod_ip: pod IP (either family, an IPv4 one v4-mapped) -> netns cookie,
+ * for "is this destination a pod on this node". */
+MB_TABLE("hash", struct addr, __u64, local_pod_ip, 2 * MAX_PODS);
 /* connect_original_dst: socket cookie -> where the app meant to go, between
  * connect() and the connection being established. Deleted when consumed or on
  * close; LRU only as a backstop for connects that never reach the TCP stack. */
@@ -224,9 +260,71 @@ static __always_inline void count(__u32 slot, __u64 n)
         *value += n;   /* per-CPU slot: no atomics needed */
 }
 
-static __always_inline int is_loopback(__u32 ip_net)
+static __always_inline int addr_is_v4(const struct addr *a)
 {
-    return (bpf_ntohl(ip_net) >> 24) == 127;
+    return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void addr_set_v4(struct addr *a, __u32 ip_net)
+{
+    a->w[0] = 0;
+    a->w[1] = 0;
+    a->w[2] = bpf_htonl(0xffff);
+    a->w[3] = ip_net;
+}
+
+/* From four host-order words (how mesh.py passes IPv6 constants). */
+static __always_inline void addr_set_host(struct addr *a, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
+{
+    a->w[0] = bpf_htonl(w0);
+    a->w[1] = bpf_htonl(w1);
+    a->w[2] = bpf_htonl(w2);
+    a->w[3] = bpf_htonl(w3);
+}
+
+/* A socket's address from its context fields: the IPv4 word for AF_INET,
+ * the four IPv6 words otherwise. Callers read every field before choosing
+ * (clang would otherwise merge the two branches' context loads into one
+ * through a computed pointer, which the verifier rejects). */
+static __always_inline void addr_from_ctx(struct addr *a, int is_inet, __u32 ip4, __u32 w0, __u32 w1, __u32 w2,
+                                          __u32 w3)
+{
+    if (is_inet) {
+        addr_set_v4(a, ip4);
+    } else {
+        a->w[0] = w0;
+        a->w[1] = w1;
+        a->w[2] = w2;
+        a->w[3] = w3;
+    }
+}
+/* A context field read here and now, into a register (the empty asm pins the load in place). */
+#define CTX_READ(field) ({ __u32 __v = (field); __asm__ __volatile__("" : "+r"(__v)); __v; })
+#define ADDR_FROM_CTX(a, is_inet, ctx, f4, f6)                                                  \
+    addr_from_ctx((a), (is_inet), CTX_READ((ctx)->f4), CTX_READ((ctx)->f6[0]), CTX_READ((ctx)->f6[1]), \
+                  CTX_READ((ctx)->f6[2]), CTX_READ((ctx)->f6[3]))
+
+static __always_inline int addr_eq(const struct addr *a, const struct addr *b)
+{
+    return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] && a->w[3] == b->w[3];
+}
+
+/* 127.0.0.0/8 (Istio's -o lo RETURN covers all of it) or ::1. */
+static __always_inline int is_loopback(const struct addr *a)
+{
+    if (addr_is_v4(a))
+        return (bpf_ntohl(a->w[3]) >> 24) == 127;
+    return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == 0 && a->w[3] == bpf_htonl(1);
+}
+
+/* The address the proxy's inbound leg comes from: 127.0.0.6, or ::6 for IPv6. */
+static __always_inline int is_passthrough(const struct addr *a)
+{
+    if (addr_is_v4(a))
+        return a->w[3] == bpf_htonl(MESH_PASSTHROUGH_IP_HOST);
+    struct addr p6 = {};
+    addr_set_host(&p6, MESH_PASSTHROUGH_IP6_HOST);
+    return addr_eq(a, &p6);
 }
 
 static __always_inline struct datapath_config *datapath_config(void)
@@ -243,6 +341,21 @@ static __always_inline int outbound_captured(struct pod_policy *p, __u32 ip_net,
             break;
         struct outbound_rule *r = &p->outbound[i];
         if ((ip_net & r->mask) == r->addr && (r->port == 0 || r->port == port))
+            return r->capture;
+    }
+    return 0;
+}
+
+/* The same over the IPv6 rules (ip6tables' ISTIO_OUTPUT). */
+static __always_inline int outbound6_captured(struct pod_policy *p, const struct addr *ip, __u16 port)
+{
+    for (int i = 0; i < MAX_OUTBOUND_RULES; i++) {
+        if (i >= p->n_outbound6)
+            break;
+        struct outbound_rule6 *r = &p->outbound6[i];
+        if ((ip->w[0] & r->mask.w[0]) == r->addr.w[0] && (ip->w[1] & r->mask.w[1]) == r->addr.w[1] &&
+            (ip->w[2] & r->mask.w[2]) == r->addr.w[2] && (ip->w[3] & r->mask.w[3]) == r->addr.w[3] &&
+            (r->port == 0 || r->port == port))
             return r->capture;
     }
     return 0;

@@ -41,12 +41,15 @@ int sk_msg_splice(struct sk_msg_md *msg)
     __u64 size = msg->size;
     if (sending_bulk(msg, (__u32)size))
         return SK_PASS;
+    /* The peer's own view of the connection: this socket's, halves swapped
+     * (v4-mapped for IPv4 whatever the socket's family, as sockops keyed it). */
     struct sock_tuple peer = {
-        .local_ip = msg->remote_ip4,
-        .remote_ip = msg->local_ip4,
         .local_port = (__u16)bpf_ntohl(msg->remote_port),  /* network order, upper half */
         .remote_port = (__u16)msg->local_port,             /* host order */
     };
+    int inet = msg->family == AF_INET;
+    ADDR_FROM_CTX(&peer.local_ip, inet, msg, remote_ip4, remote_ip6);
+    ADDR_FROM_CTX(&peer.remote_ip, inet, msg, local_ip4, local_ip6);
     long verdict = sock_pairs.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
     if (verdict == SK_PASS) {
         count(CNT_SPLICE_MSGS, 1);

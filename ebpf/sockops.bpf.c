@@ -13,25 +13,28 @@
  * the app opens one per request; and per client pod (struct dest_key). */
 #include "merbridge.h"
 
+/* An AF_INET6 socket with an IPv4 peer shows its addresses v4-mapped, the
+ * form struct addr keeps IPv4 in: both families give the same tuple. */
 static __always_inline struct sock_tuple own_tuple(struct bpf_sock_ops *skops)
 {
     struct sock_tuple t = {
-        .local_ip = skops->local_ip4,
-        .remote_ip = skops->remote_ip4,
         .local_port = (__u16)skops->local_port,                 /* host order */
         .remote_port = (__u16)bpf_ntohl(skops->remote_port),    /* network order, upper half */
     };
+    int inet = skops->family == AF_INET;
+    ADDR_FROM_CTX(&t.local_ip, inet, skops, local_ip4, local_ip6);
+    ADDR_FROM_CTX(&t.remote_ip, inet, skops, remote_ip4, remote_ip6);
     return t;
 }
 
-static __always_inline int should_splice(__u64 netns, __u32 dst_ip, __u16 dst_port, __u16 leg)
+static __always_inline int should_splice(__u64 netns, const struct addr *dst_ip, __u16 dst_port, __u16 leg)
 {
     struct datapath_config *cfg = datapath_config();
     if (!cfg || cfg->splice == SPLICE_NEVER)
         return 0;
     if (cfg->splice == SPLICE_ALWAYS)
         return 1;
-    struct dest_key key = {.netns = netns, .ip = dst_ip, .port = dst_port, .leg = leg};
+    struct dest_key key = {.netns = netns, .ip = *dst_ip, .port = dst_port, .leg = leg};
     struct dest_profile *profile = dest_profiles.lookup(&key);
     /* The verdict expires: a long-lived connection opened after a burst of
      * short ones would otherwise stay unspliced for its whole life. */
@@ -59,13 +62,13 @@ static __always_inline int adaptive(void)
     return cfg && cfg->splice == SPLICE_ADAPTIVE;
 }
 
-static __always_inline void learn_lifetime(__u64 netns, __u32 dst_ip, __u16 dst_port, __u16 leg,
+static __always_inline void learn_lifetime(__u64 netns, const struct addr *dst_ip, __u16 dst_port, __u16 leg,
                                            __u64 established_ns)
 {
     struct datapath_config *cfg = datapath_config();
     if (!cfg || cfg->splice != SPLICE_ADAPTIVE || !established_ns)
         return;
-    struct dest_key key = {.netns = netns, .ip = dst_ip, .port = dst_port, .leg = leg};
+    struct dest_key key = {.netns = netns, .ip = *dst_ip, .port = dst_port, .leg = leg};
     __u64 now = bpf_ktime_get_ns();
     if (now - established_ns >= cfg->short_conn_ns) {
         dest_profiles.delete(&key);   /* a long-lived one: splice again */
@@ -106,11 +109,11 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
     if (dst) {
         struct original_dst copy = *dst;
         connect_original_dst.delete(&cookie);
-        __u16 leg = is_loopback(t.remote_ip) ? LEG_APP : LEG_PROXY;
+        __u16 leg = is_loopback(&t.remote_ip) ? LEG_APP : LEG_PROXY;
         if (copy.flags & ODST_VIA_INBOUND_REDIRECT)
             t.remote_port = MESH_INBOUND_PORT;
         copy.established_ns = bpf_ktime_get_ns();
-        int spliced = should_splice(bpf_get_netns_cookie(skops), copy.ip, copy.port, leg);
+        int spliced = should_splice(bpf_get_netns_cookie(skops), &copy.ip, copy.port, leg);
         if (spliced)
             copy.flags |= ODST_SPLICED;
         if (original_dst.update(&t, &copy) != 0) {
@@ -123,7 +126,7 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
     }
     /* The inbound leg, proxy -> its own app. Its lifetime is learnt from this
      * end, timed in socket-local storage (it has no original_dst record). */
-    if (t.local_ip != bpf_htonl(MESH_PASSTHROUGH_IP_HOST) || !pod_is_accelerated(skops))
+    if (!is_passthrough(&t.local_ip) || !pod_is_accelerated(skops))
         return;
     struct bpf_sock *sk = skops->sk;   /* read once: the verifier tracks the null check on this copy */
     if (adaptive() && sk) {
@@ -133,7 +136,7 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
             bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
         }
     }
-    if (should_splice(bpf_get_netns_cookie(skops), t.remote_ip, t.remote_port, LEG_INBOUND))
+    if (should_splice(bpf_get_netns_cookie(skops), &t.remote_ip, t.remote_port, LEG_INBOUND))
         join_sock_pairs(skops, &t);
 }
 
@@ -158,8 +161,8 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
     }
     /* Both ends of the inbound leg are in the receiving pod: the netns of
      * this end is the client end's, so both ends reach the same verdict. */
-    if (t.remote_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST) && pod_is_accelerated(skops) &&
-        should_splice(bpf_get_netns_cookie(skops), t.local_ip, t.local_port, LEG_INBOUND))
+    if (is_passthrough(&t.remote_ip) && pod_is_accelerated(skops) &&
+        should_splice(bpf_get_netns_cookie(skops), &t.local_ip, t.local_port, LEG_INBOUND))
         join_sock_pairs(skops, &t);
 }
 
@@ -170,31 +173,31 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
     __u64 cookie = socket_cookie64(skops);
     connect_original_dst.delete(&cookie);
     struct sock_tuple t = own_tuple(skops);
-    if (t.local_ip == bpf_htonl(MESH_PASSTHROUGH_IP_HOST)) {   /* an inbound leg's client end */
+    if (is_passthrough(&t.local_ip)) {   /* an inbound leg's client end */
         struct bpf_sock *sk = skops->sk;
         if (sk) {
             struct send_state *st = send_states.sk_storage_get(sk, 0, 0);
             if (st)
-                learn_lifetime(bpf_get_netns_cookie(skops), t.remote_ip, t.remote_port, LEG_INBOUND,
+                learn_lifetime(bpf_get_netns_cookie(skops), &t.remote_ip, t.remote_port, LEG_INBOUND,
                                st->established_ns);
         }
         return;
     }
-    __u16 leg = is_loopback(t.remote_ip) ? LEG_APP : LEG_PROXY;
+    __u16 leg = is_loopback(&t.remote_ip) ? LEG_APP : LEG_PROXY;
     struct original_dst *dst = original_dst.lookup(&t);
     if (!dst) {
         t.remote_port = MESH_INBOUND_PORT;   /* a proxy-to-pod leg's record */
         dst = original_dst.lookup(&t);
     }
     if (dst) {
-        learn_lifetime(bpf_get_netns_cookie(skops), dst->ip, dst->port, leg, dst->established_ns);
+        learn_lifetime(bpf_get_netns_cookie(skops), &dst->ip, dst->port, leg, dst->established_ns);
         original_dst.delete(&t);
     }
 }
 
 int sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->family != AF_INET)
+    if (skops->family != AF_INET && skops->family != AF_INET6)
         return 0;
     switch (skops->op) {
     case BPF_SOCK_OPS_TCP_CONNECT_CB: {

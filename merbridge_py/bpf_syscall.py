@@ -45,6 +45,7 @@ class AttachType(enum.IntEnum):
     CGROUP_SOCK_OPS = 3
     SK_MSG_VERDICT = 7
     CGROUP_INET4_CONNECT = 10
+    CGROUP_INET6_CONNECT = 11
     CGROUP_GETSOCKOPT = 21
 
 

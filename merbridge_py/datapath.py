@@ -60,9 +60,13 @@ class Hook:
         return int(bpf_syscall.AttachType[self.attach_type])
 
 
-CONNECT_HOOK = "sock4_connect"
+# The connect hooks are the ones a mode switch takes off and puts back:
+# connect4 for AF_INET sockets, connect6 for AF_INET6 ones (IPv6 and
+# v4-mapped IPv4 destinations).
+CONNECT_HOOKS = ("sock4_connect", "sock6_connect")
 HOOKS = (
-    Hook("connect.bpf.c", CONNECT_HOOK, "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", True),
+    Hook("connect.bpf.c", "sock4_connect", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", True),
+    Hook("connect.bpf.c", "sock6_connect", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT", True),
     Hook("sockops.bpf.c", "sockops", "SOCK_OPS", "CGROUP_SOCK_OPS", True),
     Hook("sk_msg.bpf.c", "sk_msg_splice", "SK_MSG", "SK_MSG_VERDICT", False),
     Hook("getsockopt.bpf.c", "sockopt_original_dst", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT", True),
@@ -93,7 +97,7 @@ def program_text(directory: Path | None = None) -> str:
     are joined here; #line markers keep compiler errors pointing at them."""
     d = directory or ebpf_dir()
     parts = []
-    for name in (HEADER,) + tuple(h.source for h in HOOKS):
+    for name in (HEADER,) + tuple(dict.fromkeys(h.source for h in HOOKS)):
         body = (d / name).read_text()
         body = re.sub(r'^#include "merbridge\.h"\s*$', "", body, flags=re.M)
         body = body.replace("#pragma once", "")
@@ -282,7 +286,7 @@ class Datapath:
             # A sockhash has one sk_msg program: this replaces a predecessor's on adopted maps.
             self._attach(self.bpf.sockhash_fd, SK_MSG_HOOK, 0)
             for hook in HOOKS:
-                if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
+                if hook.on_cgroup and (self.mode == "ebpf" or hook.function not in CONNECT_HOOKS):
                     self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
         except BaseException:
             for prog_fd, _ in stale:
@@ -323,7 +327,7 @@ class Datapath:
             time.sleep(drain_seconds)
         if self.attached and self._cgroup_fd is not None:
             for hook in HOOKS:
-                if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
+                if hook.on_cgroup and (self.mode == "ebpf" or hook.function not in CONNECT_HOOKS):
                     try:
                         self._detach(self._cgroup_fd, hook)
                     except OSError as e:
@@ -424,20 +428,25 @@ class Datapath:
             raise DatapathError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if mode == self.mode:
             return
-        connect = next(h for h in HOOKS if h.function == CONNECT_HOOK)
+        connects = [h for h in HOOKS if h.function in CONNECT_HOOKS]
         if mode == "iptables":
             if self.attached:
-                try:
-                    self._detach(self._cgroup_fd, connect)
-                except OSError as e:
-                    raise DatapathError(f"detaching {CONNECT_HOOK}: {e.strerror}") from None
+                errors = []
+                for connect in connects:   # each one tried: a failure leaves as few attached as possible
+                    try:
+                        self._detach(self._cgroup_fd, connect)
+                    except OSError as e:
+                        errors.append(f"detaching {connect.function}: {e.strerror}")
+                if errors:
+                    raise DatapathError("; ".join(errors))
             self.mode = mode
             self._write_config()
         else:
             self.mode = mode
             self._write_config()
             if self.attached:
-                self._attach(self._cgroup_fd, connect, bpf_syscall.BPF_F_ALLOW_MULTI)
+                for connect in connects:
+                    self._attach(self._cgroup_fd, connect, bpf_syscall.BPF_F_ALLOW_MULTI)
         log.info("datapath mode is now %s", mode)
 
     # --- state ----------------------------------------------------------------------
@@ -453,27 +462,49 @@ class Datapath:
         """Write one pod's policy. `outbound`/`inbound` are compiled first-match
         rule lists (merbridge_py.policy.compile_rules); the caller has checked
         they fit (a policy that does not fit is never truncated). `fields` is
-        the rest (policy.rules.PodKernelFields: the proxy's uid/gid); without
-        it, the mesh's defaults."""
-        if len(outbound) > layout.MAX_OUTBOUND_RULES or len(inbound) > layout.MAX_INBOUND_RULES:
+        the rest (policy.rules.PodKernelFields: the proxy's uid/gid, the IPv6
+        address and rules when IPv6 is accelerated); without it, the mesh's
+        uid/gid and IPv4 only."""
+        outbound6 = fields.outbound6 if fields else ()
+        if len(outbound) > layout.MAX_OUTBOUND_RULES or len(inbound) > layout.MAX_INBOUND_RULES or \
+                len(outbound6) > layout.MAX_OUTBOUND_RULES:
             raise DatapathError(f"policy of {pod_ip} does not fit the datapath's rule tables")
         value = layout.PodPolicyValue()
         value.pod_ip = ip_to_net(pod_ip)
         value.n_outbound, value.n_inbound = len(outbound), len(inbound)
         value.proxy_uid = fields.proxy_uid if fields else self.mesh.proxy_uid
         value.proxy_gid = fields.proxy_gid if fields else self.mesh.proxy_gid
+        value.families = layout.POD_IPV4
         for slot, rule in zip(value.outbound, outbound):
             slot.addr = ip_to_net(str(rule.network.network_address))
             slot.mask = ip_to_net(str(rule.network.netmask))
             slot.port, slot.capture = rule.port, int(rule.capture)
         for slot, rule in zip(value.inbound, inbound):
             slot.port, slot.capture = rule.port, int(rule.capture)
+        ipv6 = fields.ipv6 if fields else None
+        if ipv6:
+            value.families |= layout.POD_IPV6
+            value.pod_ip6 = layout.Addr.of(ipv6)
+            value.n_outbound6 = len(outbound6)
+            for slot, rule in zip(value.outbound6, outbound6):
+                slot.addr = layout.Addr.of(str(rule.network.network_address))
+                slot.mask = layout.Addr.of(str(rule.network.netmask))
+                slot.port, slot.capture = rule.port, int(rule.capture)
+        previous = self.bpf["pod_policy"].lookup(netns_cookie)
         # policy first, then the IP index: a reader never finds an IP without its policy
         self.bpf["pod_policy"].update(netns_cookie, value)
-        self.bpf["local_pod_ip"].update(value.pod_ip, netns_cookie)
+        self.bpf["local_pod_ip"].update(layout.Addr.of(pod_ip), netns_cookie)
+        if ipv6:
+            self.bpf["local_pod_ip"].update(layout.Addr.of(ipv6), netns_cookie)
+        old6 = _ipv6_of(previous)
+        if old6 and old6 != ipv6:   # IPv6 no longer accelerated, or another address
+            self.bpf["local_pod_ip"].delete(layout.Addr.of(old6))
 
     def remove_pod(self, netns_cookie: int, pod_ip: str) -> None:
-        self.bpf["local_pod_ip"].delete(ip_to_net(pod_ip))
+        ipv6 = _ipv6_of(self.bpf["pod_policy"].lookup(netns_cookie))
+        self.bpf["local_pod_ip"].delete(layout.Addr.of(pod_ip))
+        if ipv6:
+            self.bpf["local_pod_ip"].delete(layout.Addr.of(ipv6))
         self.bpf["pod_policy"].delete(netns_cookie)
 
     def pod_entries(self) -> list[tuple[int, str]]:
@@ -539,6 +570,13 @@ def _open_maps(maps_dir: Path, progs: dict[str, int]) -> LoadedObjects:
             os.close(fd)
         raise DatapathError(f"opening the pinned maps in {maps_dir}: {e}") from None
     return LoadedObjects(progs, maps, sockhash_fd)
+
+
+def _ipv6_of(value) -> str | None:
+    """The IPv6 address a pod_policy value serves, if any."""
+    if value is None or not value.families & layout.POD_IPV6:
+        return None
+    return value.pod_ip6.text()
 
 
 def ip_to_net(ip: str) -> int:

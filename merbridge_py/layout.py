@@ -6,6 +6,7 @@ drift apart silently.
 
 import ctypes as ct
 import enum
+import ipaddress
 
 MAX_OUTBOUND_RULES = 128
 MAX_INBOUND_RULES = 128
@@ -14,10 +15,38 @@ MAX_CONNECTIONS = 65536
 MAX_DESTINATIONS = 4096
 
 
+class Addr(ct.Structure):
+    """struct addr: 16 bytes, network order; IPv4 v4-mapped (::ffff:a.b.c.d)."""
+
+    _fields_ = [("w", ct.c_uint32 * 4)]
+
+    @classmethod
+    def of(cls, ip: str) -> "Addr":
+        packed = ipaddress.ip_address(ip)
+        if packed.version == 4:
+            packed = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + packed.packed)
+        return cls.from_buffer_copy(packed.packed)
+
+    def text(self) -> str:
+        """The address in its own family's notation (IPv4 for v4-mapped)."""
+        v6 = ipaddress.IPv6Address(bytes(self))
+        return str(v6.ipv4_mapped or v6)
+
+
 class OutboundRule(ct.Structure):
     _fields_ = [
         ("addr", ct.c_uint32),     # network order
         ("mask", ct.c_uint32),     # network order
+        ("port", ct.c_uint16),     # host order, 0 = any
+        ("capture", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+class OutboundRule6(ct.Structure):
+    _fields_ = [
+        ("addr", Addr),
+        ("mask", Addr),
         ("port", ct.c_uint16),     # host order, 0 = any
         ("capture", ct.c_uint8),
         ("pad", ct.c_uint8),
@@ -39,17 +68,25 @@ class PodPolicyValue(ct.Structure):
         ("n_inbound", ct.c_uint16),
         ("proxy_uid", ct.c_uint32),  # the proxy's own connections are never redirected
         ("proxy_gid", ct.c_uint32),
+        ("pod_ip6", Addr),         # zero without POD_IPV6
+        ("n_outbound6", ct.c_uint16),
+        ("families", ct.c_uint16),   # POD_IPV4 | POD_IPV6
         ("outbound", OutboundRule * MAX_OUTBOUND_RULES),
+        ("outbound6", OutboundRule6 * MAX_OUTBOUND_RULES),
         ("inbound", InboundRule * MAX_INBOUND_RULES),
     ]
+
+
+POD_IPV4 = 1
+POD_IPV6 = 2
 
 
 class SockTuple(ct.Structure):
     """A connection seen from one end (original_dst: the client's view)."""
 
     _fields_ = [
-        ("local_ip", ct.c_uint32),     # network order
-        ("remote_ip", ct.c_uint32),    # network order
+        ("local_ip", Addr),
+        ("remote_ip", Addr),
         ("local_port", ct.c_uint16),   # host order
         ("remote_port", ct.c_uint16),  # host order
     ]
@@ -57,9 +94,10 @@ class SockTuple(ct.Structure):
 
 class OriginalDst(ct.Structure):
     _fields_ = [
-        ("ip", ct.c_uint32),    # network order
+        ("ip", Addr),
         ("port", ct.c_uint16),  # host order
         ("flags", ct.c_uint16),  # ODST_* in merbridge.h
+        ("pad", ct.c_uint32),
         ("established_ns", ct.c_uint64),
     ]
 
@@ -81,7 +119,8 @@ class Leg(enum.IntEnum):
 
 
 class DestKey(ct.Structure):
-    _fields_ = [("netns", ct.c_uint64), ("ip", ct.c_uint32), ("port", ct.c_uint16), ("leg", ct.c_uint16)]
+    _fields_ = [("netns", ct.c_uint64), ("ip", Addr), ("port", ct.c_uint16), ("leg", ct.c_uint16),
+                ("pad", ct.c_uint32)]
 
 
 class DestProfile(ct.Structure):
@@ -125,7 +164,7 @@ COUNTER_SLOTS = len(Counter)
 # value is a socket, which user space never reads.
 MAPS = {
     "pod_policy": (ct.c_uint64, PodPolicyValue),
-    "local_pod_ip": (ct.c_uint32, ct.c_uint64),
+    "local_pod_ip": (Addr, ct.c_uint64),
     "connect_original_dst": (ct.c_uint64, OriginalDst),
     "original_dst": (SockTuple, OriginalDst),
     "dest_profiles": (DestKey, DestProfile),

@@ -5,7 +5,7 @@ port or uid is never written twice. Adding a mesh is adding one profile.
 """
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class MeshProfile:
     status_port: int              # default readiness port, exempt from inbound capture
     inbound_tunnel_port: int      # mTLS tunnel (HBONE) port, never captured inbound
     always_exempt_inbound_ports: tuple[int, ...]  # ports the mesh never captures inbound
+    inbound_passthrough_ip6: str = "::6"   # the same two for IPv6 (Istio adds ::6 to lo for this)
+    outbound_redirect_ip6: str = "::1"
 
     def cflags(self) -> list[str]:
         """-D defines that hand this profile to the eBPF programs."""
@@ -32,7 +34,16 @@ class MeshProfile:
             # host-order value; the programs convert with bpf_htonl
             f"-DMESH_PASSTHROUGH_IP_HOST={passthrough}U",
             f"-DMESH_REDIRECT_IP_HOST={redirect}U",
+            f"-DMESH_PASSTHROUGH_IP6_HOST={_host_words(self.inbound_passthrough_ip6)}",
+            f"-DMESH_REDIRECT_IP6_HOST={_host_words(self.outbound_redirect_ip6)}",
         ]
+
+
+def _host_words(ip6: str) -> str:
+    """An IPv6 address as four host-order u32 literals, "w0U,w1U,w2U,w3U":
+    the programs turn each into network order (addr_set_host in merbridge.h)."""
+    value = int(IPv6Address(ip6))
+    return ",".join(f"{(value >> shift) & 0xffffffff}U" for shift in (96, 64, 32, 0))
 
 
 # Istio's sidecar defaults, as istio-iptables receives them from the injector:
@@ -46,7 +57,13 @@ class MeshProfile:
 # source port silently remapped by netfilter, so the proxy's SO_ORIGINAL_DST
 # lookup misses. No iptables-mode entry ever involves 127.0.0.2, and Istio's
 # `-o lo -m owner ! --uid-owner 1337 -j RETURN` leaves the connection alone.
-# The proxy's listener binds 0.0.0.0:15001 (as Envoy's does), so it accepts it.
+# The proxy's listener binds 0.0.0.0:15001 (as Envoy's does), so it accepts it;
+# an app's AF_INET6 socket to a v4-mapped address goes to ::ffff:127.0.0.2.
+#
+# Native IPv6 connections go to [::1]:15001, where ip6tables' REDIRECT sends
+# them: ::1 is the only loopback address an IPv6 namespace has. That keeps
+# the hazard above for IPv6 after a switch from iptables mode, until the
+# iptables-mode entries expire.
 ISTIO = MeshProfile(
     name="istio",
     proxy_container="istio-proxy",

@@ -71,3 +71,16 @@ def test_structs_agree_with_what_bcc_compiles():
             bpf.cleanup()
     finally:
         shutil.rmtree(maps_dir)
+
+
+def test_flag_constants_agree():
+    defined = {name: int(value, 0) for name, value in re.findall(r"^#define ((?:POD|ODST)_\w+) (\w+)$", HEADER, re.M)}
+    assert defined == {"POD_IPV4": layout.POD_IPV4, "POD_IPV6": layout.POD_IPV6,
+                       "ODST_VIA_INBOUND_REDIRECT": layout.ODST_VIA_INBOUND_REDIRECT,
+                       "ODST_SPLICED": layout.ODST_SPLICED}
+
+
+def test_addresses_are_stored_v4_mapped():
+    assert bytes(layout.Addr.of("10.1.2.3")) == bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
+    assert layout.Addr.of("10.1.2.3").text() == "10.1.2.3"
+    assert layout.Addr.of("fd00::1:2").text() == "fd00::1:2"

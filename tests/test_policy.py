@@ -104,7 +104,7 @@ def test_inject_false_annotation_is_irrelevant_when_the_proxy_is_there():
     (lambda p: p["status"].update(phase="Failed"), "not accelerated: pod phase is Failed"),
     (lambda p: p.update(status={}), "not accelerated: no pod IP yet"),
     (lambda p: p["status"].update(podIP="fd00::7", podIPs=[{"ip": "fd00::7"}]),
-     "not accelerated: IPv6-only pod (fd00::7); only IPv4 is accelerated"),
+     "not accelerated: IPv6-only pod (fd00::7); only pods with an IPv4 address are accelerated"),
     (lambda p: p["spec"].update(initContainers=[]),
      "not accelerated: no istio-init or istio-validation init container"),
 ])
@@ -119,10 +119,40 @@ def test_pending_pod_with_an_ip_is_accelerated_before_its_first_connection():
     assert decide(make_pod(status__phase="Pending")).accelerate
 
 
-def test_dual_stack_pod_uses_its_ipv4_address_and_says_ipv6_stays_on_iptables():
+def test_dual_stack_pod_is_accelerated_for_both_families():
     v = decide(make_pod(ips=("fd00::7", "10.244.1.7")))
     assert v.accelerate and v.ips == ("10.244.1.7",)
-    assert "IPv6 address fd00::7 stays on iptables" in v.reason
+    assert "; IPv4 and IPv6" in v.reason
+    assert v.to_json()["families"] == {"ipv4": {"accelerated": True, "reason": "accelerated", "address": "10.244.1.7"},
+                                       "ipv6": {"accelerated": True, "reason": "accelerated", "address": "fd00::7"}}
+
+
+def test_ipv4_only_pod_says_why_ipv6_is_not_accelerated():
+    families = decide(make_pod()).to_json()["families"]
+    assert families["ipv4"]["accelerated"] and not families["ipv6"]["accelerated"]
+    assert families["ipv6"]["reason"] == "the pod has no IPv6 address"
+
+
+def test_a_policy_read_from_ipv4_rules_leaves_ipv6_to_iptables():
+    import dataclasses
+
+    from merbridge_py.policy.rules import family_verdicts
+    v = decide(make_pod(ips=("fd00::7", "10.244.1.7")))
+    from_rules = dataclasses.replace(v, policy=dataclasses.replace(v.policy, source="iptables rules"))
+    ipv4, ipv6 = family_verdicts(from_rules, ("fd00::7",))
+    assert ipv4.accelerated and not ipv6.accelerated and "iptables rules" in ipv6.reason
+
+
+def test_ipv4_only_sources_are_the_live_rule_sources():
+    from merbridge_py.policy.capture import SOURCE_IPTABLES, SOURCE_NFTABLES
+    from merbridge_py.policy.rules import IPV4_ONLY_SOURCES
+    assert IPV4_ONLY_SOURCES == (SOURCE_IPTABLES, SOURCE_NFTABLES)
+
+
+def test_not_accelerated_pod_is_not_accelerated_for_either_family():
+    v = decide(make_pod(ips=("fd00::7", "10.244.1.7"), annotations={"merbridge.io/accelerate": "false"}))
+    assert not v.accelerate
+    assert [f["accelerated"] for f in v.to_json()["families"].values()] == [False, False]
 
 
 def test_pod_ip_without_pod_ips_is_used():
@@ -425,13 +455,26 @@ def test_port_ranges_are_valid_for_istio_but_not_honoured(value):
     assert "port range" in v.reason
 
 
-def test_ipv6_ranges_are_kept_but_do_not_reach_the_ipv4_datapath():
-    # [golden] ipv6-ipnets: IPv6 CIDRs only produce ip6tables rules; the IPv4 chain gets no -i rule
+def test_ipv6_ranges_reach_the_ipv6_rules_only():
+    # [golden] ipv6-ipnets: IPv6 CIDRs only produce ip6tables rules; the IPv4 chain gets no -i rule,
+    # ip6tables' ISTIO_OUTPUT gets "-d 2001:db8::/32 -j RETURN" then "-d 2001:db8::/32 -j ISTIO_REDIRECT"
+    from merbridge_py.policy.rules import compile_rules6, first_match_outbound
     v = decide(make_pod({T + "includeOutboundIPRanges": "2001:db8::/32",
                          T + "excludeOutboundIPRanges": "2001:db8::/32"}))
-    assert v.accelerate and "IPv6 ranges apply to IPv6 traffic" in v.reason
+    assert v.accelerate
     assert compile_rules(v.policy, ISTIO)[0] == []
     assert not captures_outbound(v.policy, "10.0.0.1", 80)
+    assert compile_rules6(v.policy) == []   # the RETURN comes first: nothing captured
+    v = decide(make_pod({T + "includeOutboundIPRanges": "2001:db8::/32,10.0.0.0/8",
+                         T + "excludeOutboundIPRanges": "2001:db8:1::/48", T + "excludeOutboundPorts": "5432"}))
+    rules6 = compile_rules6(v.policy)
+    assert [(str(r.network), r.port, r.capture) for r in rules6] == [
+        ("::/0", 5432, False), ("2001:db8:1::/48", 0, False), ("2001:db8::/32", 0, True)]
+    assert first_match_outbound(rules6, "2001:db8::5", 80)
+    assert not first_match_outbound(rules6, "2001:db8:1::5", 80)
+    assert not first_match_outbound(rules6, "2001:db8::5", 5432)
+    assert not first_match_outbound(rules6, "fd00::5", 80)
+    assert [str(r.network) for r in compile_rules(v.policy, ISTIO)[0]] == ["0.0.0.0/0", "10.0.0.0/8"]
 
 
 def test_port_zero_never_becomes_an_any_port_rule():

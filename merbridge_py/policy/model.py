@@ -20,9 +20,9 @@ class PodPolicy:
     """A pod's capture policy, parsed from its annotations the way Istio's
     injector turns them into istio-iptables flags (-i -x -b -d -q -o).
 
-    Ranges keep the IPv6 entries a user wrote (they are valid for Istio and
-    apply to IPv6 traffic, which is never accelerated); only IPv4 ones reach
-    the datapath. Ports are ints in the order written, duplicates dropped.
+    Ranges hold both families, as istio-iptables' -i/-x do: each family's
+    ranges go to that family's rules (policy/rules.py). Ports are ints in the
+    order written, duplicates dropped; they apply to both families.
     """
 
     include_outbound_ip_ranges: tuple[IPNetwork, ...]
@@ -62,6 +62,19 @@ class PodPolicy:
 
 
 @dataclass(frozen=True)
+class FamilyVerdict:
+    """Whether one address family of an accelerated pod is, and why not."""
+
+    family: str               # "ipv4" | "ipv6"
+    accelerated: bool
+    reason: str               # "accelerated", or why not
+    address: str | None       # the pod's address of this family
+
+    def to_json(self) -> dict:
+        return {"accelerated": self.accelerated, "reason": self.reason, "address": self.address}
+
+
+@dataclass(frozen=True)
 class Verdict:
     pod: str                      # "namespace/name"
     accelerate: bool
@@ -70,6 +83,7 @@ class Verdict:
     ips: tuple[str, ...]          # IPv4 pod IPs
     policy: PodPolicy | None      # None only when the policy could not be parsed
     code: str = "accelerated"     # short, stable: a metrics label (not part of the JSON)
+    families: tuple[FamilyVerdict, ...] = ()   # per family (policy.rules.family_verdicts)
 
     def to_json(self) -> dict:
         return {
@@ -79,4 +93,5 @@ class Verdict:
             "mesh": self.mesh,
             "ips": list(self.ips),
             "policy": None if self.policy is None else self.policy.to_json(),
+            "families": {f.family: f.to_json() for f in self.families},
         }

@@ -28,7 +28,7 @@ from merbridge_py.policy.installed import (
     SOURCE_ANNOTATIONS, SOURCE_ARGS, Capture, InstalledError, Refused, choose, from_args, from_cni_annotations,
 )
 from merbridge_py.policy.model import PodPolicy, Verdict
-from merbridge_py.policy.rules import compile_rules
+from merbridge_py.policy.rules import compile_rules, family_verdicts
 
 ACCELERATE = "merbridge.io/accelerate"                     # our opt-out: "true" | "false"
 INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"    # REDIRECT | TPROXY | NONE
@@ -338,7 +338,8 @@ def _check_ips(facts: PodFacts) -> None:
     if facts.ipv4:
         return
     if facts.ipv6:
-        raise NotAccelerated(f"IPv6-only pod ({', '.join(facts.ipv6)}); only IPv4 is accelerated", "ipv6_only")
+        raise NotAccelerated(f"IPv6-only pod ({', '.join(facts.ipv6)}); only pods with an IPv4 address are "
+                             "accelerated (the agent finds a pod's namespace by it)", "ipv6_only")
     raise NotAccelerated("no pod IP yet", "no_ip")
 
 
@@ -354,11 +355,6 @@ def _check_rule_counts(policy: PodPolicy, mesh: MeshProfile) -> None:
 
 def _notes(facts: PodFacts, policy: PodPolicy, mesh: MeshProfile) -> list[str]:
     notes = []
-    if facts.ipv6:
-        notes.append(f"IPv6 address {', '.join(facts.ipv6)} stays on iptables")
-    ranges = policy.include_outbound_ip_ranges + policy.exclude_outbound_ip_ranges
-    if any(n.version == 6 for n in ranges):
-        notes.append("IPv6 ranges apply to IPv6 traffic, which stays on iptables")
     if EXCLUDE_INBOUND_PORTS in facts.annotations and not policy.captures_all_inbound_ports:
         notes.append(f"{EXCLUDE_INBOUND_PORTS} has no effect unless includeInboundPorts is \"*\" (as in Istio)")
     if policy.dns_capture:
@@ -410,14 +406,20 @@ def _decide(pod: object, mesh: MeshProfile, installed: Capture | InstalledError 
         reason = f"not accelerated: {e}"
         if capture_error is not None and str(capture_error) not in reason:
             reason += f"; also {capture_error}"
-        return Verdict(facts.id, False, reason, mesh.name, facts.ipv4, policy, code=e.code)
+        verdict = Verdict(facts.id, False, reason, mesh.name, facts.ipv4, policy, code=e.code)
+        return dataclasses.replace(verdict, families=family_verdicts(verdict, facts.ipv6))
 
     reason = f"accelerated: {mesh.name} sidecar ({kind}, {setup})"
     notes = ([] if capture.source == SOURCE_ANNOTATIONS else [f"policy from {capture.source}"]) + \
         list(capture.notes) + _notes(facts, policy, mesh)
+    families = family_verdicts(Verdict(facts.id, True, reason, mesh.name, facts.ipv4, policy), facts.ipv6)
+    if facts.ipv6:   # dual stack: say which families are accelerated
+        ipv6 = families[1]
+        notes.insert(0, "IPv4 and IPv6" if ipv6.accelerated else
+                     f"IPv6 address {ipv6.address} stays on iptables: {ipv6.reason}")
     if notes:
         reason += "; " + "; ".join(notes)
-    return Verdict(facts.id, True, reason, mesh.name, facts.ipv4, policy)
+    return Verdict(facts.id, True, reason, mesh.name, facts.ipv4, policy, families=families)
 
 
 def decide(pod: dict, mesh: MeshProfile = ISTIO, installed: Capture | InstalledError | None = None) -> Verdict:

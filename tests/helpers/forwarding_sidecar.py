@@ -23,6 +23,10 @@ HIGH_WATER = 1 << 20   # stop reading a side whose peer has this much unsent
 
 
 def original_dst(conn: socket.socket) -> tuple[str, int]:
+    if conn.family == socket.AF_INET6:   # IP6T_SO_ORIGINAL_DST, as Envoy asks on an IPv6 listener
+        raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        port, packed_ip = struct.unpack_from("!2xH4x16s", raw)
+        return socket.inet_ntop(socket.AF_INET6, packed_ip), port
     raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed_ip = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(packed_ip), port
@@ -44,10 +48,12 @@ class Proxy:
         self.sel = selectors.DefaultSelector()
         self.log = log
 
-    def listen(self, port: int, inbound: bool) -> None:
-        ls = socket.socket()
+    def listen(self, port: int, inbound: bool, family: int = socket.AF_INET) -> None:
+        ls = socket.socket(family)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("0.0.0.0", port))
+        if family == socket.AF_INET6:   # as Istio's dual-stack Envoy: [::] beside 0.0.0.0
+            ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        ls.bind(("0.0.0.0" if family == socket.AF_INET else "::", port))
         ls.listen(512)
         ls.setblocking(False)
         self.sel.register(ls, selectors.EVENT_READ, ("listener", port, inbound))
@@ -61,9 +67,12 @@ class Proxy:
             conn.close()
             return
         print(f"{port} {ip}:{dport} {peer[0]}:{peer[1]}", file=self.log, flush=True)
-        up = socket.socket()
+        ipv6 = ":" in ip and not ip.startswith("::ffff:")
+        up = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
+        if ip.startswith("::ffff:"):
+            ip = ip.removeprefix("::ffff:")
         if inbound:
-            up.bind(("127.0.0.6", 0))
+            up.bind(("::6" if ipv6 else "127.0.0.6", 0))
         up.setblocking(False)
         try:
             up.connect((ip, dport))
@@ -140,10 +149,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--outbound", type=int, default=15001)
     ap.add_argument("--inbound", type=int, default=15006)
+    ap.add_argument("--ipv6", action="store_true", help="also listen on [::] (inbound upstreams from ::6)")
     args = ap.parse_args()
     proxy = Proxy(sys.stderr)
     proxy.listen(args.outbound, False)
     proxy.listen(args.inbound, True)
+    if args.ipv6:
+        proxy.listen(args.outbound, False, socket.AF_INET6)
+        proxy.listen(args.inbound, True, socket.AF_INET6)
     print("ready", flush=True)
     proxy.run()
 

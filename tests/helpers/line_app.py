@@ -45,7 +45,7 @@ class Reader:
 
 
 def handle(conn: socket.socket, name: str) -> None:
-    peer = "%s:%d" % conn.getpeername()
+    peer = "%s:%d" % conn.getpeername()[:2]
     r = Reader(conn)
     try:
         while True:
@@ -78,15 +78,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
     ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--ipv6", action="store_true", help="also listen on [::]:PORT (IPv6 only; IPv4 stays on 0.0.0.0)")
     args = ap.parse_args()
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("0.0.0.0", args.port))
-    ls.listen(512)
+    listeners = [listen(socket.AF_INET, "0.0.0.0", args.port)]
+    if args.ipv6:
+        listeners.append(listen(socket.AF_INET6, "::", args.port))
+    for ls in listeners[1:]:
+        threading.Thread(target=serve, args=(ls, args.name), daemon=True).start()
     print("ready", flush=True)
+    serve(listeners[0], args.name)
+
+
+def listen(family: int, host: str, port: int) -> socket.socket:
+    ls = socket.socket(family)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    ls.bind((host, port))
+    ls.listen(512)
+    return ls
+
+
+def serve(ls: socket.socket, name: str) -> None:
     while True:
         conn, _ = ls.accept()
-        threading.Thread(target=handle, args=(conn, args.name), daemon=True).start()
+        threading.Thread(target=handle, args=(conn, name), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ class Pod:
     annotations: dict = field(default_factory=dict)
     sidecar_log: Path | None = None
     proxy_uid: int = 1337     # the sidecar runs as this uid and gid; the manifest says so when not 1337
+    ip6: str | None = None    # an IPv6 address in its namespace (tests/test_datapath_ipv6.py adds it)
+    ip6_in_manifest: bool = True   # False: the API shows an IPv4-only pod, whatever its namespace holds
 
     def manifest(self, node: str) -> dict:
         containers = [{"name": "app", "image": "app"}]
@@ -42,7 +44,9 @@ class Pod:
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": self.name, "namespace": "default", "annotations": self.annotations},
                 "spec": {"nodeName": node, "containers": containers, "initContainers": init},
-                "status": {"phase": "Running", "podIP": self.ip, "podIPs": [{"ip": self.ip}]}}
+                "status": {"phase": "Running", "podIP": self.ip,
+                           "podIPs": [{"ip": ip} for ip in (self.ip, self.ip6 if self.ip6_in_manifest else None)
+                                      if ip]}}
 
 
 class SimNode:
@@ -93,12 +97,14 @@ class SimNode:
         return p
 
     def start_app(self, pod: Pod, port: int = 8080) -> None:
-        self._start([PY, str(HERE / "line_app.py"), "--name", pod.name, "--port", str(port)], pod)
+        self._start([PY, str(HERE / "line_app.py"), "--name", pod.name, "--port", str(port)]
+                    + (["--ipv6"] if pod.ip6 else []), pod)
 
     def start_sidecar(self, pod: Pod) -> None:
         pod.sidecar_log = self.tmp / f"sidecar-{pod.name}.log"
         with open(pod.sidecar_log, "a") as log:  # opened here: the sidecar (uid 1337) cannot reach pytest's tmp
-            self._start([PY, str(HERE / "forwarding_sidecar.py")], pod, uid=pod.proxy_uid, stderr=log)
+            self._start([PY, str(HERE / "forwarding_sidecar.py")] + (["--ipv6"] if pod.ip6 else []), pod,
+                        uid=pod.proxy_uid, stderr=log)
 
     def sidecar_records(self, pod: Pod) -> list[str]:
         return pod.sidecar_log.read_text().splitlines()
