@@ -18,7 +18,7 @@ POD = {
              "containers": [{"name": "app"}, {"name": "istio-proxy"}]},
     "status": {"phase": "Running", "podIP": "10.244.1.7", "podIPs": [{"ip": "10.244.1.7"}]},
 }
-KEYS = ["pod", "accelerate", "reason", "mesh", "ips", "policy"]
+KEYS = ["pod", "accelerate", "reason", "mesh", "ips", "policy", "families"]
 
 
 def run(args, stdin=None):

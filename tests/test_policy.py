@@ -538,7 +538,7 @@ def test_rules_that_can_never_capture_do_not_count():
 def test_to_json_has_exactly_the_documented_shape():
     v = decide(make_pod({T + "includeInboundPorts": "8080", T + "excludeOutboundIPRanges": "169.254.169.254/32"}))
     doc = json.loads(json.dumps(v.to_json()))
-    assert list(doc) == ["pod", "accelerate", "reason", "mesh", "ips", "policy"]
+    assert list(doc) == ["pod", "accelerate", "reason", "mesh", "ips", "policy", "families"]
     assert doc["policy"] == {
         "include_outbound_ip_ranges": ["0.0.0.0/0"],
         "exclude_outbound_ip_ranges": ["169.254.169.254/32"],
