@@ -34,12 +34,14 @@ http {{
 """
 
 
-def argv(workdir: Path, name: str, ports: list[int], ready_file: Path, log: Path) -> list[str]:
+def argv(workdir: Path, name: str, ports: list[int], ready_file: Path, log: Path, ipv6: bool = False) -> list[str]:
     """Write the pod's config and return the command. nginx writes its pid
-    file after it has bound every listener, so the pid file is the ready file."""
+    file after it has bound every listener, so the pid file is the ready file.
+    `ipv6`: also listen on [::] (a dual-stack pod)."""
     tmp = workdir / f"{name}.nginx"
     tmp.mkdir(parents=True, exist_ok=True)
     conf = workdir / f"{name}.nginx.conf"
     conf.write_text(CONF.format(pid=ready_file, tmp=tmp, name=name,
-                                listens="\n".join(f"    listen {p};" for p in ports)))
+                                listens="\n".join(f"    listen {p};" + (f"\n    listen [::]:{p} ipv6only=on;" if ipv6 else "")
+                                                for p in ports)))
     return ["nginx", "-c", str(conf), "-e", str(log), "-g", "daemon off;"]
