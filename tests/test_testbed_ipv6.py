@@ -344,6 +344,31 @@ def test_load_generator_over_ipv6_and_v4_mapped(bed):
 
 
 @pytest.mark.bpf
+def test_http_port_over_ipv6_and_v4_mapped():
+    """A port declared HTTP (one 0.0.0.0_8080 listener, routes by Host, pooled
+    upstreams): native IPv6 to a pod stays IPv6 to the app; a v4-mapped
+    client's Host names the IPv4 address, so it is routed to the Service's
+    cluster (with mTLS), never to the plain-text PassthroughCluster."""
+    name = f"sixh{os.getpid()}{uuid.uuid4().hex[:4]}"
+    with Testbed.up(name, nodes=2, pods=SPECS, mode="iptables", mtls="strict", ip_families=DUAL,
+                    http_ports=(8080,)) as tb:
+        before = tb.sidecar_stats("a")
+        for dst in ("b", "d"):
+            native = request_ok(tb, "a", tb.pod(dst).ip6)
+            assert native["body"]["pod"] == dst and native["body"]["peer"].startswith("[::6]:")
+            mapped = request_ok(tb, "a", tb.pod(dst).ip, family="inet6")
+            assert mapped["body"]["pod"] == dst and mapped["body"]["peer"].startswith("127.0.0.6:")
+            vip6 = request_ok(tb, "a", tb.pod(dst).service_ip6)
+            assert vip6["body"]["pod"] == dst and vip6["body"]["peer"].startswith("127.0.0.6:")
+        after = tb.sidecar_stats("a")
+        moved = lambda counter: after.get(counter, 0) - before.get(counter, 0)   # noqa: E731
+        assert moved("cluster.PassthroughCluster.upstream_rq_total") == 0
+        for dst in ("b", "d"):
+            assert moved(f"cluster.outbound|8080|ipv6|{dst}.default.svc.cluster.local.upstream_rq_total") == 1
+            assert moved(f"cluster.outbound|8080||{dst}.default.svc.cluster.local.upstream_rq_total") == 2
+
+
+@pytest.mark.bpf
 def test_mode_switches_take_the_ipv6_rules_and_passthrough_address_along(bed):
     """nomesh: no ip6tables rules, no ::6, IPv6 straight to the app; back to
     iptables: both again, and the IPv6 path through the sidecars works."""

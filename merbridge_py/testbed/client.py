@@ -48,11 +48,11 @@ def format_address(address: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _one(conn: http.client.HTTPConnection, path: str) -> dict:
+def _one(conn: http.client.HTTPConnection, path: str, authority: str | None = None) -> dict:
     if conn.sock is None:
         conn.connect()  # http.client sets TCP_NODELAY
     local = format_address(conn.sock.getsockname())
-    conn.request("GET", path)
+    conn.request("GET", path, headers={"Host": authority} if authority else {})
     resp = conn.getresponse()
     raw = resp.read()
     body: object
@@ -65,16 +65,20 @@ def _one(conn: http.client.HTTPConnection, path: str) -> dict:
 
 def run(host: str, port: int, path: str, count: int, new_connection: bool, timeout: float,
         family: str | None = None) -> list[dict]:
-    host = target_address(host, family)
+    """`count` GETs to host:port. The Host header names `host` as given even
+    when the socket reaches it v4-mapped (a JVM client sends the URL's host,
+    and the sidecar routes HTTP by it)."""
+    address = target_address(host, family)
+    authority = format_address((host, port)) if address != host else None
     results = []
     conn = None
     for _ in range(count):
         if conn is None or new_connection:
             if conn is not None:
                 conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            conn = http.client.HTTPConnection(address, port, timeout=timeout)
         try:
-            results.append(_one(conn, path))
+            results.append(_one(conn, path, authority))
         except (OSError, http.client.HTTPException, ValueError) as e:
             results.append({"status": None, "body": None, "local": None, "error": f"{type(e).__name__}: {e}"})
             conn.close()
@@ -96,10 +100,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="socket family (default: the address's); inet6 to an IPv4 address uses ::ffff:a.b.c.d")
     args = parser.parse_args(argv)
     try:
-        host = target_address(args.host, args.family)
+        target_address(args.host, args.family)
     except ValueError as e:
         parser.error(str(e))
-    results = run(host, args.port, args.path, args.count, args.new_connection, args.timeout)
+    results = run(args.host, args.port, args.path, args.count, args.new_connection, args.timeout, args.family)
     json.dump({"results": results}, sys.stdout)
     sys.stdout.write("\n")
 

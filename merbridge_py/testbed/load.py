@@ -56,6 +56,7 @@ class Target:
     pod: str
     host: str
     port: int
+    connect_to: str = ""     # the address the socket connects to when not `host` (v4-mapped)
 
     @classmethod
     def parse(cls, text: str) -> "Target":
@@ -67,10 +68,11 @@ class Target:
         return cls(pod, host, int(port))
 
     def in_family(self, family: str | None) -> "Target":
-        """This target as a socket of `family` reaches it: an IPv4 host
-        becomes ::ffff:a.b.c.d for "inet6"."""
+        """This target as a socket of `family` reaches it: "inet6" connects to
+        an IPv4 host at ::ffff:a.b.c.d (the Host header still names a.b.c.d,
+        as a JVM client's does)."""
         if family == "inet6" and ipaddress.ip_address(self.host).version == 4:
-            return Target(self.pod, f"::ffff:{self.host}", self.port)
+            return Target(self.pod, self.host, self.port, connect_to=f"::ffff:{self.host}")
         if family == "inet" and ipaddress.ip_address(self.host).version == 6:
             raise ValueError(f"an AF_INET socket cannot reach the IPv6 address {self.host}")
         return self
@@ -152,7 +154,7 @@ class Worker:
         start = time.monotonic()
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target.host, self.target.port), self.timeout)
+                asyncio.open_connection(self.target.connect_to or self.target.host, self.target.port), self.timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self.tally.requests += 1   # the request this connection was for never went out
             self.tally.fail(self.name, "connect", _describe(e), None, start)
