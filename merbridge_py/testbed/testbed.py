@@ -608,8 +608,8 @@ class Testbed:
                        "pods_file": str(self.pods_file(n)),
                        "agent": ({"metrics": self.agents[n.name], "ready": self.agent_ready(n)}
                                  if n.name in self.agents else None)} for n in self.nodes],
-            "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed,
-                      "app": alive.get(("app", p.name), False),
+            "pods": [{"name": p.name, "node": p.node, "ip": p.ip, **self._ipv6_of(p), "netns": p.netns,
+                      "meshed": p.meshed, "app": alive.get(("app", p.name), False),
                       "sidecar": alive.get(("sidecar", p.name), False) if p.meshed else None}
                      for p in self.pods],
         }
@@ -617,6 +617,11 @@ class Testbed:
     def summary(self) -> dict:
         """What `testbed up` prints."""
         return {"name": self.name, "mode": self.mode, "proxy": self.proxy, "mtls": self.mtls,
-                "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed}
-                         for p in self.pods]}
+                "pods": [{"name": p.name, "node": p.node, "ip": p.ip, **self._ipv6_of(p), "netns": p.netns,
+                          "meshed": p.meshed} for p in self.pods]}
+
+    @staticmethod
+    def _ipv6_of(pod: Pod) -> dict:
+        """A dual-stack pod's IPv6 address and Service VIP, for status and summary."""
+        return {"ip6": pod.ip6, "service_ip6": pod.service_ip6} if pod.ip6 else {}
 
