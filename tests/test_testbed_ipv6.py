@@ -390,9 +390,13 @@ def test_mode_switches_take_the_ipv6_rules_and_passthrough_address_along(bed):
 
 @pytest.mark.bpf
 def test_dual_stack_bed_leaves_nothing_behind():
+    """Also: nginx (the benchmarks' app) serves both families with the peer
+    written as the Python app writes it."""
     name = f"sixd{os.getpid()}{uuid.uuid4().hex[:4]}"
-    tb = Testbed.up(name, nodes=2, pods_per_node=1, mode="iptables", ip_families=DUAL)
+    tb = Testbed.up(name, nodes=2, pods_per_node=1, mode="iptables", ip_families=DUAL, app="nginx")
     try:
+        assert request_ok(tb, "n0p0", tb.pod("n1p0").ip6)["body"]["peer"].startswith("[::6]:")
+        assert request_ok(tb, "n0p0", tb.pod("n1p0").ip)["body"]["peer"].startswith("127.0.0.6:")
         assert Testbed.attach(name).ip_families == DUAL           # the state file keeps it
         assert Testbed.attach(name).pod("n1p0").ip6 == tb.pod("n1p0").ip6
         pods_file = json.loads(tb.pods_file("node0").read_text())

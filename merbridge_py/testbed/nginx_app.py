@@ -19,19 +19,22 @@ http {{
   fastcgi_temp_path {tmp}/fastcgi;
   uwsgi_temp_path {tmp}/uwsgi;
   scgi_temp_path {tmp}/scgi;
+{servers}
+}}
+"""
+# One server per family: the IPv6 one writes its peer as "[ip]:port", as the Python app does.
+SERVER = """\
   server {{
 {listens}
     location = /whoami {{
       default_type application/json;
-      return 200 '{{"pod": "{name}", "peer": "$remote_addr:$remote_port", "port": $server_port}}';
+      return 200 '{{"pod": "{name}", "peer": "{peer}", "port": $server_port}}';
     }}
     location / {{
       default_type text/plain;
       return 200 "hello from {name}\\n";
     }}
-  }}
-}}
-"""
+  }}"""
 
 
 def argv(workdir: Path, name: str, ports: list[int], ready_file: Path, log: Path, ipv6: bool = False) -> list[str]:
@@ -41,7 +44,10 @@ def argv(workdir: Path, name: str, ports: list[int], ready_file: Path, log: Path
     tmp = workdir / f"{name}.nginx"
     tmp.mkdir(parents=True, exist_ok=True)
     conf = workdir / f"{name}.nginx.conf"
-    conf.write_text(CONF.format(pid=ready_file, tmp=tmp, name=name,
-                                listens="\n".join(f"    listen {p};" + (f"\n    listen [::]:{p} ipv6only=on;" if ipv6 else "")
-                                                for p in ports)))
+    servers = [SERVER.format(name=name, peer="$remote_addr:$remote_port",
+                             listens="\n".join(f"    listen {p};" for p in ports))]
+    if ipv6:
+        servers.append(SERVER.format(name=name, peer="[$remote_addr]:$remote_port",
+                                     listens="\n".join(f"    listen [::]:{p} ipv6only=on;" for p in ports)))
+    conf.write_text(CONF.format(pid=ready_file, tmp=tmp, servers="\n".join(servers)))
     return ["nginx", "-c", str(conf), "-e", str(log), "-g", "daemon off;"]
