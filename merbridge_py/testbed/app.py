@@ -2,13 +2,17 @@
 server (keep-alive) on one or more ports.
 
   GET /whoami     -> {"pod": NAME, "peer": "ip:port", "port": LOCAL_PORT}; `peer` is
-                     the client address this socket sees: 127.0.0.6 means the
-                     request came through the pod's inbound sidecar
+                     the client address this socket sees: 127.0.0.6 (IPv6:
+                     "[::6]:port") means the request came through the pod's
+                     inbound sidecar
   GET /           -> a small fixed body
   GET /bytes?n=N  -> N bytes (throughput tests)
 
 Run as `python -m merbridge_py.testbed.app --name POD --port 8080 [--port 9090]
-[--ready-file PATH]`. Standard library only, so it starts fast.
+[--ipv6] [--ready-file PATH]`. With --ipv6 (a dual-stack pod) every port is
+also served on [::], by an IPv6-only socket beside the IPv4 one, so each
+family's peer shows in its own form (a dual-stack socket would show IPv4
+peers as ::ffff:a.b.c.d). Standard library only, so it starts fast.
 """
 
 from __future__ import annotations
@@ -29,6 +33,20 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+def format_peer(address: tuple) -> str:
+    """"ip:port", or "[ip]:port" for IPv6 (a socket address tuple of either family)."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _handler(pod: str):
@@ -53,7 +71,7 @@ def _handler(pod: str):
         def do_GET(self):
             url = urlsplit(self.path)
             if url.path == "/whoami":
-                peer = f"{self.client_address[0]}:{self.client_address[1]}"
+                peer = format_peer(self.client_address)
                 port = self.connection.getsockname()[1]
                 self._send(200, json.dumps({"pod": pod, "peer": peer, "port": port}).encode())
             elif url.path == "/":
@@ -83,8 +101,10 @@ def _handler(pod: str):
     return Handler
 
 
-def serve(name: str, ports: list[int], ready_file: str | None = None) -> None:
+def serve(name: str, ports: list[int], ready_file: str | None = None, ipv6: bool = False) -> None:
     servers = [_Server(("0.0.0.0", port), _handler(name)) for port in ports]
+    if ipv6:
+        servers += [_Server6(("::", port), _handler(name)) for port in ports]
     for s in servers:
         s.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()
@@ -103,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="pod name reported by /whoami")
     parser.add_argument("--port", type=int, action="append", required=True, help="port to serve (repeatable)")
     parser.add_argument("--ready-file", help="created once every port is bound")
+    parser.add_argument("--ipv6", action="store_true", help="also serve every port on [::] (a dual-stack pod)")
     args = parser.parse_args(argv)
-    serve(args.name, args.port, args.ready_file)
+    serve(args.name, args.port, args.ready_file, ipv6=args.ipv6)
 
 
 if __name__ == "__main__":

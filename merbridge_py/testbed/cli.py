@@ -16,6 +16,7 @@ examples:
   merbridge-py testbed exec n0p0 -- curl -s 10.200.1.10:8080/whoami   # from pod n0p0 to n1p0
   merbridge-py testbed mode ebpf            # + one merbridge-py agent per node
   merbridge-py testbed up --name hp --proxy haproxy   # HAProxy sidecars instead of Envoy
+  merbridge-py testbed up --name ds --dual-stack      # pods and Services with IPv4 and IPv6
   merbridge-py testbed status
   merbridge-py testbed down                 # or: down --all, for every leftover
 """
@@ -53,7 +54,11 @@ def testbed():
 @click.option("--http-port", "http_ports", type=click.IntRange(1, 65535), multiple=True,
               help="A port the sidecars proxy as HTTP with pooled upstream connections, as Envoy does for a "
                    "Service port declared HTTP (repeatable). Other ports are plain TCP.")
-def up(name, nodes, pods_per_node, plain_per_node, mode, proxy, mtls, envoy_workers, sidecar_log, app, http_ports):
+@click.option("--dual-stack", is_flag=True,
+              help="Pods and Services get an IPv6 address too, with Istio's ip6tables rules and dual-stack Envoy "
+                   "listeners (IPv4 stays the primary family).")
+def up(name, nodes, pods_per_node, plain_per_node, mode, proxy, mtls, envoy_workers, sidecar_log, app, http_ports,
+       dual_stack):
     """Create a test bed and print its pods as JSON."""
     from .testbed import Testbed, TestbedError
     if plain_per_node > pods_per_node:
@@ -61,7 +66,8 @@ def up(name, nodes, pods_per_node, plain_per_node, mode, proxy, mtls, envoy_work
     try:
         tb = Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, plain_per_node=plain_per_node,
                         mode=mode, sidecar_log=sidecar_log, app=app, http_ports=tuple(http_ports),
-                        proxy=proxy, mtls=mtls, envoy_workers=envoy_workers)
+                        proxy=proxy, mtls=mtls, envoy_workers=envoy_workers,
+                        ip_families=("ipv4", "ipv6") if dual_stack else ("ipv4",))
     except (TestbedError, ValueError) as e:
         raise click.ClickException(str(e))
     _emit(tb.summary())

@@ -2,8 +2,13 @@
 and its cgroup, so the eBPF programs see it as that pod's app).
 
 `python -m merbridge_py.testbed.client --host IP --port P [--path /whoami]
-[--count N] [--new-connection] [--timeout S]` prints one JSON document:
+[--count N] [--new-connection] [--timeout S] [--family inet|inet6]` prints one
+JSON document:
 {"results": [{"status": 200, "body": ..., "local": "ip:port", "error": null}, ...]}.
+`local` is "[ip]:port" for an IPv6 socket. IP may be IPv4 or IPv6. `--family
+inet6` with an IPv4 address connects an AF_INET6 socket to the v4-mapped
+address ::ffff:a.b.c.d, as the JVM (and any dual-stack socket) does: the
+kernel runs the IPv6 hooks (connect6) for it, the packets are IPv4.
 `body` is parsed JSON when the response is JSON, else text. A failed request
 has status null and an error message; the exit code is 0 either way.
 """
@@ -12,15 +17,42 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import ipaddress
 import json
 import sys
 
+FAMILIES = ("inet", "inet6")
 
-def _one(conn: http.client.HTTPConnection, path: str) -> dict:
+
+def target_address(host: str, family: str | None) -> str:
+    """The address a socket of `family` connects to for `host`: the host
+    itself, or the v4-mapped form of an IPv4 host for "inet6". None: the
+    host's own family."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if family is None:
+            return host        # a name: the resolver picks
+        raise ValueError(f"--family needs an IP address, got {host!r}") from None
+    if family is None or family == ("inet" if ip.version == 4 else "inet6"):
+        return str(ip)
+    if family == "inet6":
+        return f"::ffff:{ip}"
+    if family == "inet":
+        raise ValueError(f"an AF_INET socket cannot reach the IPv6 address {host}")
+    raise ValueError(f"family {family!r}: one of {', '.join(FAMILIES)}")
+
+
+def format_address(address: tuple) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _one(conn: http.client.HTTPConnection, path: str, authority: str | None = None) -> dict:
     if conn.sock is None:
         conn.connect()  # http.client sets TCP_NODELAY
-    local = "%s:%d" % conn.sock.getsockname()
-    conn.request("GET", path)
+    local = format_address(conn.sock.getsockname())
+    conn.request("GET", path, headers={"Host": authority} if authority else {})
     resp = conn.getresponse()
     raw = resp.read()
     body: object
@@ -31,16 +63,22 @@ def _one(conn: http.client.HTTPConnection, path: str) -> dict:
     return {"status": resp.status, "body": body, "local": local, "error": None}
 
 
-def run(host: str, port: int, path: str, count: int, new_connection: bool, timeout: float) -> list[dict]:
+def run(host: str, port: int, path: str, count: int, new_connection: bool, timeout: float,
+        family: str | None = None) -> list[dict]:
+    """`count` GETs to host:port. The Host header names `host` as given even
+    when the socket reaches it v4-mapped (a JVM client sends the URL's host,
+    and the sidecar routes HTTP by it)."""
+    address = target_address(host, family)
+    authority = format_address((host, port)) if address != host else None
     results = []
     conn = None
     for _ in range(count):
         if conn is None or new_connection:
             if conn is not None:
                 conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            conn = http.client.HTTPConnection(address, port, timeout=timeout)
         try:
-            results.append(_one(conn, path))
+            results.append(_one(conn, path, authority))
         except (OSError, http.client.HTTPException, ValueError) as e:
             results.append({"status": None, "body": None, "local": None, "error": f"{type(e).__name__}: {e}"})
             conn.close()
@@ -58,8 +96,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--new-connection", action="store_true", help="one connection per request")
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--family", choices=FAMILIES,
+                        help="socket family (default: the address's); inet6 to an IPv4 address uses ::ffff:a.b.c.d")
     args = parser.parse_args(argv)
-    results = run(args.host, args.port, args.path, args.count, args.new_connection, args.timeout)
+    try:
+        target_address(args.host, args.family)
+    except ValueError as e:
+        parser.error(str(e))
+    results = run(args.host, args.port, args.path, args.count, args.new_connection, args.timeout, args.family)
     json.dump({"results": results}, sys.stdout)
     sys.stdout.write("\n")
 

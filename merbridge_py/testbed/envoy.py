@@ -24,7 +24,26 @@ The witness of which listener carried a connection is Envoy's own counters
 (listener.<address>.downstream_cx_total, ssl.handshake).
 
 Calls to a pod IP are routed like calls to its Service IP (as Istio does for
-an endpoint of a headless Service), so they get mTLS too. HTTP routes carry no
+an endpoint of a headless Service), so they get mTLS too.
+
+Dual stack (pods with an IPv6 address), as istiod configures a dual-stack
+sidecar (ISTIO_DUAL_STACK; pilot/pkg/networking/core, listener_address.go):
+  virtualOutbound / virtualInbound  also listen on [::]:15001 / [::]:15006
+        (`additional_addresses`);
+  0.0.0.0_<port> (HTTP)  also [::]:<port>; Host may be an IPv6 VIP or pod IP;
+  <vip>_<port>    also [<IPv6 VIP>]:<port> (a dual-stack Service's ClusterIPs);
+  outbound|<port>||<svc>  the endpoint's IPv4 address with its IPv6 address in
+        `additional_addresses` (Istio's EDS for a dual-stack pod, IPv4 first as
+        in an IPv4-primary cluster): Envoy's happy eyeballs try IPv4 first, so
+        a call to a Service VIP of either family reaches the peer sidecar over
+        IPv4;
+  [<pod IPv6>]_<port>  a call to a pod's IPv6 address stays IPv6 to the peer
+        sidecar: as a headless Service's ORIGINAL_DST cluster keeps the
+        destination, here through the cluster outbound|<port>|ipv6|<svc>,
+        whose one endpoint is that address (the bed's stand-in; same TLS);
+  inbound clusters  bind 127.0.0.6 and, for IPv6 upstreams, ::6
+        (`extra_source_addresses`), which istio-iptables puts on lo and its
+        ip6tables rules let through. HTTP routes carry no
 retry policy (istiod adds 2 retries by default): a failure the datapath causes
 must show as a failed request, not be retried away.
 """
@@ -58,7 +77,9 @@ ALPN_DOWNSTREAM = ["istio-peer-exchange", "h2", "http/1.1"]
 CONNECT_TIMEOUT = "10s"         # istiod's default connectTimeout
 _MAX = 4294967295               # istiod lifts Envoy's default circuit-breaker limits to this
 
-_LISTENER_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+_\d+$")
+# A per-destination listener's stat scope: 10.0.0.1_8080, or [fd10_200__11]_8080
+# for an IPv6 one (Envoy writes the address's colons as underscores).
+_LISTENER_ADDRESS = re.compile(r"^(\d+\.\d+\.\d+\.\d+|\[[0-9a-f_]+\])_\d+$")
 _TYPES = "type.googleapis.com/envoy.extensions"
 _HCM = f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _TCP_PROXY = f"{_TYPES}.filters.network.tcp_proxy.v3.TcpProxy"
@@ -91,6 +112,12 @@ def service_account(pod: Pod) -> str:
     return pod.name
 
 
+def outbound_cluster_name(dst: Pod, port: int, ipv6: bool = False) -> str:
+    """outbound|<port>||<svc>: the Service's cluster; with `ipv6` the one for
+    calls to the pod's IPv6 address (see the module's docstring)."""
+    return f"outbound|{port}|{'ipv6' if ipv6 else ''}|{service_host(dst)}"
+
+
 def excluded_inbound_ports(pod: Pod) -> set[int]:
     """Ports the pod's own rules never send to its sidecar."""
     flags = istio_iptables.flags_from_annotations(pod.annotations)
@@ -102,11 +129,22 @@ def _tls_socket(kind: str, context: dict) -> dict:
             "typed_config": {"@type": f"{_TYPES}.transport_sockets.tls.v3.{kind}", **context}}
 
 
-def _original_dst_cluster(name: str, bind_source: str | None = None) -> dict:
+INBOUND_PASSTHROUGH_IP6 = "::6"    # Istio's InboundPassthroughBindIpv6
+
+
+def _socket_address(ip: str, port: int) -> dict:
+    return {"socket_address": {"address": ip, "port_value": port}}
+
+
+def _original_dst_cluster(name: str, bind_source: str | None = None, bind_source6: str | None = None) -> dict:
     cluster = {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
                "connect_timeout": CONNECT_TIMEOUT, "circuit_breakers": _circuit_breakers()}
     if bind_source:
         cluster["upstream_bind_config"] = {"source_address": {"address": bind_source, "port_value": 0}}
+        if bind_source6:
+            # Envoy binds whichever source matches the upstream's family
+            cluster["upstream_bind_config"]["extra_source_addresses"] = [
+                {"address": {"address": bind_source6, "port_value": 0}}]
     return cluster
 
 
@@ -134,8 +172,28 @@ def _route_to(cluster: str) -> dict:
     return {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}}
 
 
-def _listener(name: str, ip: str, port: int, **fields) -> dict:
-    return {"name": name, "address": {"socket_address": {"address": ip, "port_value": port}}, **fields}
+def _listener(name: str, ip: str, port: int, also: tuple[str, ...] = (), **fields) -> dict:
+    """A listener on ip:port, and on each address of `also` with the same
+    port (Envoy's additional_addresses, how istiod makes a dual-stack one)."""
+    listener = {"name": name, "address": _socket_address(ip, port), **fields}
+    if also:
+        listener["additional_addresses"] = [{"address": _socket_address(extra, port)} for extra in also]
+    return listener
+
+
+def _host_port(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def listener_name(ip: str, port: int) -> str:
+    """istiod's name for a listener on ip:port: 10.0.0.1_8080, fd00::1_8080."""
+    return f"{ip}_{port}"
+
+
+def listener_stat_scope(ip: str, port: int) -> str:
+    """Envoy's stat scope of the listener on ip:port (`listener.<scope>.`):
+    10.0.0.1_8080, or [fd00__1]_8080 for IPv6."""
+    return f"[{ip.replace(':', '_')}]_{port}" if ":" in ip else f"{ip}_{port}"
 
 
 class EnvoySidecar(Sidecar):
@@ -152,6 +210,7 @@ class EnvoySidecar(Sidecar):
         self.mtls = check_mtls(mtls)
         self.workers = workers
         self.profile = profile
+        self.dual_stack = bool(pod.ip6)
         self.dir = self.workdir / f"{pod.name}.envoy"
         self.config_path = self.dir / "envoy.json"
         self.admin_path = self.dir / "admin.sock"
@@ -167,12 +226,18 @@ class EnvoySidecar(Sidecar):
         return {"tls_certificates": [{"certificate_chain": {"filename": str(self.dir / pki.CERT_CHAIN)},
                                       "private_key": {"filename": str(self.dir / pki.KEY)}}]}
 
-    def _outbound_cluster(self, dst: Pod, port: int) -> dict:
-        name = f"outbound|{port}||{service_host(dst)}"
+    def _outbound_cluster(self, dst: Pod, port: int, ipv6_only: bool = False) -> dict:
+        """The Service's cluster (its endpoint's IPv4 address, the IPv6 one as
+        an additional address in a dual-stack bed), or with `ipv6_only` the
+        cluster that keeps calls to the pod's IPv6 address on IPv6."""
+        name = outbound_cluster_name(dst, port, ipv6=ipv6_only)
+        endpoint = {"address": _socket_address(dst.ip6 if ipv6_only else dst.ip, port)}
+        if self.dual_stack and dst.ip6 and not ipv6_only:
+            endpoint["additional_addresses"] = [{"address": _socket_address(dst.ip6, port)}]
         cluster = {"name": name, "type": "STATIC", "lb_policy": "ROUND_ROBIN", "connect_timeout": CONNECT_TIMEOUT,
                    "circuit_breakers": _circuit_breakers(),
                    "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                       {"endpoint": {"address": {"socket_address": {"address": dst.ip, "port_value": port}}}}]}]}}
+                       {"endpoint": endpoint}]}]}}
         if self._tls_to(dst, port):
             peer = pki.spiffe_id(NAMESPACE, service_account(dst))
             cluster["transport_socket"] = _tls_socket("UpstreamTlsContext", {
@@ -187,30 +252,48 @@ class EnvoySidecar(Sidecar):
     def _destinations(self) -> list[tuple[Pod, int]]:
         return [(dst, port) for dst in self.pods for port in dst.ports]
 
+    def _ipv6_destination(self, dst: Pod) -> bool:
+        return self.dual_stack and bool(dst.ip6)
+
     def _outbound_listeners(self) -> list[dict]:
         listeners = []
+        wildcard6 = ("::",) if self.dual_stack else ()
         for port in sorted({port for _, port in self._destinations() if port in self.http_ports}):
-            hosts = [{"name": f"{service_host(dst)}:{port}",
-                      "domains": [service_host(dst), f"{service_host(dst)}:{port}", dst.service_ip,
-                                  f"{dst.service_ip}:{port}", dst.ip, f"{dst.ip}:{port}"],
-                      "routes": [_route_to(f"outbound|{port}||{service_host(dst)}")]}
-                     for dst, p in self._destinations() if p == port]
+            hosts = []
+            for dst, p in self._destinations():
+                if p != port:
+                    continue
+                names = [service_host(dst), f"{service_host(dst)}:{port}", dst.service_ip,
+                         f"{dst.service_ip}:{port}", dst.ip, f"{dst.ip}:{port}"]
+                if self._ipv6_destination(dst):
+                    names += [f"[{dst.service_ip6}]", _host_port(dst.service_ip6, port)]
+                hosts.append({"name": f"{service_host(dst)}:{port}", "domains": names,
+                              "routes": [_route_to(outbound_cluster_name(dst, port))]})
+                if self._ipv6_destination(dst):
+                    hosts.append({"name": f"{_host_port(dst.ip6, port)}",
+                                  "domains": [f"[{dst.ip6}]", _host_port(dst.ip6, port)],
+                                  "routes": [_route_to(outbound_cluster_name(dst, port, ipv6=True))]})
             hosts.append({"name": "allow_any", "domains": ["*"], "routes": [_route_to("PassthroughCluster")]})
-            listeners.append(_listener(f"0.0.0.0_{port}", "0.0.0.0", port, bind_to_port=False,
+            listeners.append(_listener(f"0.0.0.0_{port}", "0.0.0.0", port, also=wildcard6, bind_to_port=False,
                                        traffic_direction="OUTBOUND",
                                        filter_chains=[{"filters": [_http_manager(f"outbound_0.0.0.0_{port}", hosts)]}]))
         for dst, port in self._destinations():
             if port in self.http_ports:
                 continue
-            for ip in (dst.service_ip, dst.ip):
-                listeners.append(_listener(f"{ip}_{port}", ip, port, bind_to_port=False, traffic_direction="OUTBOUND",
-                                           filter_chains=[{"filters": [
-                                               _tcp_proxy(f"outbound|{port}||{service_host(dst)}")]}]))
+            vip6 = (dst.service_ip6,) if self._ipv6_destination(dst) else ()
+            binds = [(dst.service_ip, vip6, outbound_cluster_name(dst, port)),
+                     (dst.ip, (), outbound_cluster_name(dst, port))]
+            if self._ipv6_destination(dst):
+                binds.append((dst.ip6, (), outbound_cluster_name(dst, port, ipv6=True)))
+            for ip, also, cluster in binds:
+                listeners.append(_listener(listener_name(ip, port), ip, port, also=also, bind_to_port=False,
+                                           traffic_direction="OUTBOUND", filter_chains=[{"filters": [_tcp_proxy(cluster)]}]))
         return listeners
 
     def _virtual_outbound(self) -> dict:
         p = self.profile
-        return _listener("virtualOutbound", "0.0.0.0", p.outbound_port, use_original_dst=True,
+        return _listener("virtualOutbound", "0.0.0.0", p.outbound_port, also=("::",) if self.dual_stack else (),
+                         use_original_dst=True,
                          traffic_direction="OUTBOUND",
                          listener_filters=[_ORIGINAL_DST],
                          filter_chains=[
@@ -256,7 +339,8 @@ class EnvoySidecar(Sidecar):
     def _virtual_inbound(self) -> dict:
         chains = [c for port in sorted(set(self.pod.ports)) for c in self._inbound_chains(port)]
         chains += self._inbound_chains(None)
-        return _listener("virtualInbound", "0.0.0.0", self.profile.inbound_port, traffic_direction="INBOUND",
+        return _listener("virtualInbound", "0.0.0.0", self.profile.inbound_port,
+                         also=("::",) if self.dual_stack else (), traffic_direction="INBOUND",
                          listener_filters=[_ORIGINAL_DST, _TLS_INSPECTOR],
                          filter_chains=chains)
 
@@ -268,12 +352,15 @@ class EnvoySidecar(Sidecar):
 
     def config(self) -> dict:
         p = self.profile
+        bind6 = INBOUND_PASSTHROUGH_IP6 if self.dual_stack else None
         clusters = [_original_dst_cluster("PassthroughCluster"),
                     {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT},
-                    _original_dst_cluster("InboundPassthroughCluster", p.inbound_passthrough_ip)]
-        clusters += [_original_dst_cluster(f"inbound|{port}||", p.inbound_passthrough_ip)
+                    _original_dst_cluster("InboundPassthroughCluster", p.inbound_passthrough_ip, bind6)]
+        clusters += [_original_dst_cluster(f"inbound|{port}||", p.inbound_passthrough_ip, bind6)
                      for port in sorted(set(self.pod.ports))]
         clusters += [self._outbound_cluster(dst, port) for dst, port in self._destinations()]
+        clusters += [self._outbound_cluster(dst, port, ipv6_only=True) for dst, port in self._destinations()
+                     if self._ipv6_destination(dst)]
         return {
             "node": {"id": f"sidecar~{self.pod.ip}~{self.pod.name}.{NAMESPACE}~{NAMESPACE}.svc.cluster.local",
                      "cluster": f"{self.pod.name}.{NAMESPACE}"},

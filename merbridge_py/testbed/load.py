@@ -6,7 +6,11 @@ know that *no* request failed and that connections opened before a switch
 were still serving after it. This client is small and exact instead of fast.
 
     python -m merbridge_py.testbed.load --target b=10.200.0.11:8080 --target d=10.200.1.10:8080 \
-        --keepalive 2 --newconn 1 --duration 60 [--rotate 9] [--ready-file F]
+        --keepalive 2 --newconn 1 --duration 60 [--rotate 9] [--ready-file F] [--family inet6]
+
+A target's address is IPv4 or "[IPv6]:port". `--family inet6` makes the
+workers use AF_INET6 sockets for IPv4 targets too, through their v4-mapped
+addresses (::ffff:a.b.c.d), as the JVM does.
 
 For every target it runs `--keepalive` workers that reuse one connection
 (replaced by a fresh one every `--rotate` seconds, the workers' replacements
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import signal
 import subprocess
@@ -51,14 +56,30 @@ class Target:
     pod: str
     host: str
     port: int
+    connect_to: str = ""     # the address the socket connects to when not `host` (v4-mapped)
 
     @classmethod
     def parse(cls, text: str) -> "Target":
         pod, _, addr = text.partition("=")
         host, _, port = addr.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if not pod or not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"--target {text!r}: expected POD=IP:PORT")
+            raise argparse.ArgumentTypeError(f"--target {text!r}: expected POD=IP:PORT (POD=[IPv6]:PORT)")
         return cls(pod, host, int(port))
+
+    def in_family(self, family: str | None) -> "Target":
+        """This target as a socket of `family` reaches it: "inet6" connects to
+        an IPv4 host at ::ffff:a.b.c.d (the Host header still names a.b.c.d,
+        as a JVM client's does)."""
+        if family == "inet6" and ipaddress.ip_address(self.host).version == 4:
+            return Target(self.pod, self.host, self.port, connect_to=f"::ffff:{self.host}")
+        if family == "inet" and ipaddress.ip_address(self.host).version == 6:
+            raise ValueError(f"an AF_INET socket cannot reach the IPv6 address {self.host}")
+        return self
+
+    @property
+    def authority(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass
@@ -95,7 +116,7 @@ class ResponseError(Exception):
 
 
 async def _get_whoami(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Target) -> None:
-    writer.write(f"GET /whoami HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n\r\n".encode())
+    writer.write(f"GET /whoami HTTP/1.1\r\nHost: {target.authority}\r\n\r\n".encode())
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -133,13 +154,14 @@ class Worker:
         start = time.monotonic()
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target.host, self.target.port), self.timeout)
+                asyncio.open_connection(self.target.connect_to or self.target.host, self.target.port), self.timeout)
         except (OSError, asyncio.TimeoutError) as e:
             self.tally.requests += 1   # the request this connection was for never went out
             self.tally.fail(self.name, "connect", _describe(e), None, start)
             return None
         self.tally.connections += 1
-        local = "%s:%d" % writer.get_extra_info("sockname")[:2]
+        host, port = writer.get_extra_info("sockname")[:2]
+        local = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return reader, writer, Connection(self.name, local, time.monotonic())
 
     async def _request(self, reader, writer, conn: Connection) -> bool:
@@ -243,9 +265,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="replace each keep-alive connection after this many seconds (0: never)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per connect and per request")
     parser.add_argument("--ready-file", type=Path, help="created once every keep-alive connection has served")
+    parser.add_argument("--family", choices=("inet", "inet6"),
+                        help="socket family (default: each address's own); inet6 reaches IPv4 targets v4-mapped")
     args = parser.parse_args(argv)
+    try:
+        targets = [t.in_family(args.family) for t in args.target]
+    except ValueError as e:
+        parser.error(str(e))
     started = time.monotonic()
-    tally = asyncio.run(run(args.target, args.keepalive, args.newconn, args.duration, args.rotate, args.timeout,
+    tally = asyncio.run(run(targets, args.keepalive, args.newconn, args.duration, args.rotate, args.timeout,
                             args.ready_file))
     json.dump({"started": started, "duration": time.monotonic() - started, "requests": tally.requests,
                "failed": tally.failed, "connections": tally.connections, "max_latency": tally.max_latency,
@@ -261,13 +289,15 @@ class LoadProcess:
     cgroup, so the eBPF programs treat it as that pod's app).
 
         load = LoadProcess(tb, "a", {"b": "10.200.0.11:8080"}, duration=60)
+        load6 = LoadProcess(tb, "a", {"b": "10.200.0.11:8080"}, duration=60, family="inet6")  # v4-mapped
+        native = LoadProcess(tb, "a", {"b": "[fd10:200::11]:8080"}, duration=60)
         load.wait_ready()
         ...
         result = load.result()      # or load.stop() first to end it early
     """
 
     def __init__(self, tb, pod: str, targets: dict[str, str], duration: float, keepalive: int = 2,
-                 newconn: int = 1, rotate: float = 0.0, timeout: float = 10.0):
+                 newconn: int = 1, rotate: float = 0.0, timeout: float = 10.0, family: str | None = None):
         self.duration, self.timeout = duration, timeout
         base = tb.workdir / f"{pod}.load{id(self)}"
         self.ready_file, self.output, self.log = (base.with_suffix(s) for s in (".ready", ".json", ".log"))
@@ -276,6 +306,8 @@ class LoadProcess:
                 "--timeout", str(timeout), "--ready-file", str(self.ready_file)]
         for name, addr in targets.items():
             argv += ["--target", f"{name}={addr}"]
+        if family is not None:
+            argv += ["--family", family]
         with open(self.output, "wb") as out, open(self.log, "wb") as err:
             self.proc = tb.spawn_in(pod, argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
 

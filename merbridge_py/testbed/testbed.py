@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import sandbox
 from ..datapath import detach_pinned
-from . import envoy, istio_iptables, kube, nginx_app, pki, state, topology
+from . import envoy, istio_ip6tables, istio_iptables, kube, nginx_app, pki, state, topology
 from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
 from .envoy import EnvoySidecar
 from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MODES, PROXIES
@@ -68,7 +68,8 @@ class Testbed:
     def __init__(self, name: str, nodes: list[Node], pods: list[Pod], fabric: str, slot: int, mode: str = "nomesh",
                  sidecar_log: bool = False, processes: list[ProcessRecord] | None = None,
                  agents: dict[str, str] | None = None, app: str = "python", http_ports: tuple[int, ...] = (),
-                 proxy: str = "envoy", mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS):
+                 proxy: str = "envoy", mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS,
+                 ip_families: tuple[str, ...] = topology.IPV4_ONLY):
         self.name = name
         self.slot = slot
         self.nodes = nodes
@@ -81,6 +82,7 @@ class Testbed:
         self.proxy = proxy            # the sidecar: "envoy" (Istio's) or "haproxy" (a second, independent proxy)
         self.mtls = mtls              # between Envoy sidecars: "strict", "permissive" (Istio's default) or "off"
         self.envoy_workers = envoy_workers
+        self.ip_families = topology.check_ip_families(ip_families)   # ("ipv4",) or dual stack ("ipv4", "ipv6")
         self.processes: list[ProcessRecord] = processes or []
         self.agents: dict[str, str] = agents or {}     # node name -> metrics address of its agent
         self.workdir = state.workdir(name)
@@ -93,7 +95,8 @@ class Testbed:
     def up(cls, name: str = "tb", nodes: int = 2, pods_per_node: int = 2, mode: str = "iptables",
            pods: list[PodSpec] | None = None, plain_per_node: int = 0, sidecar_log: bool = False,
            app: str = "python", http_ports: tuple[int, ...] = (), proxy: str = "envoy",
-           mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS) -> "Testbed":
+           mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS,
+           ip_families: tuple[str, ...] = topology.IPV4_ONLY) -> "Testbed":
         """Create the bed and start it in `mode`. `pods` replaces the default
         n<node>p<i> pods (all meshed, except the last `plain_per_node` per node).
         `app` is the pods' HTTP server: "python" (every endpoint, for tests) or
@@ -105,7 +108,10 @@ class Testbed:
         forwarding only, no mTLS: shows the datapath does not depend on one
         proxy). `mtls`: Envoy's peer authentication, "strict", "permissive"
         (Istio's default; sidecars still speak mTLS to each other) or "off".
-        `envoy_workers`: Envoy's --concurrency. On any failure everything
+        `envoy_workers`: Envoy's --concurrency. `ip_families`: ("ipv4",) or
+        ("ipv4", "ipv6") for a dual-stack bed (every pod and Service also gets
+        an IPv6 address, Istio's ip6tables rules and dual-stack Envoy
+        listeners; see topology and envoy). On any failure everything
         created so far is removed again."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
@@ -118,6 +124,9 @@ class Testbed:
             if mtls == "strict":
                 raise ValueError("mtls 'strict' needs proxy='envoy': HAProxy sidecars forward plain bytes")
             mtls = "off"
+        ip_families = topology.check_ip_families(ip_families)
+        if ip_families != topology.IPV4_ONLY and proxy != "envoy":
+            raise ValueError("a dual-stack bed needs proxy='envoy': the HAProxy sidecar forwards IPv4 only")
         if sidecar_log and proxy != "haproxy":
             raise ValueError("sidecar_log needs proxy='haproxy'; Envoy's witness is its stats (sidecar_stats)")
         if not (isinstance(envoy_workers, int) and 1 <= envoy_workers <= 64):
@@ -126,7 +135,7 @@ class Testbed:
         if bad_ports:
             raise ValueError(f"http_ports {bad_ports!r}: ports are integers 1-65535")
         specs = pods if pods is not None else topology.default_specs(nodes, pods_per_node, plain_per_node)
-        topology.plan(name, specs, nodes)  # bad input fails before anything else
+        topology.plan(name, specs, nodes, ip_families=ip_families)  # bad input fails before anything else
         with state.locked():
             found = leftovers(name)
             if found:
@@ -135,9 +144,10 @@ class Testbed:
             free = sorted(set(range(topology.MAX_SLOTS)) - state.used_slots())
             if not free:
                 raise TestbedError(f"{topology.MAX_SLOTS} test beds are up already; take one down")
-            node_list, pod_list, fabric = topology.plan(name, specs, nodes, slot=free[0])
+            node_list, pod_list, fabric = topology.plan(name, specs, nodes, slot=free[0], ip_families=ip_families)
             tb = cls(name, node_list, pod_list, fabric, slot=free[0], sidecar_log=sidecar_log, app=app,
-                     http_ports=http_ports, proxy=proxy, mtls=mtls, envoy_workers=envoy_workers)
+                     http_ports=http_ports, proxy=proxy, mtls=mtls, envoy_workers=envoy_workers,
+                     ip_families=ip_families)
             tb.status_word = "creating"
             tb._save()  # before anything exists: `down` always finds what to remove
         try:
@@ -162,7 +172,8 @@ class Testbed:
                    processes=[ProcessRecord(**p) for p in data["processes"]], agents=data["agents"],
                    app=data.get("app", "python"), http_ports=tuple(data.get("http_ports", ())),
                    proxy=data.get("proxy", "haproxy"), mtls=data.get("mtls", "off"),
-                   envoy_workers=data.get("envoy_workers", DEFAULT_ENVOY_WORKERS))
+                   envoy_workers=data.get("envoy_workers", DEFAULT_ENVOY_WORKERS),
+                   ip_families=tuple(data.get("ip_families", topology.IPV4_ONLY)))
 
     def down(self) -> None:
         """Stop everything and remove every resource; safe to call twice."""
@@ -184,14 +195,14 @@ class Testbed:
             "nodes": [vars(n) for n in self.nodes], "pods": [p.to_json() for p in self.pods],
             "processes": [p.to_json() for p in self.processes], "agents": self.agents, "app": self.app,
             "http_ports": list(self.http_ports), "proxy": self.proxy, "mtls": self.mtls,
-            "envoy_workers": self.envoy_workers,
+            "envoy_workers": self.envoy_workers, "ip_families": list(self.ip_families),
         })
 
     def _create(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o755)
         sandbox.cgroup_create(topology.cgroup_dir(self.name) / "ctl")
-        topology.create_fabric(self.fabric)
+        topology.create_fabric(self.fabric, dual_stack=self.dual_stack)
         for node in self.nodes:
             topology.create_node(node, self.fabric, self.nodes)
         for pod in self.pods:
@@ -211,6 +222,10 @@ class Testbed:
                 self.sidecar(pod).prepare(ca)
 
     # --- lookups ------------------------------------------------------------------
+
+    @property
+    def dual_stack(self) -> bool:
+        return "ipv6" in self.ip_families
 
     def pod(self, pod: str | Pod) -> Pod:
         if isinstance(pod, Pod):
@@ -298,12 +313,15 @@ class Testbed:
         for pod in self.pods:
             ready_file(pod.name).unlink(missing_ok=True)
             if self.app == "nginx":
-                argv = nginx_app.argv(self.workdir, pod.name, pod.ports, ready_file(pod.name), log_of(pod.name))
+                argv = nginx_app.argv(self.workdir, pod.name, pod.ports, ready_file(pod.name), log_of(pod.name),
+                                      ipv6=bool(pod.ip6))
             else:
                 argv = [sys.executable, "-m", "merbridge_py.testbed.app", "--name", pod.name,
                         "--ready-file", str(ready_file(pod.name))]
                 for port in pod.ports:
                     argv += ["--port", str(port)]
+                if pod.ip6:
+                    argv.append("--ipv6")
             with open(log_of(pod.name), "ab") as log:
                 proc = sandbox.spawn(argv, netns=pod.netns, cgroup=Path(pod.cgroup), stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -421,6 +439,21 @@ class Testbed:
                                input=istio_iptables.restore_payload(flags))
                 else:
                     sandbox.sh("iptables-restore", netns=pod.netns, input=istio_iptables.flush_payload(flags))
+                if pod.ip6:
+                    self._apply_ipv6_rules(pod, flags, install)
+
+    @staticmethod
+    def _apply_ipv6_rules(pod: Pod, flags: istio_iptables.CaptureFlags, install: bool) -> None:
+        """What istio-iptables adds for a pod with an IPv6 address: the
+        ip6tables half of its rules and ::6 on lo (the inbound passthrough
+        source Envoy binds for IPv6); removed again on the way to nomesh."""
+        if install:
+            sandbox.sh(*istio_ip6tables.passthrough_address_command(add=True), netns=pod.netns)
+            sandbox.sh("ip6tables-restore", "--noflush", netns=pod.netns,
+                       input=istio_ip6tables.restore_payload(flags))
+        else:
+            sandbox.sh("ip6tables-restore", netns=pod.netns, input=istio_ip6tables.flush_payload(flags))
+            sandbox.sh(*istio_ip6tables.passthrough_address_command(add=False), netns=pod.netns)
 
     def settle(self) -> None:
         """A clean start for the next block of traffic: flush conntrack and
@@ -471,45 +504,60 @@ class Testbed:
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def requests(self, src: str | Pod, dst: str | Pod, port: int = topology.APP_PORT, path: str = "/whoami",
-                 count: int = 1, new_connection: bool = False, timeout: float = 5.0) -> list[dict]:
+                 count: int = 1, new_connection: bool = False, timeout: float = 5.0,
+                 family: str | None = None) -> list[dict]:
         """`count` GETs from inside pod `src` to `dst` (a pod or an IP); one
-        dict per request: status, body (JSON decoded), local ("ip:port" of the
-        client socket), error (None when the request worked)."""
+        dict per request: status, body (JSON decoded), local ("ip:port", or
+        "[ip]:port" for IPv6, of the client socket), error (None when the
+        request worked). A pod `dst` means its IPv4 address. `family`: the
+        client's socket family, "inet" or "inet6"; "inet6" to an IPv4
+        address connects to its v4-mapped form ::ffff:a.b.c.d, as the JVM
+        does (default: the address's own family)."""
         dst_ip = self._address(dst)
         argv = [sys.executable, "-m", "merbridge_py.testbed.client", "--host", dst_ip, "--port", str(port),
                 "--path", path, "--count", str(count), "--timeout", str(timeout)]
         if new_connection:
             argv.append("--new-connection")
+        if family is not None:
+            argv += ["--family", family]
         done = self.exec_in(src, argv, timeout=30 + count * timeout)
         if done.returncode != 0:
             raise TestbedError(f"client in pod {self.pod(src).name} failed: {done.stderr.strip()}")
         return json.loads(done.stdout)["results"]
 
     def _address(self, dst: str | Pod) -> str:
-        """A pod (object or name) or a literal IPv4 address."""
+        """A pod (object or name: its IPv4 address) or a literal IPv4 or IPv6 address."""
         if isinstance(dst, Pod):
             return dst.ip
         try:
             socket.inet_aton(dst)
             return dst
         except OSError:
-            return self.pod(dst).ip
+            pass
+        if ":" in dst:
+            socket.inet_pton(socket.AF_INET6, dst)   # a clear error for a malformed one
+            return dst
+        return self.pod(dst).ip
 
     def request(self, src: str | Pod, dst: str | Pod, port: int = topology.APP_PORT,
-                path: str = "/whoami", timeout: float = 5.0) -> tuple[int, object]:
+                path: str = "/whoami", timeout: float = 5.0, family: str | None = None) -> tuple[int, object]:
         """One GET from inside `src`: (status, body). Raises TestbedError when
-        the request gets no HTTP response at all."""
-        result = self.requests(src, dst, port, path, timeout=timeout)[0]
+        the request gets no HTTP response at all. `family`: see requests()."""
+        result = self.requests(src, dst, port, path, timeout=timeout, family=family)[0]
         if result["error"]:
             raise TestbedError(f"{self.pod(src).name} -> {dst}:{port}{path} failed: {result['error']}")
         return result["status"], result["body"]
 
-    def nat_counters(self, pod: str | Pod) -> dict[str, int]:
+    def nat_counters(self, pod: str | Pod, family: str = "ipv4") -> dict[str, int]:
         """Packets that hit Istio's REDIRECT rules in `pod` so far (nat rules
         see the first packet of each connection): {"ISTIO_REDIRECT": n,
-        "ISTIO_IN_REDIRECT": m}; 0 where the pod has no rules."""
+        "ISTIO_IN_REDIRECT": m}; 0 where the pod has no rules. `family`
+        "ipv6" reads the ip6tables rules of a dual-stack pod."""
+        if family not in topology.IP_FAMILIES:
+            raise ValueError(f"family {family!r}: one of {', '.join(topology.IP_FAMILIES)}")
+        save = "iptables-save" if family == "ipv4" else "ip6tables-save"
         counts = {"ISTIO_REDIRECT": 0, "ISTIO_IN_REDIRECT": 0}
-        for line in sandbox.sh("iptables-save", "-c", "-t", "nat", netns=self.pod(pod).netns).splitlines():
+        for line in sandbox.sh(save, "-c", "-t", "nat", netns=self.pod(pod).netns).splitlines():
             # "[pkts:bytes] -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"
             if line.startswith("[") and " -j REDIRECT" in line:
                 packets = int(line[1:line.index(":")])
@@ -560,8 +608,8 @@ class Testbed:
                        "pods_file": str(self.pods_file(n)),
                        "agent": ({"metrics": self.agents[n.name], "ready": self.agent_ready(n)}
                                  if n.name in self.agents else None)} for n in self.nodes],
-            "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed,
-                      "app": alive.get(("app", p.name), False),
+            "pods": [{"name": p.name, "node": p.node, "ip": p.ip, **self._ipv6_of(p), "netns": p.netns,
+                      "meshed": p.meshed, "app": alive.get(("app", p.name), False),
                       "sidecar": alive.get(("sidecar", p.name), False) if p.meshed else None}
                      for p in self.pods],
         }
@@ -569,6 +617,11 @@ class Testbed:
     def summary(self) -> dict:
         """What `testbed up` prints."""
         return {"name": self.name, "mode": self.mode, "proxy": self.proxy, "mtls": self.mtls,
-                "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed}
-                         for p in self.pods]}
+                "pods": [{"name": p.name, "node": p.node, "ip": p.ip, **self._ipv6_of(p), "netns": p.netns,
+                          "meshed": p.meshed} for p in self.pods]}
+
+    @staticmethod
+    def _ipv6_of(pod: Pod) -> dict:
+        """A dual-stack pod's IPv6 address and Service VIP, for status and summary."""
+        return {"ip6": pod.ip6, "service_ip6": pod.service_ip6} if pod.ip6 else {}
 

@@ -18,6 +18,18 @@ S is 200 + the test bed's slot (the lowest free one when it came up), so
 pod IPs never repeat across test beds that run side by side: an agent finds a
 pod's namespace by its IP, host-wide.
 
+Dual stack (`ip_families=("ipv4", "ipv6")`): every address above gets an
+IPv6 twin in a unique local (ULA, fd00::/8) prefix that also carries S, so
+IPv6 addresses never repeat across beds either; the digits mirror the IPv4
+ones (read as hex groups):
+  fabric   fd31:S::(10+N)/64                     (172.31.0.(10+N))
+  node N   br0 = fd10:S:N::1/64, routes to every other node's fd10:S:M::/64
+           via fd31:S::(10+M); IPv6 forwarding on
+  pod      eth0 = fd10:S:N::(10+i)/64            (10.S.N.(10+i))
+  service  fd96:S:N::(10+i)                      (10.96.N.(10+i))
+IPv6 is switched on (and duplicate address detection off, `nodad` on every
+address) by sysctls inside the bed's own namespaces only.
+
 Cross-node traffic leaves the pod, is routed by its node, crosses the fabric
 and is routed again by the other node: two namespaces, as between machines.
 Nothing is created in the root network namespace; sysctls are set only inside
@@ -40,6 +52,10 @@ MAX_PODS_PER_NODE = 200
 MAX_SLOTS = 50
 APP_PORT = 8080
 FABRIC_CIDR = "172.31.0.0/24"
+IP_FAMILIES = ("ipv4", "ipv6")
+IPV4_ONLY = ("ipv4",)
+DUAL_STACK = ("ipv4", "ipv6")
+IPV6_PREFIX_LEN = 64
 
 
 def check_name(name: str) -> str:
@@ -79,6 +95,10 @@ class Node:
     host_ip: str
     cgroup: str
     bpffs: str
+    # IPv6 twins of cidr/gateway/host_ip; "" in an IPv4-only bed
+    cidr6: str = ""
+    gateway6: str = ""
+    host_ip6: str = ""
 
 
 @dataclass
@@ -93,6 +113,14 @@ class Pod:
     ports: list[int]
     veth: str       # the pod's veth end in its node's namespace
     service_ip: str  # virtual IP of the Service whose only endpoint is this pod
+    ip6: str = ""          # the pod's IPv6 address; "" in an IPv4-only bed
+    service_ip6: str = ""  # the Service's IPv6 virtual IP (a dual-stack Service); "" in an IPv4-only bed
+
+    @property
+    def ips(self) -> list[str]:
+        """Every address of the pod, IPv4 first (status.podIPs order of an
+        IPv4-primary dual-stack cluster)."""
+        return [ip for ip in (self.ip, self.ip6) if ip]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -111,11 +139,29 @@ def pod_supernet(slot: int) -> str:
     return f"10.{200 + slot}"
 
 
+def check_ip_families(ip_families) -> tuple[str, ...]:
+    """("ipv4",) or ("ipv4", "ipv6"): the bed's pods always have IPv4 (the
+    datapath and every other test assume it); IPv6 comes on top."""
+    families = tuple(ip_families)
+    if families not in (IPV4_ONLY, DUAL_STACK):
+        raise ValueError(f"ip_families {ip_families!r}: {IPV4_ONLY!r} or {DUAL_STACK!r}")
+    return families
+
+
+def _v6(first: str, slot: int, *groups: int | str) -> str:
+    """An address of the ULA plan above: decimal numbers written as hex groups
+    (fd10:S:N::10+i), so the IPv6 address reads like its IPv4 twin."""
+    tail = groups[-1]
+    head = ":".join(str(g) for g in (first, 200 + slot) + tuple(groups[:-1]))
+    return str(ipaddress.IPv6Address(f"{head}::{tail}"))
+
+
 def plan(name: str, specs: list[PodSpec], nodes: int | None = None,
-         slot: int = 0) -> tuple[list[Node], list[Pod], str]:
+         slot: int = 0, ip_families=IPV4_ONLY) -> tuple[list[Node], list[Pod], str]:
     """Names and addresses of everything a test bed will create (nothing is
     created here): (nodes, pods, fabric netns)."""
     check_name(name)
+    dual = check_ip_families(ip_families) == DUAL_STACK
     net = pod_supernet(slot)
     n_nodes = nodes if nodes is not None else max((s.node for s in specs), default=0) + 1
     if not 1 <= n_nodes <= MAX_NODES:
@@ -135,6 +181,12 @@ def plan(name: str, specs: list[PodSpec], nodes: int | None = None,
                       gateway=f"{net}.{n}.1", host_ip=f"172.31.0.{10 + n}", cgroup=str(cg / f"node{n}"),
                       bpffs=f"/sys/fs/bpf/{pfx}node{n}")
                  for n in range(n_nodes)]
+    if dual:
+        for node in node_list:
+            n = node.index
+            node.cidr6 = str(ipaddress.IPv6Network(f"{_v6('fd10', slot, n, 0)}/{IPV6_PREFIX_LEN}"))
+            node.gateway6 = _v6("fd10", slot, n, 1)
+            node.host_ip6 = _v6("fd31", slot, 10 + n)
     pods = []
     per_node: dict[int, int] = {}
     for s in specs:
@@ -145,6 +197,9 @@ def plan(name: str, specs: list[PodSpec], nodes: int | None = None,
         pods.append(Pod(name=s.name, node=f"node{s.node}", ip=f"{net}.{s.node}.{10 + i}", netns=f"{pfx}pod-{s.name}",
                         meshed=s.meshed, cgroup=str(cg / f"node{s.node}" / s.name), annotations=dict(s.annotations),
                         ports=list(s.ports), veth=f"p{i}", service_ip=f"10.96.{s.node}.{10 + i}"))
+        if dual:
+            pods[-1].ip6 = _v6("fd10", slot, s.node, 10 + i)
+            pods[-1].service_ip6 = _v6("fd96", slot, s.node, 10 + i)
     return node_list, pods, f"{pfx}fabric"
 
 
@@ -159,13 +214,28 @@ def _sysctl(netns: str, key: str, value: str) -> None:
     sandbox.sh("sysctl", "-q", "-w", f"{key}={value}", netns=netns)
 
 
-def create_fabric(fabric: str) -> None:
+def enable_ipv6(netns: str, forwarding: bool = False) -> None:
+    """IPv6 on in one of the bed's namespaces (whatever the host's defaults
+    are), without duplicate address detection: addresses are usable at once.
+    Before any interface is added, so every new one inherits `default`."""
+    settings = [f"net.ipv6.conf.{scope}.{key}={value}" for scope in ("all", "default")
+                for key, value in (("disable_ipv6", "0"), ("accept_dad", "0"))]
+    if forwarding:
+        settings.append("net.ipv6.conf.all.forwarding=1")
+    sandbox.sh("sysctl", "-q", "-w", *settings, netns=netns)
+
+
+def create_fabric(fabric: str, dual_stack: bool = False) -> None:
     sandbox.netns_add(fabric)
+    if dual_stack:
+        enable_ipv6(fabric)
     _ip_batch(fabric, ["link add br0 type bridge", "link set br0 up"])
 
 
 def create_node(node: Node, fabric: str, all_nodes: list[Node]) -> None:
     sandbox.netns_add(node.netns)
+    if node.cidr6:
+        enable_ipv6(node.netns, forwarding=True)
     prefix_len = ipaddress.ip_network(FABRIC_CIDR).prefixlen
     # the wire: fabric end "nN" on the fabric bridge, node end "uplink"
     _ip_batch(fabric, [f"link add n{node.index} type veth peer name uplink netns {node.netns}",
@@ -173,6 +243,11 @@ def create_node(node: Node, fabric: str, all_nodes: list[Node]) -> None:
     commands = ["link add br0 type bridge", f"addr add {node.gateway}/24 dev br0", "link set br0 up",
                 f"addr add {node.host_ip}/{prefix_len} dev uplink", "link set uplink up"]
     commands += [f"route add {other.cidr} via {other.host_ip} dev uplink" for other in all_nodes if other is not node]
+    if node.cidr6:
+        commands += [f"addr add {node.gateway6}/{IPV6_PREFIX_LEN} dev br0 nodad",
+                     f"addr add {node.host_ip6}/{IPV6_PREFIX_LEN} dev uplink nodad"]
+        commands += [f"route add {other.cidr6} via {other.host_ip6} dev uplink"
+                     for other in all_nodes if other is not node]
     _ip_batch(node.netns, commands)
     _sysctl(node.netns, "net.ipv4.ip_forward", "1")
     sandbox.cgroup_create(Path(node.cgroup))
@@ -180,10 +255,15 @@ def create_node(node: Node, fabric: str, all_nodes: list[Node]) -> None:
 
 def create_pod(pod: Pod, node: Node) -> None:
     sandbox.netns_add(pod.netns)
+    if pod.ip6:
+        enable_ipv6(pod.netns)
     _ip_batch(node.netns, [f"link add {pod.veth} type veth peer name eth0 netns {pod.netns}",
                            f"link set {pod.veth} master br0", f"link set {pod.veth} up"])
-    _ip_batch(pod.netns, [f"addr add {pod.ip}/24 dev eth0", "link set eth0 up",
-                          f"route add default via {node.gateway} dev eth0"])
+    commands = [f"addr add {pod.ip}/24 dev eth0", "link set eth0 up", f"route add default via {node.gateway} dev eth0"]
+    if pod.ip6:
+        commands += [f"addr add {pod.ip6}/{IPV6_PREFIX_LEN} dev eth0 nodad",
+                     f"route add ::/0 via {node.gateway6} dev eth0"]
+    _ip_batch(pod.netns, commands)
     sandbox.cgroup_create(Path(pod.cgroup))
 
 
