@@ -182,3 +182,28 @@ def test_the_kernel_holds_both_addresses_and_forgets_them(node):
     assert rc == 0, out
     assert not node.bpffs.exists(), "pins left behind (connect6 among them)"
     node.start_agent()
+
+
+def test_mode_switch_takes_both_connect_hooks_off_and_back(node):
+    """`toggle iptables` detaches connect6 with connect4 (this node has no
+    rules: the iptables path is the direct path), `toggle ebpf` attaches both."""
+    from click.testing import CliRunner
+
+    from merbridge_py.cli import main
+    from merbridge_py.datapath import attached_program_ids
+    a, b = node.pods["a"], node.pods["b"]
+
+    def toggle(mode):
+        r = CliRunner().invoke(main, ["toggle", mode, "--node", "--admin-socket", str(node.admin_socket)])
+        assert r.exit_code == 0, r.output
+
+    toggle("iptables")
+    try:
+        attached = attached_program_ids(node.cgroup)
+        assert not attached["CGROUP_INET4_CONNECT"] and not attached["CGROUP_INET6_CONNECT"], attached
+        assert ask(node, "a", b.ip6)[1].startswith(f"{a.ip6}:")
+        assert ask(node, "a", f"::ffff:{b.ip}")[1].startswith(f"{a.ip}:")
+    finally:
+        toggle("ebpf")
+    assert ask(node, "a", b.ip6)[1].startswith("::6:")
+    assert ask(node, "a", f"::ffff:{b.ip}")[1].startswith("127.0.0.6:")
