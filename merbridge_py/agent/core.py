@@ -81,10 +81,11 @@ class _Tracked:
 
 
 def _needs_rules(verdict: Verdict) -> bool:
-    """Pods whose verdict the installed rules can change: those the spec
-    accelerates (the rules may forbid it) and those whose istio-init
-    arguments are unreadable (the rules may stand in for them)."""
-    return verdict.accelerate or verdict.code == "malformed_init_args"
+    """Pods whose verdict the installed rules can change or must explain:
+    those the spec accelerates (the rules may forbid it), those whose
+    istio-init arguments are unreadable (the rules may stand in for them) and
+    those whose spec sources disagree (the reason names the rules)."""
+    return verdict.accelerate or verdict.code in ("malformed_init_args", "installed_mismatch")
 
 
 def _source(verdict: Verdict) -> str | None:
