@@ -135,6 +135,7 @@ class Agent:
         self.on_decision_change = on_decision_change
         self.decisions = 0                     # decide() calls so far (work done, for tests and metrics)
         self.installed = InstalledRulesCache(rules_reader) if rules_reader is not None else None
+        self._scan_error: str | None | bool = False     # this pass's namespace scan: False = not scanned yet
         self._pods: dict[str, dict] | None = None
         self._changed = False
         self._tracked: dict[str, _Tracked] = {}
@@ -186,7 +187,7 @@ class Agent:
             self._changed = False
         if pods is None:
             return  # no source has delivered yet
-        self._scan_error: str | None | bool = False     # False: not scanned in this pass yet
+        self._scan_error = False
         if changed:
             self._decide_changed(pods)
         now = time.monotonic()

@@ -21,7 +21,7 @@ from merbridge_py.policy.capture import (  # noqa: F401
     choose, extra_capture, make_capture,
 )
 from merbridge_py.policy.live_rules import (  # noqa: F401
-    InstalledRulesCache, NoIstioRules, Rule, from_iptables_save, from_nft_json, from_rules, iptables_nat_rules, nftables_nat_rules,
-    parse_iptables_rule, read_netns, spec_key,
+    InstalledRulesCache, NoIstioRules, Rule, from_iptables_save, from_nft_json, from_rules, iptables_nat_rules,
+    nftables_nat_rules, parse_iptables_rule, read_netns, spec_key,
 )
 from merbridge_py.policy.spec_sources import from_args, from_cni_annotations, read_args  # noqa: F401
