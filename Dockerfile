@@ -10,6 +10,10 @@ FROM debian:bookworm-slim
 #   "bcc" is an unrelated library, so bcc can only come from here).
 # python3-venv: the virtualenv and its bundled pip (python3-pip is not needed).
 # iproute2: `ip` for inspecting pod namespaces from `kubectl exec`.
+# iptables (iptables-nft-save, iptables-legacy-save) and nftables (nft): the
+#   agent reads the rules Istio installed in each pod's namespace with them
+#   (through nsenter, from util-linux, which minbase already has) and decides
+#   from those rules.
 # ca-certificates: TLS to the package index while building.
 #
 # Kernel headers: bcc compiles against headers at run time. The DaemonSet
@@ -24,7 +28,7 @@ FROM debian:bookworm-slim
 # apt's package cache and lists are removed in the same layer (-140 MB).
 RUN set -eux; \
     apt-get update; \
-    apt-get install -y --no-install-recommends python3-bpfcc python3-venv iproute2 ca-certificates; \
+    apt-get install -y --no-install-recommends python3-bpfcc python3-venv iproute2 iptables nftables ca-certificates; \
     arch="$(dpkg --print-architecture)"; \
     case "$arch" in amd64) srcarch=x86 ;; *) srcarch="$arch" ;; esac; \
     headers="$(apt-cache depends "linux-headers-$arch" | sed -n 's/^ *Depends: //p' | head -n1)"; \
@@ -68,6 +72,7 @@ RUN --mount=type=secret,id=ca set -eux; \
     /opt/venv/bin/pip uninstall --yes --quiet setuptools pip; \
     rm -rf /opt/venv/lib/python3*/site-packages/kubernetes/aio; \
     /opt/venv/bin/python -c 'import bcc, kubernetes.client, kubernetes.watch, merbridge_py.cli, merbridge_py.agent.kube_source'; \
+    for tool in nsenter nft iptables-nft-save iptables-legacy-save; do command -v "$tool" >/dev/null; done; \
     merbridge-py --help >/dev/null
 
 # The agent runs as root: Kubernetes grants a container's added capabilities

@@ -8,12 +8,13 @@ code 2; a pod that is not accelerated is a normal answer (exit 0).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 import yaml
 
-from merbridge_py.policy import decide
+from merbridge_py.policy import decide, read_netns
 
 EXAMPLES = """
 \b
@@ -21,6 +22,8 @@ examples:
   merbridge-py inspect-pod pod.yaml                          # a Pod manifest, YAML or JSON
   kubectl get pod web-0 -o yaml | merbridge-py inspect-pod -  # a live pod, from stdin
   kubectl get pod web-0 -o json | merbridge-py inspect-pod - | jq -r .reason
+  # on the pod's node, with the rules Istio installed in it (what the agent decides from):
+  merbridge-py inspect-pod pod.yaml --netns /proc/$(pgrep -f pause | head -1)/ns/net
 """
 
 POD_LISTS = ("PodList", "List")
@@ -82,13 +85,20 @@ def _read(source: str) -> bytes:
 
 @click.command("inspect-pod", epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", metavar="FILE|-")
+@click.option("--netns", "netns_path", metavar="PATH",
+              help="The pod's network namespace (/proc/PID/ns/net of a process in the pod, or /run/netns/NAME): "
+                   "its installed Istio rules are read and decided from, as the agent does (needs root on the "
+                   "pod's node). Without it the verdict rests on the pod spec alone.")
 @click.pass_context
-def inspect_pod(ctx: click.Context, source: str) -> None:
+def inspect_pod(ctx: click.Context, source: str, netns_path: str | None) -> None:
     """Print whether a pod would be accelerated, why, and its capture policy.
 
     Reads one Pod (YAML or JSON) from FILE, or from stdin with "-", and prints
-    the agent's verdict as JSON. Exit code 0 whether or not the pod is
-    accelerated; 2 if the input is not one readable Pod.
+    the agent's verdict as JSON; `policy.source` says where the capture policy
+    came from ("iptables rules", "nftables rules", "istio-init arguments",
+    "istio-cni annotations" or "annotations"). Exit code 0 whether or not the
+    pod is accelerated; 2 if the input is not one readable Pod or the
+    namespace cannot be opened.
     """
     try:
         pod = load_pod(_read(source))
@@ -98,4 +108,10 @@ def inspect_pod(ctx: click.Context, source: str) -> None:
     except NotAPod as e:
         click.echo(f"error: {'stdin' if source == '-' else source}: {e}", err=True)
         ctx.exit(2)
-    click.echo(json.dumps(decide(pod).to_json(), indent=2))
+    installed = None
+    if netns_path is not None:
+        if not os.path.exists(netns_path):
+            click.echo(f"error: --netns {netns_path}: no such file", err=True)
+            ctx.exit(2)
+        installed = read_netns(netns_path)     # never raises: an unreadable rule set is the pod's reason
+    click.echo(json.dumps(decide(pod, installed=installed).to_json(), indent=2))

@@ -45,8 +45,9 @@ ADMIN_DIR = "/run/merbridge-py"
 # SYS_ADMIN is needed anyway (setns), and the kernel accepts it wherever it
 # asks for CAP_BPF or CAP_PERFMON (bpf_capable(), perfmon_capable()): granting
 # those two as well would add nothing (tests/test_container.py removes each
-# granted capability in turn and expects the agent to fail, except NET_ADMIN on
-# kernels from 6.9, where SYS_ADMIN stands in for it too; 5.15-6.8 need it).
+# granted capability in turn and expects the agent to fail). NET_ADMIN is
+# needed on every kernel: SYS_ADMIN stands in for it in bpf() from 6.9, but
+# not for reading the nf_tables rules Istio installed in each pod's namespace.
 CAPABILITIES = ("NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE")
 
 # Measured with benchmarks/agent_footprint.py, 200 pods listed and watched
@@ -304,8 +305,9 @@ sets the mode back to ebpf.""",
 One agent per node (tolerates every taint), on the host network.
 Security: the agent container is NOT privileged. It runs as root with all
 capabilities dropped except:
-  NET_ADMIN     create the sockhash map (before kernel 6.9, SYS_ADMIN does
-                not stand in for it) and load socket program types
+  NET_ADMIN     read the Istio rules installed in each pod's namespace
+                (nft, iptables-save), which the decision rests on; create
+                the sockhash map and load socket program types
   SYS_ADMIN     setns() into pod network namespaces, to read each one's
                 cookie and addresses; the kernel also takes it in place of
                 BPF and PERFMON (loading programs, creating maps, the

@@ -27,7 +27,7 @@ def bed():
     dp, netns, metrics = FakeDatapath(), FakeNetns(), AgentMetrics()
     changes = []
     agent = Agent(dp, ISTIO, netns_index=netns, metrics=metrics,
-                  on_decision_change=lambda obj, status: changes.append(status))
+                  on_decision_change=lambda obj, status: changes.append(status), rules_reader=None)
     agent.changes = changes
     return agent, dp, netns, metrics
 
@@ -128,6 +128,7 @@ def test_one_pods_failure_is_isolated_and_retried(bed, monkeypatch):
     st = by_pod(agent)
     assert st["ns/p1"]["accelerated"] and st["ns/p3"]["accelerated"]
     assert st["ns/p2"] == {"pod": "ns/p2", "accelerated": False, "ip": "10.0.0.2", "pending": True,
+                           "source": "annotations",
                            "reason": "not accelerated yet: writing its datapath entries failed (OSError: "
                                      "[Errno 28] No space left on device); will retry"}
     assert agent.ready.is_set()

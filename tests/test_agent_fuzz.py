@@ -120,7 +120,7 @@ class AgentUnderTest:
     def __init__(self, source_factory):
         self.datapath, self.netns, self.metrics = FakeDatapath(), FakeNetns(), AgentMetrics()
         self.netns.add(GOOD_IP, 99)
-        self.agent = Agent(self.datapath, ISTIO, netns_index=self.netns, metrics=self.metrics)
+        self.agent = Agent(self.datapath, ISTIO, netns_index=self.netns, metrics=self.metrics, rules_reader=None)
         self.source = source_factory(self.agent.update_pods)
         self.metrics.source = self.source
         self.stop = threading.Event()

@@ -103,9 +103,11 @@ def describe(failures: list[dict], restarts: list[tuple[float, float, float]]) -
     return out
 
 
-def test_agent_killed_under_load_then_restarted_loses_no_request():
-    name = f"rst{os.getpid()}"
-    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b"), PodSpec("c")], mode="ebpf", mtls="strict") as tb:
+@pytest.mark.parametrize("rules", ["iptables", "nftables"])   # Istio's iptables rules, or its native nftables
+def test_agent_killed_under_load_then_restarted_loses_no_request(rules):
+    name = f"rst{rules[0]}{os.getpid()}"
+    with Testbed.up(name, nodes=1, pods=[PodSpec("a"), PodSpec("b"), PodSpec("c")], mode="ebpf", mtls="strict",
+                    rules=rules) as tb:
         node = tb.node("node0")
         cgroup, bpffs = Path(node.cgroup), Path(node.bpffs)
         programs = one_program_per_hook(cgroup)

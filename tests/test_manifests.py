@@ -32,6 +32,7 @@ from merbridge_py import cli, datapath, manifests, rbac, sandbox
 from merbridge_py.agent.http import network_routes
 from merbridge_py.agent.status import agent_request
 from merbridge_py.mesh import PROFILES
+from merbridge_py.testbed import istio_iptables
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "manifests" / "all-in-one.yaml"
@@ -423,6 +424,10 @@ def test_agent_with_the_daemonset_capabilities(tmp_path, case, dropped, accelera
     try:
         sandbox.netns_add(tag)
         sandbox.sh("ip", "addr", "add", f"{ip}/32", "dev", "lo", netns=tag)
+        # Istio's rules, as istio-init installs them: the agent reads them (nsenter + iptables-nft-save and
+        # nft inside the pod's namespace) with the same capabilities before it accelerates the pod.
+        sandbox.sh("iptables-restore", "--noflush", netns=tag,
+                   input=istio_iptables.restore_payload(istio_iptables.flags_from_annotations({})))
         pod_process = subprocess.Popen(["ip", "netns", "exec", tag, "setpriv", "--reuid", "65535", "--regid",
                                         "65535", "--clear-groups", "sleep", "600"])
         sandbox.cgroup_create(cgroup)

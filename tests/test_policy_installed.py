@@ -298,22 +298,35 @@ def test_decide_keeps_the_rules_behaviour_or_refuses_after_an_annotation_patch()
 
 def fake_runner(outputs: dict):
     def run(path, argv):
-        return outputs.get(argv[0]) if argv[1:] != ["--version"] else ("v" if argv[0] in outputs else None)
+        return outputs.get(argv[0])
     return run
+
+
+def legacy(*names):
+    return lambda path: set(names)
+
+
+# what `nft -j list ruleset` shows of chains iptables-nft made
+IPTABLES_NFT_CHAINS = json.dumps({"nftables": [{"chain": {"family": "ip", "table": "nat", "name": "ISTIO_OUTPUT"}}]})
 
 
 def test_read_netns_uses_whichever_kind_of_rules_is_there():
     ipt = ii.restore_payload(ii.flags_from_annotations({}))
     ruleset = (DATA / "istio-nftables-ruleset.json").read_text()
-    assert inst.read_netns("/p", fake_runner({"iptables-legacy-save": ipt, "iptables-nft-save": "", "nft": "{}"})) \
+    assert inst.read_netns("/p", fake_runner({"iptables-legacy-save": ipt, "nft": "{}"}), legacy("nat")) \
         .source == "iptables rules"
-    assert inst.read_netns("/p", fake_runner({"iptables-nft-save": "*nat\nCOMMIT\n", "nft": ruleset})) \
-        .source == "nftables rules"
-    both = inst.read_netns("/p", fake_runner({"iptables-nft-save": ipt, "nft": ruleset}))
+    assert inst.read_netns("/p", fake_runner({"iptables-nft-save": ipt, "nft": IPTABLES_NFT_CHAINS}), legacy()) \
+        .source == "iptables rules"
+    assert inst.read_netns("/p", fake_runner({"iptables-nft-save": ipt, "nft": ruleset}), legacy()) \
+        .source == "nftables rules"     # no ISTIO_ chains in an ip table: iptables-nft-save is not asked
+    both = inst.read_netns("/p", fake_runner({"iptables-legacy-save": ipt, "nft": ruleset}), legacy("nat"))
     assert isinstance(both, inst.InstalledError) and "more than one kind" in str(both)
-    none = inst.read_netns("/p", fake_runner({"iptables-nft-save": "", "nft": '{"nftables": []}'}))
-    assert isinstance(none, inst.InstalledError) and "no Istio rules" in str(none)
-    assert "neither" in str(inst.read_netns("/p", fake_runner({})))
+    none = inst.read_netns("/p", fake_runner({"iptables-nft-save": "", "nft": '{"nftables": []}'}), legacy("filter"))
+    assert isinstance(none, inst.NoIstioRules) and "no Istio rules" in str(none)
+    # without nft, iptables-nft-save looks for itself
+    assert inst.read_netns("/p", fake_runner({"iptables-nft-save": ipt}), legacy()).source == "iptables rules"
+    bad = inst.read_netns("/p", fake_runner({"nft": "not json"}), legacy())
+    assert isinstance(bad, inst.InstalledError) and not isinstance(bad, inst.NoIstioRules)
 
 
 @pytest.mark.bpf
@@ -337,6 +350,27 @@ def test_read_netns_reads_real_rules_of_both_kinds():
         assert got.source == "nftables rules" and parsed(got) == expected(flags)
         sandbox.sh("iptables-restore", "--noflush", netns=ns, input=ii.restore_payload(flags))
         assert "more than one kind" in str(inst.read_netns(path))
+    finally:
+        sandbox.netns_delete(ns)
+
+
+@pytest.mark.bpf
+def test_reading_creates_nothing_and_finds_legacy_rules():
+    """Reading a namespace leaves it as it was (`iptables-legacy-save -t nat`
+    would create an empty legacy nat table: measured), and rules installed
+    with iptables-legacy are found through /proc/net/ip_tables_names."""
+    needs_root("iptables-legacy-restore")
+    ns = f"mbp-rt-{uuid.uuid4().hex[:8]}"
+    sandbox.netns_add(ns)
+    try:
+        path = f"/run/netns/{ns}"
+        assert isinstance(inst.read_netns(path), inst.NoIstioRules)
+        assert "nat" not in sandbox.sh("sh", "-c", "cat /proc/net/ip_tables_names 2>/dev/null || true", netns=ns)
+        assert "table" not in sandbox.sh("nft", "list", "ruleset", netns=ns)
+        flags = ii.flags_from_annotations({}, mesh=ii.MeshDefaults(exclude_outbound_ports="5432"))
+        sandbox.sh("iptables-legacy-restore", "--noflush", netns=ns, input=ii.restore_payload(flags))
+        got = inst.read_netns(path)
+        assert got.source == "iptables rules" and parsed(got) == expected(flags)
     finally:
         sandbox.netns_delete(ns)
 

@@ -102,10 +102,11 @@ def describe(failures: list[dict], windows: list[tuple]) -> list[str]:
     return out
 
 
-def test_ten_toggles_under_load_lose_no_request():
-    name = f"tog{os.getpid()}"
+@pytest.mark.parametrize("rules", ["iptables", "nftables"])   # Istio's iptables rules, or its native nftables
+def test_ten_toggles_under_load_lose_no_request(rules):
+    name = f"tog{rules[0]}{os.getpid()}"
     pods = [PodSpec("a", node=0), PodSpec("b", node=0), PodSpec("c", node=0), PodSpec("d", node=1)]
-    with Testbed.up(name, nodes=2, pods=pods, mode="ebpf", mtls="strict") as tb:
+    with Testbed.up(name, nodes=2, pods=pods, mode="ebpf", mtls="strict", rules=rules) as tb:
         b, d = (f"{tb.pod(p).ip}:8080" for p in ("b", "d"))
         # An upper bound (the loads are stopped after the last window): on a loaded
         # machine a switch of both nodes (two new Python processes) and the counter

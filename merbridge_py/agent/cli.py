@@ -76,8 +76,11 @@ examples:
 @click.option("--ebpf", "print_ebpf", is_flag=True, hidden=True, help="Print the eBPF program text and exit.")
 @click.option("--max-connections", type=click.IntRange(16, 1 << 20), hidden=True,
               help="Entries of the per-connection maps (tests of a full map).")
+@click.option("--installed-rules", type=click.Choice(["read", "ignore"]), default="read", hidden=True,
+              help="read: decide each pod from the Istio rules installed in its namespace (the default); ignore: "
+                   "from its spec alone (test nodes whose pods have no Istio rules at all).")
 def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_socket, on_sigterm, daemonset, mesh,
-        namespace, log_format, splice, inbound_redirect, print_ebpf, max_connections):
+        namespace, log_format, splice, inbound_redirect, print_ebpf, max_connections, installed_rules):
     """Load the eBPF datapath and keep it in step with this node's pods."""
     from ..datapath import Datapath, DatapathError, leave_attached, open_cgroup, program_text
     from ..kheaders import HeadersNotFound
@@ -114,7 +117,9 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
     datapath = Datapath(profile, cgroup, bpffs, splice=splice,
                         rewrite_inbound_port=inbound_redirect == "ebpf", max_connections=max_connections)
     metrics = AgentMetrics()
-    agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics)
+    from ..policy.live_rules import read_netns
+    agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics,
+                  rules_reader=read_netns if installed_rules == "read" else None)
     modes = ModeController(datapath, metrics)
     try:
         source, events, api = source_factory(agent.update_pods, metrics.registry)

@@ -9,6 +9,15 @@ while applying one pod gives that pod a reason and a retry while the others
 proceed. A pod that cannot be accelerated is left to Istio's iptables rules
 (the safe fallback) and its reason is kept for `merbridge-py status`, the
 metrics and Events.
+
+The decision rests on what Istio really installed (issue 11): a pod the spec
+alone would accelerate is decided again with the nat rules read from inside
+its network namespace (policy/live_rules.py: iptables-legacy, iptables-nft or
+Istio's native nftables tables). They are read when the namespace is first
+seen and when the pod's spec changes, never on a pass where nothing changed
+(InstalledRulesCache, keyed on the namespace's inode and the spec). A
+namespace without Istio rules yet (istio-init or the CNI plugin has not run)
+is read again with backoff, the pod staying on iptables meanwhile.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..mesh import MeshProfile
-from ..netns import NetnsIndex
+from ..netns import Netns, NetnsIndex
 from ..policy import Verdict, compile_rules, decide
+from ..policy.installed import InstalledError
+from ..policy.live_rules import InstalledRulesCache, NoIstioRules, read_netns, spec_key
 from ..policy.rules import PodKernelFields, kernel_fields
 
 log = logging.getLogger("merbridge_py.agent")
@@ -50,10 +61,11 @@ class PodStatus:
     ip: str | None = None
     pending: bool = False   # will be retried (namespace not visible yet, or applying failed)
     code: str = "accelerated"  # short reason code: a metrics label
+    source: str | None = None  # where the capture policy came from ("nftables rules", "istio-init arguments", ...)
 
     def to_json(self) -> dict:
         return {"pod": self.pod, "accelerated": self.accelerated, "reason": self.reason,
-                "ip": self.ip, "pending": self.pending}
+                "ip": self.ip, "pending": self.pending, "source": self.source}
 
 
 @dataclass
@@ -61,12 +73,36 @@ class _Tracked:
     """One pod as last seen by the loop."""
 
     obj: object
-    verdict: Verdict
+    verdict: Verdict               # final once `resolved`; until then what the spec alone says
     rules: tuple = ((), ())        # compiled (outbound, inbound) of an accelerated verdict
     fields: PodKernelFields | None = None   # the rest of its kernel entry (proxy uid/gid)
     next_try: float = 0.0          # monotonic time of the next namespace lookup / apply attempt
     tries: int = 0
     status: PodStatus | None = None
+    resolved: bool = True          # False: the installed rules must be read before the verdict is final
+    netns: Netns | None = None     # the pod's namespace, once found
+
+
+def _needs_rules(verdict: Verdict) -> bool:
+    """Pods whose verdict the installed rules can change or must explain:
+    those the spec accelerates (the rules may forbid it), those whose
+    istio-init arguments are unreadable (the rules may stand in for them) and
+    those whose spec sources disagree (the reason names the rules)."""
+    return verdict.accelerate or verdict.code in ("malformed_init_args", "installed_mismatch")
+
+
+def _source(verdict: Verdict) -> str | None:
+    return verdict.policy.source if verdict.policy is not None else None
+
+
+def _pod_uid(key: str, obj: object) -> str:
+    try:
+        uid = obj["metadata"]["uid"]
+        if isinstance(uid, str) and uid:
+            return uid
+    except (KeyError, TypeError, IndexError):
+        pass
+    return key
 
 
 def _same_object(old: object, new: object) -> bool:
@@ -88,7 +124,11 @@ def _same_object(old: object, new: object) -> bool:
 
 class Agent:
     def __init__(self, datapath, mesh: MeshProfile, netns_index: NetnsIndex | None = None, metrics=None,
-                 on_decision_change: Callable[[dict, PodStatus], None] | None = None):
+                 on_decision_change: Callable[[dict, PodStatus], None] | None = None,
+                 rules_reader: Callable | None = read_netns):
+        """`rules_reader(netns_path)` reads the Istio rules installed in a
+        pod's namespace (live_rules.read_netns); None decides from the pod
+        spec alone (tests whose namespaces are fakes)."""
         self.datapath = datapath
         self.mesh = mesh
         self.netns = netns_index or NetnsIndex()
@@ -97,6 +137,8 @@ class Agent:
         # decision (accelerated, reason) changes; it must not block (events.py only queues).
         self.on_decision_change = on_decision_change
         self.decisions = 0                     # decide() calls so far (work done, for tests and metrics)
+        self.installed = InstalledRulesCache(rules_reader) if rules_reader is not None else None
+        self._scan_error: str | None | bool = False     # this pass's namespace scan: False = not scanned yet
         self._pods: dict[str, dict] | None = None
         self._changed = False
         self._tracked: dict[str, _Tracked] = {}
@@ -148,23 +190,25 @@ class Agent:
             self._changed = False
         if pods is None:
             return  # no source has delivered yet
+        self._scan_error = False
         if changed:
             self._decide_changed(pods)
+        now = time.monotonic()
+        unresolved = self._resolve([key for key, t in self._tracked.items() if not t.resolved and t.next_try <= now],
+                                   now)
         verdict_status = self._desired_status()
         self._remove_unwanted(verdict_status)
-        now = time.monotonic()
+        verdict_status.update({key: s for key, s in unresolved.items() if s is not None})
         to_apply = [key for key, t in self._tracked.items()
-                    if key not in verdict_status and not self._in_place(key, t) and t.next_try <= now]
-        # Only pods new to the kernel need their namespace found; one scan serves them all.
-        new_pods = [key for key in to_apply if key not in self._applied]
-        scan_error = self._refresh_netns(new_pods) if new_pods else None
+                    if t.resolved and key not in verdict_status and not self._in_place(key, t) and t.next_try <= now]
         for key in to_apply:
-            verdict_status[key] = self._apply_isolated(key, self._tracked[key], scan_error, now)
+            verdict_status[key] = self._apply_isolated(key, self._tracked[key], now)
         for key, t in self._tracked.items():
             if key in verdict_status:
                 continue
             if key in self._applied and self._in_place(key, t):
-                verdict_status[key] = PodStatus(key, True, t.verdict.reason, t.verdict.ips[0])
+                verdict_status[key] = PodStatus(key, True, t.verdict.reason, t.verdict.ips[0],
+                                                source=_source(t.verdict))
             else:   # waiting for its retry: keep what it said
                 verdict_status[key] = t.status
         self._publish(verdict_status)
@@ -183,11 +227,82 @@ class Agent:
                 continue
             verdict = decide(obj, self.mesh)
             self.decisions += 1
-            rules, fields = ((), ()), None
-            if verdict.accelerate:
-                outbound, inbound = compile_rules(verdict.policy, self.mesh)
-                rules, fields = (tuple(outbound), tuple(inbound)), kernel_fields(verdict, self.mesh)
-            self._tracked[key] = _Tracked(obj, verdict, rules, fields, status=t.status if t else None)
+            new = _Tracked(obj, verdict, status=t.status if t else None, netns=t.netns if t else None)
+            if self.installed is not None and _needs_rules(verdict):
+                new.resolved = False        # final once the pod's installed rules are read (_resolve)
+            else:
+                self._compile(new)
+            self._tracked[key] = new
+        if self.installed is not None:
+            self.installed.retain(_pod_uid(key, t.obj) for key, t in self._tracked.items())
+
+    def _compile(self, t: _Tracked) -> None:
+        """What the kernel gets for `t`'s verdict: its rule lists and the rest
+        of its pod_policy entry (proxy uid/gid); nothing when not accelerated."""
+        if not t.verdict.accelerate:
+            t.rules, t.fields = ((), ()), None
+            return
+        outbound, inbound = compile_rules(t.verdict.policy, self.mesh)
+        t.rules, t.fields = (tuple(outbound), tuple(inbound)), kernel_fields(t.verdict, self.mesh)
+
+    def _resolve(self, keys: list[str], now: float) -> dict[str, PodStatus]:
+        """Make these pods' verdicts final: find each one's namespace, read the
+        rules Istio installed there (cached per namespace and spec; the reads
+        of one pass run side by side) and decide again with them. Returns a
+        pending status for each pod whose namespace or rules are not there
+        yet (retried with backoff); the others are done."""
+        out: dict[str, PodStatus] = {}
+        found: dict[str, Netns] = {}
+        for key in keys:
+            t = self._tracked[key]
+            try:
+                if not t.verdict.ips:
+                    raise _Retry("no pod IP yet", "no_ip")
+                found[key] = self._pod_netns(key, t, t.verdict.ips[0])
+            except _Retry as r:
+                out[key] = self._not_resolved(key, t, now, str(r), r.code)
+        requests = {key: (_pod_uid(key, self._tracked[key].obj), ns.inode, ns.path, spec_key(self._tracked[key].obj))
+                    for key, ns in found.items()}
+        try:
+            results = self.installed.get_many(list(requests.values()))
+        except Exception as e:  # noqa: BLE001 - a reader bug delays these pods, never the pass
+            log.warning("reading installed rules failed: %s: %s", type(e).__name__, e)
+            results = [InstalledError(f"reading the rules failed: {type(e).__name__}: {e}")] * len(requests)
+        for (key, request), installed in zip(requests.items(), results):
+            t = self._tracked[key]
+            if isinstance(installed, NoIstioRules):
+                self.installed.forget(request[0])           # read again on the retry
+                out[key] = self._not_resolved(key, t, now, str(installed), "no_rules_yet")
+                continue
+            t.verdict = decide(t.obj, self.mesh, installed)  # the same decision, completed: not counted again
+            self._compile(t)
+            t.netns, t.resolved, t.tries, t.next_try = found[key], True, 0, 0.0
+        return out
+
+    def _not_resolved(self, key: str, t: _Tracked, now: float, why: str, code: str) -> PodStatus:
+        t.next_try = now + min(MAX_RETRY, FIRST_RETRY * 2 ** min(t.tries, 16))
+        t.tries += 1
+        if key in self._applied:        # its previous verdict no longer holds: back to iptables
+            self._remove(key, f"waiting for its installed rules: {why}")
+        return PodStatus(key, False, f"not accelerated yet: {why} (will retry; the pod stays on iptables meanwhile)",
+                         t.verdict.ips[0] if t.verdict.ips else None, pending=True, code=code,
+                         source=_source(t.verdict))
+
+    def _pod_netns(self, key: str, t: _Tracked, ip: str) -> Netns:
+        """The namespace of an accelerated pod whose IP is unchanged is the one
+        the kernel serves it in; any other pod's is looked up by IP (one scan
+        per pass, a re-read on retries: an IP can appear after the namespace)."""
+        cur = self._applied.get(key)
+        if cur is not None and t.netns is not None and cur.ip == ip and t.netns.cookie == cur.netns_cookie:
+            return t.netns
+        self._scan_once(reread=t.tries > 0)
+        owners = self.netns.owners(ip)
+        if len(owners) > 1:
+            raise _Retry(f"IP {ip} is in {len(owners)} network namespaces; cannot tell which is the pod's",
+                         "ambiguous_netns")
+        if not owners:
+            raise _Retry(f"no network namespace has IP {ip}", "netns_not_found")
+        return owners[0]
 
     def _desired_status(self) -> dict[str, PodStatus]:
         """Statuses settled by the decision alone: not accelerated, or an IP
@@ -197,8 +312,11 @@ class Agent:
         by_ip: dict[str, list[str]] = {}
         for key, t in self._tracked.items():
             v = t.verdict
+            if not t.resolved:
+                continue                # settled by _resolve
             if not v.accelerate:
-                out[key] = PodStatus(key, False, v.reason, v.ips[0] if v.ips else None, code=v.code)
+                out[key] = PodStatus(key, False, v.reason, v.ips[0] if v.ips else None, code=v.code,
+                                     source=_source(v))
             else:
                 by_ip.setdefault(v.ips[0], []).append(key)
         for ip, keys in by_ip.items():
@@ -207,7 +325,8 @@ class Agent:
             for key in keys:
                 others = ", ".join(k for k in sorted(keys) if k != key)
                 out[key] = PodStatus(key, False, f"not accelerated: pod IP {ip} is also the IP of pod {others}; "
-                                     "left to iptables until only one pod has it", ip, code="duplicate_ip")
+                                     "left to iptables until only one pod has it", ip, code="duplicate_ip",
+                                     source=_source(self._tracked[key].verdict))
         return out
 
     def _in_place(self, key: str, t: _Tracked) -> bool:
@@ -222,16 +341,25 @@ class Agent:
             t = self._tracked.get(key)
             if t is None or key in refused:
                 self._remove(key, "pod deleted" if t is None else refused[key].reason)
+            elif not t.resolved:
+                continue        # its rules are being read again (_resolve removes it if that fails)
             elif self._applied[key].ip != t.verdict.ips[0]:
                 # the IP moved: free the old one first, another pod may get it in this pass
                 self._remove(key, f"IP changed to {t.verdict.ips[0]}")
 
-    def _refresh_netns(self, keys: list[str]) -> str | None:
-        """Rescan namespaces for the pods about to be applied; a first attempt
+    def _scan_once(self, reread: bool) -> None:
+        """One namespace scan per pass serves every pod looked up in it; a
+        failed scan is every such pod's reason for a retry."""
+        if self._scan_error is False:
+            self._scan_error = self._refresh_netns(reread)
+        if self._scan_error is not None:
+            raise _Retry(f"scanning network namespaces failed ({self._scan_error})", "netns_scan_failed")
+
+    def _refresh_netns(self, reread: bool) -> str | None:
+        """Rescan namespaces for the pods about to be resolved; a first attempt
         only inspects new namespaces, a retry re-reads the known ones too (an
         IP can be added after the namespace appears). Returns the error, if
         the scan failed: those pods get it as their reason and a retry."""
-        reread = any(self._tracked[k].tries > 0 for k in keys)
         try:
             self.netns.refresh(reread=reread)
         except Exception as e:  # noqa: BLE001 - a scan failure delays these pods, never the pass
@@ -241,24 +369,22 @@ class Agent:
             return f"{type(e).__name__}: {e}"
         return None
 
-    def _apply_isolated(self, key: str, t: _Tracked, scan_error: str | None, now: float) -> PodStatus:
+    def _apply_isolated(self, key: str, t: _Tracked, now: float) -> PodStatus:
         ip = t.verdict.ips[0]
         try:
-            if scan_error is not None and key not in self._applied:
-                raise _Retry(f"scanning network namespaces failed ({scan_error})", "netns_scan_failed")
             status = self._apply(key, t)
         except _Retry as r:
             status = PodStatus(key, False, f"not accelerated yet: {r} (will retry; the pod stays on iptables "
-                                           "meanwhile)", ip, pending=True, code=r.code)
+                                           "meanwhile)", ip, pending=True, code=r.code, source=_source(t.verdict))
         except Exception as e:  # noqa: BLE001 - one pod's failure must not stop the others
             log.warning("applying pod %s failed: %s: %s", key, type(e).__name__, e)
             failure = f"writing its datapath entries failed ({type(e).__name__}: {e}); will retry"
             if key in self._applied:   # a policy update failed: the kernel still serves the previous one
                 status = PodStatus(key, True, f"accelerated with its previous policy: {failure}", ip,
-                                   pending=True, code="update_failed")
+                                   pending=True, code="update_failed", source=_source(t.verdict))
             else:
                 status = PodStatus(key, False, f"not accelerated yet: {failure}", ip, pending=True,
-                                   code="apply_failed")
+                                   code="apply_failed", source=_source(t.verdict))
         if status.pending:
             t.next_try = now + min(MAX_RETRY, FIRST_RETRY * 2 ** min(t.tries, 16))
             t.tries += 1
@@ -274,19 +400,23 @@ class Agent:
         if cur is not None:   # same IP (a moved IP was removed first): only the rules changed
             cookie = cur.netns_cookie
         else:
-            cookie = self._find_netns(key, ip)
+            cookie = self._find_netns(key, t, ip)
         self.datapath.set_pod(cookie, ip, list(outbound), list(inbound), t.fields)
         self._applied[key] = Applied(cookie, ip, outbound, inbound, t.fields)
-        return PodStatus(key, True, v.reason, ip)
+        return PodStatus(key, True, v.reason, ip, source=_source(v))
 
-    def _find_netns(self, key: str, ip: str) -> int:
-        owners = self.netns.owners(ip)
-        if len(owners) > 1:
-            raise _Retry(f"IP {ip} is in {len(owners)} network namespaces; cannot tell which is the pod's",
-                         "ambiguous_netns")
-        if not owners:
-            raise _Retry(f"no network namespace has IP {ip}", "netns_not_found")
-        cookie = owners[0].cookie
+    def _find_netns(self, key: str, t: _Tracked, ip: str) -> int:
+        if t.netns is not None and ip in t.netns.ipv4:
+            cookie = t.netns.cookie         # found (and its rules read) by _resolve
+        else:   # decided without the rules (rules_reader None): look the namespace up now
+            self._scan_once(reread=t.tries > 0)
+            owners = self.netns.owners(ip)
+            if len(owners) > 1:
+                raise _Retry(f"IP {ip} is in {len(owners)} network namespaces; cannot tell which is the pod's",
+                             "ambiguous_netns")
+            if not owners:
+                raise _Retry(f"no network namespace has IP {ip}", "netns_not_found")
+            cookie = owners[0].cookie
         for other, applied in self._applied.items():
             if applied.netns_cookie == cookie:
                 # pod_policy is keyed by namespace: writing would replace the other pod's policy

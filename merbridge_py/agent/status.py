@@ -69,7 +69,10 @@ def status(admin_socket, as_json):
         click.echo(f"pod source error (last good state kept): {st['source_error']}")
     pods = st.get("pods", [])
     width = max([len(p["pod"]) for p in pods] + [3])
-    click.echo(f"{'POD'.ljust(width)}  {'IP'.ljust(15)}  ACCELERATED  REASON")
+    # SOURCE: where the capture policy came from (the live rules in the pod, istio-init's arguments, ...)
+    source_width = max([len(p.get("source") or "-") for p in pods] + [6])
+    click.echo(f"{'POD'.ljust(width)}  {'IP'.ljust(15)}  ACCELERATED  {'SOURCE'.ljust(source_width)}  REASON")
     for p in pods:
         click.echo(f"{p['pod'].ljust(width)}  {(p.get('ip') or '-').ljust(15)}  "
-                   f"{('yes' if p['accelerated'] else 'no').ljust(11)}  {p['reason']}")
+                   f"{('yes' if p['accelerated'] else 'no').ljust(11)}  {(p.get('source') or '-').ljust(source_width)}"
+                   f"  {p['reason']}")

@@ -12,9 +12,8 @@ with the reason, and the pod stays on iptables. `choose()` (capture.py) picks
 the most trusted available source and refuses when another available source
 would leave alone something the chosen one captures.
 
-How an agent would use it: `InstalledRulesCache(read_netns).get(...)` once
-per pod namespace and spec, then `decide(pod, installed=...)`. The agent does
-not do this yet (it decides from istio-init's arguments or the annotations).
+How the agent uses it (agent/core.py): `InstalledRulesCache(read_netns).get(...)`
+once per pod namespace and spec, then `decide(pod, installed=...)`.
 """
 
 from merbridge_py.policy.capture import (  # noqa: F401
@@ -22,7 +21,7 @@ from merbridge_py.policy.capture import (  # noqa: F401
     choose, extra_capture, make_capture,
 )
 from merbridge_py.policy.live_rules import (  # noqa: F401
-    InstalledRulesCache, Rule, from_iptables_save, from_nft_json, from_rules, iptables_nat_rules, nftables_nat_rules,
-    parse_iptables_rule, read_netns, spec_key,
+    InstalledRulesCache, NoIstioRules, Rule, from_iptables_save, from_nft_json, from_rules, iptables_nat_rules,
+    nftables_nat_rules, parse_iptables_rule, read_netns, spec_key,
 )
 from merbridge_py.policy.spec_sources import from_args, from_cni_annotations, read_args  # noqa: F401

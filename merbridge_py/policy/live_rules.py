@@ -413,9 +413,21 @@ def from_nft_json(text: str) -> Capture:
 
 # --- reading a pod's namespace ----------------------------------------------------
 
-# iptables-save only shows its own backend's tables; istio-init picks the
-# backend that already has rules, so both are read where both exist.
-IPTABLES_SAVERS = ("iptables-nft-save", "iptables-legacy-save")
+# Where Istio's rules can be, and how each kind is read without changing the
+# namespace (measured: `iptables-legacy-save -t nat` makes the kernel create an
+# empty legacy nat table where there was none):
+#   native nftables  tables inet istio-proxy-*        -> in `nft -j list ruleset`
+#   iptables-nft     ISTIO_* chains in table ip nat   -> seen in the same listing,
+#                                                        read with iptables-nft-save -t nat
+#   iptables-legacy  listed in /proc/net/ip_tables_names -> iptables-legacy-save (only
+#                                                        the tables that exist)
+# So a pod costs one process (two with iptables-nft rules, the common case).
+
+
+class NoIstioRules(InstalledError):
+    """The namespace holds no Istio rules (yet: istio-init or the CNI plugin
+    may not have run). Worth reading again later, unlike rules that exist
+    and cannot be read exactly."""
 
 
 def _run_in_netns(netns_path: str, argv: Sequence[str]) -> str | None:
@@ -428,37 +440,92 @@ def _run_in_netns(netns_path: str, argv: Sequence[str]) -> str | None:
     return proc.stdout
 
 
-def read_netns(netns_path: str, run=_run_in_netns) -> Capture | InstalledError:
+def _legacy_tables(netns_path: str) -> set[str]:
+    """Names of the namespace's iptables-legacy tables, read from a thread
+    that enters it (/proc/thread-self/net is the thread's namespace; no
+    process, and no table is created)."""
+    import ctypes
+    import os
+    import threading
+    result: dict = {}
+
+    def enter_and_read():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(netns_path, os.O_RDONLY)
+            try:
+                if libc.setns(fd, 0x40000000) != 0:      # CLONE_NEWNET
+                    raise OSError(ctypes.get_errno(), f"setns({netns_path})")
+            finally:
+                os.close(fd)
+            try:
+                with open("/proc/thread-self/net/ip_tables_names") as f:
+                    result["names"] = set(f.read().split())
+            except FileNotFoundError:      # ip_tables not loaded: no legacy table anywhere
+                result["names"] = set()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = e
+
+    t = threading.Thread(target=enter_and_read, name="legacy-tables")
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["names"]
+
+
+def _iptables_nft_istio_chains(ruleset: dict) -> bool:
+    """Does an `nft -j` listing hold chains iptables-nft made for Istio?"""
+    return any(isinstance(item, dict) and isinstance(item.get("chain"), dict)
+               and item["chain"].get("family") in ("ip", "ip6")
+               and str(item["chain"].get("name", "")).startswith("ISTIO_")
+               for item in ruleset.get("nftables", []))
+
+
+def read_netns(netns_path: str, run=_run_in_netns, legacy_tables=_legacy_tables) -> Capture | InstalledError:
     """Source 1 for one pod: the Istio rules in the network namespace at
     `netns_path` (/proc/PID/ns/net or /run/netns/NAME), whichever kind is
-    there. Never raises: an InstalledError is returned as the reason."""
+    there. Never raises: an InstalledError is returned as the reason
+    (NoIstioRules when there are none). Reads only: nothing is created in
+    the namespace."""
     try:
         found: list[tuple[str, str]] = []
         checked = []
-        savers = [s for s in IPTABLES_SAVERS if run(netns_path, [s, "--version"]) is not None] or ["iptables-save"]
-        for saver in savers:
-            text = run(netns_path, [saver, "-t", "nat"])
-            if text is None:
-                continue
-            checked.append(saver)
-            if any(line.startswith("-A ISTIO_") for line in text.splitlines()):
-                found.append((saver, text))
-        ruleset = run(netns_path, ["nft", "-j", "list", "ruleset"])
-        if ruleset is not None:
+        text = run(netns_path, ["nft", "-j", "list", "ruleset"])
+        nft_saver = text is None           # without nft, iptables-nft-save must look itself
+        if text is not None:
             checked.append("nft")
-            if '"istio-proxy-' in ruleset:
-                found.append(("nft", ruleset))
+            try:
+                ruleset = json.loads(text) if text.strip() else {}
+            except ValueError as e:
+                raise InstalledError(f"nft -j list ruleset: not JSON ({e})") from None
+            if not isinstance(ruleset, dict):
+                raise InstalledError("nft -j list ruleset: not a JSON object")
+            if '"istio-proxy-' in text:
+                found.append(("nft", text))
+            nft_saver = _iptables_nft_istio_chains(ruleset)
+        if nft_saver:
+            saved = run(netns_path, ["iptables-nft-save", "-t", "nat"])
+            if saved is not None:
+                checked.append("iptables-nft-save")
+                if any(line.startswith("-A ISTIO_") for line in saved.splitlines()):
+                    found.append(("iptables-nft-save", saved))
+        if "nat" in legacy_tables(netns_path):
+            saved = run(netns_path, ["iptables-legacy-save"])
+            if saved is not None:
+                if any(line.startswith("-A ISTIO_") for line in saved.splitlines()):
+                    found.append(("iptables-legacy-save", saved))
+        checked.append("/proc/net/ip_tables_names")
         if not found:
-            return InstalledError("no Istio rules in the pod's network namespace (read with "
-                                  f"{', '.join(checked) or 'nothing: neither iptables-save nor nft is installed'})")
+            return NoIstioRules(f"no Istio rules in the pod's network namespace (read with {', '.join(checked)})")
         if len(found) > 1:
             return InstalledError(f"Istio rules of more than one kind ({', '.join(k for k, _ in found)})")
         kind, text = found[0]
         return from_nft_json(text) if kind == "nft" else from_iptables_save(text)
     except InstalledError as e:
         return e
-    except (OSError, ValueError) as e:
-        return InstalledError(f"reading the rules failed: {e}")
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return InstalledError(f"reading the rules failed: {type(e).__name__}: {e}")
 
 
 def spec_key(pod: Mapping) -> str:
@@ -491,6 +558,29 @@ class InstalledRulesCache:
             entry = (stamp, self._reader(netns_path))
             self._entries[pod_uid] = entry
         return entry[1]
+
+    def get_many(self, requests: Sequence[tuple[str, int, str, str]], workers: int = 4) -> list:
+        """get() for each (pod_uid, netns_inode, netns_path, key); the reads
+        needed run in up to `workers` threads (each read waits on processes)."""
+        missing = {}
+        for uid, inode, path, key in requests:
+            entry = self._entries.get(uid)
+            if (entry is None or entry[0] != (inode, key)) and uid not in missing:
+                missing[uid] = (inode, path, key)
+        if len(missing) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(min(workers, len(missing)), thread_name_prefix="read-rules") as pool:
+                read = dict(zip(missing, pool.map(lambda m: self._reader(m[1]), missing.values())))
+        else:
+            read = {uid: self._reader(m[1]) for uid, m in missing.items()}
+        for uid, (inode, _, key) in missing.items():
+            self.reads += 1
+            self._entries[uid] = ((inode, key), read[uid])
+        return [self._entries[uid][1] for uid, _, _, _ in requests]
+
+    def forget(self, pod_uid: str) -> None:
+        """Read this pod's rules again next time (they were not there yet)."""
+        self._entries.pop(pod_uid, None)
 
     def retain(self, pod_uids: Iterable[str]) -> None:
         keep = set(pod_uids)

@@ -2,6 +2,8 @@
 namespace holding the pod's IP (on its loopback) and a pod object, but no
 app, no sidecar and no veth. The agent needs only those two to accelerate a
 pod, so a benchmark or a scale test can put hundreds on one node cheaply.
+Each namespace also gets the Istio rules istio-init would install (the agent
+decides from them, and refuses a pod whose namespace has none).
 
 IPs come from 198.18.0.0/15 (the benchmarking range), one per index; the
 namespaces are named under the bed's prefix, so the bed's teardown removes
@@ -17,7 +19,7 @@ import threading
 
 from pyroute2 import IPRoute
 
-from . import kube, topology
+from . import istio_iptables, kube, topology
 from .topology import Pod
 
 
@@ -60,6 +62,9 @@ def _address_loopbacks(pods: list[Pod]) -> None:
         with IPRoute() as ipr:   # its netlink socket is in this thread's namespace
             ipr.addr("add", index=_LOOPBACK_INDEX, address=p.ip, prefixlen=32)
             ipr.link("set", index=_LOOPBACK_INDEX, state="up")
+        # a child forked from this thread starts in the thread's namespace
+        subprocess.run(["iptables-restore", "--noflush"], input=istio_iptables.restore_payload(
+            istio_iptables.pod_flags(p)), text=True, check=True, capture_output=True)
 
 
 def _in_thread(fn, *args) -> None:

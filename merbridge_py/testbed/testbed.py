@@ -16,7 +16,9 @@ commands in other processes can switch modes and take the bed down.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +29,8 @@ from pathlib import Path
 
 from .. import sandbox
 from ..datapath import detach_pinned
-from . import envoy, istio_ip6tables, istio_iptables, kube, nginx_app, pki, state, topology
+from ..mesh import ISTIO
+from . import envoy, istio_ip6tables, istio_iptables, istio_nftables, kube, nginx_app, pki, state, topology
 from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
 from .envoy import EnvoySidecar
 from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MODES, PROXIES
@@ -96,7 +99,8 @@ class Testbed:
            pods: list[PodSpec] | None = None, plain_per_node: int = 0, sidecar_log: bool = False,
            app: str = "python", http_ports: tuple[int, ...] = (), proxy: str = "envoy",
            mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS,
-           ip_families: tuple[str, ...] = topology.IPV4_ONLY) -> "Testbed":
+           ip_families: tuple[str, ...] = topology.IPV4_ONLY, rules: str = "iptables",
+           mesh_defaults: dict[str, str] | None = None, cni: bool = False) -> "Testbed":
         """Create the bed and start it in `mode`. `pods` replaces the default
         n<node>p<i> pods (all meshed, except the last `plain_per_node` per node).
         `app` is the pods' HTTP server: "python" (every endpoint, for tests) or
@@ -111,8 +115,15 @@ class Testbed:
         `envoy_workers`: Envoy's --concurrency. `ip_families`: ("ipv4",) or
         ("ipv4", "ipv6") for a dual-stack bed (every pod and Service also gets
         an IPv6 address, Istio's ip6tables rules and dual-stack Envoy
-        listeners; see topology and envoy). On any failure everything
-        created so far is removed again."""
+        listeners; see topology and envoy).
+        How Istio was installed, for every pod whose PodSpec leaves it unset:
+        `rules` "iptables" (istio-iptables) or "nftables" (Istio's native
+        nftables backend, tables inet istio-proxy-*); `mesh_defaults` the
+        mesh-wide injection values (helm global.proxy.* names, e.g.
+        {"excludeIPRanges": "10.0.0.0/8", "proxyUID": "1000720000"}; a
+        PodSpec's own mesh_defaults are merged over these) that end up in
+        istio-init's arguments, or with `cni` (istio-cni) in the annotations.
+        On any failure everything created so far is removed again."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
         if app not in APPS:
@@ -135,6 +146,13 @@ class Testbed:
         if bad_ports:
             raise ValueError(f"http_ports {bad_ports!r}: ports are integers 1-65535")
         specs = pods if pods is not None else topology.default_specs(nodes, pods_per_node, plain_per_node)
+        specs = [_install_options(s, rules, mesh_defaults or {}, cni) for s in specs]
+        if any(s.meshed and s.rules == "nftables" for s in specs) and shutil.which("nft") is None:
+            raise TestbedError("rules 'nftables' need the nft command (Debian package nftables; "
+                               "scripts/install-system-deps.sh installs it)")
+        if "ipv6" in ip_families and any(s.meshed and s.rules == "nftables" for s in specs):
+            # istio_nftables.py generates Istio's IPv4 rules only so far
+            raise ValueError("a dual-stack bed needs rules 'iptables': the bed's nftables rules are IPv4 only")
         topology.plan(name, specs, nodes, ip_families=ip_families)  # bad input fails before anything else
         with state.locked():
             found = leftovers(name)
@@ -250,11 +268,14 @@ class Testbed:
         p = self.pod(pod)
         if not p.meshed:
             raise ValueError(f"pod {p.name} is not meshed: it has no sidecar")
+        # the sidecar runs as the uid/gid the pod's rules exempt (-u/-g, runAsUser)
+        profile = dataclasses.replace(ISTIO, proxy_uid=p.proxy_uid, proxy_gid=p.proxy_gid)
         if self.proxy == "envoy":
             return EnvoySidecar(self.workdir, p, self.pods, http_ports=self.http_ports, mtls=self.mtls,
-                                workers=self.envoy_workers)
+                                workers=self.envoy_workers, profile=profile)
         return HAProxySidecar(self.workdir, p.name, log_connections=self.log_connections,
-                              services={q.service_ip: q.ip for q in self.pods}, http_ports=self.http_ports)
+                              services={q.service_ip: q.ip for q in self.pods}, http_ports=self.http_ports,
+                              profile=profile)
 
     def namespaces(self) -> list[str]:
         return [self.fabric] + [n.netns for n in self.nodes] + [p.netns for p in self.pods]
@@ -431,16 +452,22 @@ class Testbed:
             self.settle()
 
     def _apply_rules(self, install: bool) -> None:
+        """Istio's rules in every meshed pod, as istio-init (or istio-cni)
+        installs them from the pod's flags, or (install=False) removed."""
         for pod in self.pods:
-            if pod.meshed:
-                flags = istio_iptables.flags_from_annotations(pod.annotations)
-                if install:
-                    sandbox.sh("iptables-restore", "--noflush", netns=pod.netns,
-                               input=istio_iptables.restore_payload(flags))
-                else:
-                    sandbox.sh("iptables-restore", netns=pod.netns, input=istio_iptables.flush_payload(flags))
-                if pod.ip6:
-                    self._apply_ipv6_rules(pod, flags, install)
+            if not pod.meshed:
+                continue
+            flags = istio_iptables.pod_flags(pod)
+            if pod.rules == "nftables":
+                sandbox.sh("nft", "-f", "-", netns=pod.netns,
+                           input=istio_nftables.script(flags) if install else istio_nftables.delete_script(flags))
+            elif install:
+                sandbox.sh("iptables-restore", "--noflush", netns=pod.netns,
+                           input=istio_iptables.restore_payload(flags))
+            else:
+                sandbox.sh("iptables-restore", netns=pod.netns, input=istio_iptables.flush_payload(flags))
+            if pod.ip6:
+                self._apply_ipv6_rules(pod, flags, install)
 
     @staticmethod
     def _apply_ipv6_rules(pod: Pod, flags: istio_iptables.CaptureFlags, install: bool) -> None:
@@ -552,12 +579,17 @@ class Testbed:
         """Packets that hit Istio's REDIRECT rules in `pod` so far (nat rules
         see the first packet of each connection): {"ISTIO_REDIRECT": n,
         "ISTIO_IN_REDIRECT": m}; 0 where the pod has no rules. `family`
-        "ipv6" reads the ip6tables rules of a dual-stack pod."""
+        "ipv6" reads the ip6tables rules of a dual-stack pod. With nftables
+        rules, the counters of the redirect rules of chains istio-redirect
+        and istio-in-redirect, under the same keys."""
         if family not in topology.IP_FAMILIES:
             raise ValueError(f"family {family!r}: one of {', '.join(topology.IP_FAMILIES)}")
+        p = self.pod(pod)
+        if p.rules == "nftables":
+            return _nft_redirect_counts(sandbox.sh("nft", "-j", "list", "ruleset", netns=p.netns))
         save = "iptables-save" if family == "ipv4" else "ip6tables-save"
         counts = {"ISTIO_REDIRECT": 0, "ISTIO_IN_REDIRECT": 0}
-        for line in sandbox.sh(save, "-c", "-t", "nat", netns=self.pod(pod).netns).splitlines():
+        for line in sandbox.sh(save, "-c", "-t", "nat", netns=p.netns).splitlines():
             # "[pkts:bytes] -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"
             if line.startswith("[") and " -j REDIRECT" in line:
                 packets = int(line[1:line.index(":")])
@@ -609,7 +641,7 @@ class Testbed:
                        "agent": ({"metrics": self.agents[n.name], "ready": self.agent_ready(n)}
                                  if n.name in self.agents else None)} for n in self.nodes],
             "pods": [{"name": p.name, "node": p.node, "ip": p.ip, **self._ipv6_of(p), "netns": p.netns,
-                      "meshed": p.meshed, "app": alive.get(("app", p.name), False),
+                      "meshed": p.meshed, **_install_summary(p), "app": alive.get(("app", p.name), False),
                       "sidecar": alive.get(("sidecar", p.name), False) if p.meshed else None}
                      for p in self.pods],
         }
@@ -618,10 +650,53 @@ class Testbed:
         """What `testbed up` prints."""
         return {"name": self.name, "mode": self.mode, "proxy": self.proxy, "mtls": self.mtls,
                 "pods": [{"name": p.name, "node": p.node, "ip": p.ip, **self._ipv6_of(p), "netns": p.netns,
-                          "meshed": p.meshed} for p in self.pods]}
+                          "meshed": p.meshed, **_install_summary(p)} for p in self.pods]}
 
     @staticmethod
     def _ipv6_of(pod: Pod) -> dict:
         """A dual-stack pod's IPv6 address and Service VIP, for status and summary."""
         return {"ip6": pod.ip6, "service_ip6": pod.service_ip6} if pod.ip6 else {}
+
+
+def _install_options(spec: PodSpec, rules: str, mesh_defaults: dict[str, str], cni: bool) -> PodSpec:
+    """`spec` with every install option it leaves unset taken from the bed's,
+    checked; the proxy uid/gid resolved as the injector would (the pod's,
+    else the mesh's proxyUID/proxyGID, else 1337; the gid defaults to the uid)."""
+    chosen = spec.rules or rules
+    if chosen not in istio_iptables.RULES_BACKENDS:
+        raise ValueError(f"rules {chosen!r} (pod {spec.name}): one of {', '.join(istio_iptables.RULES_BACKENDS)}")
+    merged = {**mesh_defaults, **(spec.mesh_defaults or {})}
+    mesh = istio_iptables.MeshDefaults.from_dict(merged)      # raises ValueError on a bad name or value
+    for what, value in (("proxy_uid", spec.proxy_uid), ("proxy_gid", spec.proxy_gid)):
+        if value is not None and not (isinstance(value, int) and 0 < value < 2 ** 32 - 1):
+            raise ValueError(f"{what} {value!r} (pod {spec.name}): a numeric id 1..4294967294")
+    uid = spec.proxy_uid if spec.proxy_uid is not None else mesh.proxy_uid
+    gid = spec.proxy_gid if spec.proxy_gid is not None else \
+        (mesh.proxy_gid if mesh.proxy_gid is not None and spec.proxy_uid is None else uid)
+    return dataclasses.replace(spec, rules=chosen, cni=cni if spec.cni is None else spec.cni, mesh_defaults=merged,
+                               proxy_uid=uid, proxy_gid=gid)
+
+
+def _install_summary(p: Pod) -> dict:
+    if not p.meshed:
+        return {}
+    return {"rules": p.rules, "cni": p.cni, "mesh_defaults": p.mesh_defaults, "proxy_uid": p.proxy_uid,
+            "proxy_gid": p.proxy_gid}
+
+
+_NFT_REDIRECT_CHAINS = {"istio-redirect": "ISTIO_REDIRECT", "istio-in-redirect": "ISTIO_IN_REDIRECT"}
+
+
+def _nft_redirect_counts(ruleset_json: str) -> dict[str, int]:
+    """Packets counted by the redirect rules of table inet istio-proxy-nat in
+    `nft -j list ruleset` output, keyed like the iptables chains."""
+    counts = {"ISTIO_REDIRECT": 0, "ISTIO_IN_REDIRECT": 0}
+    for item in json.loads(ruleset_json).get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not rule or rule.get("table") != istio_nftables.NAT or rule.get("chain") not in _NFT_REDIRECT_CHAINS:
+            continue
+        exprs = rule.get("expr", [])
+        if any("redirect" in e for e in exprs):
+            counts[_NFT_REDIRECT_CHAINS[rule["chain"]]] += sum(e["counter"]["packets"] for e in exprs if "counter" in e)
+    return counts
 

@@ -143,7 +143,7 @@ class SimNode:
         return [PY, "-m", "merbridge_py.cli", "run", "--cgroup", str(self.cgroup), "--pods-file",
                 str(self.pods_file), "--bpffs", str(self.bpffs), "--node-name", "node1",
                 "--admin-socket", str(self.admin_socket),
-                "--inbound-redirect", "ebpf", *extra]
+                "--inbound-redirect", "ebpf", "--installed-rules", "ignore", *extra]
 
     def start_agent(self, *extra: str, timeout: float = 90) -> None:
         # 90 s as the test bed waits: bcc compiles at start, which took over
