@@ -1,0 +1,99 @@
+"""The equivalence matrix (issue 11): for randomly drawn meshed pods and
+probes, the hop sequence of every request in ebpf mode equals the one in
+iptables mode, observed end to end on the test bed (probes.py), not
+compared as data. A second iptables pass shows the probes are
+deterministic, so a difference is the datapath's, not noise.
+
+The seed is printed; MERBRIDGE_MATRIX_SEED=<n> repeats a run (the bed's
+slot may differ, which shifts the pod addresses and the drawn ranges alike).
+MERBRIDGE_MATRIX_PODS_PER_NODE sets the meshed pods per node (default 21:
+42 meshed pods on 2 nodes, plus one plain pod per node).
+MERBRIDGE_MATRIX_VERBOSE=1 prints every probe's hop sequence (iptables mode).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+from collections import Counter
+
+import pytest
+
+from merbridge_py.agent.status import agent_request
+from merbridge_py.testbed import Testbed, pod_draws
+from merbridge_py.testbed.probes import HopObserver, difference_table, differences
+
+pytestmark = [pytest.mark.bpf, pytest.mark.slow]
+
+SEED = int(os.environ.get("MERBRIDGE_MATRIX_SEED") or random.SystemRandom().randrange(2 ** 32))
+MESHED_PER_NODE = int(os.environ.get("MERBRIDGE_MATRIX_PODS_PER_NODE", "21"))
+NODES = 2
+MIN_PODS = 40       # the issue's bar
+
+
+def _bed_with_drawn_pods(name: str):
+    """Up in iptables mode with pods drawn for the slot the bed gets (another
+    bed coming up at the same time can take the predicted slot: draw again)."""
+    for _ in range(3):
+        slot = pod_draws.next_slot()
+        specs = pod_draws.draw_pods(random.Random(SEED), slot, MESHED_PER_NODE, NODES)
+        tb = Testbed.up(name, nodes=NODES, pods=specs, mode="iptables", envoy_workers=1)
+        if tb.slot == slot:
+            return tb, specs
+        tb.down()
+    raise RuntimeError("could not get the predicted test bed slot three times in a row")
+
+
+def _agent_verdicts(tb) -> dict[str, dict]:
+    return {entry["pod"].split("/", 1)[1]: entry
+            for node in tb.nodes for entry in agent_request(tb.admin_socket(node), "/status")["pods"]}
+
+
+def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
+    print(f"\nequivalence matrix seed {SEED} (MERBRIDGE_MATRIX_SEED={SEED} repeats it)")
+    started = time.monotonic()
+    tb, specs = _bed_with_drawn_pods(f"mx{os.getpid()}{uuid.uuid4().hex[:4]}")
+    with tb, HopObserver(tb) as observer:
+        meshed = [s for s in specs if s.meshed]
+        assert len(meshed) >= MIN_PODS or "MERBRIDGE_MATRIX_PODS_PER_NODE" in os.environ
+        for spec in meshed:
+            print("  ", pod_draws.describe_pod(spec))
+        probes = pod_draws.draw_probes(random.Random(SEED + 1), tb.pods)
+
+        iptables = observer.run(probes)
+        tb.set_mode("ebpf")
+        verdicts = _agent_verdicts(tb)
+        ebpf = observer.run(probes)
+        redirects = sum(v for node in tb.nodes for k, v in tb.agent_metrics(node).items()
+                        if k.startswith("merbridge_redirects_total"))
+        tb.set_mode("iptables")
+        iptables_again = observer.run(probes)
+
+    accelerated = [s.name for s in meshed if verdicts.get(s.name, {}).get("accelerated")]
+    refused = {s.name: verdicts.get(s.name, {}).get("reason", "not seen by the agent")
+               for s in meshed if s.name not in accelerated}
+    peers = Counter(h.peer for h in iptables.values())
+    outcomes = Counter(h.outcome for h in iptables.values())
+    mismatches = differences(iptables, ebpf)
+    unstable = differences(iptables, iptables_again)
+    print(f"matrix: {len(meshed)} meshed pods x {len(probes) / len(meshed):.1f} probes = {len(probes)} probes "
+          f"(seed {SEED}); {len(accelerated)} pods accelerated, agent redirects {redirects:.0f}; "
+          f"peers {dict(peers)}; outcomes {dict(outcomes)}")
+    for name, reason in refused.items():
+        print(f"   not accelerated: {name}: {reason}")
+    if os.environ.get("MERBRIDGE_MATRIX_VERBOSE"):
+        for probe, hops in iptables.items():
+            print(f"   {probe.key()}: {hops.describe()}")
+    print(f"mismatches iptables vs ebpf: {len(mismatches)}; iptables vs iptables again: {len(unstable)}; "
+          f"{time.monotonic() - started:.0f} s")
+
+    # The matrix must exercise both datapaths and both kinds of path.
+    assert accelerated, f"no pod was accelerated: the ebpf pass compared iptables with itself; {refused}"
+    assert redirects > 0
+    assert peers["inbound-sidecar"] and peers["client"], peers
+    assert not unstable, ("the iptables passes differ, the probes are not deterministic:\n"
+                          + difference_table(unstable, "iptables", "again"))
+    assert not mismatches, (f"{len(mismatches)} of {len(probes)} probes took another path in ebpf mode "
+                            f"(seed {SEED}):\n" + difference_table(mismatches, "iptables", "ebpf"))
