@@ -16,6 +16,7 @@ examples:
   merbridge-py testbed exec n0p0 -- curl -s 10.200.1.10:8080/whoami   # from pod n0p0 to n1p0
   merbridge-py testbed mode ebpf            # + one merbridge-py agent per node
   merbridge-py testbed up --name hp --proxy haproxy   # HAProxy sidecars instead of Envoy
+  merbridge-py testbed up --name nf --rules nftables --mesh-default excludeIPRanges=10.0.0.0/8 --cni
   merbridge-py testbed status
   merbridge-py testbed down                 # or: down --all, for every leftover
 """
@@ -53,15 +54,32 @@ def testbed():
 @click.option("--http-port", "http_ports", type=click.IntRange(1, 65535), multiple=True,
               help="A port the sidecars proxy as HTTP with pooled upstream connections, as Envoy does for a "
                    "Service port declared HTTP (repeatable). Other ports are plain TCP.")
-def up(name, nodes, pods_per_node, plain_per_node, mode, proxy, mtls, envoy_workers, sidecar_log, app, http_ports):
+@click.option("--rules", type=click.Choice(["iptables", "nftables"]), default="iptables", show_default=True,
+              help="Istio's interception rules in the pods: istio-iptables' iptables rules, or Istio's native "
+                   "nftables backend (values.global.nativeNftables; tables inet istio-proxy-*).")
+@click.option("--mesh-default", "mesh_defaults", multiple=True, metavar="NAME=VALUE",
+              help="A mesh-wide injection value (helm values.global.proxy.*): includeIPRanges, excludeIPRanges, "
+                   "includeInboundPorts, excludeInboundPorts, includeOutboundPorts, excludeOutboundPorts, "
+                   "statusPort, proxyUID, proxyGID (repeatable). It ends up in istio-init's arguments, or with "
+                   "--cni in the pods' annotations, as Istio's injector puts it; the sidecars run as proxyUID.")
+@click.option("--cni", is_flag=True, help="Pods injected for istio-cni (istio-validation; the effective values "
+                                          "in the annotations) instead of istio-init.")
+def up(name, nodes, pods_per_node, plain_per_node, mode, proxy, mtls, envoy_workers, sidecar_log, app, http_ports,
+       rules, mesh_defaults, cni):
     """Create a test bed and print its pods as JSON."""
+    from .istio_iptables import MeshDefaults
     from .testbed import Testbed, TestbedError
     if plain_per_node > pods_per_node:
         raise click.BadParameter("cannot exceed --pods-per-node", param_hint="--plain-per-node")
     try:
+        defaults = MeshDefaults.parse(list(mesh_defaults)).to_dict()
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--mesh-default")
+    try:
         tb = Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, plain_per_node=plain_per_node,
                         mode=mode, sidecar_log=sidecar_log, app=app, http_ports=tuple(http_ports),
-                        proxy=proxy, mtls=mtls, envoy_workers=envoy_workers)
+                        proxy=proxy, mtls=mtls, envoy_workers=envoy_workers, rules=rules,
+                        mesh_defaults=defaults, cni=cni)
     except (TestbedError, ValueError) as e:
         raise click.ClickException(str(e))
     _emit(tb.summary())

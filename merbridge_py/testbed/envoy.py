@@ -93,7 +93,7 @@ def service_account(pod: Pod) -> str:
 
 def excluded_inbound_ports(pod: Pod) -> set[int]:
     """Ports the pod's own rules never send to its sidecar."""
-    flags = istio_iptables.flags_from_annotations(pod.annotations)
+    flags = istio_iptables.pod_flags(pod)      # its annotations, mesh defaults and istio-cni, as installed
     return {int(p) for p in flags.exclude_inbound_ports.split(",") if p.strip().isdigit()}
 
 

@@ -15,6 +15,7 @@ generated: the test bed runs REDIRECT mode on IPv4 pods only.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -48,8 +49,9 @@ CNI_DEFAULT_EXCLUDED_PORTS = "15020"
 @dataclass(frozen=True)
 class MeshDefaults:
     """Mesh-wide injection values (helm `values.global.proxy.*`) the injector
-    uses where a pod has no annotation, and the proxy uid it passes as -u
-    (`.ProxyUID`, e.g. from an OpenShift namespace's uid range)."""
+    uses where a pod has no annotation, and the proxy uid/gid it passes as
+    -u/-g (`.ProxyUID`/`.ProxyGID`, e.g. from an OpenShift namespace's uid
+    range; the gid defaults to the uid)."""
 
     include_ip_ranges: str = "*"              # includeIPRanges -> -i
     exclude_ip_ranges: str = ""               # excludeIPRanges -> -x
@@ -59,23 +61,51 @@ class MeshDefaults:
     exclude_outbound_ports: str = ""          # excludeOutboundPorts -> -o
     status_port: str = DEFAULT_STATUS_PORT    # statusPort
     proxy_uid: int = ISTIO.proxy_uid
+    proxy_gid: int | None = None
 
     FIELDS = ("includeIPRanges", "excludeIPRanges", "includeInboundPorts", "excludeInboundPorts",
-              "includeOutboundPorts", "excludeOutboundPorts", "statusPort", "proxyUID")
+              "includeOutboundPorts", "excludeOutboundPorts", "statusPort", "proxyUID", "proxyGID")
+    _ATTRS = ("include_ip_ranges", "exclude_ip_ranges", "include_inbound_ports", "exclude_inbound_ports",
+              "include_outbound_ports", "exclude_outbound_ports", "status_port", "proxy_uid", "proxy_gid")
+
+    @property
+    def gid(self) -> int:
+        return self.proxy_uid if self.proxy_gid is None else self.proxy_gid
 
     @classmethod
     def parse(cls, settings: list[str]) -> "MeshDefaults":
         """From `name=value` items as the test bed's --mesh-default takes them."""
-        names = dict(zip(cls.FIELDS, ("include_ip_ranges", "exclude_ip_ranges", "include_inbound_ports",
-                                      "exclude_inbound_ports", "include_outbound_ports", "exclude_outbound_ports",
-                                      "status_port", "proxy_uid")))
-        values: dict = {}
+        values: dict[str, str] = {}
         for item in settings:
             name, eq, value = item.partition("=")
-            if not eq or name not in names:
-                raise ValueError(f"--mesh-default {item!r}: expected NAME=VALUE with NAME one of {', '.join(cls.FIELDS)}")
-            values[names[name]] = int(value) if name == "proxyUID" else value
-        return cls(**values)
+            if not eq:
+                raise ValueError(f"--mesh-default {item!r}: expected NAME=VALUE with NAME one of "
+                                 f"{', '.join(cls.FIELDS)}")
+            values[name] = value
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, str]) -> "MeshDefaults":
+        """From {NAME: value} with the helm names of FIELDS (a PodSpec's mesh_defaults)."""
+        names = dict(zip(cls.FIELDS, cls._ATTRS))
+        out: dict = {}
+        for name, value in (values or {}).items():
+            if name not in names:
+                raise ValueError(f"mesh default {name!r}: expected one of {', '.join(cls.FIELDS)}")
+            if name in ("proxyUID", "proxyGID"):
+                text = str(value)
+                if not (text.isascii() and text.isdigit() and 0 < int(text) < 2 ** 32 - 1):
+                    raise ValueError(f"mesh default {name}={value!r}: a numeric id 1..4294967294")
+                out[names[name]] = int(text)
+            else:
+                out[names[name]] = str(value)
+        return cls(**out)
+
+    def to_dict(self) -> dict[str, str]:
+        """The values that differ from the defaults, by helm name."""
+        base = MeshDefaults()
+        return {name: str(getattr(self, attr)) for name, attr in zip(self.FIELDS, self._ATTRS)
+                if getattr(self, attr) != getattr(base, attr)}
 
 INBOUND_TUNNEL_PORT = 15008     # HBONE; istio-iptables always lets it through
 DNS_AGENT_PORT = 15053          # where pilot-agent's DNS proxy listens
@@ -111,9 +141,11 @@ class CaptureFlags:
     dns_servers: tuple[str, ...] = field(default=())      # IPv4 resolvers when redirect_dns
     host_loopback_cidr: str = "127.0.0.1/32"
 
-    def argv(self, cni: bool = False) -> list[str]:
+    def argv(self, cni: bool = False, native_nftables: bool = False) -> list[str]:
         """The `istio-init` container's arguments, as the injector's template
-        writes them (-q/-o only when set; no -g: istio-iptables uses the uid)."""
+        writes them (-q/-o only when set; -g only when it is not the uid:
+        istio-iptables defaults it to the uid; --native-nftables with
+        values.global.nativeNftables)."""
         args = ["istio-iptables",
                 "-p", str(self.proxy_port), "-z", str(self.inbound_capture_port), "-u", self.proxy_uid]
         if self.proxy_gid != self.proxy_uid:
@@ -126,6 +158,8 @@ class CaptureFlags:
             if value:
                 args += [flag, value]
         args.append("--log_output_level=default:info")
+        if native_nftables:
+            args.append("--native-nftables")
         return args + (["--run-validation", "--skip-rule-apply"] if cni else [])
 
 
@@ -156,11 +190,12 @@ def flags_from_annotations(annotations: dict[str, str] | None, profile: MeshProf
         return ann[name] if name in ann else mesh_value
 
     uid = str(mesh.proxy_uid if mesh.proxy_uid != ISTIO.proxy_uid else profile.proxy_uid)
+    gid = uid if mesh.proxy_gid is None else str(mesh.proxy_gid)
     return CaptureFlags(
         proxy_port=profile.outbound_port,
         inbound_capture_port=profile.inbound_port,
         proxy_uid=uid,
-        proxy_gid=uid,
+        proxy_gid=gid,
         interception_mode=ann.get(ANN_INTERCEPTION_MODE, "REDIRECT"),
         include_outbound_ip_ranges=ann.get(ANN_INCLUDE_OUTBOUND_IP_RANGES, mesh.include_ip_ranges),
         exclude_outbound_ip_ranges=ann.get(ANN_EXCLUDE_OUTBOUND_IP_RANGES, mesh.exclude_ip_ranges),
@@ -197,20 +232,21 @@ def cni_annotations(annotations: dict[str, str] | None, mesh: MeshDefaults = Mes
 
 
 def flags_from_cni_annotations(annotations: dict[str, str], proxy_uid: int = ISTIO.proxy_uid,
-                               profile: MeshProfile = ISTIO) -> CaptureFlags:
+                               profile: MeshProfile = ISTIO, proxy_gid: int | None = None) -> CaptureFlags:
     """What the istio-cni plugin hands istio-iptables for a pod: annotation
     values or the plugin's own defaults, its fixed inbound exclusions
-    appended, and the proxy container's runAsUser as -u/-g."""
+    appended, and the proxy container's runAsUser/runAsGroup as -u/-g."""
     excluded = annotations.get(ANN_EXCLUDE_INBOUND_PORTS, CNI_DEFAULT_EXCLUDED_PORTS).strip()
     if excluded and not excluded.endswith(","):
         excluded += ","
     excluded_items = (excluded + CNI_ALWAYS_EXCLUDED_INBOUND).split(",")
     uid = str(proxy_uid or ISTIO.proxy_uid)
+    gid = str(proxy_gid or ISTIO.proxy_gid)     # the plugin treats an unset runAsGroup as 1337
     return CaptureFlags(
         proxy_port=profile.outbound_port,
         inbound_capture_port=profile.inbound_port,
         proxy_uid=uid,
-        proxy_gid=uid,
+        proxy_gid=gid,
         interception_mode=annotations.get(ANN_INTERCEPTION_MODE, "REDIRECT"),
         include_outbound_ip_ranges=annotations.get(ANN_INCLUDE_OUTBOUND_IP_RANGES, "*"),
         exclude_outbound_ip_ranges=annotations.get(ANN_EXCLUDE_OUTBOUND_IP_RANGES, ""),
@@ -228,8 +264,28 @@ def installed_flags(annotations: dict[str, str] | None, mesh: MeshDefaults = Mes
     arguments, or with istio-cni what the plugin reads from the annotations
     the injector wrote."""
     if cni:
-        return flags_from_cni_annotations(cni_annotations(annotations, mesh), mesh.proxy_uid, profile)
+        return flags_from_cni_annotations(cni_annotations(annotations, mesh), mesh.proxy_uid, profile, mesh.gid)
     return flags_from_annotations(annotations, profile, mesh)
+
+
+RULES_BACKENDS = ("iptables", "nftables")   # istio-iptables, or Istio's native nftables (--native-nftables)
+
+
+def pod_mesh(pod) -> MeshDefaults:
+    """The injection values a test-bed pod (topology.Pod) was injected with:
+    its mesh-wide defaults and its proxy uid/gid."""
+    mesh = MeshDefaults.from_dict(getattr(pod, "mesh_defaults", None) or {})
+    uid = getattr(pod, "proxy_uid", None)
+    gid = getattr(pod, "proxy_gid", None)
+    if uid is None:
+        return mesh
+    return dataclasses.replace(mesh, proxy_uid=uid, proxy_gid=gid if gid is not None else uid)
+
+
+def pod_flags(pod) -> CaptureFlags:
+    """The flags a test-bed pod's rules are built from (istio-init's
+    arguments, or istio-cni's reading of the annotations)."""
+    return installed_flags(pod.annotations, pod_mesh(pod), cni=getattr(pod, "cni", False))
 
 
 class _Table:

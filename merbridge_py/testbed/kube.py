@@ -30,10 +30,15 @@ def _sidecar_status(init_name: str = "istio-init") -> str:
 
 
 def pod_object(testbed: str, pod: Pod, node: Node, created: str | None = None,
-               mesh: istio_iptables.MeshDefaults = istio_iptables.MeshDefaults(), cni: bool = False) -> dict:
+               mesh: istio_iptables.MeshDefaults | None = None, cni: bool | None = None) -> dict:
     """`mesh`: the mesh-wide injection values the injector used; `cni`: the
     pod was injected for istio-cni (istio-validation, effective values in the
-    annotations) rather than istio-init."""
+    annotations) rather than istio-init. Both default to the pod's own
+    install options (topology.Pod: mesh_defaults, proxy_uid/gid, cni); a pod
+    with rules "nftables" gets istio-init's --native-nftables."""
+    mesh = istio_iptables.pod_mesh(pod) if mesh is None else mesh
+    cni = getattr(pod, "cni", False) if cni is None else cni
+    nftables = getattr(pod, "rules", "iptables") == "nftables"
     created = created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     annotations = istio_iptables.cni_annotations(pod.annotations, mesh) if pod.meshed and cni \
         else dict(pod.annotations)
@@ -55,18 +60,18 @@ def pod_object(testbed: str, pod: Pod, node: Node, created: str | None = None,
         labels.update({"security.istio.io/tlsMode": "istio", "service.istio.io/canonical-name": pod.name})
         if cni:
             context = {"capabilities": {"drop": ["ALL"]}, "runAsUser": mesh.proxy_uid,
-                       "runAsGroup": mesh.proxy_uid, "runAsNonRoot": True}
+                       "runAsGroup": mesh.gid, "runAsNonRoot": True}
         else:
             context = {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
                        "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False}
-        init_containers.append({"name": init_name, "image": PROXY_IMAGE, "args": flags.argv(cni=cni),
-                                "securityContext": context})
+        init_containers.append({"name": init_name, "image": PROXY_IMAGE,
+                                "args": flags.argv(cni=cni, native_nftables=nftables), "securityContext": context})
         containers.append({
             "name": ISTIO.proxy_container, "image": PROXY_IMAGE,
             "args": ["proxy", "sidecar", "--domain", "$(POD_NAMESPACE).svc.cluster.local"],
             "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
             "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}},
-            "securityContext": {"runAsUser": mesh.proxy_uid, "runAsGroup": mesh.proxy_uid, "runAsNonRoot": True}})
+            "securityContext": {"runAsUser": mesh.proxy_uid, "runAsGroup": mesh.gid, "runAsNonRoot": True}})
         statuses.append({"name": ISTIO.proxy_container, "ready": True, "restartCount": 0, "image": PROXY_IMAGE,
                          "state": {"running": {"startedAt": created}}})
     # The service account is the pod's name: each pod has its own mesh identity (see envoy.service_account).

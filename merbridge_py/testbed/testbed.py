@@ -16,7 +16,9 @@ commands in other processes can switch modes and take the bed down.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +29,8 @@ from pathlib import Path
 
 from .. import sandbox
 from ..datapath import detach_pinned
-from . import envoy, istio_iptables, kube, nginx_app, pki, state, topology
+from ..mesh import ISTIO
+from . import envoy, istio_iptables, istio_nftables, kube, nginx_app, pki, state, topology
 from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
 from .envoy import EnvoySidecar
 from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MODES, PROXIES
@@ -93,7 +96,8 @@ class Testbed:
     def up(cls, name: str = "tb", nodes: int = 2, pods_per_node: int = 2, mode: str = "iptables",
            pods: list[PodSpec] | None = None, plain_per_node: int = 0, sidecar_log: bool = False,
            app: str = "python", http_ports: tuple[int, ...] = (), proxy: str = "envoy",
-           mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS) -> "Testbed":
+           mtls: str = DEFAULT_MTLS, envoy_workers: int = DEFAULT_ENVOY_WORKERS, rules: str = "iptables",
+           mesh_defaults: dict[str, str] | None = None, cni: bool = False) -> "Testbed":
         """Create the bed and start it in `mode`. `pods` replaces the default
         n<node>p<i> pods (all meshed, except the last `plain_per_node` per node).
         `app` is the pods' HTTP server: "python" (every endpoint, for tests) or
@@ -105,8 +109,15 @@ class Testbed:
         forwarding only, no mTLS: shows the datapath does not depend on one
         proxy). `mtls`: Envoy's peer authentication, "strict", "permissive"
         (Istio's default; sidecars still speak mTLS to each other) or "off".
-        `envoy_workers`: Envoy's --concurrency. On any failure everything
-        created so far is removed again."""
+        `envoy_workers`: Envoy's --concurrency.
+        How Istio was installed, for every pod whose PodSpec leaves it unset:
+        `rules` "iptables" (istio-iptables) or "nftables" (Istio's native
+        nftables backend, tables inet istio-proxy-*); `mesh_defaults` the
+        mesh-wide injection values (helm global.proxy.* names, e.g.
+        {"excludeIPRanges": "10.0.0.0/8", "proxyUID": "1000720000"}; a
+        PodSpec's own mesh_defaults are merged over these) that end up in
+        istio-init's arguments, or with `cni` (istio-cni) in the annotations.
+        On any failure everything created so far is removed again."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
         if app not in APPS:
@@ -126,6 +137,10 @@ class Testbed:
         if bad_ports:
             raise ValueError(f"http_ports {bad_ports!r}: ports are integers 1-65535")
         specs = pods if pods is not None else topology.default_specs(nodes, pods_per_node, plain_per_node)
+        specs = [_install_options(s, rules, mesh_defaults or {}, cni) for s in specs]
+        if any(s.meshed and s.rules == "nftables" for s in specs) and shutil.which("nft") is None:
+            raise TestbedError("rules 'nftables' need the nft command (Debian package nftables; "
+                               "scripts/install-system-deps.sh installs it)")
         topology.plan(name, specs, nodes)  # bad input fails before anything else
         with state.locked():
             found = leftovers(name)
@@ -235,11 +250,14 @@ class Testbed:
         p = self.pod(pod)
         if not p.meshed:
             raise ValueError(f"pod {p.name} is not meshed: it has no sidecar")
+        # the sidecar runs as the uid/gid the pod's rules exempt (-u/-g, runAsUser)
+        profile = dataclasses.replace(ISTIO, proxy_uid=p.proxy_uid, proxy_gid=p.proxy_gid)
         if self.proxy == "envoy":
             return EnvoySidecar(self.workdir, p, self.pods, http_ports=self.http_ports, mtls=self.mtls,
-                                workers=self.envoy_workers)
+                                workers=self.envoy_workers, profile=profile)
         return HAProxySidecar(self.workdir, p.name, log_connections=self.log_connections,
-                              services={q.service_ip: q.ip for q in self.pods}, http_ports=self.http_ports)
+                              services={q.service_ip: q.ip for q in self.pods}, http_ports=self.http_ports,
+                              profile=profile)
 
     def namespaces(self) -> list[str]:
         return [self.fabric] + [n.netns for n in self.nodes] + [p.netns for p in self.pods]
@@ -413,14 +431,20 @@ class Testbed:
             self.settle()
 
     def _apply_rules(self, install: bool) -> None:
+        """Istio's rules in every meshed pod, as istio-init (or istio-cni)
+        installs them from the pod's flags, or (install=False) removed."""
         for pod in self.pods:
-            if pod.meshed:
-                flags = istio_iptables.flags_from_annotations(pod.annotations)
-                if install:
-                    sandbox.sh("iptables-restore", "--noflush", netns=pod.netns,
-                               input=istio_iptables.restore_payload(flags))
-                else:
-                    sandbox.sh("iptables-restore", netns=pod.netns, input=istio_iptables.flush_payload(flags))
+            if not pod.meshed:
+                continue
+            flags = istio_iptables.pod_flags(pod)
+            if pod.rules == "nftables":
+                sandbox.sh("nft", "-f", "-", netns=pod.netns,
+                           input=istio_nftables.script(flags) if install else istio_nftables.delete_script(flags))
+            elif install:
+                sandbox.sh("iptables-restore", "--noflush", netns=pod.netns,
+                           input=istio_iptables.restore_payload(flags))
+            else:
+                sandbox.sh("iptables-restore", netns=pod.netns, input=istio_iptables.flush_payload(flags))
 
     def settle(self) -> None:
         """A clean start for the next block of traffic: flush conntrack and
@@ -507,9 +531,14 @@ class Testbed:
     def nat_counters(self, pod: str | Pod) -> dict[str, int]:
         """Packets that hit Istio's REDIRECT rules in `pod` so far (nat rules
         see the first packet of each connection): {"ISTIO_REDIRECT": n,
-        "ISTIO_IN_REDIRECT": m}; 0 where the pod has no rules."""
+        "ISTIO_IN_REDIRECT": m}; 0 where the pod has no rules. With nftables
+        rules, the counters of the redirect rules of chains istio-redirect
+        and istio-in-redirect, under the same keys."""
+        p = self.pod(pod)
+        if p.rules == "nftables":
+            return _nft_redirect_counts(sandbox.sh("nft", "-j", "list", "ruleset", netns=p.netns))
         counts = {"ISTIO_REDIRECT": 0, "ISTIO_IN_REDIRECT": 0}
-        for line in sandbox.sh("iptables-save", "-c", "-t", "nat", netns=self.pod(pod).netns).splitlines():
+        for line in sandbox.sh("iptables-save", "-c", "-t", "nat", netns=p.netns).splitlines():
             # "[pkts:bytes] -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"
             if line.startswith("[") and " -j REDIRECT" in line:
                 packets = int(line[1:line.index(":")])
@@ -561,7 +590,7 @@ class Testbed:
                        "agent": ({"metrics": self.agents[n.name], "ready": self.agent_ready(n)}
                                  if n.name in self.agents else None)} for n in self.nodes],
             "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed,
-                      "app": alive.get(("app", p.name), False),
+                      **_install_summary(p), "app": alive.get(("app", p.name), False),
                       "sidecar": alive.get(("sidecar", p.name), False) if p.meshed else None}
                      for p in self.pods],
         }
@@ -569,6 +598,49 @@ class Testbed:
     def summary(self) -> dict:
         """What `testbed up` prints."""
         return {"name": self.name, "mode": self.mode, "proxy": self.proxy, "mtls": self.mtls,
-                "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed}
-                         for p in self.pods]}
+                "pods": [{"name": p.name, "node": p.node, "ip": p.ip, "netns": p.netns, "meshed": p.meshed,
+                          **_install_summary(p)} for p in self.pods]}
+
+
+def _install_options(spec: PodSpec, rules: str, mesh_defaults: dict[str, str], cni: bool) -> PodSpec:
+    """`spec` with every install option it leaves unset taken from the bed's,
+    checked; the proxy uid/gid resolved as the injector would (the pod's,
+    else the mesh's proxyUID/proxyGID, else 1337; the gid defaults to the uid)."""
+    chosen = spec.rules or rules
+    if chosen not in istio_iptables.RULES_BACKENDS:
+        raise ValueError(f"rules {chosen!r} (pod {spec.name}): one of {', '.join(istio_iptables.RULES_BACKENDS)}")
+    merged = {**mesh_defaults, **(spec.mesh_defaults or {})}
+    mesh = istio_iptables.MeshDefaults.from_dict(merged)      # raises ValueError on a bad name or value
+    for what, value in (("proxy_uid", spec.proxy_uid), ("proxy_gid", spec.proxy_gid)):
+        if value is not None and not (isinstance(value, int) and 0 < value < 2 ** 32 - 1):
+            raise ValueError(f"{what} {value!r} (pod {spec.name}): a numeric id 1..4294967294")
+    uid = spec.proxy_uid if spec.proxy_uid is not None else mesh.proxy_uid
+    gid = spec.proxy_gid if spec.proxy_gid is not None else \
+        (mesh.proxy_gid if mesh.proxy_gid is not None and spec.proxy_uid is None else uid)
+    return dataclasses.replace(spec, rules=chosen, cni=cni if spec.cni is None else spec.cni, mesh_defaults=merged,
+                               proxy_uid=uid, proxy_gid=gid)
+
+
+def _install_summary(p: Pod) -> dict:
+    if not p.meshed:
+        return {}
+    return {"rules": p.rules, "cni": p.cni, "mesh_defaults": p.mesh_defaults, "proxy_uid": p.proxy_uid,
+            "proxy_gid": p.proxy_gid}
+
+
+_NFT_REDIRECT_CHAINS = {"istio-redirect": "ISTIO_REDIRECT", "istio-in-redirect": "ISTIO_IN_REDIRECT"}
+
+
+def _nft_redirect_counts(ruleset_json: str) -> dict[str, int]:
+    """Packets counted by the redirect rules of table inet istio-proxy-nat in
+    `nft -j list ruleset` output, keyed like the iptables chains."""
+    counts = {"ISTIO_REDIRECT": 0, "ISTIO_IN_REDIRECT": 0}
+    for item in json.loads(ruleset_json).get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not rule or rule.get("table") != istio_nftables.NAT or rule.get("chain") not in _NFT_REDIRECT_CHAINS:
+            continue
+        exprs = rule.get("expr", [])
+        if any("redirect" in e for e in exprs):
+            counts[_NFT_REDIRECT_CHAINS[rule["chain"]]] += sum(e["counter"]["packets"] for e in exprs if "counter" in e)
+    return counts
 

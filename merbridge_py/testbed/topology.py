@@ -67,6 +67,12 @@ class PodSpec:
     meshed: bool = True
     annotations: dict[str, str] = field(default_factory=dict)
     ports: tuple[int, ...] = (APP_PORT,)
+    # How Istio was installed for this pod (None: the bed's value, see Testbed.up):
+    rules: str | None = None                  # "iptables" (istio-iptables) or "nftables" (native nftables)
+    cni: bool | None = None                   # istio-cni (istio-validation) instead of istio-init
+    mesh_defaults: dict[str, str] | None = None   # helm global.proxy.* values by name (istio_iptables.MeshDefaults)
+    proxy_uid: int | None = None              # the sidecar's uid (-u, runAsUser); default the mesh's proxyUID
+    proxy_gid: int | None = None              # its gid (-g, runAsGroup); default the uid
 
 
 @dataclass
@@ -93,6 +99,11 @@ class Pod:
     ports: list[int]
     veth: str       # the pod's veth end in its node's namespace
     service_ip: str  # virtual IP of the Service whose only endpoint is this pod
+    rules: str = "iptables"          # the PodSpec's install options, resolved
+    cni: bool = False
+    mesh_defaults: dict[str, str] = field(default_factory=dict)
+    proxy_uid: int = 1337
+    proxy_gid: int = 1337
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -144,7 +155,11 @@ def plan(name: str, specs: list[PodSpec], nodes: int | None = None,
         per_node[s.node] = i + 1
         pods.append(Pod(name=s.name, node=f"node{s.node}", ip=f"{net}.{s.node}.{10 + i}", netns=f"{pfx}pod-{s.name}",
                         meshed=s.meshed, cgroup=str(cg / f"node{s.node}" / s.name), annotations=dict(s.annotations),
-                        ports=list(s.ports), veth=f"p{i}", service_ip=f"10.96.{s.node}.{10 + i}"))
+                        ports=list(s.ports), veth=f"p{i}", service_ip=f"10.96.{s.node}.{10 + i}",
+                        rules=s.rules or "iptables", cni=bool(s.cni), mesh_defaults=dict(s.mesh_defaults or {}),
+                        proxy_uid=1337 if s.proxy_uid is None else s.proxy_uid,
+                        proxy_gid=(1337 if s.proxy_uid is None else s.proxy_uid) if s.proxy_gid is None
+                        else s.proxy_gid))
     return node_list, pods, f"{pfx}fabric"
 
 
