@@ -4,10 +4,12 @@
  * are not rewritten (see below), only remembered so sockops can splice them. */
 #include "merbridge.h"
 
-static __always_inline int current_is_proxy(void)
+/* Istio's rules skip the proxy's traffic with `-m owner --uid-owner U` and
+ * `--gid-owner G` (either one matching), with this pod's U and G. */
+static __always_inline int current_is_proxy(struct pod_policy *self)
 {
     __u64 uid_gid = bpf_get_current_uid_gid();
-    return (__u32)uid_gid == MESH_PROXY_UID || (__u32)(uid_gid >> 32) == MESH_PROXY_GID;
+    return (__u32)uid_gid == self->proxy_uid || (__u32)(uid_gid >> 32) == self->proxy_gid;
 }
 
 static __always_inline int remember_original_dst(struct bpf_sock_addr *ctx, __u32 ip, __u16 port, __u16 flags)
@@ -37,7 +39,7 @@ int sock4_connect(struct bpf_sock_addr *ctx)
     if (is_loopback(dst_ip) || dst_ip == self->pod_ip)
         return 1;
 
-    if (!current_is_proxy()) {
+    if (!current_is_proxy(self)) {
         if (!outbound_captured(self, dst_ip, dst_port))
             return 1;
         /* Bind the source to the pod IP (the port is still chosen at connect,

@@ -4,7 +4,8 @@
  * unit so the maps exist once. The Python mirror of these structs is
  * merbridge_py/layout.py (tests/test_layout.py checks they agree).
  *
- * Mesh constants (MESH_*) come from the mesh profile as -D defines.
+ * Mesh constants (MESH_*) come from the mesh profile as -D defines; what
+ * differs between pods (addresses, rules, the proxy's uid) is in pod_policy.
  */
 #pragma once
 
@@ -47,10 +48,16 @@ struct inbound_rule {
     __u8 pad;
 };
 
+/* The proxy's own connections are never redirected: Istio's rules exempt
+ * them by owner (istio-iptables -u/-g), and so does the connect hook, by the
+ * uid and gid of the calling process. Per pod, because one node can run pods
+ * whose proxies run as different ids (OpenShift gives each namespace its own). */
 struct pod_policy {
     __u32 pod_ip;            /* network order */
     __u16 n_outbound;
     __u16 n_inbound;
+    __u32 proxy_uid;
+    __u32 proxy_gid;
     struct outbound_rule outbound[MAX_OUTBOUND_RULES];
     struct inbound_rule inbound[MAX_INBOUND_RULES];
 };

@@ -449,15 +449,19 @@ class Datapath:
             short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
             bulk_bytes=BULK_BYTES, bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS))
 
-    def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound) -> None:
+    def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound, fields=None) -> None:
         """Write one pod's policy. `outbound`/`inbound` are compiled first-match
         rule lists (merbridge_py.policy.compile_rules); the caller has checked
-        they fit (a policy that does not fit is never truncated)."""
+        they fit (a policy that does not fit is never truncated). `fields` is
+        the rest (policy.rules.PodKernelFields: the proxy's uid/gid); without
+        it, the mesh's defaults."""
         if len(outbound) > layout.MAX_OUTBOUND_RULES or len(inbound) > layout.MAX_INBOUND_RULES:
             raise DatapathError(f"policy of {pod_ip} does not fit the datapath's rule tables")
         value = layout.PodPolicyValue()
         value.pod_ip = ip_to_net(pod_ip)
         value.n_outbound, value.n_inbound = len(outbound), len(inbound)
+        value.proxy_uid = fields.proxy_uid if fields else self.mesh.proxy_uid
+        value.proxy_gid = fields.proxy_gid if fields else self.mesh.proxy_gid
         for slot, rule in zip(value.outbound, outbound):
             slot.addr = ip_to_net(str(rule.network.network_address))
             slot.mask = ip_to_net(str(rule.network.netmask))

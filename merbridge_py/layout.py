@@ -37,6 +37,8 @@ class PodPolicyValue(ct.Structure):
         ("pod_ip", ct.c_uint32),   # network order
         ("n_outbound", ct.c_uint16),
         ("n_inbound", ct.c_uint16),
+        ("proxy_uid", ct.c_uint32),  # the proxy's own connections are never redirected
+        ("proxy_gid", ct.c_uint32),
         ("outbound", OutboundRule * MAX_OUTBOUND_RULES),
         ("inbound", InboundRule * MAX_INBOUND_RULES),
     ]

@@ -14,7 +14,7 @@ class MeshProfile:
     proxy_container: str          # the sidecar's container name
     outbound_port: int            # where intercepted outbound connections go
     inbound_port: int             # where intercepted inbound connections go
-    proxy_uid: int                # the proxy runs as this uid/gid; its traffic is never redirected back to itself
+    proxy_uid: int                # the proxy's default uid/gid (each pod's own are in its policy, see policy/)
     proxy_gid: int
     inbound_passthrough_ip: str   # source address the proxy uses to reach its own app
     outbound_redirect_ip: str     # loopback address redirected app connections go to (see ISTIO below)
@@ -29,8 +29,6 @@ class MeshProfile:
         return [
             f"-DMESH_OUTBOUND_PORT={self.outbound_port}",
             f"-DMESH_INBOUND_PORT={self.inbound_port}",
-            f"-DMESH_PROXY_UID={self.proxy_uid}",
-            f"-DMESH_PROXY_GID={self.proxy_gid}",
             # host-order value; the programs convert with bpf_htonl
             f"-DMESH_PASSTHROUGH_IP_HOST={passthrough}U",
             f"-DMESH_REDIRECT_IP_HOST={redirect}U",

@@ -22,6 +22,7 @@ from typing import Callable
 from ..mesh import MeshProfile
 from ..netns import NetnsIndex
 from ..policy import Verdict, compile_rules, decide
+from ..policy.rules import PodKernelFields, kernel_fields
 
 log = logging.getLogger("merbridge_py.agent")
 
@@ -38,6 +39,7 @@ class Applied:
     ip: str
     outbound: tuple
     inbound: tuple
+    fields: PodKernelFields | None = None
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Tracked:
     obj: object
     verdict: Verdict
     rules: tuple = ((), ())        # compiled (outbound, inbound) of an accelerated verdict
+    fields: PodKernelFields | None = None   # the rest of its kernel entry (proxy uid/gid)
     next_try: float = 0.0          # monotonic time of the next namespace lookup / apply attempt
     tries: int = 0
     status: PodStatus | None = None
@@ -180,11 +183,11 @@ class Agent:
                 continue
             verdict = decide(obj, self.mesh)
             self.decisions += 1
-            rules = ((), ())
+            rules, fields = ((), ()), None
             if verdict.accelerate:
                 outbound, inbound = compile_rules(verdict.policy, self.mesh)
-                rules = (tuple(outbound), tuple(inbound))
-            self._tracked[key] = _Tracked(obj, verdict, rules, status=t.status if t else None)
+                rules, fields = (tuple(outbound), tuple(inbound)), kernel_fields(verdict, self.mesh)
+            self._tracked[key] = _Tracked(obj, verdict, rules, fields, status=t.status if t else None)
 
     def _desired_status(self) -> dict[str, PodStatus]:
         """Statuses settled by the decision alone: not accelerated, or an IP
@@ -210,7 +213,7 @@ class Agent:
     def _in_place(self, key: str, t: _Tracked) -> bool:
         cur = self._applied.get(key)
         return (cur is not None and cur.ip == t.verdict.ips[0]
-                and (cur.outbound, cur.inbound) == t.rules)
+                and (cur.outbound, cur.inbound) == t.rules and cur.fields == t.fields)
 
     # --- kernel -------------------------------------------------------------------------
 
@@ -272,8 +275,8 @@ class Agent:
             cookie = cur.netns_cookie
         else:
             cookie = self._find_netns(key, ip)
-        self.datapath.set_pod(cookie, ip, list(outbound), list(inbound))
-        self._applied[key] = Applied(cookie, ip, outbound, inbound)
+        self.datapath.set_pod(cookie, ip, list(outbound), list(inbound), t.fields)
+        self._applied[key] = Applied(cookie, ip, outbound, inbound, t.fields)
         return PodStatus(key, True, v.reason, ip)
 
     def _find_netns(self, key: str, ip: str) -> int:

@@ -284,14 +284,7 @@ def _check_capture(capture: Capture, mesh: MeshProfile) -> None:
     if len(capture.proxy_uids) != 1 or len(capture.proxy_gids) != 1:
         raise NotAccelerated(f"{capture.source} exempt several proxy ids (uids {list(capture.proxy_uids)}, "
                              f"gids {list(capture.proxy_gids)}); the datapath exempts one uid", "policy_not_exact")
-    # The kernel side still exempts the mesh's compile-time uid (MESH_PROXY_UID):
-    # accelerating a pod whose proxy runs as another uid would send the proxy's
-    # own upstream connections back to its listener. Drop this check once
-    # policy.proxy_uid reaches the per-pod policy in the kernel.
-    if (capture.proxy_uids[0], capture.proxy_gids[0]) != (mesh.proxy_uid, mesh.proxy_gid):
-        raise NotAccelerated(f"the proxy runs as uid {capture.proxy_uids[0]} gid {capture.proxy_gids[0]} "
-                             f"({capture.source}); the datapath exempts only uid {mesh.proxy_uid} so far",
-                             "proxy_uid")
+    # The one uid/gid reaches the pod's policy in the kernel (pod_policy.proxy_uid).
 
 
 def _string_annotation(annotations: Mapping, name: str) -> str | None:

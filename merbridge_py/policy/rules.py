@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 from merbridge_py.mesh import MeshProfile
-from merbridge_py.policy.model import PodPolicy
+from merbridge_py.policy.model import PodPolicy, Verdict
 
 ANY_IPV4 = IPv4Network("0.0.0.0/0")
 ANY_PORT = 0
@@ -123,3 +123,20 @@ def first_match_outbound(rules: list[OutboundRule], ip: str, port: int) -> bool:
 def first_match_inbound(rules: list[InboundRule], port: int) -> bool:
     """What the kernel's inbound_captured() answers for these rules."""
     return next((r.capture for r in rules if r.matches(port)), False)
+
+
+@dataclass(frozen=True)
+class PodKernelFields:
+    """What the kernel holds for an accelerated pod besides its IPv4 address
+    and rule lists: the uid/gid whose connections are the proxy's own (never
+    redirected, as Istio's owner matches skip them)."""
+
+    proxy_uid: int
+    proxy_gid: int
+
+
+def kernel_fields(verdict: Verdict, mesh: MeshProfile) -> PodKernelFields:
+    policy = verdict.policy
+    if policy is None:
+        return PodKernelFields(mesh.proxy_uid, mesh.proxy_gid)
+    return PodKernelFields(policy.proxy_uid, policy.proxy_gid)

@@ -7,14 +7,16 @@ from merbridge_py.netns import Netns
 class FakeDatapath:
     def __init__(self):
         self.pod_policy: dict[int, tuple] = {}   # cookie -> (ip, outbound, inbound)
+        self.pod_fields: dict[int, object] = {}  # cookie -> policy.rules.PodKernelFields
         self.local_pod_ip: dict[str, int] = {}
         self.fail_ips: set[str] = set()
         self.bpf = None   # metrics read no kernel counters from a fake
 
-    def set_pod(self, cookie, ip, outbound, inbound):
+    def set_pod(self, cookie, ip, outbound, inbound, fields=None):
         if ip in self.fail_ips:
             raise OSError(28, "No space left on device")
         self.pod_policy[cookie] = (ip, tuple(outbound), tuple(inbound))
+        self.pod_fields[cookie] = fields
         self.local_pod_ip[ip] = cookie
 
     def remove_pod(self, cookie, ip):

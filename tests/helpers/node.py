@@ -29,12 +29,15 @@ class Pod:
     meshed: bool
     annotations: dict = field(default_factory=dict)
     sidecar_log: Path | None = None
+    proxy_uid: int = 1337     # the sidecar runs as this uid and gid; the manifest says so when not 1337
 
     def manifest(self, node: str) -> dict:
         containers = [{"name": "app", "image": "app"}]
         init = []
         if self.meshed:
             containers.append({"name": "istio-proxy", "image": "proxyv2"})
+            if self.proxy_uid != 1337:
+                containers[-1]["securityContext"] = {"runAsUser": self.proxy_uid, "runAsGroup": self.proxy_uid}
             init.append({"name": "istio-init", "image": "proxyv2"})
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": self.name, "namespace": "default", "annotations": self.annotations},
@@ -95,7 +98,7 @@ class SimNode:
     def start_sidecar(self, pod: Pod) -> None:
         pod.sidecar_log = self.tmp / f"sidecar-{pod.name}.log"
         with open(pod.sidecar_log, "a") as log:  # opened here: the sidecar (uid 1337) cannot reach pytest's tmp
-            self._start([PY, str(HERE / "forwarding_sidecar.py")], pod, uid=1337, stderr=log)
+            self._start([PY, str(HERE / "forwarding_sidecar.py")], pod, uid=pod.proxy_uid, stderr=log)
 
     def sidecar_records(self, pod: Pod) -> list[str]:
         return pod.sidecar_log.read_text().splitlines()
@@ -106,9 +109,10 @@ class SimNode:
         tmp.write_text(json.dumps({"apiVersion": "v1", "kind": "PodList", "items": items}))
         tmp.replace(self.pods_file)
 
-    def client(self, pod: Pod, *args, in_cgroup: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    def client(self, pod: Pod, *args, in_cgroup: bool = True, timeout: float = 120,
+               uid: int | None = None) -> subprocess.CompletedProcess:
         p = sandbox.spawn([PY, str(HERE / "client.py"), *map(str, args)], netns=pod.netns,
-                          cgroup=pod.cgroup if in_cgroup else None, stdout=subprocess.PIPE,
+                          cgroup=pod.cgroup if in_cgroup else None, uid=uid, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
         self.procs.append(p)
         out, err = p.communicate(timeout=timeout)
