@@ -21,6 +21,7 @@ from collections import Counter
 
 import pytest
 
+from merbridge_py import sandbox
 from merbridge_py.agent.status import agent_request
 from merbridge_py.testbed import Testbed, pod_draws
 from merbridge_py.testbed.probes import HopObserver, difference_table, differences
@@ -41,9 +42,19 @@ def _bed_with_drawn_pods(name: str):
         specs = pod_draws.draw_pods(random.Random(SEED), slot, MESHED_PER_NODE, NODES)
         tb = Testbed.up(name, nodes=NODES, pods=specs, mode="iptables", envoy_workers=1)
         if tb.slot == slot:
+            _unlimited_icmp(tb)
             return tb, specs
         tb.down()
     raise RuntimeError("could not get the predicted test bed slot three times in a row")
+
+
+def _unlimited_icmp(tb) -> None:
+    """A request to an address no node routes (a Service IP a pod's rules
+    send direct) gets ICMP unreachable from the pod's node; the kernel's
+    per-destination ICMP rate limit would turn some of those into timeouts
+    at random. Off in the bed's node namespaces, so the outcome is one."""
+    for node in tb.nodes:
+        sandbox.sh("sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0", netns=node.netns)
 
 
 def _agent_verdicts(tb) -> dict[str, dict]:
@@ -72,6 +83,10 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
         iptables_again = observer.run(probes)
 
     accelerated = [s.name for s in meshed if verdicts.get(s.name, {}).get("accelerated")]
+    pods = [tb.pod(s.name) for s in meshed]
+    dimensions = Counter(f"{p.rules}/{'istio-cni' if p.cni else 'istio-init'}/uid {p.proxy_uid}"
+                         f"{' (accelerated)' if p.name in accelerated else ''}" for p in pods)
+    with_mesh_defaults = sum(1 for p in pods if p.mesh_defaults)
     refused = {s.name: verdicts.get(s.name, {}).get("reason", "not seen by the agent")
                for s in meshed if s.name not in accelerated}
     peers = Counter(h.peer for h in iptables.values())
@@ -81,6 +96,7 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
     print(f"matrix: {len(meshed)} meshed pods x {len(probes) / len(meshed):.1f} probes = {len(probes)} probes "
           f"(seed {SEED}); {len(accelerated)} pods accelerated, agent redirects {redirects:.0f}; "
           f"peers {dict(peers)}; outcomes {dict(outcomes)}")
+    print(f"pods by rules/init/uid: {dict(sorted(dimensions.items()))}; with mesh defaults: {with_mesh_defaults}")
     for name, reason in refused.items():
         print(f"   not accelerated: {name}: {reason}")
     if os.environ.get("MERBRIDGE_MATRIX_VERBOSE"):

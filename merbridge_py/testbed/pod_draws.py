@@ -1,7 +1,9 @@
 """Random meshed pods and random probes for the equivalence matrix, drawn
 from a seeded random.Random so any run can be repeated from its seed.
 
-Pods: annotation sets Istio's injector accepts (traffic.sidecar.istio.io/
+Pods: install options (rules backend iptables or nftables, istio-init or
+istio-cni, mesh-wide injection defaults, proxy uid 1337 or another) and
+annotation sets Istio's injector accepts (traffic.sidecar.istio.io/
 include/exclude OutboundIPRanges, include/exclude OutboundPorts,
 include/exclude InboundPorts, status.sidecar.istio.io/port) whose address
 ranges are drawn from the bed's own address plan (topology.py: pod IPs
@@ -30,6 +32,7 @@ from .topology import Pod, PodSpec
 SERVED_PORTS = (8080, 9090)     # every drawn pod serves these
 UNSERVED_PORT = 7070            # nobody listens: refused, directly or behind a sidecar
 STATUS_PORTS = ("15020", "15030")   # Istio's default and a moved status port
+OTHER_PROXY_UID = 1000720000    # an OpenShift-style uid from a namespace's range
 
 
 def next_slot() -> int:
@@ -96,6 +99,35 @@ def draw_annotations(rng: random.Random, plan: AddressPlan) -> dict[str, str]:
     return ann
 
 
+def draw_mesh_defaults(rng: random.Random, plan: AddressPlan) -> dict[str, str]:
+    """Mesh-wide injection values (helm global.proxy.* names) the pod was
+    injected with; usually none."""
+    mesh: dict[str, str] = {}
+    if rng.random() < 0.35:
+        mesh["excludeIPRanges"] = plan.ranges(rng)
+    if rng.random() < 0.15:
+        mesh["includeIPRanges"] = plan.ranges(rng)
+    if rng.random() < 0.25:
+        mesh["excludeOutboundPorts"] = _ports(rng)
+    if rng.random() < 0.1:
+        mesh["includeOutboundPorts"] = _ports(rng, 1)
+    if rng.random() < 0.2:
+        mesh["excludeInboundPorts"] = _ports(rng)
+    if rng.random() < 0.15:
+        mesh["statusPort"] = rng.choice(STATUS_PORTS)
+    if rng.random() < 0.25:
+        mesh["proxyUID"] = str(OTHER_PROXY_UID)
+    return mesh
+
+
+def draw_install(rng: random.Random, plan: AddressPlan) -> dict:
+    """PodSpec install options: rules backend, istio-cni or istio-init,
+    mesh-wide defaults, proxy uid (the pod's own, else the mesh's)."""
+    return {"rules": rng.choice(("iptables", "nftables")), "cni": rng.random() < 0.4,
+            "mesh_defaults": draw_mesh_defaults(rng, plan),
+            "proxy_uid": OTHER_PROXY_UID if rng.random() < 0.25 else None}
+
+
 def draw_pods(rng: random.Random, slot: int, meshed_per_node: int, nodes: int = 2,
               plain_per_node: int = 1) -> list[PodSpec]:
     """`meshed_per_node` drawn meshed pods and `plain_per_node` plain pods
@@ -105,7 +137,7 @@ def draw_pods(rng: random.Random, slot: int, meshed_per_node: int, nodes: int = 
     for node in range(nodes):
         for i in range(meshed_per_node):
             specs.append(PodSpec(f"m{node}x{i}", node=node, annotations=draw_annotations(rng, plan),
-                                 ports=SERVED_PORTS))
+                                 ports=SERVED_PORTS, **draw_install(rng, plan)))
         for i in range(plain_per_node):
             specs.append(PodSpec(f"plain{node}x{i}", node=node, meshed=False, ports=SERVED_PORTS))
     return specs
@@ -117,7 +149,11 @@ def describe_pod(spec: PodSpec) -> str:
              ii.ANN_INCLUDE_INBOUND_PORTS: "inInPorts", ii.ANN_EXCLUDE_INBOUND_PORTS: "exInPorts",
              ii.ANN_STATUS_PORT: "status"}
     ann = " ".join(f"{short.get(k, k)}={v!r}" for k, v in sorted(spec.annotations.items()))
-    return f"{spec.name} node{spec.node} {ann or '(no annotations)'}"
+    mesh = " ".join(f"{k}={v!r}" for k, v in sorted((spec.mesh_defaults or {}).items()))
+    install = f"{spec.rules or 'iptables'} {'istio-cni' if spec.cni else 'istio-init'}"
+    uid = f" uid {spec.proxy_uid}" if spec.proxy_uid is not None else ""
+    return (f"{spec.name} node{spec.node} {install}{uid}; annotations: {ann or '-'}; "
+            f"mesh: {mesh or '-'}")
 
 
 def _cidrs(value: str) -> list[ipaddress.IPv4Network]:
@@ -130,7 +166,8 @@ def _cidrs(value: str) -> list[ipaddress.IPv4Network]:
 
 
 def _port_pool(pod: Pod) -> list[int]:
-    status = int(pod.annotations.get(ii.ANN_STATUS_PORT, ii.DEFAULT_STATUS_PORT))
+    status = int(pod.annotations.get(ii.ANN_STATUS_PORT,
+                                     pod.mesh_defaults.get("statusPort", ii.DEFAULT_STATUS_PORT)))
     return sorted({*SERVED_PORTS, UNSERVED_PORT, int(ii.DEFAULT_STATUS_PORT), status})
 
 
@@ -149,9 +186,12 @@ def draw_probes(rng: random.Random, pods: list[Pod], random_outbound: int = 4, i
         probes.append(Probe(client.name, address, port, f"{kind} of {mesh_word} {server.name}", server.name))
 
     for pod in meshed:
-        # one destination inside every range the pod's annotations name
-        for name in (ii.ANN_INCLUDE_OUTBOUND_IP_RANGES, ii.ANN_EXCLUDE_OUTBOUND_IP_RANGES):
-            for net in _cidrs(pod.annotations.get(name, "")):
+        # one destination inside every range the pod's annotations or mesh defaults name
+        ranges = [pod.annotations.get(name, "") for name in (ii.ANN_INCLUDE_OUTBOUND_IP_RANGES,
+                                                             ii.ANN_EXCLUDE_OUTBOUND_IP_RANGES)]
+        ranges += [pod.mesh_defaults.get(name, "") for name in ("includeIPRanges", "excludeIPRanges")]
+        for value in ranges:
+            for net in _cidrs(value):
                 inside = [t for t in targets if ipaddress.ip_address(t[0]) in net]
                 if inside:
                     address, server, kind = rng.choice(inside)
