@@ -173,7 +173,7 @@ def _port_pool(pod: Pod) -> list[int]:
     return sorted({*SERVED_PORTS, UNSERVED_PORT, int(ii.DEFAULT_STATUS_PORT), status})
 
 
-def draw_probes(rng: random.Random, pods: list[Pod], random_outbound: int = 4, inbound: int = 2) -> list[Probe]:
+def draw_probes(rng: random.Random, pods: list[Pod], random_outbound: int = 5, inbound: int = 3) -> list[Probe]:
     """Probes for every meshed pod of a bed that is up (see the module's
     docstring). Deterministic for a given rng state and pod list."""
     meshed = [p for p in pods if p.meshed]
