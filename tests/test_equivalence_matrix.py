@@ -66,6 +66,18 @@ def _agent_verdicts(tb) -> dict[str, dict]:
             for node in tb.nodes for entry in agent_request(tb.admin_socket(node), "/status")["pods"]}
 
 
+def _path_kind(tb, probe) -> str:
+    client = tb.pod(probe.client)
+    if not client.meshed:
+        return "from a plain pod"
+    if probe.server is None:
+        return "outside the bed"
+    server = tb.pod(probe.server)
+    if server.name == client.name:
+        return "to itself"
+    return f"{'same' if server.node == client.node else 'other'} node, {'meshed' if server.meshed else 'plain'}"
+
+
 def _nat_redirects(tb, pods) -> int:
     """Connections Istio's REDIRECT rules took so far, over `pods`."""
     return sum(sum(tb.nat_counters(p).values()) for p in pods)
@@ -77,7 +89,7 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
     print(f"\nequivalence matrix seed {SEED} (MERBRIDGE_MATRIX_SEED={SEED} repeats it)")
     started = time.monotonic()
     tb, specs = _bed_with_drawn_pods(f"mx{os.getpid()}{uuid.uuid4().hex[:4]}")
-    with tb, HopObserver(tb) as observer:
+    with tb, HopObserver(tb, count_nat=True) as observer:
         meshed = [s for s in specs if s.meshed]
         assert len(meshed) >= MIN_PODS or "MERBRIDGE_MATRIX_PODS_PER_NODE" in os.environ
         for spec in meshed:
@@ -90,7 +102,9 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
         nat.append(_nat_redirects(tb, meshed_pods))
         tb.set_mode("ebpf")
         verdicts = _agent_verdicts(tb)
+        observer.nat_redirects.clear()
         ebpf = observer.run(drawn)
+        ebpf_nat = dict(observer.nat_redirects)
         nat.append(_nat_redirects(tb, meshed_pods))
         redirects = sum(v for node in tb.nodes for k, v in tb.agent_metrics(node).items()
                         if k.startswith("merbridge_redirects_total"))
@@ -113,6 +127,9 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
           f"(seed {SEED}); {len(accelerated)} pods accelerated; connections redirected by Istio's nat rules: "
           f"{nat_iptables} in the iptables pass, {nat_ebpf} in the ebpf pass; agent redirects {redirects:.0f}; "
           f"peers {dict(peers)}; outcomes {dict(outcomes)}")
+    carried = Counter(f"{_path_kind(tb, p)}: {'eBPF only' if ebpf_nat[p] == 0 else 'nat rules too'}"
+                      for p, hops in ebpf.items() if hops.sidecars)
+    print(f"ebpf pass, probes through a sidecar, by path: {dict(sorted(carried.items()))}")
     print(f"pods by rules/init/uid: {dict(sorted(dimensions.items()))}; with mesh defaults: {with_mesh_defaults}")
     for name, reason in refused.items():
         print(f"   not accelerated: {name}: {reason}")

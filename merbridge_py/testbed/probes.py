@@ -197,10 +197,16 @@ class HopObserver:
     process per client pod, kept until close(); Envoy counters are read
     through its admin socket. Use as a context manager."""
 
-    def __init__(self, tb):
+    def __init__(self, tb, count_nat: bool = False):
         if tb.proxy != "envoy":
             raise ValueError("hop sequences are read from Envoy's counters: the bed needs proxy='envoy'")
         self.tb = tb
+        # With count_nat, also how many connections of each probe Istio's
+        # REDIRECT rules took (client and server pod): not part of the hop
+        # sequence, since the two datapaths differ there by design, but the
+        # witness of which one carried a probe.
+        self.count_nat = count_nat
+        self.nat_redirects: dict[Probe, int] = {}
         self._clients: dict[str, _ClientProcess] = {}
 
     def __enter__(self) -> "HopObserver":
@@ -228,8 +234,11 @@ class HopObserver:
             roles[probe.server] = "self" if probe.server == probe.client else "server"
         client = self._client(probe.client)
         before = {pod: _routing_counters(tb, pod) for pod in roles}
+        nat_before = self._nat(roles)
         result = client.request(probe.address, probe.port)
         after = {pod: _routing_counters(tb, pod) for pod in roles}
+        if self.count_nat:
+            self.nat_redirects[probe] = self._nat(roles) - nat_before
         moved = []
         for pod, role in roles.items():
             for name, value in after[pod].items():
@@ -238,6 +247,11 @@ class HopObserver:
                     moved.append((role, _counter_label(name), delta))
         return Hops(sidecars=tuple(sorted(moved)), peer=self._peer(probe, result), outcome=result["outcome"],
                     answered_by=self._answer(result))
+
+    def _nat(self, pods) -> int:
+        if not self.count_nat:
+            return 0
+        return sum(sum(self.tb.nat_counters(pod).values()) for pod in pods)
 
     def _peer(self, probe: Probe, result: dict) -> str:
         body = result.get("body")
