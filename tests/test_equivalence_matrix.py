@@ -78,6 +78,11 @@ def _path_kind(tb, probe) -> str:
     return f"{'same' if server.node == client.node else 'other'} node, {'meshed' if server.meshed else 'plain'}"
 
 
+def _nat_words(by_role: dict[str, int]) -> str:
+    took = [role for role, n in sorted(by_role.items()) if n]
+    return f"nat rules in {'+'.join(took)}" if took else "eBPF only"
+
+
 def _nat_redirects(tb, pods) -> int:
     """Connections Istio's REDIRECT rules took so far, over `pods`."""
     return sum(sum(tb.nat_counters(p).values()) for p in pods)
@@ -89,7 +94,7 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
     print(f"\nequivalence matrix seed {SEED} (MERBRIDGE_MATRIX_SEED={SEED} repeats it)")
     started = time.monotonic()
     tb, specs = _bed_with_drawn_pods(f"mx{os.getpid()}{uuid.uuid4().hex[:4]}")
-    with tb, HopObserver(tb, count_nat=True) as observer:
+    with tb, HopObserver(tb) as observer:
         meshed = [s for s in specs if s.meshed]
         assert len(meshed) >= MIN_PODS or "MERBRIDGE_MATRIX_PODS_PER_NODE" in os.environ
         for spec in meshed:
@@ -102,8 +107,9 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
         nat.append(_nat_redirects(tb, meshed_pods))
         tb.set_mode("ebpf")
         verdicts = _agent_verdicts(tb)
-        observer.nat_redirects.clear()
+        observer.count_nat = True
         ebpf = observer.run(drawn)
+        observer.count_nat = False
         ebpf_nat = dict(observer.nat_redirects)
         nat.append(_nat_redirects(tb, meshed_pods))
         redirects = sum(v for node in tb.nodes for k, v in tb.agent_metrics(node).items()
@@ -127,8 +133,7 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
           f"(seed {SEED}); {len(accelerated)} pods accelerated; connections redirected by Istio's nat rules: "
           f"{nat_iptables} in the iptables pass, {nat_ebpf} in the ebpf pass; agent redirects {redirects:.0f}; "
           f"peers {dict(peers)}; outcomes {dict(outcomes)}")
-    carried = Counter(f"{_path_kind(tb, p)}: {'eBPF only' if ebpf_nat[p] == 0 else 'nat rules too'}"
-                      for p, hops in ebpf.items() if hops.sidecars)
+    carried = Counter(f"{_path_kind(tb, p)}: {_nat_words(ebpf_nat[p])}" for p, hops in ebpf.items() if hops.sidecars)
     print(f"ebpf pass, probes through a sidecar, by path: {dict(sorted(carried.items()))}")
     print(f"pods by rules/init/uid: {dict(sorted(dimensions.items()))}; with mesh defaults: {with_mesh_defaults}")
     for name, reason in refused.items():

@@ -206,7 +206,7 @@ class HopObserver:
         # sequence, since the two datapaths differ there by design, but the
         # witness of which one carried a probe.
         self.count_nat = count_nat
-        self.nat_redirects: dict[Probe, int] = {}
+        self.nat_redirects: dict[Probe, dict[str, int]] = {}    # probe -> {role: connections}
         self._clients: dict[str, _ClientProcess] = {}
 
     def __enter__(self) -> "HopObserver":
@@ -238,7 +238,8 @@ class HopObserver:
         result = client.request(probe.address, probe.port)
         after = {pod: _routing_counters(tb, pod) for pod in roles}
         if self.count_nat:
-            self.nat_redirects[probe] = self._nat(roles) - nat_before
+            nat_after = self._nat(roles)
+            self.nat_redirects[probe] = {role: nat_after[pod] - nat_before[pod] for pod, role in roles.items()}
         moved = []
         for pod, role in roles.items():
             for name, value in after[pod].items():
@@ -248,10 +249,10 @@ class HopObserver:
         return Hops(sidecars=tuple(sorted(moved)), peer=self._peer(probe, result), outcome=result["outcome"],
                     answered_by=self._answer(result))
 
-    def _nat(self, pods) -> int:
+    def _nat(self, pods) -> dict[str, int]:
         if not self.count_nat:
-            return 0
-        return sum(sum(self.tb.nat_counters(pod).values()) for pod in pods)
+            return {}
+        return {pod: sum(self.tb.nat_counters(pod).values()) for pod in pods}
 
     def _peer(self, probe: Probe, result: dict) -> str:
         body = result.get("body")
