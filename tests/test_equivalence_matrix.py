@@ -78,6 +78,10 @@ def _path_kind(tb, probe) -> str:
     return f"{'same' if server.node == client.node else 'other'} node, {'meshed' if server.meshed else 'plain'}"
 
 
+def _via_client_sidecar(hops) -> str:
+    return ", via client sidecar" if any(role == "client" for role, _, _ in hops.sidecars) else ""
+
+
 def _nat_words(by_role: dict[str, int]) -> str:
     took = [role for role, n in sorted(by_role.items()) if n]
     return f"nat rules in {'+'.join(took)}" if took else "eBPF only"
@@ -133,8 +137,11 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
           f"(seed {SEED}); {len(accelerated)} pods accelerated; connections redirected by Istio's nat rules: "
           f"{nat_iptables} in the iptables pass, {nat_ebpf} in the ebpf pass; agent redirects {redirects:.0f}; "
           f"peers {dict(peers)}; outcomes {dict(outcomes)}")
-    carried = Counter(f"{_path_kind(tb, p)}: {_nat_words(ebpf_nat[p])}" for p, hops in ebpf.items() if hops.sidecars)
-    print(f"ebpf pass, probes through a sidecar, by path: {dict(sorted(carried.items()))}")
+    carried = Counter(f"{_path_kind(tb, p)}{_via_client_sidecar(hops)}: {_nat_words(ebpf_nat[p])}"
+                      for p, hops in ebpf.items() if hops.sidecars)
+    print("ebpf pass, probes through a sidecar, by path:")
+    for path, n in sorted(carried.items()):
+        print(f"   {n:4d}  {path}")
     print(f"pods by rules/init/uid: {dict(sorted(dimensions.items()))}; with mesh defaults: {with_mesh_defaults}")
     for name, reason in refused.items():
         print(f"   not accelerated: {name}: {reason}")
