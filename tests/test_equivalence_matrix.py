@@ -8,7 +8,8 @@ The seed is printed; MERBRIDGE_MATRIX_SEED=<n> repeats a run (the bed's
 slot may differ, which shifts the pod addresses and the drawn ranges alike).
 MERBRIDGE_MATRIX_PODS_PER_NODE sets the meshed pods per node (default 21:
 42 meshed pods on 2 nodes, plus one plain pod per node).
-MERBRIDGE_MATRIX_VERBOSE=1 prints every probe's hop sequence (iptables mode).
+MERBRIDGE_MATRIX_VERBOSE=1 prints every probe's hop sequence (iptables mode)
+and whether Istio's nat rules took part in the ebpf pass.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def test_hop_sequences_are_equal_in_iptables_and_ebpf_modes():
         print(f"   not accelerated: {name}: {reason}")
     if os.environ.get("MERBRIDGE_MATRIX_VERBOSE"):
         for probe, hops in iptables.items():
-            print(f"   {probe.key()}: {hops.describe()}")
+            print(f"   {probe.key()}: {hops.describe()}; ebpf pass: {_nat_words(ebpf_nat[probe])}")
     print(f"mismatches iptables vs ebpf: {len(mismatches)}; iptables vs iptables again: {len(unstable)}; "
           f"{time.monotonic() - started:.0f} s")
 
