@@ -13,7 +13,8 @@ cgroup: the app's view), and the hop sequence is
             of a known destination), `virtualOutbound` (nothing matched:
             PassthroughCluster or BlackHoleCluster), `virtualInbound`
             (0.0.0.0:15006), its TLS handshakes, `inbound|<port>||` or
-            `InboundPassthroughCluster`;
+            `InboundPassthroughCluster`; each tagged with the sidecar's
+            role: `client`, `server`, or `self` (a pod calling itself);
   peer      who the server's app saw connecting: `inbound-sidecar`
             (127.0.0.6, Envoy's inbound passthrough source), `client`
             (the client pod's own address: no sidecar in between on the
