@@ -1,0 +1,295 @@
+"""Hop sequences: which way one request went through the mesh, observed from
+outside the datapath, so two datapaths (Istio's iptables rules, eBPF) can be
+compared request by request without trusting either one's own account.
+
+For a probe (a client pod, a destination address and port, TCP) one HTTP
+GET /whoami runs from inside the client pod (its network namespace and its
+cgroup: the app's view), and the hop sequence is
+
+  sidecars  which listeners of the client's and the server's Envoy accepted
+            the connection and which of their clusters connected onward,
+            with counts, from Envoy's counters read just before and just
+            after the request: `listener.<ip>_<port>` (an outbound listener
+            of a known destination), `virtualOutbound` (nothing matched:
+            PassthroughCluster or BlackHoleCluster), `virtualInbound`
+            (0.0.0.0:15006), its TLS handshakes, `inbound|<port>||` or
+            `InboundPassthroughCluster`; each tagged with the sidecar's
+            role: `client`, `server`, or `self` (a pod calling itself);
+  peer      who the server's app saw connecting: `inbound-sidecar`
+            (127.0.0.6, Envoy's inbound passthrough source), `client`
+            (the client pod's own address: no sidecar in between on the
+            server side), or the address itself;
+  outcome   `http <status>`, or how it failed: `refused` (at connect),
+            `unreachable`, `timeout`, `closed` (connected, then closed or
+            reset before a response: e.g. a sidecar whose upstream refused).
+
+Requests run one at a time from one long-lived process per client pod
+(`python -m merbridge_py.testbed.probes`, fed one destination per line), so
+the counters of a probe can only move for that probe: the bed carries no
+other traffic between the two reads but Envoy's own health listener, whose
+counters are not read.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import urllib.parse
+from dataclasses import dataclass
+
+PASSTHROUGH_SOURCE = "127.0.0.6"    # Envoy's inbound clusters bind here (ISTIO.inbound_passthrough_ip)
+PROBE_TIMEOUT = 5.0                 # per request; every outcome of the bed is decided well within it
+_VIRTUAL = {"0.0.0.0_15001": "virtualOutbound", "0.0.0.0_15006": "virtualInbound"}
+# Counters that say where a connection went; the health listener (15021)
+# and the admin endpoint are left out: they carry the bed's own checks.
+_STATS_FILTER = (r"^(listener\.[0-9.]+_[0-9]+\.(downstream_cx_total|ssl\.handshake)"
+                 r"|cluster\..+\.upstream_cx_total)$")
+_IGNORED_LISTENERS = ("listener.0.0.0.0_15021.",)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One request to make: from pod `client` to `address`:`port`. `server`
+    is the bed's pod that owns the address (pod IP or Service IP), if any;
+    `kind` says what the destination is, for tables."""
+
+    client: str
+    address: str
+    port: int
+    kind: str
+    server: str | None = None
+
+    def key(self) -> str:
+        return f"{self.client} -> {self.address}:{self.port} ({self.kind})"
+
+
+@dataclass(frozen=True)
+class Hops:
+    """What one request went through (see the module's docstring)."""
+
+    sidecars: tuple[tuple[str, str, int], ...]   # (role, counter, increase), sorted
+    peer: str
+    outcome: str
+    answered_by: str = ""                         # pod:port that answered /whoami
+
+    def describe(self) -> str:
+        hops = ", ".join(f"{role}:{name}+{n}" for role, name, n in self.sidecars) or "no sidecar"
+        answer = f" by {self.answered_by}" if self.answered_by else ""
+        return f"{self.outcome}{answer}, peer {self.peer}; {hops}"
+
+
+# --- inside the client pod --------------------------------------------------------
+
+def classify_error(exc: BaseException) -> str:
+    """How a request failed, in words both datapaths must agree on."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                        http.client.RemoteDisconnected, http.client.IncompleteRead, http.client.BadStatusLine)):
+        return "closed"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "unreachable"
+    return f"error {type(exc).__name__}"
+
+
+def request_once(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> dict:
+    """One GET /whoami on a new connection: {"outcome", "body", "local"}."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    local = None
+    try:
+        conn.connect()
+        local = "%s:%d" % conn.sock.getsockname()
+        conn.request("GET", "/whoami")
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        return {"outcome": f"http {resp.status}", "body": body, "local": local}
+    except (OSError, http.client.HTTPException) as e:
+        return {"outcome": classify_error(e), "body": None, "local": local}
+    finally:
+        conn.close()
+
+
+def serve_probes(stdin=sys.stdin, stdout=sys.stdout) -> None:
+    """Read `host port` lines, answer each with one JSON line."""
+    stdout.write(json.dumps({"ready": True}) + "\n")
+    stdout.flush()
+    for line in stdin:
+        host, port = line.split()
+        stdout.write(json.dumps(request_once(host, int(port))) + "\n")
+        stdout.flush()
+
+
+# --- on the host ------------------------------------------------------------------
+
+class ProbeError(RuntimeError):
+    pass
+
+
+class _ClientProcess:
+    """The long-lived probe process inside one client pod."""
+
+    def __init__(self, tb, pod: str):
+        self.pod = pod
+        self.proc = tb.exec(pod, [sys.executable, "-m", "merbridge_py.testbed.probes"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self._read()   # the ready line
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+            raise ProbeError(f"probe process in pod {self.pod} ended: {err.strip()}")
+        return json.loads(line)
+
+    def request(self, host: str, port: int) -> dict:
+        self.proc.stdin.write(f"{host} {port}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+def _routing_counters(tb, pod) -> dict[str, int]:
+    """The counters of the pod's Envoy that say where connections went."""
+    path = f"/stats?usedonly&filter={urllib.parse.quote(_STATS_FILTER)}"
+    status, text = tb.sidecar(pod).admin(path)
+    if status != 200:
+        raise ProbeError(f"Envoy admin of pod {tb.pod(pod).name}: {path} answered {status}: {text[:200]}")
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.rpartition(": ")
+        if sep and value.isdigit() and not name.startswith(_IGNORED_LISTENERS):
+            values[name] = int(value)
+    return values
+
+
+def _counter_label(name: str) -> str:
+    """`listener.0.0.0.0_15006.downstream_cx_total` -> `virtualInbound`,
+    `listener.0.0.0.0_15006.ssl.handshake` -> `virtualInbound.tls`,
+    `cluster.X.upstream_cx_total` -> `X`."""
+    for suffix, tag in ((".downstream_cx_total", ""), (".ssl.handshake", ".tls")):
+        if name.startswith("listener.") and name.endswith(suffix):
+            address = name[len("listener."):-len(suffix)]
+            return _VIRTUAL.get(address, f"listener {address}") + tag
+    return name[len("cluster."):-len(".upstream_cx_total")]
+
+
+class HopObserver:
+    """Runs probes on a bed and returns their hop sequences. One probe
+    process per client pod, kept until close(); Envoy counters are read
+    through its admin socket. Use as a context manager."""
+
+    def __init__(self, tb, count_nat: bool = False):
+        if tb.proxy != "envoy":
+            raise ValueError("hop sequences are read from Envoy's counters: the bed needs proxy='envoy'")
+        self.tb = tb
+        # With count_nat, also how many connections of each probe Istio's
+        # REDIRECT rules took (client and server pod): not part of the hop
+        # sequence, since the two datapaths differ there by design, but the
+        # witness of which one carried a probe.
+        self.count_nat = count_nat
+        self.nat_redirects: dict[Probe, dict[str, int]] = {}    # probe -> {role: connections}
+        self._clients: dict[str, _ClientProcess] = {}
+
+    def __enter__(self) -> "HopObserver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients = {}
+
+    def _client(self, pod: str) -> _ClientProcess:
+        if pod not in self._clients:
+            self._clients[pod] = _ClientProcess(self.tb, pod)
+        return self._clients[pod]
+
+    def observe(self, probe: Probe) -> Hops:
+        tb = self.tb
+        roles: dict[str, str] = {}      # meshed pod -> its role in this probe
+        if tb.pod(probe.client).meshed:
+            roles[probe.client] = "client"
+        if probe.server and tb.pod(probe.server).meshed:
+            roles[probe.server] = "self" if probe.server == probe.client else "server"
+        client = self._client(probe.client)
+        before = {pod: _routing_counters(tb, pod) for pod in roles}
+        nat_before = self._nat(roles)
+        result = client.request(probe.address, probe.port)
+        after = {pod: _routing_counters(tb, pod) for pod in roles}
+        if self.count_nat:
+            nat_after = self._nat(roles)
+            self.nat_redirects[probe] = {role: nat_after[pod] - nat_before[pod] for pod, role in roles.items()}
+        moved = []
+        for pod, role in roles.items():
+            for name, value in after[pod].items():
+                delta = value - before[pod].get(name, 0)
+                if delta:
+                    moved.append((role, _counter_label(name), delta))
+        return Hops(sidecars=tuple(sorted(moved)), peer=self._peer(probe, result), outcome=result["outcome"],
+                    answered_by=self._answer(result))
+
+    def _nat(self, pods) -> dict[str, int]:
+        if not self.count_nat:
+            return {}
+        return {pod: sum(self.tb.nat_counters(pod).values()) for pod in pods}
+
+    def _peer(self, probe: Probe, result: dict) -> str:
+        body = result.get("body")
+        if not isinstance(body, dict) or "peer" not in body:
+            return "-"
+        ip = body["peer"].rpartition(":")[0]
+        if ip == PASSTHROUGH_SOURCE:
+            return "inbound-sidecar"
+        if ip == self.tb.pod(probe.client).ip:
+            return "client"
+        return ip
+
+    @staticmethod
+    def _answer(result: dict) -> str:
+        body = result.get("body")
+        if isinstance(body, dict) and "pod" in body:
+            return f"{body['pod']}:{body.get('port')}"
+        return ""
+
+    def run(self, probes: list[Probe]) -> dict[Probe, Hops]:
+        return {probe: self.observe(probe) for probe in probes}
+
+
+def differences(first: dict[Probe, Hops], second: dict[Probe, Hops]) -> list[tuple[Probe, Hops, Hops]]:
+    """Probes whose hop sequences differ (same probe set on both sides)."""
+    if set(first) != set(second):
+        raise ValueError("the two runs did not make the same probes")
+    return [(p, first[p], second[p]) for p in first if first[p] != second[p]]
+
+
+def difference_table(diffs: list[tuple[Probe, Hops, Hops]], left: str, right: str) -> str:
+    lines = []
+    for probe, a, b in diffs:
+        lines += [probe.key(), f"    {left:>9}: {a.describe()}", f"    {right:>9}: {b.describe()}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    serve_probes()
