@@ -108,7 +108,7 @@ def test_v4_mapped_client_is_redirected_answered_and_spliced(node):
 
 
 def test_native_ipv6_is_redirected_answered_and_spliced(node):
-    """a -> [b's IPv6]:8080: redirected to [::1]:15001, a's proxy is told b's
+    """a -> [b's IPv6]:8080: redirected to [a's own IPv6]:15001, a's proxy is told b's
     IPv6 address by getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST), its upstream
     goes to b's inbound listener, which connects from ::6."""
     a, b = node.pods["a"], node.pods["b"]
