@@ -60,8 +60,20 @@ static __always_inline int bind_to_pod(struct bpf_sock_addr *ctx, struct pod_pol
     return bpf_bind(ctx, (struct sockaddr *)&src6, sizeof(src6));
 }
 
-/* The decision shared by both hooks; `dst` is v4-mapped for IPv4. */
-static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struct addr *dst, __u16 dst_port)
+/* The decision shared by both hooks; `dst` is v4-mapped for IPv4. For
+ * CONNECT_TO_OUTBOUND, `to` is where the outbound listener is reached:
+ * MESH_REDIRECT_IP (v4-mapped for an AF_INET6 socket) for IPv4, and the pod's
+ * own IPv6 address for IPv6. Not [::1], where ip6tables' REDIRECT sends
+ * them: a connection's conntrack entry outlives it (TIME_WAIT), and an
+ * eBPF-mode connection whose tuple is the inverse of an iptables-mode
+ * entry's reply tuple ([::1]:15001 -> pod:port) gets its source port
+ * silently remapped, so the proxy's SO_ORIGINAL_DST lookup misses (the
+ * 127.0.0.2 of IPv4, mesh.py). An IPv6 namespace has no second loopback
+ * address; no iptables-mode entry ever names the pod's own address and the
+ * outbound port, and Istio's `-o lo -m owner ! --uid-owner` RETURN leaves
+ * the connection alone. The proxy's [::]:15001 listener accepts it. */
+static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struct addr *dst, __u16 dst_port,
+                                          struct addr *to)
 {
     if (ctx->protocol != IPPROTO_TCP)
         return CONNECT_LEFT;
@@ -91,6 +103,10 @@ static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struc
         }
         if (remember_original_dst(ctx, dst, dst_port, 0) != 0)
             return CONNECT_LEFT;   /* we could not answer SO_ORIGINAL_DST: let iptables do it */
+        if (v4)
+            addr_set_v4(to, bpf_htonl(MESH_REDIRECT_IP_HOST));
+        else
+            *to = self->pod_ip6;
         count(CNT_REDIRECT_OUTBOUND, 1);
         return CONNECT_TO_OUTBOUND;
     }
@@ -121,11 +137,11 @@ static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struc
 
 int sock4_connect(struct bpf_sock_addr *ctx)
 {
-    struct addr dst = {};
+    struct addr dst = {}, to = {};
     addr_set_v4(&dst, ctx->user_ip4);
-    int action = connect_common(ctx, &dst, bpf_ntohs((__u16)ctx->user_port));
+    int action = connect_common(ctx, &dst, bpf_ntohs((__u16)ctx->user_port), &to);
     if (action == CONNECT_TO_OUTBOUND) {
-        ctx->user_ip4 = bpf_htonl(MESH_REDIRECT_IP_HOST);
+        ctx->user_ip4 = to.w[3];
         ctx->user_port = bpf_htons(MESH_OUTBOUND_PORT);
     } else if (action == CONNECT_TO_INBOUND_PORT) {
         ctx->user_port = bpf_htons(MESH_INBOUND_PORT);
@@ -135,19 +151,13 @@ int sock4_connect(struct bpf_sock_addr *ctx)
 
 int sock6_connect(struct bpf_sock_addr *ctx)
 {
-    struct addr dst = {};
+    struct addr dst = {}, to = {};
     dst.w[0] = ctx->user_ip6[0];
     dst.w[1] = ctx->user_ip6[1];
     dst.w[2] = ctx->user_ip6[2];
     dst.w[3] = ctx->user_ip6[3];
-    int action = connect_common(ctx, &dst, bpf_ntohs((__u16)ctx->user_port));
+    int action = connect_common(ctx, &dst, bpf_ntohs((__u16)ctx->user_port), &to);
     if (action == CONNECT_TO_OUTBOUND) {
-        /* IPv4 destinations to the IPv4 listener address (v4-mapped), IPv6 ones to [::1] */
-        struct addr to = {};
-        if (addr_is_v4(&dst))
-            addr_set_v4(&to, bpf_htonl(MESH_REDIRECT_IP_HOST));
-        else
-            addr_set_host(&to, MESH_REDIRECT_IP6_HOST);
         ctx->user_ip6[0] = to.w[0];
         ctx->user_ip6[1] = to.w[1];
         ctx->user_ip6[2] = to.w[2];

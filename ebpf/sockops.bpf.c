@@ -27,6 +27,14 @@ static __always_inline struct sock_tuple own_tuple(struct bpf_sock_ops *skops)
     return t;
 }
 
+/* A redirected connection's client end: the app's (to its proxy's outbound
+ * listener on loopback, or on its own pod address for IPv6: connect.bpf.c)
+ * or a proxy's (to another pod). */
+static __always_inline __u16 leg_of(const struct sock_tuple *t)
+{
+    return is_loopback(&t->remote_ip) || addr_eq(&t->remote_ip, &t->local_ip) ? LEG_APP : LEG_PROXY;
+}
+
 static __always_inline int should_splice(__u64 netns, const struct addr *dst_ip, __u16 dst_port, __u16 leg)
 {
     struct datapath_config *cfg = datapath_config();
@@ -109,7 +117,7 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
     if (dst) {
         struct original_dst copy = *dst;
         connect_original_dst.delete(&cookie);
-        __u16 leg = is_loopback(&t.remote_ip) ? LEG_APP : LEG_PROXY;
+        __u16 leg = leg_of(&t);
         if (copy.flags & ODST_VIA_INBOUND_REDIRECT)
             t.remote_port = MESH_INBOUND_PORT;
         copy.established_ns = bpf_ktime_get_ns();
@@ -183,7 +191,7 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
         }
         return;
     }
-    __u16 leg = is_loopback(&t.remote_ip) ? LEG_APP : LEG_PROXY;
+    __u16 leg = leg_of(&t);
     struct original_dst *dst = original_dst.lookup(&t);
     if (!dst) {
         t.remote_port = MESH_INBOUND_PORT;   /* a proxy-to-pod leg's record */

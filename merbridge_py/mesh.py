@@ -21,8 +21,7 @@ class MeshProfile:
     status_port: int              # default readiness port, exempt from inbound capture
     inbound_tunnel_port: int      # mTLS tunnel (HBONE) port, never captured inbound
     always_exempt_inbound_ports: tuple[int, ...]  # ports the mesh never captures inbound
-    inbound_passthrough_ip6: str = "::6"   # the same two for IPv6 (Istio adds ::6 to lo for this)
-    outbound_redirect_ip6: str = "::1"
+    inbound_passthrough_ip6: str = "::6"   # the same for IPv6 (Istio adds ::6 to lo for this)
 
     def cflags(self) -> list[str]:
         """-D defines that hand this profile to the eBPF programs."""
@@ -35,7 +34,6 @@ class MeshProfile:
             f"-DMESH_PASSTHROUGH_IP_HOST={passthrough}U",
             f"-DMESH_REDIRECT_IP_HOST={redirect}U",
             f"-DMESH_PASSTHROUGH_IP6_HOST={_host_words(self.inbound_passthrough_ip6)}",
-            f"-DMESH_REDIRECT_IP6_HOST={_host_words(self.outbound_redirect_ip6)}",
         ]
 
 
@@ -59,11 +57,9 @@ def _host_words(ip6: str) -> str:
 # `-o lo -m owner ! --uid-owner 1337 -j RETURN` leaves the connection alone.
 # The proxy's listener binds 0.0.0.0:15001 (as Envoy's does), so it accepts it;
 # an app's AF_INET6 socket to a v4-mapped address goes to ::ffff:127.0.0.2.
-#
-# Native IPv6 connections go to [::1]:15001, where ip6tables' REDIRECT sends
-# them: ::1 is the only loopback address an IPv6 namespace has. That keeps
-# the hazard above for IPv6 after a switch from iptables mode, until the
-# iptables-mode entries expire.
+# Native IPv6 connections go to [the pod's own IPv6 address]:15001, for the
+# same reason (an IPv6 namespace has only one loopback address, ::1, where
+# ip6tables' REDIRECT sends them): see ebpf/connect.bpf.c.
 ISTIO = MeshProfile(
     name="istio",
     proxy_container="istio-proxy",

@@ -4,7 +4,8 @@ iptables or ip6tables rules (so every redirect seen here is ours).
 Pods a, b, e, f are meshed and dual stack (an IPv4 and an IPv6 address, both
 in the pod object's status.podIPs; ::6 on lo, as istio-iptables adds it),
 with test sidecars listening on 0.0.0.0 and [::] as Istio's dual-stack Envoy
-does. Pod g is meshed with an IPv6 address in its namespace but the API shows
+does. Pod m's sidecar dials IPv4 upstreams through AF_INET6 sockets (v4-mapped).
+Pod g is meshed with an IPv6 address in its namespace but the API shows
 it IPv4-only (Istio installs no ip6tables rules for it). Pod h captures only
 its IPv4 subnet (includeOutboundIPRanges), so no IPv6 destination. Pod a
 excludes outbound port 9090, e's IPv4 address and f's IPv6 address.
@@ -36,7 +37,7 @@ def node(tmp_path_factory):
     try:
         enable_ipv6(n.node_ns)
         sandbox.sh("ip", "-6", "addr", "add", f"{prefix}:1/64", "dev", "br0", "nodad", netns=n.node_ns)
-        for i, name in enumerate("abefgh"):
+        for i, name in enumerate("abefghm"):
             pod = n.add_pod(name, meshed=True)
             pod.ip6 = str(ipaddress.ip_address(f"{prefix}:{10 + i:x}"))   # canonical, as sockets print it
             enable_ipv6(pod.netns)
@@ -47,6 +48,7 @@ def node(tmp_path_factory):
                          T + "excludeOutboundIPRanges": f"{e.ip}/32,{f.ip6}/128"}
         g.ip6_in_manifest = False
         h.annotations = {T + "includeOutboundIPRanges": f"{n.subnet}.0/24"}
+        n.pods["m"].sidecar_args = ["--mapped-upstreams"]
         for pod in n.pods.values():
             n.start_app(pod)
             n.start_sidecar(pod)
@@ -83,7 +85,7 @@ def segments_for(node, src, host, messages=300):
 
 def test_status_per_family(node):
     status = {p["pod"]: p for p in json.loads(node.agent_get("/status"))["pods"]}
-    assert all(status[f"default/{k}"]["accelerated"] for k in "abefgh"), status
+    assert all(status[f"default/{k}"]["accelerated"] for k in "abefghm"), status
     assert "IPv4 and IPv6" in status["default/a"]["reason"]
     assert "IPv4 and IPv6" not in status["default/g"]["reason"]
 
@@ -106,7 +108,7 @@ def test_v4_mapped_client_is_redirected_answered_and_spliced(node):
 
 
 def test_native_ipv6_is_redirected_answered_and_spliced(node):
-    """a -> [b's IPv6]:8080: redirected to [::1]:15001, a's proxy is told b's
+    """a -> [b's IPv6]:8080: redirected to [a's own IPv6]:15001, a's proxy is told b's
     IPv6 address by getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST), its upstream
     goes to b's inbound listener, which connects from ::6."""
     a, b = node.pods["a"], node.pods["b"]
@@ -207,3 +209,19 @@ def test_mode_switch_takes_both_connect_hooks_off_and_back(node):
         toggle("ebpf")
     assert ask(node, "a", b.ip6)[1].startswith("::6:")
     assert ask(node, "a", f"::ffff:{b.ip}")[1].startswith("127.0.0.6:")
+
+
+def test_a_proxy_dialling_a_same_node_pod_v4_mapped(node):
+    """m's proxy reaches b through an AF_INET6 socket to ::ffff:<b's IPv4>:
+    connect6 takes the proxy-side path (this node has no rules, so the hook
+    itself moves it to b's inbound listener), b's proxy is answered b's
+    IPv4 address on its AF_INET socket, and the leg is spliced."""
+    b, m = node.pods["b"], node.pods["m"]
+    before = len(records(node, "b", 15006))
+    name, peer = ask(node, "m", b.ip)
+    assert name == "b" and peer.startswith("127.0.0.6:"), (name, peer)
+    new = records(node, "b", 15006)[before:]
+    assert len(new) == 1 and new[0].startswith(f"15006 {b.ip}:8080 {m.ip}:"), new
+    out, segs = segments_for(node, "m", b.ip)
+    assert out.count("127.0.0.6:") == 300
+    assert segs < 40, segs

@@ -100,3 +100,65 @@ def test_same_node_keepalive_is_spliced(bed, family):
     spliced = bed.agent_metrics(bed.pod("a").node).get("merbridge_spliced_messages_total", 0) - spliced_before
     assert spliced >= 400, spliced      # each request and each response at least once
     assert segs < 60, segs
+
+
+TOGGLES = 4
+WINDOW = 4.0
+
+
+def toggle_every_node(tb: Testbed, mode: str) -> None:
+    import subprocess
+    import sys
+    for node in tb.agents:
+        done = subprocess.run([sys.executable, "-m", "merbridge_py.cli", "toggle", mode, "--node",
+                               "--admin-socket", str(tb.admin_socket(node))], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, f"toggle {mode} on {node}: {done.stderr}"
+
+
+@pytest.mark.slow
+def test_toggles_under_mixed_family_load_lose_no_request():
+    """Issue 14's acceptance, short form: native IPv6 and v4-mapped clients
+    (keep-alive held across every switch, and a new connection per request),
+    same node and cross node, while both nodes switch ebpf <-> iptables four
+    times without flushing conntrack; no request may fail, and in each
+    window the client pod's ISTIO_REDIRECT counters of both families move
+    only in iptables mode."""
+    import time
+
+    from merbridge_py.testbed.load import LoadProcess
+    name = f"dp6t{os.getpid()}{uuid.uuid4().hex[:4]}"
+    with Testbed.up(name, nodes=2, pods=SPECS, mode="ebpf", mtls="strict", ip_families=DUAL) as tb:
+        b, d = tb.pod("b"), tb.pod("d")
+        budget = 5 + TOGGLES * (WINDOW + 30)
+        loads = [LoadProcess(tb, "a", {"b": f"[{b.ip6}]:8080", "d": f"[{d.ip6}]:8080"}, duration=budget,
+                             keepalive=2, newconn=1),
+                 LoadProcess(tb, "a", {"b": f"{b.ip}:8080", "d": f"{d.ip}:8080"}, duration=budget,
+                             keepalive=2, newconn=1, family="inet6")]
+        windows = []
+        try:
+            for load in loads:
+                load.wait_ready()
+            for k in range(TOGGLES + 1):
+                mode = "ebpf" if k % 2 == 0 else "iptables"
+                if k:
+                    toggle_every_node(tb, mode)
+                    time.sleep(0.3)
+                before = {f: tb.nat_counters("a", f)["ISTIO_REDIRECT"] for f in DUAL}
+                time.sleep(WINDOW)
+                windows.append((mode, {f: tb.nat_counters("a", f)["ISTIO_REDIRECT"] - before[f] for f in DUAL}))
+        finally:
+            for load in loads:
+                load.stop()
+        results = [load.result() for load in loads]
+    failures = [(family, f) for family, r in zip(("ipv6", "v4-mapped"), results) for f in r["failures"]]
+    print(f"\n{sum(r['requests'] for r in results)} requests, {len(failures)} failed; windows {windows}")
+    assert not failures, "\n".join(f"{family} {f['worker']} {f['kind']} {f['error']} from {f['local']}"
+                                    for family, f in failures[:20])
+    assert all(r["requests"] > 0 for r in results)
+    assert [c for r in results for c in r["keepalive_connections"] if c["broken"]] == []
+    for mode, moved in windows:
+        if mode == "ebpf":
+            assert moved == {"ipv4": 0, "ipv6": 0}, (mode, moved)
+        else:
+            assert moved["ipv4"] > 0 and moved["ipv6"] > 0, (mode, moved)

@@ -44,9 +44,10 @@ class Side:
 
 
 class Proxy:
-    def __init__(self, log):
+    def __init__(self, log, mapped_upstreams: bool = False):
         self.sel = selectors.DefaultSelector()
         self.log = log
+        self.mapped_upstreams = mapped_upstreams
 
     def listen(self, port: int, inbound: bool, family: int = socket.AF_INET) -> None:
         ls = socket.socket(family)
@@ -68,11 +69,16 @@ class Proxy:
             return
         print(f"{port} {ip}:{dport} {peer[0]}:{peer[1]}", file=self.log, flush=True)
         ipv6 = ":" in ip and not ip.startswith("::ffff:")
-        up = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
-        if ip.startswith("::ffff:"):
-            ip = ip.removeprefix("::ffff:")
-        if inbound:
-            up.bind(("::6" if ipv6 else "127.0.0.6", 0))
+        ip = ip.removeprefix("::ffff:")
+        if self.mapped_upstreams and not ipv6:   # an IPv4 upstream through an AF_INET6 socket, as a JVM dials
+            up = socket.socket(socket.AF_INET6)
+            ip = f"::ffff:{ip}"
+            if inbound:
+                up.bind(("::ffff:127.0.0.6", 0))
+        else:
+            up = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
+            if inbound:
+                up.bind(("::6" if ipv6 else "127.0.0.6", 0))
         up.setblocking(False)
         try:
             up.connect((ip, dport))
@@ -150,8 +156,10 @@ def main() -> None:
     ap.add_argument("--outbound", type=int, default=15001)
     ap.add_argument("--inbound", type=int, default=15006)
     ap.add_argument("--ipv6", action="store_true", help="also listen on [::] (inbound upstreams from ::6)")
+    ap.add_argument("--mapped-upstreams", action="store_true",
+                    help="dial IPv4 upstreams with AF_INET6 sockets to ::ffff:a.b.c.d")
     args = ap.parse_args()
-    proxy = Proxy(sys.stderr)
+    proxy = Proxy(sys.stderr, args.mapped_upstreams)
     proxy.listen(args.outbound, False)
     proxy.listen(args.inbound, True)
     if args.ipv6:

@@ -32,6 +32,7 @@ class Pod:
     proxy_uid: int = 1337     # the sidecar runs as this uid and gid; the manifest says so when not 1337
     ip6: str | None = None    # an IPv6 address in its namespace (tests/test_datapath_ipv6.py adds it)
     ip6_in_manifest: bool = True   # False: the API shows an IPv4-only pod, whatever its namespace holds
+    sidecar_args: list = field(default_factory=list)   # extra forwarding_sidecar.py flags
 
     def manifest(self, node: str) -> dict:
         containers = [{"name": "app", "image": "app"}]
@@ -103,7 +104,8 @@ class SimNode:
     def start_sidecar(self, pod: Pod) -> None:
         pod.sidecar_log = self.tmp / f"sidecar-{pod.name}.log"
         with open(pod.sidecar_log, "a") as log:  # opened here: the sidecar (uid 1337) cannot reach pytest's tmp
-            self._start([PY, str(HERE / "forwarding_sidecar.py")] + (["--ipv6"] if pod.ip6 else []), pod,
+            self._start([PY, str(HERE / "forwarding_sidecar.py")] + (["--ipv6"] if pod.ip6 else []) + pod.sidecar_args,
+                        pod,
                         uid=pod.proxy_uid, stderr=log)
 
     def sidecar_records(self, pod: Pod) -> list[str]:
