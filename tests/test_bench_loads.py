@@ -162,3 +162,57 @@ def test_the_fixedrate_script_paces_and_reports_what_the_parser_reads():
     assert "late=%d" in text and 'wrk.method = "POST"' in text
     # the pacing must not leak into the other wrk loads: their script has no delay()
     assert "delay" not in loads.WRK_REPORT_LUA
+
+
+# --- socket families -------------------------------------------------------------------
+
+def test_targets_per_family():
+    assert loads.target("inet", "10.0.0.2", "fd10::2") == loads.Target("10.0.0.2", None)
+    six = loads.target("inet6", "10.0.0.2", "fd10::2")
+    assert (six.address, six.url_host, six.host_header) == ("fd10::2", "[fd10::2]", "[fd10::2]:8080")
+    mapped = loads.target("mapped", "10.0.0.2", "")
+    # the socket reaches ::ffff:10.0.0.2; the Host header names the IPv4 address, as a JVM client's
+    assert (mapped.address, mapped.url_host, mapped.host_header) == ("::ffff:10.0.0.2", "[::ffff:10.0.0.2]",
+                                                                     "10.0.0.2:8080")
+    with pytest.raises(ValueError, match="IPv6 address"):
+        loads.target("inet6", "10.0.0.2", "")
+    with pytest.raises(ValueError, match="one of inet, inet6, mapped"):
+        loads.target("ipv6", "10.0.0.2", "fd10::2")
+
+
+@pytest.mark.parametrize("family, url, host", [
+    ("inet", "http://10.0.0.2:8080/", None),
+    ("inet6", "http://[fd10::2]:8080/", "Host: [fd10::2]:8080"),
+    ("mapped", "http://[::ffff:10.0.0.2]:8080/", "Host: 10.0.0.2:8080"),
+])
+def test_wrk_argv_per_family(family, url, host):
+    to = loads.target(family, "10.0.0.2", "fd10::2")
+    for argv in (loads.wrk_argv(to, 16, 3, "/tmp/r.lua", new_connection=False),
+                 loads.wrk_fixedrate_argv(to, 16, 3, "/tmp/f.lua")[:-3]):
+        assert argv[-1] == url
+        headers = [argv[i + 1] for i, a in enumerate(argv) if a == "-H"]
+        assert headers == ([host] if host else [])
+    # inet: exactly the command line the bench always ran
+    if family == "inet":
+        assert loads.wrk_argv(to, 1, 2, "/r", new_connection=True) == \
+            loads.wrk_argv("10.0.0.2", 1, 2, "/r", new_connection=True)
+
+
+def test_client_and_server_argv_per_family():
+    from merbridge_py.bench.bed import BenchPod
+    from merbridge_py.bench.measure import _client, _server
+
+    scripts = loads.WrkScripts(report="/r.lua", fixedrate="/f.lua")
+    server = BenchPod("b", "node0", "10.0.0.2", "ns", True, ip6="fd10::2")
+    for family in loads.FAMILIES:
+        to = loads.target(family, server.ip, server.ip6)
+        assert _client("keepalive", to, 1, 2, scripts)[-1].startswith(f"http://{to.url_host}:")
+        assert _client("fixedrate", to, 16, 2, scripts)[-4] == f"http://{to.url_host}:8080/"
+        assert _client("bulk", to, 1, 2, scripts)[2] == to.address
+    # iperf3's server: the IPv6 address for inet6; a v4-mapped client reaches the IPv4 listener
+    assert _server("bulk", server, "inet6")[0][4] == "fd10::2"
+    assert _server("bulk", server, "mapped")[0][4] == "10.0.0.2"
+    assert _client("tcp_rr", loads.target("inet", server.ip), 1, 2, scripts)[4] == "10.0.0.2"
+    assert loads.check_family("inet", ["tcp_rr"]) is None
+    with pytest.raises(ValueError, match="sockperf"):
+        loads.check_family("mapped", ["keepalive", "tcp_rr"])

@@ -231,3 +231,42 @@ def test_plots_are_pngs(doc, tmp_path):
     for name in written:
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_carried_by_tells_an_ebpf_run_from_an_iptables_one():
+    """The client's ISTIO_REDIRECT packets and the eBPF redirects per case and
+    mode: an ebpf run with ISTIO_REDIRECT hits (or no eBPF redirect) is flagged."""
+    redirect = 'merbridge_redirects_total{direction="outbound"}'
+    rows = []
+    for r in range(3):
+        ipt = row(r, "iptables", "same-node", "keepalive", 16, 100.0, 200.0, 1000.0)
+        ipt["nat_redirects"] = {"ipv4": 0, "ipv6": 16}
+        ebpf = row(r, "ebpf", "same-node", "keepalive", 16, 80.0, 150.0, 1200.0,
+                   datapath={"client and server node": {redirect: 17.0, "merbridge_spliced_messages_total": 9e3}})
+        ebpf["nat_redirects"] = {"ipv4": 0, "ipv6": 0}
+        rows += [ipt, ebpf]
+    carried = results.carried_by(rows)
+    assert [(c["mode"], c["istio_redirect_packets"], c["ebpf_redirects"], c.get("carried_by_ebpf"))
+            for c in carried] == [("iptables", {"ipv4": 0, "ipv6": 48}, None, None),
+                                  ("ebpf", {"ipv4": 0, "ipv6": 0}, 51.0, True)]
+    doc = results.build(MACHINE, {**CONFIG, "family": "inet6", "family_how": "AF_INET6 sockets"}, rows)
+    schema.validate(doc)
+    md = report.markdown(doc)
+    assert "- Client sockets: inet6: AF_INET6 sockets" in md
+    assert "| same-node | keepalive | 16 | ebpf | ipv4 0, ipv6 0 | 51 | yes |" in md
+    assert not any("not carried by eBPF" in w for w in report.warnings(doc))
+
+    # one ebpf round where iptables redirected a connection: the case is not eBPF's
+    rows[3]["nat_redirects"] = {"ipv4": 0, "ipv6": 1}
+    doc = results.build(MACHINE, CONFIG, rows)
+    assert doc["carried_by"][1]["carried_by_ebpf"] is False
+    assert any("keepalive c=16 ebpf: not carried by eBPF alone" in w for w in report.warnings(doc))
+    # and one with no eBPF redirect at all
+    rows[3]["nat_redirects"] = {"ipv4": 0, "ipv6": 0}
+    rows[5]["datapath"] = {"client and server node": {"merbridge_spliced_messages_total": 9e3}}
+    assert results.carried_by(rows)[1]["carried_by_ebpf"] is False
+    # rows without nat counters (results made before) give no table
+    assert results.carried_by([row(0, "ebpf", "same-node", "keepalive", 1, 1.0, 2.0, 3.0)]) == []
+    bad = copy.deepcopy(results.build(MACHINE, {**CONFIG, "family": "ipv6"}, rows))
+    with pytest.raises(schema.InvalidResults, match="family"):
+        schema.validate(bad)

@@ -31,10 +31,12 @@ class FakeBed:
         self.events.append(("settle",))
 
 
-def fake_measure(calls, fail=lambda load, mode: False):
-    def measure(bed, pair, load, connections, duration_s, script):
+def fake_measure(calls, fail=lambda load, mode: False, families=None):
+    def measure(bed, pair, load, connections, duration_s, script, family="inet"):
         mode = next(e[1] for e in reversed(bed.events) if e[0] == "mode")
         calls.append((mode, pair.server.name, load, connections, duration_s))
+        if families is not None:
+            families.append(family)
         assert open(script.report).read() == loads.WRK_REPORT_LUA
         assert open(script.fixedrate).read() == loads.WRK_FIXEDRATE_LUA
         if fail(load, mode):
@@ -68,7 +70,7 @@ def test_modes_interleave_round_by_round_and_every_block_starts_clean():
     assert [(r["round"], r["mode"]) for r in outcome.rows[:4]] == [(0, "nomesh")] * 3 + [(0, "iptables")]
     assert len(seen) == len(runner.plan(PROFILE))
     assert outcome.pods["cross-node"] == {"client": "n0p0", "client_ip": "10.244.0.10", "server": "n1p0",
-                                          "server_ip": "10.244.1.10"}
+                                          "server_ip": "10.244.1.10", "family": "inet", "target": "10.244.1.10"}
 
 
 def test_rows_carry_the_measurement():
@@ -215,3 +217,87 @@ def test_datapath_counters_are_the_increase_per_node_role():
     assert counter_increase(before, after, cross) == {
         "client node": {"merbridge_spliced_messages_total": 400.0, skipped: 4.0},
         "server node": {"merbridge_splice_misses_total": 2.0}}
+
+
+# --- socket families (--family) ------------------------------------------------------
+
+DUAL_PODS = [BenchPod(p.name, p.node, p.ip, p.netns, p.meshed, ip6=f"fd10:{p.node[-1]}::{p.ip.split('.')[-1]}")
+             for p in PODS]
+
+
+class DualStackBed(FakeBed):
+    def __init__(self):
+        super().__init__()
+        self.pods = DUAL_PODS
+
+
+@pytest.mark.parametrize("family, target", [("inet", "10.244.0.11"), ("inet6", "fd10:0::11"),
+                                            ("mapped", "::ffff:10.244.0.11")])
+def test_every_run_and_warmup_uses_the_profile_family(family, target):
+    import dataclasses
+    profile = dataclasses.replace(PROFILE, family=family)
+    families = []
+    outcome = runner.run(DualStackBed(), profile, measure_fn=fake_measure([], families=families))
+    # a warm-up per path and mode block, and every run, all with the family
+    assert families == [family] * len(families) and len(families) == 2 * 3 * (2 + 3)
+    assert {r["family"] for r in outcome.rows} == {family}
+    assert outcome.pods["same-node"]["family"] == family
+    assert outcome.pods["same-node"]["target"] == target
+
+
+def test_inet6_on_an_ipv4_only_bed_fails_before_any_load():
+    import dataclasses
+    calls = []
+    with pytest.raises(ValueError, match="needs a server pod with an IPv6 address"):
+        runner.run(FakeBed(), dataclasses.replace(PROFILE, family="inet6"), measure_fn=fake_measure(calls))
+    assert calls == []
+
+
+def test_a_family_a_tool_cannot_do_is_refused():
+    # sockperf 3.7 parses IPv4 literals only: tcp_rr over AF_INET6 would not be what it says
+    for family in ("inet6", "mapped"):
+        with pytest.raises(ValueError, match="sockperf 3.7"):
+            runner.Profile(1, 1, 0, ("ebpf",), (runner.Case("same-node", "tcp_rr", 1),), family=family)
+        with pytest.raises(ValueError, match="tcp_rr"):
+            _profile(False, None, None, None, None, (), None, family)     # the full profile has tcp_rr
+        p = _profile(False, 1, 1, 0, None, ("keepalive:1,16 newconn fixedrate bulk",), ["same-node"], family)
+        assert p.family == family
+    with pytest.raises(ValueError, match="family 'ipx'"):
+        runner.Profile(1, 1, 0, ("ebpf",), (runner.Case("same-node", "keepalive", 1),), family="ipx")
+    assert runner.Profile(1, 1, 0, ("ebpf",), (runner.Case("same-node", "tcp_rr", 1),)).family == "inet"
+
+
+def test_the_cli_refuses_a_family_with_a_clear_error(monkeypatch):
+    from click.testing import CliRunner
+
+    from merbridge_py.bench.cli import bench
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    result = CliRunner().invoke(bench, ["--family", "mapped", "--loads", "keepalive:1 tcp_rr"])
+    assert result.exit_code == 2 and "--family mapped cannot run tcp_rr: sockperf 3.7" in result.output
+    result = CliRunner().invoke(bench, ["--family", "inet6", "--proxy", "haproxy", "--loads", "keepalive"])
+    assert result.exit_code == 2 and "needs --proxy envoy" in result.output
+    result = CliRunner().invoke(bench, ["--family", "ipv6"])
+    assert result.exit_code == 2 and "'inet', 'inet6', 'mapped'" in result.output
+
+
+def test_the_recorded_command_reproduces_the_family():
+    import shlex
+
+    from merbridge_py.bench.cli import _split, bench, ip_families, reproduce_command
+
+    for family in ("inet", "inet6", "mapped"):
+        for quick, base in ((True, runner.quick_profile()),
+                            (False, _profile(False, 3, 5, 1, ["iptables", "ebpf"], ("keepalive:1,16",),
+                                             ["same-node"]))):
+            profile = _profile(quick, base.rounds, base.duration_s, base.warmup_s, list(base.modes),
+                               ("keepalive:1,16",) if not quick else (), ["same-node"] if not quick else None,
+                               family)
+            command = reproduce_command(profile, quick, "http", "envoy", "permissive", 2)
+            # the default family leaves the command as it always was
+            assert ("--family" in command) == (family != "inet")
+            p = bench.make_context("bench", shlex.split(command)[2:]).params
+            again = _profile(p["quick"], p["rounds"], p["duration"], p["warmup"], _split(p["modes"]),
+                             p["load_specs"], _split(p["paths"]), p["family"])
+            assert again == profile and again.family == family
+    assert ip_families("inet") == ("ipv4",)
+    assert ip_families("inet6") == ip_families("mapped") == ("ipv4", "ipv6")

@@ -80,3 +80,46 @@ def test_tiny_bench_on_the_test_bed(tmp_path):
     # the bench brought its own test bed up and took it down again
     assert not [ns for ns in sandbox.netns_list() if ns.startswith(f"{sandbox.OWNED_PREFIX}{name}-")]
     assert not (sandbox.cgroup2_root() / f"{sandbox.OWNED_PREFIX}{name}").exists()
+
+
+@pytest.mark.parametrize("family, rules", [("inet6", "ipv6"), ("mapped", "ipv4")])
+def test_tiny_bench_over_af_inet6_sockets_is_carried_by_ebpf(tmp_path, family, rules):
+    """Issue 14: the bench's clients on AF_INET6 sockets (native IPv6, or
+    v4-mapped as the JVM connects) on a dual-stack bed. In iptables mode the
+    client pod's ISTIO_REDIRECT of the family on the wire (`rules`: a
+    v4-mapped connection is IPv4 on the wire) counts the client's connections;
+    in ebpf mode it stays flat while the datapath redirects and splices."""
+    name = f"bt6{os.getpid()}{uuid.uuid4().hex[:4]}"
+    out = tmp_path / "results"
+    result = CliRunner().invoke(bench, [
+        "--rounds", "1", "--duration", "1", "--warmup", "0", "--modes", "iptables,ebpf",
+        "--loads", "keepalive:2 bulk", "--paths", "same-node", "--family", family, "--no-plots",
+        "--name", name, "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    doc = json.loads((out / "results.json").read_text())
+    schema.validate(doc)
+    cfg = doc["config"]
+    assert (cfg["family"], cfg["ip_families"]) == (family, ["ipv4", "ipv6"])
+    assert f"--family {family}" in cfg["command"]
+    target = cfg["pods"]["same-node"]["target"]
+    server_ip = cfg["pods"]["same-node"]["server_ip"]
+    assert target == f"::ffff:{server_ip}" if family == "mapped" else ":" in target and "." not in target
+    assert not [(r["mode"], r["load"], r["error"]) for r in doc["rounds"] if not r["ok"]]
+    other = "ipv4" if rules == "ipv6" else "ipv6"
+    for r in doc["rounds"]:
+        assert r["family"] == family
+        nat = r["nat_redirects"]
+        if r["mode"] == "iptables":
+            # wrk's connections (and its first probe), iperf3's control and data connections
+            assert nat[rules] >= 2 and nat[other] == 0, r
+        else:
+            assert nat == {"ipv4": 0, "ipv6": 0}, r
+            counters = r["datapath"]["client and server node"]
+            assert sum(v for k, v in counters.items() if k.startswith("merbridge_redirects_total")) >= 2, r
+            if r["load"] == "keepalive":
+                assert counters["merbridge_spliced_messages_total"] >= 3 * r["requests"], r
+    assert all(c["carried_by_ebpf"] for c in doc["carried_by"] if c["mode"] == "ebpf")
+    md = (out / "results.md").read_text()
+    assert f"- Client sockets: {family}: AF_INET6 sockets" in md and "## Who carried the client's connections" in md
+    assert not [ns for ns in sandbox.netns_list() if ns.startswith(f"{sandbox.OWNED_PREFIX}{name}-")]

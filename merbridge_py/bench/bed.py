@@ -30,6 +30,7 @@ class BenchPod:
     netns: str
     meshed: bool
     cgroup: Path | None = None
+    ip6: str = ""       # its IPv6 address on a dual-stack bed, "" otherwise
 
 
 class Bed(Protocol):
@@ -59,6 +60,10 @@ class Bed(Protocol):
         """node -> the counters of its agent's /metrics (ebpf mode; empty in
         the other modes), to see per node what the datapath did in a run."""
         ...
+
+    # Optional: beds with Istio's rules also offer
+    #   nat_redirects(pod) -> {"ipv4": n, "ipv6": m}
+    # the packets that hit the pod's ISTIO_REDIRECT rule per family so far.
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,9 @@ class TestbedBed:
         self.proxy: str = getattr(testbed, "proxy", "haproxy")
         self.mtls: str = getattr(testbed, "mtls", "off")
         self.envoy_workers: int | None = getattr(testbed, "envoy_workers", None) if self.proxy == "envoy" else None
+        self.ip_families = tuple(getattr(testbed, "ip_families", ("ipv4",)))
         self.pods = [BenchPod(name=p.name, node=p.node, ip=p.ip, netns=p.netns, meshed=bool(p.meshed),
-                              cgroup=Path(p.cgroup)) for p in testbed.pods]
+                              cgroup=Path(p.cgroup), ip6=getattr(p, "ip6", "") or "") for p in testbed.pods]
 
     def set_mode(self, mode: str) -> None:
         self._tb.set_mode(mode)
@@ -122,6 +128,15 @@ class TestbedBed:
 
     def namespaces(self) -> list[str]:
         return list(self._tb.namespaces())
+
+    def nat_redirects(self, pod: BenchPod) -> dict[str, int]:
+        """Packets that hit `pod`'s ISTIO_REDIRECT rule so far, per IP family
+        of the rules (iptables, and ip6tables on a dual-stack bed). Its
+        increase during a run is the number of the client's connections
+        iptables redirected: none in ebpf mode, or the run was not eBPF's."""
+        if not pod.meshed or self._tb.mode == "nomesh":
+            return {}
+        return {family: self._tb.nat_counters(pod.name, family)["ISTIO_REDIRECT"] for family in self.ip_families}
 
     def tls_handshakes(self) -> dict[str, dict[str, int]]:
         """pod -> TLS handshakes its Envoy completed since it started (as a
@@ -174,13 +189,15 @@ def profiler_pair(tb, path: str) -> tuple:
 @contextlib.contextmanager
 def testbed(name: str, nodes: int = 2, pods_per_node: int = 2, mode: str = "nomesh",
             app: str = "nginx", http_ports: tuple[int, ...] = (), proxy: str = "envoy",
-            mtls: str | None = None, envoy_workers: int | None = None) -> Iterator[TestbedBed]:
+            mtls: str | None = None, envoy_workers: int | None = None,
+            ip_families: tuple[str, ...] = ("ipv4",)) -> Iterator[TestbedBed]:
     """Bring a test bed up for the benchmark and always take it down. The pods'
     app is nginx: the Python test app spends hundreds of microseconds of CPU
     per request, which would hide the cost of the mesh being measured.
     `http_ports`: ports the sidecars proxy as HTTP with pooled upstream
     connections. `mtls` and `envoy_workers` left None take the bed's own
-    defaults (Istio's), which the returned bed reports."""
+    defaults (Istio's), which the returned bed reports. `ip_families`
+    ("ipv4", "ipv6"): a dual-stack bed, for clients on AF_INET6 sockets."""
     try:
         from ..testbed import Testbed
     except ImportError as e:
@@ -190,6 +207,8 @@ def testbed(name: str, nodes: int = 2, pods_per_node: int = 2, mode: str = "nome
         sidecar["mtls"] = mtls
     if envoy_workers is not None:
         sidecar["envoy_workers"] = envoy_workers
+    if tuple(ip_families) != ("ipv4",):
+        sidecar["ip_families"] = tuple(ip_families)
     with Testbed.up(name, nodes=nodes, pods_per_node=pods_per_node, mode=mode, app=app,
                     http_ports=http_ports, **sidecar) as tb:
         yield TestbedBed(tb)

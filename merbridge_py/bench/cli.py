@@ -23,6 +23,7 @@ examples:
   merbridge-py bench                               # every load and path, 5 rounds
   merbridge-py bench --rounds 7 --duration 10 --out bench-results/full
   merbridge-py bench --modes iptables,ebpf --loads 'keepalive:1,16 newconn' --paths same-node
+  merbridge-py bench --family inet6 --loads 'keepalive:1,16' --paths same-node   # AF_INET6, dual-stack bed
 """
 
 
@@ -81,9 +82,13 @@ def _split(value: str | None) -> list[str] | None:
               help="How the sidecars proxy the HTTP loads' port: http (per request, reusing pooled upstream "
                    "connections, as Envoy does for a port Istio knows is HTTP) or tcp (one upstream connection "
                    "per client connection, as Envoy does for an opaque TCP port).")
+@click.option("--family", type=click.Choice(loads.FAMILIES), default=loads.INET, show_default=True,
+              help="The clients' sockets: inet (AF_INET to the server's IPv4 address), inet6 (AF_INET6 to its "
+                   "IPv6 address) or mapped (AF_INET6 to ::ffff:<its IPv4 address>, as the JVM connects). inet6 "
+                   "and mapped bring the test bed up dual-stack; tcp_rr (sockperf 3.7, IPv4 only) is refused with them.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, proxy, mtls, envoy_workers,
-          fixedrate_rps, sidecar, no_plots):
+          fixedrate_rps, sidecar, family, no_plots):
     """Benchmark the sidecar data path in every mode on a fresh test bed.
 
     Brings up a test bed (2 nodes × 2 pods, Envoy or HAProxy sidecars, Istio's rules),
@@ -93,11 +98,13 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
     if os.geteuid() != 0:
         raise click.UsageError("the benchmark builds a test bed of network namespaces and cgroups: run it as root")
     try:
-        profile = _profile(quick, rounds, duration, warmup, _split(modes), load_specs, _split(paths))
+        profile = _profile(quick, rounds, duration, warmup, _split(modes), load_specs, _split(paths), family)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     if proxy == "haproxy" and mtls not in (None, "off"):
         raise click.UsageError(f"--mtls {mtls} needs --proxy envoy: HAProxy sidecars forward plain bytes")
+    if proxy == "haproxy" and family != loads.INET:
+        raise click.UsageError(f"--family {family} needs --proxy envoy: the HAProxy sidecar forwards IPv4 only")
     out = out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -107,7 +114,8 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
     steps = runner.plan(profile)
     http_ports = (loads.HTTP_PORT,) if sidecar == "http" else ()
     with bedmod.testbed(name, mode=profile.modes[0], http_ports=http_ports, proxy=proxy, mtls=mtls,
-                        envoy_workers=envoy_workers if proxy == "envoy" else None) as bed:
+                        envoy_workers=envoy_workers if proxy == "envoy" else None,
+                        ip_families=ip_families(family)) as bed:
         mtls = bed.mtls
         command = reproduce_command(profile, quick, sidecar, proxy, mtls, envoy_workers, fixedrate_rps)
         click.echo(f"test bed {name} is up; {len(steps)} steps, about "
@@ -128,6 +136,7 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
     config = {"command": command, "quick": quick, "rounds": profile.rounds, "duration_s": profile.duration_s,
               "warmup_s": profile.warmup_s, "modes": list(profile.modes),
               "cases": [{"path": c.path, "load": c.load, "connections": c.connections} for c in profile.cases],
+              "family": family, "family_how": loads.FAMILY_HOW[family], "ip_families": list(ip_families(family)),
               "pods": outcome.pods, "settle_how": settle_how, "sidecar": sidecar,
               "sidecar_how": sidecar_how(sidecar, proxy), "proxy": proxy,
               "proxy_version": machine_info["tools"].get(proxy), "mtls": mtls, "mtls_how": mtls_how(proxy, mtls),
@@ -170,6 +179,8 @@ def reproduce_command(profile: runner.Profile, quick: bool, sidecar: str = "http
         argv += ["--sidecar", sidecar]
     if fixedrate_rps != loads.FIXEDRATE_RPS:
         argv += ["--fixedrate-rps", str(fixedrate_rps)]
+    if profile.family != loads.INET:
+        argv += ["--family", profile.family]
     base = runner.quick_profile() if quick else runner.full_profile()
     if profile.cases != base.cases:
         specs: dict[str, list[int]] = {}
@@ -182,7 +193,15 @@ def reproduce_command(profile: runner.Profile, quick: bool, sidecar: str = "http
     return shlex.join(argv)
 
 
-def _profile(quick, rounds, duration, warmup, modes, load_specs, paths) -> runner.Profile:
+def ip_families(family: str) -> tuple[str, ...]:
+    """The test bed's IP families for the clients' socket family: IPv4 only
+    for inet (the bench as it always ran), dual stack for the AF_INET6 ones
+    (a v4-mapped client needs the sidecars' IPv6 listeners, as in Istio's
+    dual-stack sidecar, to be a JVM-like client of a dual-stack mesh)."""
+    return ("ipv4",) if family == loads.INET else ("ipv4", "ipv6")
+
+
+def _profile(quick, rounds, duration, warmup, modes, load_specs, paths, family=loads.INET) -> runner.Profile:
     base = runner.quick_profile() if quick else runner.full_profile()
     cases = base.cases
     if load_specs or paths:
@@ -199,4 +218,5 @@ def _profile(quick, rounds, duration, warmup, modes, load_specs, paths) -> runne
         warmup_s=base.warmup_s if warmup is None else warmup,
         modes=tuple(modes) if modes else base.modes,
         cases=cases,
+        family=family,
     )

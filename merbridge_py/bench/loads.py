@@ -15,6 +15,12 @@ Five loads, each driven by a Debian tool:
              keep-alive connections with 1 KB request bodies, paced by a wrk
              script (WRK_FIXEDRATE_LUA; why wrk and not hey: see there).
 
+Socket families (`--family`): "inet" (AF_INET to the server pod's IPv4
+address, the default), "inet6" (AF_INET6 to its IPv6 address on a dual-stack
+bed) and "mapped" (AF_INET6 to ::ffff:<its IPv4 address>, the JVM's way). A
+`Target` says what the client connects to; sockperf 3.7 parses IPv4 literals
+only ("'-i' Invalid address: ::1"), so tcp_rr is refused for the other two.
+
 Every tool here exits 0 on some failures (sockperf on "connection refused",
 iperf3 with -J), so the parsers decide success from the output, not from the
 exit code.
@@ -43,6 +49,65 @@ FIXEDRATE_PAYLOAD_BYTES = 1024
 HTTP_PORT = 8080        # the test bed's pod app
 SOCKPERF_PORT = 11111
 IPERF3_PORT = 5201
+
+INET = "inet"
+INET6 = "inet6"
+MAPPED = "mapped"
+FAMILIES = (INET, INET6, MAPPED)
+FAMILY_HOW = {
+    INET: "AF_INET sockets to the server pod's IPv4 address",
+    INET6: "AF_INET6 sockets to the server pod's IPv6 address (dual-stack test bed)",
+    MAPPED: "AF_INET6 sockets to the server pod's IPv4 address in its v4-mapped form ::ffff:a.b.c.d, as the JVM "
+            "connects (dual-stack test bed); the HTTP Host header names the IPv4 address, as a JVM client's does",
+}
+# Loads whose tool cannot open the family's sockets, and why.
+UNSUPPORTED = {
+    (TCP_RR, INET6): "sockperf 3.7 accepts IPv4 addresses only ('-i' Invalid address: ::1)",
+    (TCP_RR, MAPPED): "sockperf 3.7 accepts IPv4 addresses only, not ::ffff:a.b.c.d",
+}
+
+
+def check_family(family: str, load_names) -> None:
+    """Refuse a family that no load can measure honestly: a tool that cannot
+    open the family's sockets would measure IPv4 instead, or nothing."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: one of {', '.join(FAMILIES)}")
+    refused = [f"{load}: {UNSUPPORTED[(load, family)]}" for load in dict.fromkeys(load_names)
+               if (load, family) in UNSUPPORTED]
+    if refused:
+        raise ValueError(f"--family {family} cannot run " + "; ".join(refused)
+                         + "; choose --loads without them")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a client connects: `address` (an IPv4 or IPv6 literal, v4-mapped
+    for the mapped family) and what an HTTP client names in its Host header
+    (None: the tool's own choice from the URL, as in the inet family)."""
+    address: str
+    host_header: str | None = None
+
+    @property
+    def url_host(self) -> str:
+        return f"[{self.address}]" if ":" in self.address else self.address
+
+
+def target(family: str, ip: str, ip6: str = "", port: int = HTTP_PORT) -> Target:
+    """The server pod's address for `family`. The Host header is set for the
+    AF_INET6 families so the client sidecar routes the request to the server
+    pod's own route (a v4-mapped literal names no route and would fall to
+    Envoy's PassthroughCluster: plain text, a different path)."""
+    if family == INET:
+        return Target(ip)
+    if family == INET6:
+        if not ip6:
+            raise ValueError(f"--family inet6 needs a server pod with an IPv6 address; {ip} has none "
+                             "(the bench brings the bed up dual-stack for it)")
+        return Target(ip6, f"[{ip6}]:{port}")
+    if family == MAPPED:
+        return Target(f"::ffff:{ip}", f"{ip}:{port}")
+    raise ValueError(f"family {family!r}: one of {', '.join(FAMILIES)}")
+
 
 # A wrk script whose only job is to print exact percentiles from wrk's own
 # histogram (the default report rounds them to 2-3 significant digits) and the
@@ -187,8 +252,10 @@ DEFAULT_CONNECTIONS = {KEEPALIVE: 1, NEWCONN: 4, TCP_RR: 1, BULK: 1, FIXEDRATE: 
 
 # --- command lines ---------------------------------------------------------------
 
-def wrk_argv(ip: str, connections: int, duration_s: int, script_path: str, *, new_connection: bool,
+def wrk_argv(ip: str | Target, connections: int, duration_s: int, script_path: str, *, new_connection: bool,
              port: int = HTTP_PORT) -> list[str]:
+    """`ip`: an address, or a Target (its Host header, if any, is sent)."""
+    to = ip if isinstance(ip, Target) else Target(ip)
     argv = ["wrk", "-c", str(connections), "-t", str(min(connections, 2)),
             "-d", f"{duration_s}s",
             # far above any latency we expect: a slow request must land in the
@@ -197,10 +264,12 @@ def wrk_argv(ip: str, connections: int, duration_s: int, script_path: str, *, ne
             "-s", script_path]
     if new_connection:
         argv += ["-H", "Connection: close"]
-    return argv + [f"http://{ip}:{port}/"]
+    if to.host_header:
+        argv += ["-H", f"Host: {to.host_header}"]
+    return argv + [f"http://{to.url_host}:{port}/"]
 
 
-def wrk_fixedrate_argv(ip: str, connections: int, duration_s: int, script_path: str, *,
+def wrk_fixedrate_argv(ip: str | Target, connections: int, duration_s: int, script_path: str, *,
                        rps: int = FIXEDRATE_RPS, payload_bytes: int = FIXEDRATE_PAYLOAD_BYTES,
                        port: int = HTTP_PORT) -> list[str]:
     """wrk paced by WRK_FIXEDRATE_LUA: `rps` in total, split evenly over its threads."""
@@ -224,6 +293,7 @@ def iperf3_server_argv(ip: str, port: int = IPERF3_PORT) -> list[str]:
 
 
 def iperf3_client_argv(ip: str, duration_s: int, port: int = IPERF3_PORT) -> list[str]:
+    # iperf3 3.12 takes IPv6 and v4-mapped literals (an AF_INET6 socket for both: checked with strace)
     return ["iperf3", "--client", ip, "--port", str(port), "--time", str(duration_s),
             "--connect-timeout", "5000", "--json"]
 

@@ -33,6 +33,9 @@ class Measurement:
     # ebpf mode: what each node's datapath counted during the run, as
     # {"client node"|"server node"|"client and server node": {metric: increase}}
     datapath: dict[str, dict[str, float]] = field(default_factory=dict)
+    # packets that hit the client pod's ISTIO_REDIRECT rule during the run,
+    # per IP family of the rules: connections iptables redirected (meshed modes)
+    nat_redirects: dict[str, int] = field(default_factory=dict)
 
     @property
     def cpu_us_per_req(self) -> float | None:
@@ -55,10 +58,13 @@ class Measurement:
 
 
 def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: int,
-            wrk_scripts: loads.WrkScripts) -> Measurement:
-    """Run one load; raises loads.LoadFailed (or TimeoutError, SandboxError)
-    when it produced no usable measurement."""
-    server_argv, port = _server(load, pair.server)
+            wrk_scripts: loads.WrkScripts, family: str = loads.INET) -> Measurement:
+    """Run one load with the client's sockets of `family` (loads.FAMILIES);
+    raises loads.LoadFailed (or TimeoutError, SandboxError) when it produced
+    no usable measurement, ValueError for a load the family cannot run."""
+    loads.check_family(family, [load])
+    to = loads.target(family, pair.server.ip, pair.server.ip6)
+    server_argv, port = _server(load, pair.server, family)
     with _serving(bed, pair.server, server_argv, port):
         # Processes counted: the client pod's sidecar(s) (not its idle app),
         # everything in the server pod, including a server started above, and
@@ -68,21 +74,29 @@ def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: in
         counted = {"sidecars": client_roles["sidecars"] + server_roles["sidecars"],
                    "apps": server_roles["apps"], "agents": bed.agent_pids()}
         counters_before = _datapath_counters(bed)
+        nat_before = _nat_redirects(bed, pair.client)
         before = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
         before_user = {role: procs.cpu_seconds(pids, user_only=True) for role, pids in counted.items()}
-        argv = _client(load, pair.server.ip, connections, duration_s, wrk_scripts)
+        argv = _client(load, to, connections, duration_s, wrk_scripts)
         run = procs.run_client(lambda **io: bed.spawn(pair.client, argv, **io),
                                timeout_s=duration_s + CLIENT_GRACE_S)
         after = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
         after_user = {role: procs.cpu_seconds(pids, user_only=True) for role, pids in counted.items()}
         counters_after = _datapath_counters(bed)
+        nat_after = _nat_redirects(bed, pair.client)
     result = _parse(load, run.output)
     cpu_us = {"client": run.cpu_s * 1e6}
     cpu_us.update({role: procs.cpu_delta(before[role], after[role]) * 1e6 for role in counted})
     cpu_user_us = {"client": run.user_s * 1e6}
     cpu_user_us.update({role: procs.cpu_delta(before_user[role], after_user[role]) * 1e6 for role in counted})
     return Measurement(result=result, cpu_us=cpu_us, cpu_user_us=cpu_user_us,
-                       datapath=counter_increase(counters_before, counters_after, pair))
+                       datapath=counter_increase(counters_before, counters_after, pair),
+                       nat_redirects={f: nat_after[f] - nat_before.get(f, 0) for f in nat_after})
+
+
+def _nat_redirects(bed: Bed, pod: BenchPod) -> dict[str, int]:
+    read = getattr(bed, "nat_redirects", None)
+    return read(pod) if read else {}
 
 
 def _datapath_counters(bed: Bed) -> dict[str, dict[str, float]]:
@@ -113,26 +127,29 @@ def counter_increase(before: dict[str, dict[str, float]], after: dict[str, dict[
     return out
 
 
-def _server(load: str, server: BenchPod) -> tuple[list[str] | None, int]:
+def _server(load: str, server: BenchPod, family: str = loads.INET) -> tuple[list[str] | None, int]:
     if load in loads.WRK_LOADS:
-        return None, loads.HTTP_PORT       # the pod's own app serves HTTP
+        return None, loads.HTTP_PORT       # the pod's own app serves HTTP (on both families of a dual-stack bed)
     if load == loads.TCP_RR:
         return loads.sockperf_server_argv(server.ip), loads.SOCKPERF_PORT
     if load == loads.BULK:
-        return loads.iperf3_server_argv(server.ip), loads.IPERF3_PORT
+        # a v4-mapped client reaches an AF_INET listener on the IPv4 address
+        return loads.iperf3_server_argv(server.ip6 if family == loads.INET6 else server.ip), loads.IPERF3_PORT
     raise ValueError(f"unknown load {load!r}")
 
 
-def _client(load: str, ip: str, connections: int, duration_s: int, wrk_scripts: loads.WrkScripts) -> list[str]:
+def _client(load: str, to: loads.Target | str, connections: int, duration_s: int,
+            wrk_scripts: loads.WrkScripts) -> list[str]:
+    to = to if isinstance(to, loads.Target) else loads.Target(to)
     if load == loads.FIXEDRATE:
-        return loads.wrk_fixedrate_argv(ip, connections, duration_s, wrk_scripts.fixedrate,
+        return loads.wrk_fixedrate_argv(to, connections, duration_s, wrk_scripts.fixedrate,
                                         rps=wrk_scripts.fixedrate_rps)
     if load in (loads.KEEPALIVE, loads.NEWCONN):
-        return loads.wrk_argv(ip, connections, duration_s, wrk_scripts.report,
+        return loads.wrk_argv(to, connections, duration_s, wrk_scripts.report,
                               new_connection=load == loads.NEWCONN)
     if load == loads.TCP_RR:
-        return loads.sockperf_client_argv(ip, duration_s)
-    return loads.iperf3_client_argv(ip, duration_s)
+        return loads.sockperf_client_argv(to.address, duration_s)
+    return loads.iperf3_client_argv(to.address, duration_s)
 
 
 def _parse(load: str, output: str) -> loads.LoadResult:

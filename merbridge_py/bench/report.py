@@ -124,6 +124,19 @@ def datapath_table(datapath: Sequence[dict]) -> str | None:
     return "\n".join(lines)
 
 
+def carried_table(carried: Sequence[dict]) -> str | None:
+    if not carried:
+        return None
+    lines = ["| path | load | conns | mode | client's ISTIO_REDIRECT packets | eBPF redirects | carried by eBPF |",
+             "|---|---|---:|---|---|---:|---|"]
+    for c in carried:
+        nat = ", ".join(f"{f} {n}" for f, n in c["istio_redirect_packets"].items()) or "–"
+        ok = {True: "yes", False: "NO", None: "–"}[c.get("carried_by_ebpf")]
+        lines.append(f"| {c['path']} | {c['load']} | {c['connections']} | {c['mode']} | {nat} | "
+                     f"{_num(c['ebpf_redirects'])} | {ok} |")
+    return "\n".join(lines)
+
+
 def targets_section(targets: Sequence[dict]) -> str:
     lines = []
     for t in targets:
@@ -153,6 +166,9 @@ def warnings(results: dict) -> list[str]:
                for (path, load, conns, mode), (errors, requests) in totals.items()
                if errors > ERROR_WARN_FRACTION * requests]
     out = [text for _, text in flagged]
+    out += [f"{c['path']} {c['load']} c={c['connections']} ebpf: not carried by eBPF alone (client's ISTIO_REDIRECT "
+            f"packets {c['istio_redirect_packets']}, eBPF redirects {c['ebpf_redirects']:.0f}): its figures are "
+            "not eBPF's" for c in results.get("carried_by", []) if c.get("carried_by_ebpf") is False]
     if any(load == loads.NEWCONN for load, _ in flagged):
         out.append("newconn: wrk counts a read error each time a server closes a connection without answering "
                    "`Connection: close`; if errors are about equal to requests, make the app send that header")
@@ -206,10 +222,13 @@ def markdown(results: dict, plots: Sequence[str] = ()) -> str:
         f"{', '.join(cfg['modes'])} in every round, {cfg['warmup_s']} s keep-alive warm-up per mode block",
         f"- Clean state: {cfg['settle_how']}; new-connection runs settle again before they start",
         f"- Sidecars: {_proxy_line(cfg)}; {cfg.get('sidecar_how', 'not recorded')}",
+        f"- Client sockets: {cfg.get('family', 'inet')}: "
+        f"{cfg.get('family_how', 'AF_INET sockets to the server pod IPv4 address (not recorded: before --family)')}",
         f"- mTLS between sidecars: {cfg.get('mtls_how', cfg.get('mtls', 'not recorded'))}",
         f"- Machine load (1/5/15 min load average): {_loadavg(cfg.get('loadavg_before'))} before, "
         f"{_loadavg(cfg.get('loadavg_after'))} after",
-        "- Pods: " + ("; ".join(f"{path} {p['client']} ({p['client_ip']}) -> {p['server']} ({p['server_ip']})"
+        "- Pods: " + ("; ".join(f"{path} {p['client']} ({p['client_ip']}) -> {p['server']} "
+                                f"({p.get('target', p['server_ip'])})"
                                 for path, p in cfg.get("pods", {}).items()) or "not recorded"),
         f"- Started {cfg['started_at']}, took {cfg['elapsed_s']:.0f} s",
         "",
@@ -259,6 +278,13 @@ def markdown(results: dict, plots: Sequence[str] = ()) -> str:
                   "rounds. The client node runs the client pod and its sidecar, the server node the server pod and "
                   "its sidecar; each spliced leg moves a request and its response, so about 2 spliced messages per "
                   "request per spliced leg (more when a message is split).", "", dp]
+    carried = carried_table(results.get("carried_by", []))
+    if carried:
+        parts += ["", "## Who carried the client's connections",
+                  "Summed over the rounds: packets that hit the client pod's ISTIO_REDIRECT rule (iptables; one "
+                  "per connection it redirected), per family of the rules, and the redirects the eBPF datapath "
+                  "counted. An ebpf run is eBPF's only with no ISTIO_REDIRECT packet and eBPF redirects in every "
+                  "round.", "", carried]
     if plots:
         parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     parts += ["", "## Sysctls the test bed set", ""]

@@ -234,6 +234,41 @@ def datapath_per_request(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+REDIRECTS = "merbridge_redirects_total"
+
+
+def _ebpf_redirects(row: dict) -> float:
+    """eBPF connect-hook redirects the datapath counted during a run, over
+    the pair's nodes (labelled by direction or not)."""
+    return sum(v for counters in (row.get("datapath") or {}).values() for k, v in counters.items()
+               if k.split("{")[0] == REDIRECTS)
+
+
+def carried_by(rows: Sequence[dict]) -> list[dict]:
+    """Per case and meshed mode, summed over the rounds that worked: the
+    packets that hit the client pod's ISTIO_REDIRECT rule, per family of the
+    rules (each is a connection iptables redirected), and the redirects the
+    eBPF datapath counted. In ebpf mode the first must be 0 and the second
+    not: otherwise the run was (partly) iptables' and its figures are not
+    eBPF's. Rows without nat counters (older results, other beds) are left out."""
+    out = []
+    for key in _case_order(rows):
+        for mode in ("iptables", "ebpf"):
+            case = [r for r in rows if case_key(r) == key and r["mode"] == mode and r["ok"]
+                    and r.get("nat_redirects") is not None]
+            if not case:
+                continue
+            families = dict.fromkeys(f for r in case for f in r["nat_redirects"])
+            nat = {f: sum(r["nat_redirects"].get(f, 0) for r in case) for f in families}
+            entry = {"path": key[0], "load": key[1], "connections": key[2], "mode": mode, "rounds": len(case),
+                     "istio_redirect_packets": nat,
+                     "ebpf_redirects": sum(_ebpf_redirects(r) for r in case) if mode == "ebpf" else None}
+            if mode == "ebpf":
+                entry["carried_by_ebpf"] = not any(nat.values()) and all(_ebpf_redirects(r) > 0 for r in case)
+            out.append(entry)
+    return out
+
+
 def build(machine: dict, config: dict, rows: list[dict], warmup_failures: Sequence[str] = ()) -> dict:
     ratios = paired_ratios(rows)
     return {
@@ -246,5 +281,6 @@ def build(machine: dict, config: dict, rows: list[dict], warmup_failures: Sequen
         "targets": evaluate_targets(ratios),
         "added_latency": added_latency(rows),
         "datapath": datapath_per_request(rows),
+        "carried_by": carried_by(rows),
         "warmup_failures": list(warmup_failures),
     }

@@ -43,6 +43,8 @@ class Profile:
     warmup_s: int
     modes: tuple[str, ...]
     cases: tuple[Case, ...]
+    # the client sockets' family (loads.FAMILIES): every case and warm-up uses it
+    family: str = loads.INET
 
     def __post_init__(self):
         if self.rounds < 1 or self.duration_s < 1 or self.warmup_s < 0:
@@ -50,6 +52,7 @@ class Profile:
         unknown = set(self.modes) - set(MODES)
         if unknown or not self.modes:
             raise ValueError(f"modes must be among {MODES}, got {self.modes}")
+        loads.check_family(self.family, [c.load for c in self.cases])
 
 
 def cases_for(paths: Sequence[str], specs: Sequence[tuple[str, int]]) -> tuple[Case, ...]:
@@ -130,8 +133,12 @@ def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
     and its error; the benchmark goes on, because a mode that breaks under one
     load is a finding, and the other measurements are still worth having."""
     pairs = pick_paths(bed.pods)
+    # what the clients connect to; fails here (ValueError), before any load,
+    # when the family needs an address the bed's pods lack
+    targets = {path: loads.target(profile.family, p.server.ip, p.server.ip6) for path, p in pairs.items()}
     outcome = Outcome(pods={path: {"client": p.client.name, "client_ip": p.client.ip, "server": p.server.name,
-                                   "server_ip": p.server.ip} for path, p in pairs.items()})
+                                   "server_ip": p.server.ip, "family": profile.family,
+                                   "target": targets[path].address} for path, p in pairs.items()})
     block_error: str | None = None
     with _wrk_scripts(fixedrate_rps) as script:
         for step in plan(profile):
@@ -143,7 +150,7 @@ def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
             elif step.kind == "warmup":
                 try:
                     measure_fn(bed, pairs[step.case.path], step.case.load, step.case.connections,
-                               profile.warmup_s, script)
+                               profile.warmup_s, script, family=profile.family)
                 except Exception as e:  # noqa: BLE001 - reported, and the block still runs
                     outcome.warmup_failures.append(f"{step.label}: {e}")
             else:
@@ -152,7 +159,7 @@ def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
                     if step.case.load == loads.NEWCONN:
                         bed.settle()
                     m = measure_fn(bed, pairs[step.case.path], step.case.load, step.case.connections,
-                                   profile.duration_s, script)
+                                   profile.duration_s, script, family=profile.family)
                 except (loads.LoadFailed, TimeoutError, RuntimeError, OSError) as e:
                     outcome.rows.append(_row(step, profile, started=started, error=f"{type(e).__name__}: {e}"))
                 else:
@@ -174,7 +181,7 @@ def _row(step: Step, profile: Profile, started: str | None = None, m: Measuremen
          error: str | None = None) -> dict:
     c = step.case
     row = {"round": step.round, "mode": step.mode, "path": c.path, "load": c.load, "connections": c.connections,
-           "planned_duration_s": profile.duration_s, "started_at": started, "ok": m is not None, "error": error}
+           "family": profile.family, "planned_duration_s": profile.duration_s, "started_at": started, "ok": m is not None, "error": error}
     r = m.result if m else None
     row.update({
         "duration_s": r.duration_s if r else None,
@@ -194,6 +201,7 @@ def _row(step: Step, profile: Profile, started: str | None = None, m: Measuremen
         "sidecar_user_us_per_req": m.sidecar_user_us_per_req if m else None,
         "kernel_us_per_req": m.kernel_us_per_req if m else None,
         "datapath": m.datapath if m and m.datapath else None,
+        "nat_redirects": dict(m.nat_redirects) if m and m.nat_redirects else None,
     })
     return row
 

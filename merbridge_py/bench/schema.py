@@ -14,7 +14,7 @@ import jsonschema
 
 from ..testbed.options import MTLS_MODES, PROXIES
 from .bed import MODES, PATHS
-from .loads import LOADS
+from .loads import FAMILIES, LOADS
 
 _NUM = {"type": "number"}
 _NUM_OR_NULL = {"type": ["number", "null"]}
@@ -42,6 +42,8 @@ RESULTS_SCHEMA = {
                 "mtls": {"enum": list(MTLS_MODES)},
                 # Envoy's --concurrency; null with HAProxy
                 "envoy_workers": {"type": ["integer", "null"], "minimum": 1},
+                # the clients' socket family (absent in results made before --family: inet)
+                "family": {"enum": list(FAMILIES)},
                 "loadavg_before": {"type": "array", "items": _NUM},
                 "loadavg_after": {"type": "array", "items": _NUM},
             },
@@ -80,6 +82,9 @@ RESULTS_SCHEMA = {
                 # node role -> counter -> increase during the run (ebpf mode)
                 "datapath": {"type": ["object", "null"],
                              "additionalProperties": {"type": "object", "additionalProperties": _NUM}},
+                # IP family of the rules -> packets that hit the client pod's ISTIO_REDIRECT (meshed modes)
+                "nat_redirects": {"type": ["object", "null"],
+                                  "additionalProperties": {"type": "integer", "minimum": 0}},
             },
             # a successful run has the numbers its load measures
             "if": {"properties": {"ok": {"const": True}, "load": {"not": {"const": "bulk"}}}},
