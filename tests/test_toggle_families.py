@@ -15,7 +15,7 @@ meshed, Envoy sidecars, mTLS STRICT. Load for the whole run, per kind:
   -> b (same node), -> d (cross-node): two keep-alive connections per target
      held for the whole run (opened in ebpf mode, they must outlive all ten
      switches) and a new connection per request;
-  -> b: two keep-alive connections replaced every ROTATE seconds, so
+  -> b: three keep-alive connections replaced every ROTATE seconds, so
      connections opened in either mode cross every switch.
 Both nodes switch ebpf <-> iptables ten times through `merbridge-py toggle`,
 without restarting a sidecar or flushing conntrack. No request may fail.
@@ -48,11 +48,13 @@ TOGGLES = 10
 # second under this load, so 4 s tells the modes apart with a wide margin.
 WINDOW = 4.0
 SETTLE = 0.3    # after a switch returns, before counting: connects already in flight finish
-# > WINDOW + a switch. The two rotating workers of a kind are staggered by
-# ROTATE / 2, so some connection crosses every switch shorter than ROTATE / 2 - 1 s.
-# Not the IPv4 test's 14 s: with six load processes a switch of both nodes
-# (two new Python processes) took up to 10 s on 2 shared cores.
-ROTATE = 24.0
+# > WINDOW + a switch. The ROTATING workers of a kind are staggered by
+# ROTATE / ROTATING, so some connection crosses every switch shorter than
+# ROTATE * (1 - 1 / ROTATING) - 1 s (19 s). Longer than the IPv4 test's 14 s
+# (two workers, 6 s): with six load processes and other work on 2 cores, a
+# switch of both nodes (two new Python processes) took up to 18 s.
+ROTATE = 30.0
+ROTATING = 3
 DUAL = ("ipv4", "ipv6")
 # kind -> (client pod, the family whose netfilter rules its packets meet, load's --family)
 KINDS = {"inet": ("a", "ipv4", "inet"), "mapped": ("m", "ipv4", "inet6"), "ipv6": ("v", "ipv6", None)}
@@ -127,7 +129,7 @@ def test_ten_toggles_under_mixed_family_load_lose_no_request():
             loads[kind, "pinned"] = LoadProcess(tb, pod, targets(tb, kind, ("b", "d")), duration=budget,
                                                 keepalive=2, newconn=1, family=family)
             loads[kind, "rotating"] = LoadProcess(tb, pod, targets(tb, kind, ("b",)), duration=budget,
-                                                  keepalive=2, newconn=0, rotate=ROTATE, family=family)
+                                                  keepalive=ROTATING, newconn=0, rotate=ROTATE, family=family)
         try:
             for load in loads.values():
                 load.wait_ready()
