@@ -299,8 +299,9 @@ class LoadProcess:
     def __init__(self, tb, pod: str, targets: dict[str, str], duration: float, keepalive: int = 2,
                  newconn: int = 1, rotate: float = 0.0, timeout: float = 10.0, family: str | None = None):
         self.duration, self.timeout = duration, timeout
-        base = tb.workdir / f"{pod}.load{id(self)}"
-        self.ready_file, self.output, self.log = (base.with_suffix(s) for s in (".ready", ".json", ".log"))
+        # Not base.with_suffix(): it would replace ".load<id>", and two loads in one pod would share files.
+        base = f"{pod}.load{id(self)}"
+        self.ready_file, self.output, self.log = (tb.workdir / f"{base}{s}" for s in (".ready", ".json", ".log"))
         argv = [sys.executable, "-m", "merbridge_py.testbed.load", "--duration", str(duration),
                 "--keepalive", str(keepalive), "--newconn", str(newconn), "--rotate", str(rotate),
                 "--timeout", str(timeout), "--ready-file", str(self.ready_file)]
