@@ -302,8 +302,9 @@ def fake_runner(outputs: dict):
     return run
 
 
-def legacy(*names):
-    return lambda path: set(names)
+def legacy(*names, ipv6=()):
+    """/proc/net/ip_tables_names (and ip6_tables_names) listing these tables."""
+    return lambda path, names_file="ip_tables_names": set(ipv6 if names_file == "ip6_tables_names" else names)
 
 
 # what `nft -j list ruleset` shows of chains iptables-nft made

@@ -16,15 +16,21 @@ import shutil
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from merbridge_py.policy.annotations import show
 from merbridge_py.policy.capture import (
     DNS_PORT, SOURCE_IPTABLES, SOURCE_NFTABLES, Capture, InstalledError, make_capture,
 )
+
+SOURCE_IP6TABLES = "ip6tables rules"
 from merbridge_py.policy.model import ALL_PORTS
 
 PASSTHROUGH_SOURCE = IPv4Network("127.0.0.6/32")
+# ip6tables' twins (istio-iptables run.go): the inbound proxy reaches its app
+# from ::6, and the loopback destination is always ::1.
+PASSTHROUGH_SOURCE6 = IPv6Network("::6/128")
+LOOPBACK6 = IPv6Network("::1/128")
 DNS_AGENT_PORT = 15053
 
 @dataclass(frozen=True)
@@ -34,8 +40,8 @@ class Rule:
 
     chain: str
     proto: str | None = None
-    src: IPv4Network | None = None
-    dst: IPv4Network | None = None
+    src: IPv4Network | IPv6Network | None = None
+    dst: IPv4Network | IPv6Network | None = None
     neg_dst: bool = False
     oif: str | None = None
     dports: tuple[int, ...] | None = None
@@ -49,11 +55,14 @@ class Rule:
     text: str = field(default="", compare=False)
 
 
-def _net(text: str) -> IPv4Network:
+def _net(text: str, version: int = 4) -> IPv4Network | IPv6Network:
+    """An address or CIDR of the family the rules belong to (iptables: 4,
+    ip6tables: 6); the other family's is refused."""
+    network, bits = (IPv4Network, 32) if version == 4 else (IPv6Network, 128)
     try:
-        return IPv4Network(text if "/" in text else f"{text}/32")
+        return network(text if "/" in text else f"{text}/{bits}")
     except ValueError:
-        raise InstalledError(f"{show(text)} is not an IPv4 network") from None
+        raise InstalledError(f"{show(text)} is not an IPv{version} network") from None
 
 
 def _int(text: object, what: str) -> int:
@@ -64,8 +73,9 @@ def _int(text: object, what: str) -> int:
     raise InstalledError(f"{what}: {show(text)} is not a number")
 
 
-def parse_iptables_rule(line: str) -> Rule:
-    """One `-A CHAIN ...` line of iptables-save (or iptables-restore input)."""
+def parse_iptables_rule(line: str, version: int = 4) -> Rule:
+    """One `-A CHAIN ...` line of iptables-save (or iptables-restore input);
+    version 6 for ip6tables-save, whose lines differ only in their addresses."""
     try:
         words = shlex.split(line)
     except ValueError as e:
@@ -97,9 +107,9 @@ def parse_iptables_rule(line: str) -> Rule:
             r["proto"] = take()
         elif w == "-s":
             positive(w)
-            r["src"] = _net(take())
+            r["src"] = _net(take(), version)
         elif w == "-d":
-            r["dst"], r["neg_dst"] = _net(take()), negate
+            r["dst"], r["neg_dst"] = _net(take(), version), negate
         elif w == "-o":
             positive(w)
             r["oif"] = take()
@@ -128,8 +138,9 @@ def parse_iptables_rule(line: str) -> Rule:
     return Rule(**r)
 
 
-def iptables_nat_rules(text: str) -> list[Rule]:
-    """The nat table's rules from `iptables-save` output (other tables skipped)."""
+def iptables_nat_rules(text: str, version: int = 4) -> list[Rule]:
+    """The nat table's rules from `iptables-save` output (`ip6tables-save`
+    with version 6; other tables skipped)."""
     rules, table = [], None
     for raw in text.splitlines():
         line = raw.strip()
@@ -142,7 +153,7 @@ def iptables_nat_rules(text: str) -> list[Rule]:
         elif table == "nat":
             if line.startswith(":") or line.startswith("-N "):
                 continue              # chain declarations
-            rules.append(parse_iptables_rule(line))
+            rules.append(parse_iptables_rule(line, version))
     return rules
 
 
@@ -249,8 +260,10 @@ def nftables_nat_rules(ruleset_json: str) -> list[Rule]:
     return rules
 
 
-def from_rules(rules: list[Rule], source: str) -> Capture:
-    """Source 1: the capture flags that produce exactly these nat rules."""
+def from_rules(rules: list[Rule], source: str, version: int = 4) -> Capture:
+    """Source 1: the capture flags that produce exactly these nat rules
+    (iptables' with version 4, ip6tables' with version 6: the same chains,
+    with ::6 as the passthrough source and ::1 as loopback)."""
     if not rules:
         raise InstalledError(f"no Istio nat rules ({source})")
     by_chain: dict[str, list[Rule]] = {}
@@ -274,14 +287,16 @@ def from_rules(rules: list[Rule], source: str) -> Capture:
     proxy_port = _redirect_port(by_chain, "ISTIO_REDIRECT", source)
     inbound_port = _redirect_port(by_chain, "ISTIO_IN_REDIRECT", source)
     tunnel, include_inbound, exclude_inbound = _inbound(by_chain, source)
-    out = _output(by_chain["ISTIO_OUTPUT"], tunnel, source)
+    out = _output(by_chain["ISTIO_OUTPUT"], tunnel, source, version)
     dns_chain = by_chain.get("ISTIO_OUTPUT_DNS", [])
     for r in dns_chain:
         if not (r.target == "REDIRECT" and r.to_port == DNS_AGENT_PORT and r.dports == (DNS_PORT,)
                 and r.proto in ("tcp", "udp") and not r.neg_dports and not r.neg_dst and r.src is None
                 and r.oif is None and r.uid is None and r.gid is None):
             raise InstalledError(f"ISTIO_OUTPUT_DNS rule is not a DNS redirect ({source}): {r.text}")
-    if out["dns"] != bool(dns_chain):
+    # ip6tables gets ISTIO_OUTPUT_DNS only for IPv6 resolvers; its proxy uid
+    # rules still skip port 53 whenever DNS capture is on.
+    if out["dns"] != bool(dns_chain) and not (version == 6 and out["dns"] and not dns_chain):
         raise InstalledError(f"DNS capture rules are incomplete ({source})")
     return make_capture(source, include_ranges=out["include_ranges"], exclude_ranges=out["exclude_ranges"],
                         include_inbound=include_inbound, exclude_inbound=exclude_inbound,
@@ -330,8 +345,10 @@ def _inbound(by_chain: dict, source: str) -> tuple[int, object, list[int]]:
     return tunnel, included, []
 
 
-def _output(chain: list[Rule], tunnel: int, source: str) -> dict:
+def _output(chain: list[Rule], tunnel: int, source: str, version: int = 4) -> dict:
     """ISTIO_OUTPUT in istio-iptables' order; any other rule or order is refused."""
+    passthrough, anywhere = (PASSTHROUGH_SOURCE, IPv4Network("0.0.0.0/0")) if version == 4 else \
+        (PASSTHROUGH_SOURCE6, IPv6Network("::/0"))
     o = "ISTIO_OUTPUT"
     out = {"exclude_ports": [], "uids": [], "gids": [], "dns": False, "exclude_ranges": [],
            "include_ports": [], "include_ranges": []}
@@ -353,8 +370,8 @@ def _output(chain: list[Rule], tunnel: int, source: str) -> dict:
     if set(by_proto["tcp"]) != set(by_proto["udp"]):
         fail("excluded TCP and UDP ports differ")
     out["exclude_ports"] = by_proto["tcp"]
-    if not at(lambda r: r == Rule(o, oif="lo", src=PASSTHROUGH_SOURCE, target="RETURN")):
-        fail("expected the 127.0.0.6 passthrough RETURN")
+    if not at(lambda r: r == Rule(o, oif="lo", src=passthrough, target="RETURN")):
+        fail(f"expected the {passthrough.network_address} passthrough RETURN")
     i += 1
     loopback = None
     for key in ("uid", "gid"):
@@ -380,6 +397,8 @@ def _output(chain: list[Rule], tunnel: int, source: str) -> dict:
             out[key + "s"].append(ident)
     if not out["uids"]:
         fail("no proxy uid rules")
+    if version == 6 and loopback != LOOPBACK6:
+        fail(f"the loopback destination is {loopback}, ip6tables' is always {LOOPBACK6}")
     if at(lambda r: r == Rule(o, target="ISTIO_OUTPUT_DNS")):
         out["dns"] = True
         i += 1
@@ -388,7 +407,7 @@ def _output(chain: list[Rule], tunnel: int, source: str) -> dict:
     i += 1
     # iptables-save prints "-d 0.0.0.0/0" as no -d at all
     while at(lambda r: r == Rule(o, dst=r.dst, target="RETURN")):
-        out["exclude_ranges"].append(rules[i].dst or IPv4Network("0.0.0.0/0"))
+        out["exclude_ranges"].append(rules[i].dst or anywhere)
         i += 1
     while at(lambda r: r.dports is not None and len(r.dports) == 1
              and r == Rule(o, proto="tcp", dports=r.dports, target="ISTIO_REDIRECT")):
@@ -396,7 +415,7 @@ def _output(chain: list[Rule], tunnel: int, source: str) -> dict:
         i += 1
     # -i '*' and a listed 0.0.0.0/0 both read as a rule without -d
     while at(lambda r: r == Rule(o, dst=r.dst, target="ISTIO_REDIRECT")):
-        out["include_ranges"].append(rules[i].dst or IPv4Network("0.0.0.0/0"))
+        out["include_ranges"].append(rules[i].dst or anywhere)
         i += 1
     if i != len(rules):
         fail("unrecognised rule")
@@ -405,6 +424,12 @@ def _output(chain: list[Rule], tunnel: int, source: str) -> dict:
 
 def from_iptables_save(text: str) -> Capture:
     return from_rules(iptables_nat_rules(text), SOURCE_IPTABLES)
+
+
+def from_ip6tables_save(text: str) -> Capture:
+    """The IPv6 capture of `ip6tables-save` output: its own ranges, and the
+    ports, ids and inbound capture that with_ipv6() checks against IPv4's."""
+    return from_rules(iptables_nat_rules(text, 6), SOURCE_IP6TABLES, 6)
 
 
 def from_nft_json(text: str) -> Capture:
@@ -440,8 +465,9 @@ def _run_in_netns(netns_path: str, argv: Sequence[str]) -> str | None:
     return proc.stdout
 
 
-def _legacy_tables(netns_path: str) -> set[str]:
-    """Names of the namespace's iptables-legacy tables, read from a thread
+def _legacy_tables(netns_path: str, names_file: str = "ip_tables_names") -> set[str]:
+    """Names of the namespace's iptables-legacy tables (ip6tables-legacy's
+    with names_file="ip6_tables_names"), read from a thread
     that enters it (/proc/thread-self/net is the thread's namespace; no
     process, and no table is created)."""
     import ctypes
@@ -459,9 +485,9 @@ def _legacy_tables(netns_path: str) -> set[str]:
             finally:
                 os.close(fd)
             try:
-                with open("/proc/thread-self/net/ip_tables_names") as f:
+                with open(f"/proc/thread-self/net/{names_file}") as f:
                     result["names"] = set(f.read().split())
-            except FileNotFoundError:      # ip_tables not loaded: no legacy table anywhere
+            except FileNotFoundError:      # ip(6)_tables not loaded: no legacy table anywhere
                 result["names"] = set()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             result["error"] = e
@@ -474,10 +500,11 @@ def _legacy_tables(netns_path: str) -> set[str]:
     return result["names"]
 
 
-def _iptables_nft_istio_chains(ruleset: dict) -> bool:
-    """Does an `nft -j` listing hold chains iptables-nft made for Istio?"""
+def _iptables_nft_istio_chains(ruleset: dict, families: tuple[str, ...] = ("ip", "ip6")) -> bool:
+    """Does an `nft -j` listing hold chains iptables-nft (family ip) or
+    ip6tables-nft (family ip6) made for Istio?"""
     return any(isinstance(item, dict) and isinstance(item.get("chain"), dict)
-               and item["chain"].get("family") in ("ip", "ip6")
+               and item["chain"].get("family") in families
                and str(item["chain"].get("name", "")).startswith("ISTIO_")
                for item in ruleset.get("nftables", []))
 
@@ -492,6 +519,7 @@ def read_netns(netns_path: str, run=_run_in_netns, legacy_tables=_legacy_tables)
         found: list[tuple[str, str]] = []
         checked = []
         text = run(netns_path, ["nft", "-j", "list", "ruleset"])
+        nft_listing: dict | None = None
         nft_saver = text is None           # without nft, iptables-nft-save must look itself
         if text is not None:
             checked.append("nft")
@@ -503,7 +531,7 @@ def read_netns(netns_path: str, run=_run_in_netns, legacy_tables=_legacy_tables)
                 raise InstalledError("nft -j list ruleset: not a JSON object")
             if '"istio-proxy-' in text:
                 found.append(("nft", text))
-            nft_saver = _iptables_nft_istio_chains(ruleset)
+            nft_saver, nft_listing = _iptables_nft_istio_chains(ruleset), ruleset
         if nft_saver:
             saved = run(netns_path, ["iptables-nft-save", "-t", "nat"])
             if saved is not None:
@@ -521,11 +549,85 @@ def read_netns(netns_path: str, run=_run_in_netns, legacy_tables=_legacy_tables)
         if len(found) > 1:
             return InstalledError(f"Istio rules of more than one kind ({', '.join(k for k, _ in found)})")
         kind, text = found[0]
-        return from_nft_json(text) if kind == "nft" else from_iptables_save(text)
+        if kind == "nft":
+            return from_nft_json(text)
+        return with_ipv6(from_iptables_save(text), _read_ip6tables(netns_path, run, legacy_tables, nft_listing))
     except InstalledError as e:
         return e
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         return InstalledError(f"reading the rules failed: {type(e).__name__}: {e}")
+
+
+def _read_ip6tables(netns_path: str, run, legacy_tables, nft_listing: dict | None) -> Capture | InstalledError:
+    """The pod's IPv6 capture from its ip6tables nat rules, read with the
+    IPv4 reader's care: ip6tables-nft-save only when the nft listing shows
+    ISTIO_ chains of family ip6 (or nft is missing), ip6tables-legacy-save
+    only when /proc/net/ip6_tables_names lists nat (saving creates the
+    table otherwise). NoIstioRules when there are none."""
+    try:
+        found: list[tuple[str, str]] = []
+        if nft_listing is None or _iptables_nft_istio_chains(nft_listing, ("ip6",)):
+            saved = run(netns_path, ["ip6tables-nft-save", "-t", "nat"])
+            if saved is not None and any(line.startswith("-A ISTIO_") for line in saved.splitlines()):
+                found.append(("ip6tables-nft-save", saved))
+        if "nat" in legacy_tables(netns_path, "ip6_tables_names"):
+            saved = run(netns_path, ["ip6tables-legacy-save", "-t", "nat"])
+            if saved is not None and any(line.startswith("-A ISTIO_") for line in saved.splitlines()):
+                found.append(("ip6tables-legacy-save", saved))
+        if not found:
+            return NoIstioRules("no Istio ip6tables rules in the pod's network namespace")
+        if len(found) > 1:
+            return InstalledError(f"Istio ip6tables rules of more than one kind ({', '.join(k for k, _ in found)})")
+        return from_ip6tables_save(found[0][1])
+    except InstalledError as e:
+        return e
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return InstalledError(f"reading the ip6tables rules failed: {type(e).__name__}: {e}")
+
+
+# What the IPv4 and IPv6 rules must agree on: the pod's policy holds one
+# value of each for both families (the datapath shares inbound capture and
+# the port lists between them).
+_SHARED = ("proxy_uids", "proxy_gids", "proxy_port", "inbound_port")
+_SHARED_POLICY = ("include_inbound_ports", "exclude_inbound_ports", "include_outbound_ports",
+                  "exclude_outbound_ports")
+
+
+def with_ipv6(ipv4: Capture, ipv6: Capture | InstalledError) -> Capture:
+    """The pod's capture from its iptables rules, with its IPv6 side from its
+    ip6tables rules (the ground truth for IPv6, as the IPv4 rules are for
+    IPv4): their IPv6 ranges join the policy and mark it exact for IPv6. No
+    ip6tables rules means Istio leaves IPv6 alone, so must eBPF; unreadable
+    rules, or rules whose shared values differ from IPv4's (the datapath
+    would apply IPv4's to IPv6), keep IPv6 on iptables with the reason."""
+    p4 = ipv4.policy
+    if isinstance(ipv6, NoIstioRules):
+        why = f"{ipv6}: Istio does not capture the pod's IPv6 traffic, so eBPF must not either"
+        return replace(ipv4, policy=replace(p4, ipv6_refused=why))
+    if isinstance(ipv6, InstalledError):
+        return replace(ipv4, policy=replace(p4, ipv6_refused=f"its ip6tables rules cannot be read exactly: {ipv6}"))
+    p6 = ipv6.policy
+    for what in _SHARED:
+        mine, theirs = getattr(ipv4, what), getattr(ipv6, what)
+        if mine != theirs:
+            why = f"iptables and ip6tables rules disagree on {what}: {show(mine)} vs {show(theirs)}"
+            return replace(ipv4, policy=replace(p4, ipv6_refused=why))
+    for what in _SHARED_POLICY:
+        mine, theirs = getattr(p4, what), getattr(p6, what)
+        if set(mine) != set(theirs):
+            why = (f"iptables and ip6tables rules disagree on {what}: {show(list(mine))} vs {show(list(theirs))} "
+                   f"(iptables rules: {ipv4.describe()}; ip6tables rules: {ipv6.describe()})")
+            return replace(ipv4, policy=replace(p4, ipv6_refused=why))
+    policy = replace(
+        p4,
+        include_outbound_ip_ranges=tuple(n for n in p4.include_outbound_ip_ranges if n.version == 4)
+        + tuple(p6.include_outbound_ip_ranges),
+        exclude_outbound_ip_ranges=tuple(n for n in p4.exclude_outbound_ip_ranges if n.version == 4)
+        + tuple(p6.exclude_outbound_ip_ranges),
+        # port 53 left alone in both families when either family's rules capture DNS
+        dns_capture=p4.dns_capture or p6.dns_capture,
+        ipv6_exact=True, ipv6_refused=None)
+    return replace(ipv4, policy=policy)
 
 
 def spec_key(pod: Mapping) -> str:

@@ -42,6 +42,12 @@ class PodPolicy:
     # Where the values were read (see policy/installed.py): the pod's live
     # nat rules, istio-init's arguments, or the annotations.
     source: str = "annotations"
+    # The IPv6 side (policy/rules.py family_verdicts). ipv6_exact: the IPv6
+    # ranges were read from the pod's ip6tables rules, each family's as
+    # written (-i "*" is then not spread from 0.0.0.0/0). ipv6_refused: why
+    # IPv6 stays on iptables whatever the ranges say (set from installed rules).
+    ipv6_exact: bool = False
+    ipv6_refused: str | None = None
 
     @property
     def captures_all_inbound_ports(self) -> bool:

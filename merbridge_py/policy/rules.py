@@ -87,11 +87,12 @@ def outbound_rules(policy: PodPolicy, version: int = 4) -> list[OutboundRule]:
         rules.append(OutboundRule(anywhere, DNS_PORT, False))
     rules += [OutboundRule(n, ANY_PORT, False) for n in policy.exclude_outbound_ip_ranges if n.version == version]
     rules += [OutboundRule(anywhere, p, True) for p in _real_ports(policy.include_outbound_ports)]
-    if version == 6 and policy.include_outbound_ip_ranges == (ANY_IPV4,):
+    if version == 6 and policy.include_outbound_ip_ranges == (ANY_IPV4,) and not policy.ipv6_exact:
         # The policy parsers (policy/annotations.py, spec_sources.py) spell
         # -i "*" as 0.0.0.0/0, and "*" is both families' wildcard in
         # istio-iptables (separateV4V6). Known gap: an explicit -i 0.0.0.0/0
         # reads the same, though ip6tables then gets no ISTIO_REDIRECT rule.
+        # A policy read from ip6tables rules (ipv6_exact) lists ::/0 itself.
         rules.append(OutboundRule(ANY_IPV6, ANY_PORT, True))
     rules += [OutboundRule(n, ANY_PORT, True) for n in policy.include_outbound_ip_ranges if n.version == version]
     return rules
@@ -171,8 +172,10 @@ def kernel_fields(verdict: Verdict, mesh: MeshProfile) -> PodKernelFields:
     return PodKernelFields(policy.proxy_uid, policy.proxy_gid, ipv6.address, tuple(compile_rules6(policy)))
 
 
-# Policy sources that say nothing about ip6tables: the live rules read are
-# IPv4's (policy/installed.py), so the IPv6 ranges of -i/-x are not known.
+# Policy sources read from installed rules: their IPv6 side is known only
+# when the reader also read the pod's ip6tables rules (policy.ipv6_exact or
+# ipv6_refused, live_rules.with_ipv6); Istio's nftables tables are inet, and
+# their IPv6 rules are not read exactly (live_rules._nft_rule skips them).
 # policy/capture.py's SOURCE_IPTABLES and SOURCE_NFTABLES (it imports this
 # module, so they are spelt out; tests/test_policy.py checks they agree).
 IPV4_ONLY_SOURCES = ("iptables rules", "nftables rules")
@@ -181,7 +184,9 @@ IPV4_ONLY_SOURCES = ("iptables rules", "nftables rules")
 def family_verdicts(verdict: Verdict, ipv6_addresses: tuple[str, ...]) -> tuple[FamilyVerdict, ...]:
     """Per address family: accelerated or not, and why. IPv4 follows the
     pod's verdict (v4-mapped destinations of AF_INET6 sockets included);
-    IPv6 needs an IPv6 pod address and an IPv6 policy known exactly."""
+    IPv6 needs an IPv6 pod address and an IPv6 policy known exactly: from
+    the spec's flags, or from the pod's ip6tables rules when its policy was
+    read from its installed rules (live_rules.with_ipv6)."""
     if not verdict.accelerate:
         why = verdict.reason.removeprefix("not accelerated: ")
         return (FamilyVerdict("ipv4", False, why, verdict.ips[0] if verdict.ips else None),
@@ -191,8 +196,14 @@ def family_verdicts(verdict: Verdict, ipv6_addresses: tuple[str, ...]) -> tuple[
         return ipv4, FamilyVerdict("ipv6", False, "the pod has no IPv6 address", None)
     address = ipv6_addresses[0]
     policy = verdict.policy
-    if policy.source.startswith(IPV4_ONLY_SOURCES):
-        why = f"its policy was read from the pod's IPv4 {policy.source}, which say nothing of ip6tables' ranges"
+    if policy.ipv6_refused:
+        return ipv4, FamilyVerdict("ipv6", False, policy.ipv6_refused, address)
+    if policy.source.startswith(IPV4_ONLY_SOURCES) and not policy.ipv6_exact:
+        if policy.source.startswith("nftables"):
+            why = (f"its policy was read from Istio's {policy.source} (inet tables), whose IPv6 rules "
+                   "are not read exactly")
+        else:
+            why = f"its policy was read from the pod's IPv4 {policy.source}, which say nothing of ip6tables' ranges"
         return ipv4, FamilyVerdict("ipv6", False, why, address)
     rules6 = compile_rules6(policy)
     if len(rules6) > MAX_OUTBOUND_RULES:
