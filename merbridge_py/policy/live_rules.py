@@ -593,6 +593,10 @@ _SHARED_POLICY = ("include_inbound_ports", "exclude_inbound_ports", "include_out
                   "exclude_outbound_ports")
 
 
+def _listed(value: object) -> str:
+    return show(list(value)) if isinstance(value, tuple) else show(value)
+
+
 def with_ipv6(ipv4: Capture, ipv6: Capture | InstalledError) -> Capture:
     """The pod's capture from its iptables rules, with its IPv6 side from its
     ip6tables rules (the ground truth for IPv6, as the IPv4 rules are for
@@ -610,7 +614,7 @@ def with_ipv6(ipv4: Capture, ipv6: Capture | InstalledError) -> Capture:
     for what in _SHARED:
         mine, theirs = getattr(ipv4, what), getattr(ipv6, what)
         if mine != theirs:
-            why = f"iptables and ip6tables rules disagree on {what}: {show(mine)} vs {show(theirs)}"
+            why = f"iptables and ip6tables rules disagree on {what}: {_listed(mine)} vs {_listed(theirs)}"
             return replace(ipv4, policy=replace(p4, ipv6_refused=why))
     for what in _SHARED_POLICY:
         mine, theirs = getattr(p4, what), getattr(p6, what)
