@@ -2,7 +2,8 @@
 
 Three sources, most trusted first (issue 11):
   1. the live nat rules in the pod's network namespace (live_rules.py:
-     iptables-save text or Istio's native nftables tables);
+     iptables-save text or Istio's native nftables tables; with iptables,
+     the ip6tables rules too, the ground truth for the pod's IPv6 side);
   2. istio-init's argument list (spec_sources.py; immutable once the pod exists);
   3. the annotations -- with istio-cni, the injector writes the effective
      values there and the CNI plugin reads them (spec_sources.py).
@@ -21,7 +22,7 @@ from merbridge_py.policy.capture import (  # noqa: F401
     choose, extra_capture, make_capture,
 )
 from merbridge_py.policy.live_rules import (  # noqa: F401
-    InstalledRulesCache, NoIstioRules, Rule, from_iptables_save, from_nft_json, from_rules, iptables_nat_rules,
-    nftables_nat_rules, parse_iptables_rule, read_netns, spec_key,
+    SOURCE_IP6TABLES, InstalledRulesCache, NoIstioRules, Rule, from_ip6tables_save, from_iptables_save, from_nft_json,
+    from_rules, iptables_nat_rules, nftables_nat_rules, parse_iptables_rule, read_netns, spec_key, with_ipv6,
 )
 from merbridge_py.policy.spec_sources import from_args, from_cni_annotations, read_args  # noqa: F401

@@ -1,8 +1,10 @@
 """Source 1 of a pod's capture: the nat rules Istio installed in the pod's
 network namespace, read back exactly -- `iptables-save -t nat` text (legacy
 and nft backends print the same syntax) or Istio's native nftables tables
-(`nft -j list ruleset`, tables inet istio-proxy-*). A rule, match or order
-istio-iptables would not produce raises InstalledError with the reason.
+(`nft -j list ruleset`, tables inet istio-proxy-*). With iptables, the
+pod's `ip6tables-save -t nat` rules are read too and give its IPv6 side
+(with_ipv6). A rule, match or order istio-iptables would not produce raises
+InstalledError with the reason.
 
 Facts carried over (not code) from istio/istio: tools/istio-iptables and
 tools/istio-nftables pkg/capture/run.go (rule order) and their goldens.
@@ -446,7 +448,11 @@ def from_nft_json(text: str) -> Capture:
 #                                                        read with iptables-nft-save -t nat
 #   iptables-legacy  listed in /proc/net/ip_tables_names -> iptables-legacy-save (only
 #                                                        the tables that exist)
-# So a pod costs one process (two with iptables-nft rules, the common case).
+#   ip6tables        the same, family ip6 in the listing -> ip6tables-nft-save -t nat;
+#                    nat in /proc/net/ip6_tables_names  -> ip6tables-legacy-save -t nat
+#                    (also measured: saving creates the legacy IPv6 nat table)
+# So a pod costs one process (two with iptables-nft rules, the common case;
+# three when it has ip6tables rules too).
 
 
 class NoIstioRules(InstalledError):
