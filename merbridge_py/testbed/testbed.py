@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import sandbox
 from ..datapath import detach_pinned
-from . import envoy, istio_iptables, kube, nginx_app, pki, state, topology
+from . import dns, envoy, istio_dns, istio_iptables, kube, nginx_app, pki, state, topology
 from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
 from .envoy import EnvoySidecar
 from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MODES, PROXIES
@@ -143,6 +143,7 @@ class Testbed:
         try:
             tb._create()
             tb._start_apps()
+            dns.start(tb)
             tb.set_mode(mode, settle=False)
             tb.status_word = "up"
             tb._save()
@@ -196,6 +197,7 @@ class Testbed:
             topology.create_node(node, self.fabric, self.nodes)
         for pod in self.pods:
             topology.create_pod(pod, self.node(pod.node))
+        dns.write_resolv_confs(self)
         for node in self.nodes:
             objects = [kube.pod_object(self.name, p, node) for p in self.pods if p.node == node.name]
             self.pods_file(node).write_text(json.dumps(kube.pod_list(objects), indent=1) + "\n")
@@ -416,11 +418,13 @@ class Testbed:
         for pod in self.pods:
             if pod.meshed:
                 flags = istio_iptables.flags_from_annotations(pod.annotations)
+                dns_capture = istio_dns.dns_capture(pod.annotations, dns.resolv_conf(self.node(pod.node)))
                 if install:
                     sandbox.sh("iptables-restore", "--noflush", netns=pod.netns,
-                               input=istio_iptables.restore_payload(flags))
+                               input=istio_dns.restore_payload(flags, dns_capture))
                 else:
-                    sandbox.sh("iptables-restore", netns=pod.netns, input=istio_iptables.flush_payload(flags))
+                    sandbox.sh("iptables-restore", netns=pod.netns,
+                               input=istio_iptables.flush_payload(istio_dns.with_dns(flags, dns_capture)))
 
     def settle(self) -> None:
         """A clean start for the next block of traffic: flush conntrack and
