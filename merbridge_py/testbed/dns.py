@@ -189,6 +189,37 @@ def lookups(name: str, count: int, slow_s: float) -> dict:
             "max_ms": round(durations[-1] * 1000, 3)}
 
 
+def query(server: str, name: str, how: str) -> dict:
+    """One A query for `name` to server:53 over `how`: "unconnected" UDP
+    (sendto/recvfrom), "connected" UDP (connect/send/recvfrom) or "tcp".
+    Says where the reply came from (as recvfrom reports it) and, for
+    connected sockets, what getpeername() says: a resolver drops replies
+    whose source is not the server it asked."""
+    data = DNSRecord.question(name).pack()
+    family_type = socket.SOCK_STREAM if how == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, family_type) as s:
+        s.settimeout(3)
+        peer = None
+        if how == "unconnected":
+            s.sendto(data, (server, DNS_PORT))
+            reply, source = s.recvfrom(4096)
+        elif how == "connected":
+            s.connect((server, DNS_PORT))
+            peer = s.getpeername()
+            s.send(data)
+            reply, source = s.recvfrom(4096)
+        elif how == "tcp":
+            s.connect((server, DNS_PORT))
+            peer = s.getpeername()
+            s.sendall(struct.pack("!H", len(data)) + data)
+            size = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+            reply, source = s.recv(size, socket.MSG_WAITALL), peer
+        else:
+            raise ValueError(f"how {how!r}: unconnected, connected or tcp")
+    answers = [str(rr.rdata) for rr in DNSRecord.parse(reply).rr]
+    return {"answers": answers, "reply_from": list(source), "peer": list(peer) if peer else None}
+
+
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host, int(port)
@@ -196,15 +227,20 @@ def _address(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m merbridge_py.testbed.dns")
-    parser.add_argument("role", choices=("server", "proxy", "lookups"))
+    parser.add_argument("role", choices=("server", "proxy", "lookups", "query"))
     parser.add_argument("--listen", type=_address, help="IP:PORT (UDP and TCP)")
     parser.add_argument("--upstream", type=_address, help="proxy: where names it does not know go")
     parser.add_argument("--stats-socket", type=Path)
     parser.add_argument("--ready-file", type=Path)
     parser.add_argument("--name", help="lookups: the name to resolve")
     parser.add_argument("--count", type=int, default=1000, help="lookups: how many")
+    parser.add_argument("--server", help="query: the DNS server's IPv4 address")
+    parser.add_argument("--how", default="unconnected", help="query: unconnected, connected or tcp")
     parser.add_argument("--slow", type=float, default=0.9, help="lookups: seconds that count as a timeout")
     args = parser.parse_args(argv)
+    if args.role == "query":
+        print(json.dumps(query(args.server, args.name, args.how)))
+        return
     if args.role == "lookups":
         if not args.name:
             parser.error("lookups needs --name")
