@@ -23,6 +23,8 @@ static __always_inline int remember_original_dst(struct bpf_sock_addr *ctx, __u3
 
 int sock4_connect(struct bpf_sock_addr *ctx)
 {
+    if (dns_connect4(ctx))
+        return 1;   /* a captured DNS lookup, sent to the DNS proxy (dns_sendmsg.bpf.c) */
     if (ctx->protocol != IPPROTO_TCP)
         return 1;
     __u64 netns = bpf_get_netns_cookie(ctx);

@@ -46,6 +46,9 @@ class AttachType(enum.IntEnum):
     SK_MSG_VERDICT = 7
     CGROUP_INET4_CONNECT = 10
     CGROUP_GETSOCKOPT = 21
+    CGROUP_UDP4_SENDMSG = 14        # DNS capture (ebpf/dns_*.bpf.c)
+    CGROUP_UDP4_RECVMSG = 19
+    CGROUP_INET4_GETPEERNAME = 29
 
 
 class MapType(enum.IntEnum):

@@ -61,12 +61,18 @@ class Hook:
 
 
 CONNECT_HOOK = "sock4_connect"
+DNS_SENDMSG_HOOK = "dns_sendmsg4"
 HOOKS = (
     Hook("connect.bpf.c", CONNECT_HOOK, "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", True),
     Hook("sockops.bpf.c", "sockops", "SOCK_OPS", "CGROUP_SOCK_OPS", True),
     Hook("sk_msg.bpf.c", "sk_msg_splice", "SK_MSG", "SK_MSG_VERDICT", False),
     Hook("getsockopt.bpf.c", "sockopt_original_dst", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT", True),
+    # DNS capture (issue 14): sendmsg redirects, so it follows the mode as connect does
+    Hook("dns_sendmsg.bpf.c", DNS_SENDMSG_HOOK, "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG", True),
+    Hook("dns_recvmsg.bpf.c", "dns_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG", True),
+    Hook("dns_getpeername.bpf.c", "dns_getpeername4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME", True),
 )
+REDIRECT_HOOKS = (CONNECT_HOOK, DNS_SENDMSG_HOOK)   # detached in mode "iptables"
 SK_MSG_HOOK = next(h for h in HOOKS if not h.on_cgroup)
 
 
@@ -282,7 +288,7 @@ class Datapath:
             # A sockhash has one sk_msg program: this replaces a predecessor's on adopted maps.
             self._attach(self.bpf.sockhash_fd, SK_MSG_HOOK, 0)
             for hook in HOOKS:
-                if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
+                if hook.on_cgroup and (self.mode == "ebpf" or hook.function not in REDIRECT_HOOKS):
                     self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
         except BaseException:
             for prog_fd, _ in stale:
@@ -323,7 +329,7 @@ class Datapath:
             time.sleep(drain_seconds)
         if self.attached and self._cgroup_fd is not None:
             for hook in HOOKS:
-                if hook.on_cgroup and (self.mode == "ebpf" or hook.function != CONNECT_HOOK):
+                if hook.on_cgroup and (self.mode == "ebpf" or hook.function not in REDIRECT_HOOKS):
                     try:
                         self._detach(self._cgroup_fd, hook)
                     except OSError as e:
@@ -424,20 +430,22 @@ class Datapath:
             raise DatapathError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if mode == self.mode:
             return
-        connect = next(h for h in HOOKS if h.function == CONNECT_HOOK)
+        redirecting = [h for h in HOOKS if h.function in REDIRECT_HOOKS]
         if mode == "iptables":
             if self.attached:
-                try:
-                    self._detach(self._cgroup_fd, connect)
-                except OSError as e:
-                    raise DatapathError(f"detaching {CONNECT_HOOK}: {e.strerror}") from None
+                for hook in redirecting:
+                    try:
+                        self._detach(self._cgroup_fd, hook)
+                    except OSError as e:
+                        raise DatapathError(f"detaching {hook.function}: {e.strerror}") from None
             self.mode = mode
             self._write_config()
         else:
             self.mode = mode
             self._write_config()
             if self.attached:
-                self._attach(self._cgroup_fd, connect, bpf_syscall.BPF_F_ALLOW_MULTI)
+                for hook in redirecting:
+                    self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
         log.info("datapath mode is now %s", mode)
 
     # --- state ----------------------------------------------------------------------
