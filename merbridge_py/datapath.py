@@ -479,6 +479,16 @@ class Datapath:
     def remove_pod(self, netns_cookie: int, pod_ip: str) -> None:
         self.bpf["local_pod_ip"].delete(ip_to_net(pod_ip))
         self.bpf["pod_policy"].delete(netns_cookie)
+        self.bpf["dns_policy"].delete(netns_cookie)
+
+    def set_pod_dns(self, netns_cookie: int, decision) -> None:
+        """The pod's DNS capture entry (merbridge_py/dns_datapath.py)."""
+        from .dns_datapath import write_pod
+        write_pod(self, netns_cookie, decision)
+
+    def dns_counters(self) -> dict[str, int]:
+        from .dns_datapath import counters
+        return counters(self)
 
     def pod_entries(self) -> list[tuple[int, str]]:
         """(netns cookie, pod IP) of every pod in the maps: after a takeover,

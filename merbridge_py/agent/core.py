@@ -22,6 +22,7 @@ from typing import Callable
 from ..mesh import MeshProfile
 from ..netns import NetnsIndex
 from ..policy import Verdict, compile_rules, decide
+from ..policy import dns as dns_policy
 
 log = logging.getLogger("merbridge_py.agent")
 
@@ -273,8 +274,24 @@ class Agent:
         else:
             cookie = self._find_netns(key, ip)
         self.datapath.set_pod(cookie, ip, list(outbound), list(inbound))
+        reason = self._apply_dns(cookie, ip, v)
         self._applied[key] = Applied(cookie, ip, outbound, inbound)
-        return PodStatus(key, True, v.reason, ip)
+        return PodStatus(key, True, reason, ip)
+
+    def _apply_dns(self, cookie: int, ip: str, v: Verdict) -> str:
+        """DNS capture (issue 14, policy/dns.py): the servers come from the
+        pod's installed rules. Returns the pod's reason with the final DNS
+        decision in it."""
+        set_pod_dns = getattr(self.datapath, "set_pod_dns", None)
+        if v.dns is None or set_pod_dns is None:
+            return v.reason
+        dns = v.dns
+        if dns.pending:
+            owners = self.netns.owners(ip)
+            text, error = dns_policy.read_nat_rules(owners[0].path) if len(owners) == 1 else (None, "no namespace")
+            dns = dns_policy.with_installed_rules(dns, text, error)
+        set_pod_dns(cookie, dns)
+        return v.reason.replace(f"DNS: {v.dns.reason}", f"DNS: {dns.reason}")
 
     def _find_netns(self, key: str, ip: str) -> int:
         owners = self.netns.owners(ip)

@@ -70,6 +70,7 @@ class Verdict:
     ips: tuple[str, ...]          # IPv4 pod IPs
     policy: PodPolicy | None      # None only when the policy could not be parsed
     code: str = "accelerated"     # short, stable: a metrics label (not part of the JSON)
+    dns: object = None            # policy.dns.DnsDecision of an accelerated pod (issue 14)
 
     def to_json(self) -> dict:
         return {
@@ -79,4 +80,5 @@ class Verdict:
             "mesh": self.mesh,
             "ips": list(self.ips),
             "policy": None if self.policy is None else self.policy.to_json(),
+            **({} if self.dns is None else {"dns": self.dns.to_dict()}),
         }

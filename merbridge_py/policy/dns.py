@@ -1,0 +1,155 @@
+"""Does the datapath take over a pod's DNS capture, and how (issue 14)?
+
+Istio's rules (docs/dns.md) send the app's TCP and UDP port 53 to the DNS
+servers of the pod's resolv.conf -- or to any address under istio-cni's
+capture-all -- to the agent's DNS proxy on 127.0.0.1:15053, never the proxy's
+own lookups (its uid/gid), and not at all when port 53 is an excluded
+outbound port. The datapath does the same (ebpf/dns_*.bpf.c) from a per-pod
+entry this module decides. Whatever it cannot do exactly stays with Istio's
+rules, with the reason in the decision.
+
+Two steps, because the server list lives only in the pod (resolv.conf, read
+by istio-init): `intent()` from the capture policy when the pod is decided,
+and `with_installed_rules()` from the pod's installed nat rules (its
+ISTIO_OUTPUT_DNS chain) when the agent writes the pod's entries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, replace
+
+from ..layout import MAX_DNS_SERVERS
+from .capture import DNS_PORT, Capture
+
+DNS_PROXY_PORT = 15053
+DNS_CHAIN = "ISTIO_OUTPUT_DNS"
+
+
+@dataclass(frozen=True)
+class DnsDecision:
+    """`captured`: Istio's rules capture the pod's DNS. `accelerated`: the
+    datapath does it instead (else port 53 stays with iptables). `servers`
+    are IPv4 strings; () with capture_all. `pending`: the servers are read
+    from the installed rules when the pod is written to the datapath."""
+
+    captured: bool
+    accelerated: bool
+    reason: str
+    capture_all: bool = False
+    servers: tuple[str, ...] = ()
+    proxy_uid: int | None = None
+    proxy_gid: int | None = None
+    pending: bool = False
+
+    def to_dict(self) -> dict:
+        return {"captured": self.captured, "accelerated": self.accelerated, "reason": self.reason,
+                "capture_all": self.capture_all, "servers": list(self.servers),
+                "proxy_uid": self.proxy_uid, "proxy_gid": self.proxy_gid}
+
+
+NOT_CAPTURED = DnsDecision(False, False, "the pod's rules do not capture DNS")
+
+
+def _iptables(why: str, **fields) -> DnsDecision:
+    return DnsDecision(True, False, f"port 53 stays with iptables: {why}", **fields)
+
+
+def intent(capture: Capture | None, cni: bool) -> DnsDecision:
+    """What the capture policy says about DNS. `cni`: the pod's rules were
+    installed by istio-cni, which captures DNS to every address."""
+    if capture is None or not capture.policy.dns_capture:
+        return NOT_CAPTURED
+    policy = capture.policy
+    if DNS_PORT in policy.exclude_outbound_ports:
+        # Istio's -o RETURN rules come before the DNS chain: nothing is captured.
+        return DnsDecision(False, False, "port 53 is an excluded outbound port (-o): DNS is not captured")
+    if len(capture.proxy_uids) != 1 or len(capture.proxy_gids) != 1:
+        return _iptables(f"the rules exempt several proxy uids/gids ({capture.proxy_uids}/{capture.proxy_gids}); "
+                         "the datapath's DNS policy holds one of each")
+    uid, gid = capture.proxy_uids[0], capture.proxy_gids[0]
+    if cni:
+        return DnsDecision(True, True, "DNS to any address goes to the DNS proxy (istio-cni captures all)",
+                           capture_all=True, proxy_uid=uid, proxy_gid=gid)
+    return DnsDecision(True, True, "DNS servers are read from the pod's installed rules", proxy_uid=uid,
+                       proxy_gid=gid, pending=True)
+
+
+def dns_redirects(nat_text: str) -> list[tuple[str, str | None]]:
+    """(protocol, server or None for any) of each DNS redirect rule in the
+    ISTIO_OUTPUT_DNS chain of `iptables-save -t nat` text. Anything else in
+    that chain is a ValueError: the chain is not one istio-iptables wrote."""
+    out = []
+    for line in nat_text.splitlines():
+        if not line.startswith(f"-A {DNS_CHAIN} "):
+            continue
+        words = shlex.split(line)[2:]
+        opts: dict[str, str] = {}
+        while words:
+            word = words.pop(0)
+            if not word.startswith("-") or not words:
+                raise ValueError(f"unexpected rule in {DNS_CHAIN}: {line}")
+            opts[word] = words.pop(0)
+        proto, dport, target = opts.pop("-p", None), opts.pop("--dport", None), opts.pop("-j", None)
+        if opts.get("-m") == proto:   # iptables-save spells the port match's module out
+            opts.pop("-m")
+        to_port = opts.pop("--to-ports", None) or opts.pop("--to-port", None)
+        dst = opts.pop("-d", None)
+        if (proto not in ("tcp", "udp") or dport != str(DNS_PORT) or target != "REDIRECT"
+                or to_port != str(DNS_PROXY_PORT) or opts):
+            raise ValueError(f"unexpected rule in {DNS_CHAIN}: {line}")
+        if dst is not None:
+            net = ipaddress.ip_network(dst, strict=True)
+            if net.version != 4 or net.prefixlen != 32:
+                raise ValueError(f"unexpected destination in {DNS_CHAIN}: {line}")
+            dst = str(net.network_address)
+        out.append((proto, dst))
+    return out
+
+
+def with_installed_rules(decision: DnsDecision, nat_text: str | None, read_error: str | None = None) -> DnsDecision:
+    """Complete a pending decision with the servers the pod's installed nat
+    rules capture. Decisions that are not pending are returned unchanged."""
+    if not decision.pending:
+        return decision
+    keep = {"proxy_uid": decision.proxy_uid, "proxy_gid": decision.proxy_gid}
+    if nat_text is None:
+        return _iptables(f"the pod's DNS rules could not be read ({read_error or 'no rules'})", **keep)
+    try:
+        redirects = dns_redirects(nat_text)
+    except ValueError as e:
+        return _iptables(str(e), **keep)
+    if not redirects:
+        # istio-iptables writes no DNS rules when it found no server: nothing to take over
+        return DnsDecision(False, False, "the installed rules capture no DNS (istio-iptables found no DNS server)")
+    tcp = {dst for proto, dst in redirects if proto == "tcp"}
+    udp = {dst for proto, dst in redirects if proto == "udp"}
+    if tcp != udp:
+        return _iptables(f"TCP and UDP DNS go to different servers in the rules ({sorted(map(str, tcp))} vs "
+                         f"{sorted(map(str, udp))})", **keep)
+    if None in tcp:
+        return replace(decision, capture_all=True, servers=(), pending=False,
+                       reason="DNS to any address goes to the DNS proxy (from the installed rules)")
+    servers = tuple(dst for proto, dst in redirects if proto == "udp")
+    if len(servers) > MAX_DNS_SERVERS:
+        return _iptables(f"{len(servers)} DNS servers, the datapath holds {MAX_DNS_SERVERS}", **keep)
+    return replace(decision, servers=servers, pending=False,
+                   reason=f"DNS to {', '.join(servers)} goes to the DNS proxy (from the installed rules)")
+
+
+def read_nat_rules(netns_path: str) -> tuple[str | None, str | None]:
+    """(iptables-save -t nat text of the namespace, error)."""
+    tool = shutil.which("iptables-save")
+    if tool is None:
+        return None, "iptables-save not found"
+    try:
+        done = subprocess.run(["nsenter", f"--net={netns_path}", tool, "-t", "nat"], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, str(e)
+    if done.returncode != 0:
+        return None, done.stderr.strip() or f"iptables-save exited with {done.returncode}"
+    return done.stdout, None
