@@ -80,11 +80,14 @@ def intent(capture: Capture | None, cni: bool) -> DnsDecision:
 
 def dns_redirects(nat_text: str) -> list[tuple[str, str | None]]:
     """(protocol, server or None for any) of each DNS redirect rule in the
-    ISTIO_OUTPUT_DNS chain of `iptables-save -t nat` text. Anything else in
+    nat table's ISTIO_OUTPUT_DNS chain of iptables-save text. Anything else in
     that chain is a ValueError: the chain is not one istio-iptables wrote."""
     out = []
+    table = "nat"    # text without table headers is the nat table's
     for line in nat_text.splitlines():
-        if not line.startswith(f"-A {DNS_CHAIN} "):
+        if line.startswith("*"):
+            table = line[1:].strip()
+        if table != "nat" or not line.startswith(f"-A {DNS_CHAIN} "):
             continue
         words = shlex.split(line)[2:]
         opts: dict[str, str] = {}
