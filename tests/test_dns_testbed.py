@@ -155,6 +155,48 @@ def test_nat_and_conntrack_see_dns_only_in_iptables_mode(bed):
         assert entries == []
 
 
+def dns_events(tb) -> dict[str, float]:
+    """The node agent's DNS counters (merbridge_dns_events_total), by event."""
+    return {re.search(r'event="(\w+)"', k).group(1): v for k, v in tb.agent_metrics("node0").items()
+            if k.startswith("merbridge_dns_events_total{")}
+
+
+def test_agent_counts_what_its_programs_did(bed):
+    if bed.mode != "ebpf":
+        pytest.skip("no agent in iptables mode")
+    before = dns_events(bed)
+    for how in ("unconnected", "connected", "tcp"):
+        query(bed, "cap", MESH_NAME, how)
+    dig(bed, "cap", OUTSIDE_NAME, uid=1337)
+    moved = {k: dns_events(bed)[k] - before.get(k, 0) for k in before}
+    assert moved["udp_sendmsg"] == 1 and moved["udp_connect"] == 1 and moved["tcp_connect"] == 1, moved
+    assert moved["reply_source"] >= 2 and moved["peer_name"] >= 2, moved
+    # dig as the proxy: skipped by the uid check (dig's connect and, when it retries, its send)
+    assert moved["proxy_skipped"] >= 1 and moved["err_map_update"] == 0, moved
+
+
+def test_status_says_which_servers_the_datapath_captures(bed):
+    if bed.mode != "ebpf":
+        pytest.skip("no agent in iptables mode")
+    from merbridge_py.agent.status import agent_request
+    pods = json.dumps(agent_request(bed.admin_socket("node0"), "/status"))
+    assert f"DNS: DNS to {server_ip(bed)} goes to the DNS proxy (from the installed rules)" in pods
+
+
+def test_toggle_to_iptables_gives_dns_back_to_istios_rules(bed):
+    if bed.mode != "ebpf":
+        pytest.skip("toggles the agent")
+    admin = str(bed.admin_socket("node0"))
+    for mode, nat_moves in (("iptables", True), ("ebpf", False)):
+        done = subprocess.run([sys.executable, "-m", "merbridge_py.cli", "toggle", mode, "--node",
+                               "--admin-socket", admin], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        nat_before = dns_nat_packets(bed, "cap")
+        for how in ("unconnected", "connected"):
+            assert query(bed, "cap", MESH_NAME, how)["answers"] == [MESH_V4]
+        assert (dns_nat_packets(bed, "cap") - nat_before == 2) is nat_moves, mode
+
+
 def test_parallel_a_and_aaaa_lookups(bed, record_property):
     """glibc's default: A and AAAA at once from one socket. In iptables mode
     the count is measured and reported (the conntrack race may or may not
