@@ -90,6 +90,7 @@ def test_rules_that_cannot_be_taken_over_exactly_stay_with_iptables():
         "different servers": ("-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -d 10.0.0.1/32 -j REDIRECT --to-ports 15053\n"
                               "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 10.0.0.2/32 -j REDIRECT --to-port 15053\n",
                               None),
+        "shows no Istio nat rules": ("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n", None),
         "unexpected rule": ("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15054\n", None),
     }
     for why, (text, error) in cases.items():

@@ -125,6 +125,9 @@ def with_installed_rules(decision: DnsDecision, nat_text: str | None, read_error
         redirects = dns_redirects(nat_text)
     except ValueError as e:
         return _iptables(str(e), **keep)
+    if not redirects and "-A ISTIO_OUTPUT " not in nat_text:
+        return _iptables("iptables-save shows no Istio nat rules (rules installed with nftables are not read "
+                         "for DNS)", **keep)
     if not redirects:
         # istio-iptables writes no DNS rules when it found no server: nothing to take over
         return DnsDecision(False, False, "the installed rules capture no DNS (istio-iptables found no DNS server)")
