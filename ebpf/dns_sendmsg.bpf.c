@@ -26,26 +26,34 @@ static __always_inline int dns_server_captured(struct dns_policy *p, __u32 ip_ne
     return 0;
 }
 
-/* Returns 1 when the destination was rewritten to the DNS proxy. */
-static __always_inline int dns_redirect4(struct bpf_sock_addr *ctx, __u32 counter)
+/* Whether a lookup to ip_net:port from this socket is one the pod's rules
+ * capture; if so, the socket remembers the server (0), else -1. */
+static __always_inline int dns_take(void *ctx, __u64 netns, __u32 ip_net, __u16 port)
 {
-    if (bpf_ntohs((__u16)ctx->user_port) != MB_DNS_PORT)
-        return 0;
-    __u64 netns = bpf_get_netns_cookie(ctx);
+    if (port != MB_DNS_PORT)
+        return -1;
     struct dns_policy *p = dns_policy.lookup(&netns);
-    if (!p || !dns_server_captured(p, ctx->user_ip4))
-        return 0;
+    if (!p || !dns_server_captured(p, ip_net))
+        return -1;
     if (dns_from_proxy(p)) {
         dns_count(DNS_CNT_PROXY_SKIPPED);
-        return 0;
+        return -1;
     }
     __u64 cookie = socket_cookie64(ctx);
-    struct dns_origin origin = {.ip = ctx->user_ip4, .port = MB_DNS_PORT};
+    struct dns_origin origin = {.ip = ip_net, .port = MB_DNS_PORT};
     if (dns_origins.update(&cookie, &origin) != 0) {
         /* without it the reply would come from 127.0.0.1 and be dropped */
         dns_count(DNS_CNT_ERR_MAP_UPDATE);
-        return 0;
+        return -1;
     }
+    return 0;
+}
+
+/* Returns 1 when the destination was rewritten to the DNS proxy. */
+static __always_inline int dns_redirect4(struct bpf_sock_addr *ctx, __u32 counter)
+{
+    if (dns_take(ctx, bpf_get_netns_cookie(ctx), ctx->user_ip4, bpf_ntohs((__u16)ctx->user_port)) != 0)
+        return 0;
     ctx->user_ip4 = bpf_htonl(MB_DNS_PROXY_IP_HOST);
     ctx->user_port = bpf_htons(MB_DNS_PROXY_PORT);
     dns_count(counter);

@@ -71,8 +71,13 @@ HOOKS = (
     Hook("dns_sendmsg.bpf.c", DNS_SENDMSG_HOOK, "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG", True),
     Hook("dns_recvmsg.bpf.c", "dns_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG", True),
     Hook("dns_getpeername.bpf.c", "dns_getpeername4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME", True),
+    Hook("dns_inet6.bpf.c", "dns_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT", True),
+    Hook("dns_inet6.bpf.c", "dns_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG", True),
+    Hook("dns_inet6.bpf.c", "dns_recvmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG", True),
+    Hook("dns_inet6.bpf.c", "dns_getpeername6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_GETPEERNAME", True),
 )
-REDIRECT_HOOKS = (CONNECT_HOOK, DNS_SENDMSG_HOOK)   # detached in mode "iptables"
+# detached in mode "iptables"
+REDIRECT_HOOKS = (CONNECT_HOOK, DNS_SENDMSG_HOOK, "dns_connect6", "dns_sendmsg6")
 SK_MSG_HOOK = next(h for h in HOOKS if not h.on_cgroup)
 
 
@@ -99,7 +104,7 @@ def program_text(directory: Path | None = None) -> str:
     are joined here; #line markers keep compiler errors pointing at them."""
     d = directory or ebpf_dir()
     parts = []
-    for name in (HEADER,) + tuple(h.source for h in HOOKS):
+    for name in (HEADER,) + tuple(dict.fromkeys(h.source for h in HOOKS)):   # a file may hold several hooks
         body = (d / name).read_text()
         body = re.sub(r'^#include "merbridge\.h"\s*$', "", body, flags=re.M)
         body = body.replace("#pragma once", "")

@@ -30,6 +30,8 @@ CAPTURE = {"proxy.istio.io/config": "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \
 SPECS = [PodSpec("cap", node=0, annotations=CAPTURE), PodSpec("nocap", node=0)]
 MESH_NAME, MESH_V4 = "mesh.dns.test", dns.PROXY_RECORDS["mesh.dns.test."][0]
 OUTSIDE_NAME, OUTSIDE_V4 = "outside.dns.test", dns.SERVER_RECORDS["outside.dns.test."][0]
+# the agent's own tests: on the ebpf bed only (a skip would fail under MERBRIDGE_REQUIRE_BPF=1)
+EBPF_ONLY = pytest.mark.parametrize("bed", ["ebpf"], indirect=True)
 LOOKUPS = int(os.environ.get("MERBRIDGE_DNS_LOOKUPS", "10000"))
 
 
@@ -105,18 +107,20 @@ def test_tcp_lookup_reaches_the_proxy_and_is_forwarded(bed):
     assert server_after["udp"] == server_before["udp"] + 1   # the proxy's own query upstream
 
 
-@pytest.mark.parametrize("how", ["unconnected", "connected", "tcp"])
+@pytest.mark.parametrize("how", ["unconnected", "connected", "tcp", "unconnected6", "connected6", "tcp6"])
 def test_replies_carry_the_servers_address(bed, how):
     """Resolvers drop a reply from an address they did not ask: the client
-    sees the server's address as the source (and as the connected peer)."""
+    sees the server's address as the source (and as the connected peer).
+    The `6` cases ask from AF_INET6 sockets through the v4-mapped address."""
     before, _ = counts(bed)
     got = query(bed, "cap", MESH_NAME, how)
+    server = f"::ffff:{server_ip(bed)}" if how.endswith("6") else server_ip(bed)
     assert got["answers"] == [MESH_V4]
-    assert got["reply_from"] == [server_ip(bed), 53]
-    if how != "unconnected":
-        assert got["peer"] == [server_ip(bed), 53]
+    assert got["reply_from"] == [server, 53]
+    if not how.startswith("unconnected"):
+        assert got["peer"] == [server, 53]
     after, _ = counts(bed)
-    transport = "tcp" if how == "tcp" else "udp"
+    transport = "tcp" if how.startswith("tcp") else "udp"
     assert after[transport] == before[transport] + 1
 
 
@@ -144,12 +148,12 @@ def test_proxys_own_lookups_go_to_the_server(bed):
 def test_nat_and_conntrack_see_dns_only_in_iptables_mode(bed):
     bed.settle()
     nat_before = dns_nat_packets(bed, "cap")
-    for how in ("unconnected", "connected", "tcp"):
+    for how in ("unconnected", "connected", "tcp", "unconnected6", "connected6", "tcp6"):
         assert query(bed, "cap", OUTSIDE_NAME, how)["answers"] == [OUTSIDE_V4]
     assert dig(bed, "cap", MESH_NAME) == [MESH_V4]
     nat_packets, entries = dns_nat_packets(bed, "cap") - nat_before, conntrack_app_dns_entries(bed, "cap")
     if bed.mode == "iptables":   # the witness works: Istio's rules NAT every one of them
-        assert nat_packets == 4 and len(entries) >= 4, (nat_packets, entries)
+        assert nat_packets == 7 and len(entries) >= 7, (nat_packets, entries)
     else:
         assert nat_packets == 0
         assert entries == []
@@ -161,9 +165,8 @@ def dns_events(tb) -> dict[str, float]:
             if k.startswith("merbridge_dns_events_total{")}
 
 
+@EBPF_ONLY
 def test_agent_counts_what_its_programs_did(bed):
-    if bed.mode != "ebpf":
-        pytest.skip("no agent in iptables mode")
     before = dns_events(bed)
     for how in ("unconnected", "connected", "tcp"):
         query(bed, "cap", MESH_NAME, how)
@@ -175,17 +178,15 @@ def test_agent_counts_what_its_programs_did(bed):
     assert moved["proxy_skipped"] >= 1 and moved["err_map_update"] == 0, moved
 
 
+@EBPF_ONLY
 def test_status_says_which_servers_the_datapath_captures(bed):
-    if bed.mode != "ebpf":
-        pytest.skip("no agent in iptables mode")
     from merbridge_py.agent.status import agent_request
     pods = json.dumps(agent_request(bed.admin_socket("node0"), "/status"))
     assert f"DNS: DNS to {server_ip(bed)} goes to the DNS proxy (from the installed rules)" in pods
 
 
+@EBPF_ONLY
 def test_toggle_to_iptables_gives_dns_back_to_istios_rules(bed):
-    if bed.mode != "ebpf":
-        pytest.skip("toggles the agent")
     admin = str(bed.admin_socket("node0"))
     for mode, nat_moves in (("iptables", True), ("ebpf", False)):
         done = subprocess.run([sys.executable, "-m", "merbridge_py.cli", "toggle", mode, "--node",

@@ -13,6 +13,7 @@ metrics and Events.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -211,7 +212,8 @@ class Agent:
     def _in_place(self, key: str, t: _Tracked) -> bool:
         cur = self._applied.get(key)
         return (cur is not None and cur.ip == t.verdict.ips[0]
-                and (cur.outbound, cur.inbound) == t.rules)
+                and (cur.outbound, cur.inbound) == t.rules
+                and not (t.verdict.dns is not None and t.verdict.dns.pending))   # DNS servers still to read
 
     # --- kernel -------------------------------------------------------------------------
 
@@ -274,24 +276,24 @@ class Agent:
         else:
             cookie = self._find_netns(key, ip)
         self.datapath.set_pod(cookie, ip, list(outbound), list(inbound))
-        reason = self._apply_dns(cookie, ip, v)
+        t.verdict = self._apply_dns(cookie, ip, v)
         self._applied[key] = Applied(cookie, ip, outbound, inbound)
-        return PodStatus(key, True, reason, ip)
+        return PodStatus(key, True, t.verdict.reason, ip)
 
-    def _apply_dns(self, cookie: int, ip: str, v: Verdict) -> str:
+    def _apply_dns(self, cookie: int, ip: str, v: Verdict) -> Verdict:
         """DNS capture (issue 14, policy/dns.py): the servers come from the
-        pod's installed rules. Returns the pod's reason with the final DNS
-        decision in it."""
+        pod's installed rules. Returns the verdict with the final DNS
+        decision (and its reason) in it."""
         set_pod_dns = getattr(self.datapath, "set_pod_dns", None)
         if v.dns is None or set_pod_dns is None:
-            return v.reason
+            return v
         dns = v.dns
         if dns.pending:
             owners = self.netns.owners(ip)
             text, error = dns_policy.read_nat_rules(owners[0].path) if len(owners) == 1 else (None, "no namespace")
             dns = dns_policy.with_installed_rules(dns, text, error)
         set_pod_dns(cookie, dns)
-        return v.reason.replace(f"DNS: {v.dns.reason}", f"DNS: {dns.reason}")
+        return dataclasses.replace(v, dns=dns, reason=v.reason.replace(f"DNS: {v.dns.reason}", f"DNS: {dns.reason}"))
 
     def _find_netns(self, key: str, ip: str) -> int:
         owners = self.netns.owners(ip)

@@ -39,6 +39,7 @@ from pathlib import Path
 from dnslib import QTYPE, RCODE, RR, A, AAAA, DNSRecord
 
 from ..mesh import ISTIO
+from . import topology
 
 PROXY_PORT = 15053
 DNS_PORT = 53
@@ -191,33 +192,37 @@ def lookups(name: str, count: int, slow_s: float) -> dict:
 
 def query(server: str, name: str, how: str) -> dict:
     """One A query for `name` to server:53 over `how`: "unconnected" UDP
-    (sendto/recvfrom), "connected" UDP (connect/send/recvfrom) or "tcp".
-    Says where the reply came from (as recvfrom reports it) and, for
-    connected sockets, what getpeername() says: a resolver drops replies
-    whose source is not the server it asked."""
+    (sendto/recvfrom), "connected" UDP (connect/send/recvfrom) or "tcp"; a
+    "6" suffix asks from an AF_INET6 socket through the server's v4-mapped
+    address (::ffff:a.b.c.d), as dual-stack runtimes do. Says where the
+    reply came from (as recvfrom reports it) and, for connected sockets,
+    what getpeername() says: a resolver drops replies whose source is not
+    the server it asked."""
     data = DNSRecord.question(name).pack()
-    family_type = socket.SOCK_STREAM if how == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, family_type) as s:
+    family, address = socket.AF_INET, server
+    if how.endswith("6"):
+        family, address, how = socket.AF_INET6, f"::ffff:{server}", how[:-1]
+    with socket.socket(family, socket.SOCK_STREAM if how == "tcp" else socket.SOCK_DGRAM) as s:
         s.settimeout(3)
         peer = None
         if how == "unconnected":
-            s.sendto(data, (server, DNS_PORT))
+            s.sendto(data, (address, DNS_PORT))
             reply, source = s.recvfrom(4096)
         elif how == "connected":
-            s.connect((server, DNS_PORT))
+            s.connect((address, DNS_PORT))
             peer = s.getpeername()
             s.send(data)
             reply, source = s.recvfrom(4096)
         elif how == "tcp":
-            s.connect((server, DNS_PORT))
+            s.connect((address, DNS_PORT))
             peer = s.getpeername()
             s.sendall(struct.pack("!H", len(data)) + data)
             size = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
             reply, source = s.recv(size, socket.MSG_WAITALL), peer
         else:
-            raise ValueError(f"how {how!r}: unconnected, connected or tcp")
+            raise ValueError(f"how {how!r}: unconnected, connected or tcp, optionally with a 6")
     answers = [str(rr.rdata) for rr in DNSRecord.parse(reply).rr]
-    return {"answers": answers, "reply_from": list(source), "peer": list(peer) if peer else None}
+    return {"answers": answers, "reply_from": list(source[:2]), "peer": list(peer[:2]) if peer else None}
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -314,8 +319,9 @@ def start(tb) -> None:
                 "--stats-socket", str(stats_socket(tb, node.name, "server")),
                 "--ready-file", str(d / f"{node.name}.server.ready")]
         with open(d / f"{node.name}.server.log", "ab") as log:
-            proc = sandbox.spawn(argv, netns=node.netns, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=log, start_new_session=True)
+            # in the bed's own cgroup (as its agents): `down` finds it even without the state file
+            proc = sandbox.spawn(argv, netns=node.netns, cgroup=topology.cgroup_dir(tb.name) / "ctl",
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         records.append((tb._track(proc, "dns-server", node.name), d / f"{node.name}.server.ready"))
     for pod in tb.pods:
         if not captures_dns(pod):
