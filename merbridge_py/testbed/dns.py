@@ -19,7 +19,9 @@ Both programs count the queries they get, by transport, and tell the counts
 to whoever connects to their stats socket (a unix socket in the bed's work
 directory): the proxy's count is the witness that a lookup was captured.
 
-Run as `python -m merbridge_py.testbed.dns {server,proxy} ...`.
+Run as `python -m merbridge_py.testbed.dns {server,proxy} ...`; the `lookups`
+(glibc getaddrinfo in a loop, timing each) and `query` (one query over a
+chosen socket kind) roles are the clients the tests run inside pods.
 """
 
 from __future__ import annotations
@@ -240,10 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="lookups: the name to resolve")
     parser.add_argument("--count", type=int, default=1000, help="lookups: how many")
     parser.add_argument("--server", help="query: the DNS server's IPv4 address")
-    parser.add_argument("--how", default="unconnected", help="query: unconnected, connected or tcp")
+    parser.add_argument("--how", default="unconnected", help="query: unconnected, connected or tcp (+6: AF_INET6, v4-mapped)")
     parser.add_argument("--slow", type=float, default=0.9, help="lookups: seconds that count as a timeout")
     args = parser.parse_args(argv)
     if args.role == "query":
+        if not (args.server and args.name):
+            parser.error("query needs --server and --name")
         print(json.dumps(query(args.server, args.name, args.how)))
         return
     if args.role == "lookups":
