@@ -13,6 +13,7 @@ from merbridge_py.layout import DNS_CAPTURE_ALL, MAX_DNS_SERVERS
 from merbridge_py.policy import decide
 from merbridge_py.policy import dns as dns_policy
 from merbridge_py.policy.capture import Capture
+from merbridge_py.policy.live_rules import read_netns
 from merbridge_py.testbed import istio_dns
 from merbridge_py.testbed.istio_dns import DnsCapture
 from merbridge_py.testbed.istio_iptables import CaptureFlags
@@ -128,5 +129,10 @@ def test_servers_read_back_from_real_iptables_save():
         assert error is None
         got = dns_policy.with_installed_rules(decide(pod()).dns, text)
         assert got.accelerated and got.servers == ("10.96.0.10", "10.96.0.11"), got.reason
+        # the agent's rules reader (live_rules) carries the same servers: decided complete
+        installed = read_netns(f"/run/netns/{ns}")
+        assert installed.dns_redirects is not None, installed
+        got = dns_policy.intent(installed, cni=False)
+        assert got.accelerated and not got.pending and got.servers == ("10.96.0.10", "10.96.0.11"), got.reason
     finally:
         sandbox.netns_delete(ns)
