@@ -135,8 +135,14 @@ static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struc
     return rewrite ? CONNECT_TO_INBOUND_PORT : CONNECT_LEFT;
 }
 
+/* Both hooks first offer the connection to DNS capture (TCP and connected UDP
+ * to port 53, ebpf/dns_*.bpf.c): one program per hook, so the order between
+ * the DNS redirect and the mesh redirect is fixed here rather than by attach
+ * order. */
 int sock4_connect(struct bpf_sock_addr *ctx)
 {
+    if (dns_connect4(ctx))
+        return 1;   /* a captured DNS lookup, sent to the DNS proxy (dns_sendmsg.bpf.c) */
     struct addr dst = {}, to = {};
     addr_set_v4(&dst, ctx->user_ip4);
     int action = connect_common(ctx, &dst, bpf_ntohs((__u16)ctx->user_port), &to);
@@ -151,6 +157,8 @@ int sock4_connect(struct bpf_sock_addr *ctx)
 
 int sock6_connect(struct bpf_sock_addr *ctx)
 {
+    if (dns_connect6(ctx))
+        return 1;   /* a v4-mapped DNS lookup, sent to the DNS proxy (dns_inet6.bpf.c) */
     struct addr dst = {}, to = {};
     dst.w[0] = ctx->user_ip6[0];
     dst.w[1] = ctx->user_ip6[1];

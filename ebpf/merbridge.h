@@ -373,3 +373,65 @@ static __always_inline int inbound_captured(struct pod_policy *p, __u16 port)
     }
     return 0;
 }
+
+/* ---- DNS capture (issue 14; ebpf/dns_*.bpf.c) --------------------------------
+ * For pods whose Istio rules capture DNS, the app's DNS to the servers those
+ * rules name (or to any address, with capture-all) goes to the agent's DNS
+ * proxy on 127.0.0.1:MB_DNS_PROXY_PORT: TCP and connected UDP at connect,
+ * unconnected UDP at sendmsg. The socket remembers the server it asked, so
+ * recvmsg and getpeername can show that server instead of the proxy (glibc
+ * and most resolvers drop a reply from an address they did not ask). */
+#define MAX_DNS_SERVERS 8
+#define MB_DNS_PORT 53
+#define MB_DNS_PROXY_PORT 15053
+#define MB_DNS_PROXY_IP_HOST 0x7f000001   /* 127.0.0.1 */
+
+/* dns_policy.flags */
+#define DNS_CAPTURE_ALL 1   /* port 53 to any address (istio-cni's CAPTURE_ALL_DNS) */
+
+struct dns_policy {
+    __u32 proxy_uid;      /* the proxy's own lookups are never captured (Istio's owner match) */
+    __u32 proxy_gid;
+    __u32 flags;          /* DNS_* */
+    __u32 n_servers;
+    __u32 servers[MAX_DNS_SERVERS];   /* network order */
+};
+
+/* Where a redirected socket's DNS was meant to go. */
+struct dns_origin {
+    __u32 ip;     /* network order */
+    __u16 port;   /* host order */
+    __u16 pad;
+};
+
+enum dns_counter {
+    DNS_CNT_UDP_CONNECT = 0,     /* connected UDP socket sent to the DNS proxy */
+    DNS_CNT_UDP_SENDMSG,         /* unconnected UDP datagram sent to the DNS proxy */
+    DNS_CNT_TCP_CONNECT,         /* TCP DNS connection sent to the DNS proxy */
+    DNS_CNT_REPLY_SOURCE,        /* a reply's source shown as the original server */
+    DNS_CNT_PEER_NAME,           /* getpeername answered with the original server */
+    DNS_CNT_PROXY_SKIPPED,       /* the proxy's own DNS, left alone */
+    DNS_CNT_ERR_MAP_UPDATE,      /* the origin could not be remembered: left to iptables */
+    DNS_CNT_MAX,
+};
+
+/* dns_policy: per pod (netns cookie), written by the agent from the decision
+ * (policy/dns.py); no entry means port 53 is iptables' business. */
+MB_TABLE("hash", __u64, struct dns_policy, dns_policy, MAX_PODS);
+/* dns_origins: socket cookie -> the server it asked; LRU, since a UDP socket
+ * has no close event here (a resolver's socket lives for one lookup). */
+MB_TABLE("lru_hash", __u64, struct dns_origin, dns_origins, MAX_CONNECTIONS);
+MB_TABLE("percpu_array", int, __u64, dns_counters, DNS_CNT_MAX);
+
+static __always_inline void dns_count(__u32 slot)
+{
+    __u64 *value = dns_counters.lookup(&slot);
+    if (value)
+        *value += 1;
+}
+
+/* In ebpf/dns_sendmsg.bpf.c and ebpf/dns_inet6.bpf.c; connect4 and connect6
+ * dispatch to them first. Return 1 when the connect was a captured DNS one
+ * (and has been redirected). */
+static __always_inline int dns_connect4(struct bpf_sock_addr *ctx);
+static __always_inline int dns_connect6(struct bpf_sock_addr *ctx);

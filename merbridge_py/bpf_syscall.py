@@ -47,6 +47,12 @@ class AttachType(enum.IntEnum):
     CGROUP_INET4_CONNECT = 10
     CGROUP_INET6_CONNECT = 11
     CGROUP_GETSOCKOPT = 21
+    CGROUP_UDP4_SENDMSG = 14        # DNS capture (ebpf/dns_*.bpf.c)
+    CGROUP_UDP4_RECVMSG = 19
+    CGROUP_INET4_GETPEERNAME = 29
+    CGROUP_UDP6_SENDMSG = 15        # DNS capture of v4-mapped servers (ebpf/dns_inet6.bpf.c)
+    CGROUP_UDP6_RECVMSG = 20
+    CGROUP_INET6_GETPEERNAME = 30
 
 
 class MapType(enum.IntEnum):

@@ -60,16 +60,29 @@ class Hook:
         return int(bpf_syscall.AttachType[self.attach_type])
 
 
-# The connect hooks are the ones a mode switch takes off and puts back:
+# The hooks a mode switch takes off and puts back: the ones that redirect.
 # connect4 for AF_INET sockets, connect6 for AF_INET6 ones (IPv6 and
-# v4-mapped IPv4 destinations).
+# v4-mapped IPv4 destinations); both also dispatch captured DNS (TCP and
+# connected UDP to port 53) before anything else, so there is one program per
+# connect hook. sendmsg4/6 redirect unconnected UDP DNS. recvmsg and
+# getpeername only rewrite what a redirected socket shows, so they stay.
 CONNECT_HOOKS = ("sock4_connect", "sock6_connect")
+DNS_SENDMSG_HOOKS = ("dns_sendmsg4", "dns_sendmsg6")
+REDIRECT_HOOKS = CONNECT_HOOKS + DNS_SENDMSG_HOOKS
 HOOKS = (
     Hook("connect.bpf.c", "sock4_connect", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", True),
     Hook("connect.bpf.c", "sock6_connect", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT", True),
     Hook("sockops.bpf.c", "sockops", "SOCK_OPS", "CGROUP_SOCK_OPS", True),
     Hook("sk_msg.bpf.c", "sk_msg_splice", "SK_MSG", "SK_MSG_VERDICT", False),
     Hook("getsockopt.bpf.c", "sockopt_original_dst", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT", True),
+    # DNS capture (issue 14); TCP and connected UDP DNS are dispatched from the
+    # connect hooks above, sendmsg redirects, so it follows the mode as connect does
+    Hook("dns_sendmsg.bpf.c", "dns_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG", True),
+    Hook("dns_recvmsg.bpf.c", "dns_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG", True),
+    Hook("dns_getpeername.bpf.c", "dns_getpeername4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME", True),
+    Hook("dns_inet6.bpf.c", "dns_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG", True),
+    Hook("dns_inet6.bpf.c", "dns_recvmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG", True),
+    Hook("dns_inet6.bpf.c", "dns_getpeername6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_GETPEERNAME", True),
 )
 SK_MSG_HOOK = next(h for h in HOOKS if not h.on_cgroup)
 
@@ -97,7 +110,7 @@ def program_text(directory: Path | None = None) -> str:
     are joined here; #line markers keep compiler errors pointing at them."""
     d = directory or ebpf_dir()
     parts = []
-    for name in (HEADER,) + tuple(dict.fromkeys(h.source for h in HOOKS)):
+    for name in (HEADER,) + tuple(dict.fromkeys(h.source for h in HOOKS)):   # a file may hold several hooks
         body = (d / name).read_text()
         body = re.sub(r'^#include "merbridge\.h"\s*$', "", body, flags=re.M)
         body = body.replace("#pragma once", "")
@@ -286,7 +299,7 @@ class Datapath:
             # A sockhash has one sk_msg program: this replaces a predecessor's on adopted maps.
             self._attach(self.bpf.sockhash_fd, SK_MSG_HOOK, 0)
             for hook in HOOKS:
-                if hook.on_cgroup and (self.mode == "ebpf" or hook.function not in CONNECT_HOOKS):
+                if hook.on_cgroup and (self.mode == "ebpf" or hook.function not in REDIRECT_HOOKS):
                     self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
         except BaseException:
             for prog_fd, _ in stale:
@@ -327,7 +340,7 @@ class Datapath:
             time.sleep(drain_seconds)
         if self.attached and self._cgroup_fd is not None:
             for hook in HOOKS:
-                if hook.on_cgroup and (self.mode == "ebpf" or hook.function not in CONNECT_HOOKS):
+                if hook.on_cgroup and (self.mode == "ebpf" or hook.function not in REDIRECT_HOOKS):
                     try:
                         self._detach(self._cgroup_fd, hook)
                     except OSError as e:
@@ -428,15 +441,15 @@ class Datapath:
             raise DatapathError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if mode == self.mode:
             return
-        connects = [h for h in HOOKS if h.function in CONNECT_HOOKS]
+        redirecting = [h for h in HOOKS if h.function in REDIRECT_HOOKS]
         if mode == "iptables":
             if self.attached:
                 errors = []
-                for connect in connects:   # each one tried: a failure leaves as few attached as possible
+                for hook in redirecting:   # each one tried: a failure leaves as few attached as possible
                     try:
-                        self._detach(self._cgroup_fd, connect)
+                        self._detach(self._cgroup_fd, hook)
                     except OSError as e:
-                        errors.append(f"detaching {connect.function}: {e.strerror}")
+                        errors.append(f"detaching {hook.function}: {e.strerror}")
                 if errors:
                     raise DatapathError("; ".join(errors))
             self.mode = mode
@@ -445,8 +458,8 @@ class Datapath:
             self.mode = mode
             self._write_config()
             if self.attached:
-                for connect in connects:
-                    self._attach(self._cgroup_fd, connect, bpf_syscall.BPF_F_ALLOW_MULTI)
+                for hook in redirecting:
+                    self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
         log.info("datapath mode is now %s", mode)
 
     # --- state ----------------------------------------------------------------------
@@ -506,6 +519,16 @@ class Datapath:
         if ipv6:
             self.bpf["local_pod_ip"].delete(layout.Addr.of(ipv6))
         self.bpf["pod_policy"].delete(netns_cookie)
+        self.bpf["dns_policy"].delete(netns_cookie)
+
+    def set_pod_dns(self, netns_cookie: int, decision) -> None:
+        """The pod's DNS capture entry (merbridge_py/dns_datapath.py)."""
+        from .dns_datapath import write_pod
+        write_pod(self, netns_cookie, decision)
+
+    def dns_counters(self) -> dict[str, int]:
+        from .dns_datapath import counters
+        return counters(self)
 
     def pod_entries(self) -> list[tuple[int, str]]:
         """(netns cookie, pod IP) of every pod in the maps: after a takeover,

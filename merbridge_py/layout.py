@@ -172,3 +172,45 @@ MAPS = {
     "counters": (ct.c_uint32, ct.c_uint64),
 }
 SOCKHASH_MAPS = ("sock_pairs",)
+
+
+# ---- DNS capture (the DNS block at the end of merbridge.h) ------------------------
+
+MAX_DNS_SERVERS = 8
+DNS_PORT = 53
+DNS_PROXY_PORT = 15053
+DNS_PROXY_IP = "127.0.0.1"   # MB_DNS_PROXY_IP_HOST
+DNS_CAPTURE_ALL = 1     # DnsPolicyValue.flags
+
+
+class DnsPolicyValue(ct.Structure):
+    _fields_ = [
+        ("proxy_uid", ct.c_uint32),
+        ("proxy_gid", ct.c_uint32),
+        ("flags", ct.c_uint32),        # DNS_CAPTURE_ALL
+        ("n_servers", ct.c_uint32),
+        ("servers", ct.c_uint32 * MAX_DNS_SERVERS),   # network order
+    ]
+
+
+class DnsOrigin(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class DnsCounter(enum.IntEnum):
+    """Slots of the per-CPU dns_counters array, in enum dns_counter's order."""
+
+    UDP_CONNECT = 0
+    UDP_SENDMSG = 1
+    TCP_CONNECT = 2
+    REPLY_SOURCE = 3
+    PEER_NAME = 4
+    PROXY_SKIPPED = 5
+    ERR_MAP_UPDATE = 6
+
+
+MAPS.update({
+    "dns_policy": (ct.c_uint64, DnsPolicyValue),
+    "dns_origins": (ct.c_uint64, DnsOrigin),
+    "dns_counters": (ct.c_uint32, ct.c_uint64),
+})

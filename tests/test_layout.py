@@ -2,6 +2,7 @@
 layout change must be made in both, and these tests say when it was not."""
 
 import ctypes as ct
+import ipaddress
 import re
 from pathlib import Path
 
@@ -14,7 +15,8 @@ HEADER = (Path(__file__).resolve().parent.parent / "ebpf" / "merbridge.h").read_
 
 def test_limits_agree():
     defined = dict(re.findall(r"^#define (MAX_\w+) (\d+)$", HEADER, re.M))
-    for name in ("MAX_OUTBOUND_RULES", "MAX_INBOUND_RULES", "MAX_PODS", "MAX_CONNECTIONS", "MAX_DESTINATIONS"):
+    for name in ("MAX_OUTBOUND_RULES", "MAX_INBOUND_RULES", "MAX_PODS", "MAX_CONNECTIONS", "MAX_DESTINATIONS",
+                 "MAX_DNS_SERVERS"):
         assert int(defined[name]) == getattr(layout, name), name
 
 
@@ -23,6 +25,18 @@ def test_counter_slots_agree():
     names = re.findall(r"^\s*CNT_(\w+)", body, re.M)
     assert names[-1] == "MAX"
     assert names[:-1] == [c.name for c in sorted(layout.Counter, key=lambda c: c.value)]
+
+
+def test_dns_constants_and_counter_slots_agree():
+    defined = dict(re.findall(r"^#define (\w+) (0x[0-9a-f]+|\d+)", HEADER, re.M))
+    assert int(defined["MB_DNS_PORT"]) == layout.DNS_PORT
+    assert int(defined["MB_DNS_PROXY_PORT"]) == layout.DNS_PROXY_PORT
+    assert int(defined["DNS_CAPTURE_ALL"]) == layout.DNS_CAPTURE_ALL
+    assert int(defined["MB_DNS_PROXY_IP_HOST"], 16) == int(ipaddress.IPv4Address(layout.DNS_PROXY_IP))
+    body = re.search(r"enum dns_counter \{(.*?)\};", HEADER, re.S).group(1)
+    names = re.findall(r"^\s*DNS_CNT_(\w+)", body, re.M)
+    assert names[-1] == "MAX"
+    assert names[:-1] == [c.name for c in sorted(layout.DnsCounter, key=lambda c: c.value)]
 
 
 def flatten(ctype, prefix="") -> list[tuple[str, int, int]]:
@@ -60,7 +74,7 @@ def test_structs_agree_with_what_bcc_compiles():
                 table = bpf[name.encode()]
                 assert ct.sizeof(table.Key) == ct.sizeof(key_type), name
                 leaf = table.Leaf
-                if name == "counters":  # per-CPU: bcc gives an array of one value per CPU
+                if name in ("counters", "dns_counters"):  # per-CPU: bcc gives an array of one value per CPU
                     leaf = leaf._type_
                 assert ct.sizeof(leaf) == ct.sizeof(value_type), name
                 if issubclass(value_type, ct.Structure):

@@ -42,7 +42,7 @@ def test_a_failure_inside_the_bed_leaves_nothing_behind():
     with pytest.raises(RuntimeError, match="boom"):
         with Testbed.up(name, nodes=2, pods_per_node=1, mode="ebpf") as tb:
             pids = [r.pid for r in tb.processes]
-            assert {r.role for r in tb.processes} == {"app", "sidecar", "agent"}
+            assert {r.role for r in tb.processes} == {"app", "sidecar", "agent", "dns-server"}
             assert list(Path("/sys/fs/bpf").glob(f"{topology.prefix(name)}node*"))   # the agents' pins
             raise RuntimeError("boom")
     assert_gone(name, pids)

@@ -22,6 +22,7 @@ is read again with backoff, the pod staying on iptables meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import Callable
 from ..mesh import MeshProfile
 from ..netns import Netns, NetnsIndex
 from ..policy import Verdict, compile_rules, decide
+from ..policy import dns as dns_policy
 from ..policy.installed import InstalledError
 from ..policy.live_rules import InstalledRulesCache, NoIstioRules, read_netns, spec_key
 from ..policy.rules import PodKernelFields, kernel_fields
@@ -51,6 +53,7 @@ class Applied:
     outbound: tuple
     inbound: tuple
     fields: PodKernelFields | None = None
+    dns: object = None      # the DNS decision written to dns_policy (policy.dns.DnsDecision)
 
 
 @dataclass
@@ -143,6 +146,8 @@ class Agent:
         self._changed = False
         self._tracked: dict[str, _Tracked] = {}
         self._applied: dict[str, Applied] = {}
+        # DNS rules read for pods decided without a rules reader: key -> ((cookie, spec key), (text, error))
+        self._dns_rules: dict[str, tuple[tuple, tuple]] = {}
         self._status: dict[str, PodStatus] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -221,6 +226,7 @@ class Agent:
     def _decide_changed(self, pods: dict[str, dict]) -> None:
         for key in self._tracked.keys() - pods.keys():
             del self._tracked[key]
+            self._dns_rules.pop(key, None)
         for key, obj in pods.items():
             t = self._tracked.get(key)
             if t is not None and _same_object(t.obj, obj):
@@ -332,7 +338,9 @@ class Agent:
     def _in_place(self, key: str, t: _Tracked) -> bool:
         cur = self._applied.get(key)
         return (cur is not None and cur.ip == t.verdict.ips[0]
-                and (cur.outbound, cur.inbound) == t.rules and cur.fields == t.fields)
+                and (cur.outbound, cur.inbound) == t.rules and cur.fields == t.fields
+                and cur.dns == t.verdict.dns
+                and not (t.verdict.dns is not None and t.verdict.dns.pending))   # DNS servers still to read
 
     # --- kernel -------------------------------------------------------------------------
 
@@ -402,8 +410,35 @@ class Agent:
         else:
             cookie = self._find_netns(key, t, ip)
         self.datapath.set_pod(cookie, ip, list(outbound), list(inbound), t.fields)
-        self._applied[key] = Applied(cookie, ip, outbound, inbound, t.fields)
-        return PodStatus(key, True, v.reason, ip, source=_source(v))
+        t.verdict = self._apply_dns(key, t, cookie, ip)
+        self._applied[key] = Applied(cookie, ip, outbound, inbound, t.fields, t.verdict.dns)
+        return PodStatus(key, True, t.verdict.reason, ip, source=_source(t.verdict))
+
+    def _apply_dns(self, key: str, t: _Tracked, cookie: int, ip: str) -> Verdict:
+        """DNS capture (issue 14, policy/dns.py): the pod's dns_policy entry.
+        Its servers come from the installed rules the verdict was decided
+        with (the cache read them); a verdict decided from the spec alone
+        (no rules reader) is still pending, and its servers are read here
+        with iptables-save, once per namespace and spec. Returns the verdict
+        with the final DNS decision (and its reason) in it."""
+        v = t.verdict
+        set_pod_dns = getattr(self.datapath, "set_pod_dns", None)
+        if v.dns is None or set_pod_dns is None:
+            return v
+        dns = v.dns
+        if dns.pending:
+            stamp = (cookie, spec_key(t.obj))
+            read = self._dns_rules.get(key)
+            if read is None or read[0] != stamp:
+                path = t.netns.path if t.netns is not None and t.netns.cookie == cookie else None
+                if path is None:
+                    owners = [o for o in self.netns.owners(ip) if o.cookie == cookie]
+                    path = owners[0].path if owners else None
+                read = (stamp, dns_policy.read_nat_rules(path) if path else (None, "no namespace"))
+                self._dns_rules[key] = read
+            dns = dns_policy.with_installed_rules(dns, *read[1])
+        set_pod_dns(cookie, dns)
+        return dataclasses.replace(v, dns=dns, reason=v.reason.replace(f"DNS: {v.dns.reason}", f"DNS: {dns.reason}"))
 
     def _find_netns(self, key: str, t: _Tracked, ip: str) -> int:
         if t.netns is not None and ip in t.netns.ipv4:

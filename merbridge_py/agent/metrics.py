@@ -93,6 +93,12 @@ class AgentMetrics:
                 fam = families[name] = CounterMetricFamily(name, _HELP[name], labels=sorted(labels))
             fam.add_metric([labels[k] for k in sorted(labels)], values[slot.name.lower()])
         yield from families.values()
+        dns = CounterMetricFamily("merbridge_dns_events", "DNS capture in the kernel, by event: lookups sent to "
+                                  "the DNS proxy, replies and peers shown as the server, the proxy's own lookups "
+                                  "left alone, errors", labels=["event"])
+        for event, n in dp.dns_counters().items():
+            dns.add_metric([event.removeprefix("dns_")], n)
+        yield dns
         occupancy = GaugeMetricFamily("merbridge_map_entries", "Entries in each datapath map", labels=["map"])
         for name, n in dp.map_sizes().items():
             occupancy.add_metric([name], n)

@@ -42,6 +42,10 @@ class Capture:
     inbound_port: int = 15006               # -z
     mode: str = "REDIRECT"                  # -m
     notes: tuple[str, ...] = field(default=())
+    # (protocol, server network or None for any) of each rule of the installed
+    # ISTIO_OUTPUT_DNS chain, for DNS capture (policy/dns.py); None when this
+    # capture was not read from installed rules. Not part of the comparison.
+    dns_redirects: tuple[tuple[str, str | None], ...] | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         """The flags in istio-iptables spelling, for reasons."""
@@ -65,7 +69,8 @@ def make_capture(source: str, *, include_ranges: Sequence[IPNetwork], exclude_ra
                  include_inbound: Sequence[int] | str, exclude_inbound: Sequence[int],
                  include_outbound: Sequence[int], exclude_outbound: Sequence[int], dns: bool,
                  uids: Sequence[int], gids: Sequence[int], proxy_port: int, inbound_port: int,
-                 mode: str = "REDIRECT", notes: Sequence[str] = ()) -> Capture:
+                 mode: str = "REDIRECT", notes: Sequence[str] = (),
+                 dns_redirects: Sequence[tuple[str, str | None]] | None = None) -> Capture:
     policy = PodPolicy(
         include_outbound_ip_ranges=dedupe(include_ranges),
         exclude_outbound_ip_ranges=dedupe(exclude_ranges),
@@ -78,7 +83,8 @@ def make_capture(source: str, *, include_ranges: Sequence[IPNetwork], exclude_ra
         proxy_gid=gids[0] if gids else DEFAULT_PROXY_UID,
         source=source,
     )
-    return Capture(source, policy, dedupe(uids), dedupe(gids), proxy_port, inbound_port, mode, tuple(notes))
+    return Capture(source, policy, dedupe(uids), dedupe(gids), proxy_port, inbound_port, mode, tuple(notes),
+                   None if dns_redirects is None else tuple(dns_redirects))
 
 
 # --- choosing -------------------------------------------------------------------

@@ -304,7 +304,8 @@ def from_rules(rules: list[Rule], source: str, version: int = 4) -> Capture:
                         include_inbound=include_inbound, exclude_inbound=exclude_inbound,
                         include_outbound=out["include_ports"], exclude_outbound=out["exclude_ports"],
                         dns=out["dns"], uids=out["uids"], gids=out["gids"], proxy_port=proxy_port,
-                        inbound_port=inbound_port)
+                        inbound_port=inbound_port,
+                        dns_redirects=[(r.proto, None if r.dst is None else str(r.dst)) for r in dns_chain])
 
 
 def _redirect_port(by_chain: dict, chain: str, source: str) -> int:

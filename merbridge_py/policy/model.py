@@ -90,6 +90,7 @@ class Verdict:
     policy: PodPolicy | None      # None only when the policy could not be parsed
     code: str = "accelerated"     # short, stable: a metrics label (not part of the JSON)
     families: tuple[FamilyVerdict, ...] = ()   # per family (policy.rules.family_verdicts)
+    dns: object = None            # policy.dns.DnsDecision of an accelerated pod (issue 14)
 
     def to_json(self) -> dict:
         return {
@@ -100,4 +101,5 @@ class Verdict:
             "ips": list(self.ips),
             "policy": None if self.policy is None else self.policy.to_json(),
             "families": {f.family: f.to_json() for f in self.families},
+            **({} if self.dns is None else {"dns": self.dns.to_dict()}),
         }

@@ -27,6 +27,7 @@ from merbridge_py.policy.annotations import (
 from merbridge_py.policy.installed import (
     SOURCE_ANNOTATIONS, SOURCE_ARGS, Capture, InstalledError, Refused, choose, from_args, from_cni_annotations,
 )
+from merbridge_py.policy import dns as dns_policy
 from merbridge_py.policy.model import PodPolicy, Verdict
 from merbridge_py.policy.rules import compile_rules, family_verdicts
 
@@ -357,8 +358,6 @@ def _notes(facts: PodFacts, policy: PodPolicy, mesh: MeshProfile) -> list[str]:
     notes = []
     if EXCLUDE_INBOUND_PORTS in facts.annotations and not policy.captures_all_inbound_ports:
         notes.append(f"{EXCLUDE_INBOUND_PORTS} has no effect unless includeInboundPorts is \"*\" (as in Istio)")
-    if policy.dns_capture:
-        notes.append("TCP port 53 is left to iptables (DNS capture)")
     if compile_rules(policy, mesh) == ([], []):
         notes.append("the policy captures no connections")
     return notes
@@ -417,9 +416,13 @@ def _decide(pod: object, mesh: MeshProfile, installed: Capture | InstalledError 
         ipv6 = families[1]
         notes.insert(0, "IPv4 and IPv6" if ipv6.accelerated else
                      f"IPv6 address {ipv6.address} stays on iptables: {ipv6.reason}")
+    dns = dns_policy.intent(capture, cni=setup == "istio-cni")
+    if dns.captured:
+        notes.append(f"DNS: {dns.reason}")
     if notes:
         reason += "; " + "; ".join(notes)
-    return Verdict(facts.id, True, reason, mesh.name, facts.ipv4, policy, families=families)
+    return Verdict(facts.id, True, reason, mesh.name, facts.ipv4, policy, families=families,
+                   dns=dns if dns.captured else None)
 
 
 def decide(pod: dict, mesh: MeshProfile = ISTIO, installed: Capture | InstalledError | None = None) -> Verdict:

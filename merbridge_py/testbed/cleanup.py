@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .. import sandbox
-from . import state, topology
+from . import dns, state, topology
 from .state import ProcessRecord
 
 AGENT_STOP_TIMEOUT = 15.0      # the agent detaches and unpins on SIGTERM
@@ -60,6 +60,7 @@ def teardown(name: str, reap=None) -> None:
     if cg.exists():
         sandbox.cgroup_remove(cg)
     topology.remove_network(name)
+    dns.remove_resolv_confs(topology.prefix(name))
     for d in _bpffs_dirs(name):
         _remove_tree(d)
     state.forget(name)

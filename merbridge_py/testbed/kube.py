@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime, timezone
 
 from ..mesh import ISTIO
-from . import istio_iptables
+from . import istio_dns, istio_iptables
 from .topology import Node, Pod
 
 NAMESPACE = "default"
@@ -65,13 +65,15 @@ def pod_object(testbed: str, pod: Pod, node: Node, created: str | None = None,
             context = {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
                        "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False}
         init_containers.append({"name": init_name, "image": PROXY_IMAGE,
-                                "args": flags.argv(cni=cni, native_nftables=nftables), "securityContext": context})
+                                "args": flags.argv(cni=cni, native_nftables=nftables), "securityContext": context,
+                                **proxy_metadata_env(pod)})
         containers.append({
             "name": ISTIO.proxy_container, "image": PROXY_IMAGE,
             "args": ["proxy", "sidecar", "--domain", "$(POD_NAMESPACE).svc.cluster.local"],
             "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
             "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}},
-            "securityContext": {"runAsUser": mesh.proxy_uid, "runAsGroup": mesh.gid, "runAsNonRoot": True}})
+            "securityContext": {"runAsUser": mesh.proxy_uid, "runAsGroup": mesh.gid, "runAsNonRoot": True},
+            **proxy_metadata_env(pod)})
         statuses.append({"name": ISTIO.proxy_container, "ready": True, "restartCount": 0, "image": PROXY_IMAGE,
                          "state": {"running": {"startedAt": created}}})
     # The service account is the pod's name: each pod has its own mesh identity (see envoy.service_account).
@@ -92,6 +94,13 @@ def pod_object(testbed: str, pod: Pod, node: Node, created: str | None = None,
                    "conditions": [{"type": t, "status": "True"} for t in ("Initialized", "Ready", "ContainersReady",
                                                                             "PodScheduled")]},
     }
+
+
+def proxy_metadata_env(pod: Pod) -> dict:
+    """The injector copies proxy.istio.io/config's proxyMetadata into the
+    env of istio-proxy and istio-init (ISTIO_META_DNS_CAPTURE among them)."""
+    env = [{"name": k, "value": v} for k, v in sorted(istio_dns.proxy_metadata(pod.annotations).items())]
+    return {"env": env} if env else {}
 
 
 def pod_list(objects: list[dict]) -> dict:

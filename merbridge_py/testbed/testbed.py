@@ -30,7 +30,7 @@ from pathlib import Path
 from .. import sandbox
 from ..datapath import detach_pinned
 from ..mesh import ISTIO
-from . import envoy, istio_ip6tables, istio_iptables, istio_nftables, kube, nginx_app, pki, state, topology
+from . import dns, envoy, istio_dns, istio_ip6tables, istio_iptables, istio_nftables, kube, nginx_app, pki, state, topology
 from .cleanup import AGENT_STOP_TIMEOUT, leftovers, teardown
 from .envoy import EnvoySidecar
 from .options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MODES, PROXIES
@@ -171,6 +171,7 @@ class Testbed:
         try:
             tb._create()
             tb._start_apps()
+            dns.start(tb)
             tb.set_mode(mode, settle=False)
             tb.status_word = "up"
             tb._save()
@@ -225,6 +226,7 @@ class Testbed:
             topology.create_node(node, self.fabric, self.nodes)
         for pod in self.pods:
             topology.create_pod(pod, self.node(pod.node))
+        dns.write_resolv_confs(self)
         for node in self.nodes:
             objects = [kube.pod_object(self.name, p, node) for p in self.pods if p.node == node.name]
             self.pods_file(node).write_text(json.dumps(kube.pod_list(objects), indent=1) + "\n")
@@ -458,14 +460,23 @@ class Testbed:
             if not pod.meshed:
                 continue
             flags = istio_iptables.pod_flags(pod)
+            # Istio's DNS capture (proxyMetadata ISTIO_META_DNS_CAPTURE): the servers
+            # of the pod's resolv.conf, or every address under istio-cni.
+            dns_capture = istio_dns.dns_capture(pod.annotations, dns.resolv_conf(self.node(pod.node)),
+                                                cni=getattr(pod, "cni", False))
             if pod.rules == "nftables":
+                if dns_capture.active and dns_capture.capture_all:
+                    raise ValueError(f"pod {pod.name}: capture-all DNS with Istio's nftables rules is not "
+                                     "modelled by the bed (istio_nftables writes per-server DNS rules only)")
+                nft_flags = istio_dns.with_dns(flags, dns_capture)
                 sandbox.sh("nft", "-f", "-", netns=pod.netns,
-                           input=istio_nftables.script(flags) if install else istio_nftables.delete_script(flags))
+                           input=istio_nftables.script(nft_flags) if install else istio_nftables.delete_script(nft_flags))
             elif install:
                 sandbox.sh("iptables-restore", "--noflush", netns=pod.netns,
-                           input=istio_iptables.restore_payload(flags))
+                           input=istio_dns.restore_payload(flags, dns_capture))
             else:
-                sandbox.sh("iptables-restore", netns=pod.netns, input=istio_iptables.flush_payload(flags))
+                sandbox.sh("iptables-restore", netns=pod.netns,
+                           input=istio_iptables.flush_payload(istio_dns.with_dns(flags, dns_capture)))
             if pod.ip6:
                 self._apply_ipv6_rules(pod, flags, install)
 
