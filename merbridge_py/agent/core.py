@@ -301,7 +301,12 @@ class Agent:
         cur = self._applied.get(key)
         if cur is not None and t.netns is not None and cur.ip == ip and t.netns.cookie == cur.netns_cookie:
             return t.netns
-        self._scan_once(reread=t.tries > 0)
+        return self._owner_of(ip, reread=t.tries > 0)
+
+    def _owner_of(self, ip: str, reread: bool) -> Netns:
+        """The one network namespace that has `ip` (one scan per pass, a
+        re-read on retries: an IP can appear after the namespace)."""
+        self._scan_once(reread=reread)
         owners = self.netns.owners(ip)
         if len(owners) > 1:
             raise _Retry(f"IP {ip} is in {len(owners)} network namespaces; cannot tell which is the pod's",
@@ -444,14 +449,7 @@ class Agent:
         if t.netns is not None and ip in t.netns.ipv4:
             cookie = t.netns.cookie         # found (and its rules read) by _resolve
         else:   # decided without the rules (rules_reader None): look the namespace up now
-            self._scan_once(reread=t.tries > 0)
-            owners = self.netns.owners(ip)
-            if len(owners) > 1:
-                raise _Retry(f"IP {ip} is in {len(owners)} network namespaces; cannot tell which is the pod's",
-                             "ambiguous_netns")
-            if not owners:
-                raise _Retry(f"no network namespace has IP {ip}", "netns_not_found")
-            cookie = owners[0].cookie
+            cookie = self._owner_of(ip, reread=t.tries > 0).cookie
         for other, applied in self._applied.items():
             if applied.netns_cookie == cookie:
                 # pod_policy is keyed by namespace: writing would replace the other pod's policy
