@@ -72,6 +72,18 @@ static __always_inline int bind_to_pod(struct bpf_sock_addr *ctx, struct pod_pol
  * address; no iptables-mode entry ever names the pod's own address and the
  * outbound port, and Istio's `-o lo -m owner ! --uid-owner` RETURN leaves
  * the connection alone. The proxy's [::]:15001 listener accepts it. */
+/* Destinations the kernel routes over lo, where Istio's -o lo rules decide:
+ * loopback, the unspecified address (connect() turns 0.0.0.0 and :: into
+ * loopback) and the IPv6 passthrough source ::6 (on lo in meshed pods). */
+static __always_inline int routed_over_lo(const struct addr *a)
+{
+    if (is_loopback(a) || is_passthrough(a))
+        return 1;
+    if (addr_is_v4(a))
+        return a->w[3] == 0;
+    return (a->w[0] | a->w[1] | a->w[2] | a->w[3]) == 0;
+}
+
 static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struct addr *dst, __u16 dst_port,
                                           struct addr *to)
 {
@@ -87,7 +99,7 @@ static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struc
         return CONNECT_LEFT;   /* that family stays with Istio's rules for this pod */
     /* Istio returns loopback traffic of apps (-o lo), and a proxy calling its
      * own pod IP goes through iptables' ISTIO_IN_REDIRECT: leave both alone. */
-    if (is_loopback(dst) || (v4 ? dst->w[3] == self->pod_ip : addr_eq(dst, &self->pod_ip6)))
+    if (routed_over_lo(dst) || (v4 ? dst->w[3] == self->pod_ip : addr_eq(dst, &self->pod_ip6)))
         return CONNECT_LEFT;
 
     if (!current_is_proxy(self)) {

@@ -17,6 +17,7 @@ from merbridge_py.agent import core
 from merbridge_py.agent.core import Agent
 from merbridge_py.mesh import ISTIO
 from merbridge_py.policy import installed as inst
+from merbridge_py.policy import live_rules
 from merbridge_py.testbed import istio_iptables as ii
 from merbridge_py.testbed import kube
 from merbridge_py.testbed.topology import Node, Pod
@@ -161,6 +162,26 @@ def test_a_namespace_without_rules_yet_is_read_again_later(node, monkeypatch):
     agent.reconcile_once()                     # before the retry is due: not read again
     assert len(reader.calls) == 1
     reader.by_path["/run/netns/1"] = rules_of()      # istio-init has run
+    clock[0] += core.FIRST_RETRY
+    agent.reconcile_once()
+    assert status(agent)["default/a"]["accelerated"] and len(reader.calls) == 2
+    assert dp.local_pod_ip == {"10.0.0.1": 1}
+
+
+def test_a_reader_that_failed_is_tried_again_later(node, monkeypatch):
+    """A failed read (a reader timed out on a busy node, say) says nothing of
+    the rules: the pod stays on iptables and is read again, not refused for good."""
+    agent, dp, netns, reader = node
+    clock = [100.0]
+    monkeypatch.setattr(core.time, "monotonic", lambda: clock[0])
+    netns.add("10.0.0.1", 1)
+    reader.by_path["/run/netns/1"] = live_rules.RulesReadFailed("reading the rules failed: TimeoutExpired: ...")
+    agent.update_pods({"default/a": pod_object("a", "10.0.0.1")})
+    agent.reconcile_once()
+    st = status(agent)["default/a"]
+    assert not st["accelerated"] and st["pending"] and "TimeoutExpired" in st["reason"]
+    assert dp.local_pod_ip == {}
+    reader.by_path["/run/netns/1"] = rules_of()
     clock[0] += core.FIRST_RETRY
     agent.reconcile_once()
     assert status(agent)["default/a"]["accelerated"] and len(reader.calls) == 2

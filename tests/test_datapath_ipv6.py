@@ -156,6 +156,9 @@ def test_exclusions_apply_per_family(node):
     # IPv6 loopback and the pod's own IPv6 address stay local, as Istio's -o lo RETURN leaves them
     assert ask(node, "a", "::1")[0] == "a"
     assert ask(node, "a", a.ip6)[1].startswith(f"{a.ip6}:")
+    # so do the unspecified addresses (connect() turns them into loopback) and ::6, which is on lo
+    for host in ("::", "0.0.0.0", "::6"):
+        assert ask(node, "a", host)[0] == "a", host
     assert len(records(node, "a", 15001)) == before + 2
 
 

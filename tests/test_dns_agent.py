@@ -104,6 +104,27 @@ def test_a_changed_dns_decision_is_written_even_when_the_mesh_rules_are_the_same
     assert "10.96.0.11" in reason(agent)
 
 
+def test_the_dns_entry_goes_when_the_rules_stop_capturing_dns(no_iptables_save):
+    """A pod that stays accelerated but whose rules no longer capture DNS (or
+    an entry left by the agent before a restart): its dns_policy entry is
+    removed, so port 53 is never taken where the rules do not take it."""
+    dp, netns = DnsDatapath(), FakeNetns()
+    netns.add("10.0.0.1", 1)
+    reader = Reader(inst.from_iptables_save(rules_text(("10.96.0.10",))))
+    agent = Agent(dp, ISTIO, netns_index=netns, rules_reader=reader)
+    agent.update_pods({"default/web": pod_object()})
+    agent.reconcile_once()
+    assert dp.dns[1].accelerated
+    # DNS proxying switched off in the proxy's config, and the rules (reinstalled) without the DNS chain
+    dns_off = {istio_dns.ANN_PROXY_CONFIG: json.dumps({"proxyMetadata": {}})}
+    reader.result = inst.from_iptables_save(ii.restore_payload(ii.flags_from_annotations(dns_off)))
+    agent.update_pods({"default/web": pod_object(dns_off, resource_version="2")})
+    agent.reconcile_once()
+    (st,) = agent.status()
+    assert st["accelerated"] and 1 in dp.pod_policy
+    assert not dp.dns[1].accelerated, dp.dns[1].reason
+
+
 def test_nftables_pods_leave_port_53_to_istios_rules(no_iptables_save):
     dp, netns = DnsDatapath(), FakeNetns()
     netns.add("10.0.0.1", 1)

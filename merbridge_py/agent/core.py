@@ -33,8 +33,7 @@ from ..mesh import MeshProfile
 from ..netns import Netns, NetnsIndex
 from ..policy import Verdict, compile_rules, decide
 from ..policy import dns as dns_policy
-from ..policy.installed import InstalledError
-from ..policy.live_rules import InstalledRulesCache, NoIstioRules, read_netns, spec_key
+from ..policy.live_rules import InstalledRulesCache, NoIstioRules, RulesReadFailed, read_netns, spec_key
 from ..policy.rules import PodKernelFields, kernel_fields
 
 log = logging.getLogger("merbridge_py.agent")
@@ -42,6 +41,11 @@ log = logging.getLogger("merbridge_py.agent")
 FIRST_RETRY = 0.2     # a pod whose namespace is not visible yet is looked up again after this...
 MAX_RETRY = 5.0       # ...doubling up to this
 IDLE_WAIT = 1.0       # longest sleep with nothing to do (a wake from a source cuts it short)
+
+
+# Applied.dns while a pod's DNS entry is being written: never equal to a
+# decision, so a failed write is retried.
+_DNS_UNKNOWN = object()
 
 
 @dataclass(frozen=True)
@@ -273,12 +277,15 @@ class Agent:
             results = self.installed.get_many(list(requests.values()))
         except Exception as e:  # noqa: BLE001 - a reader bug delays these pods, never the pass
             log.warning("reading installed rules failed: %s: %s", type(e).__name__, e)
-            results = [InstalledError(f"reading the rules failed: {type(e).__name__}: {e}")] * len(requests)
+            results = [RulesReadFailed(f"reading the rules failed: {type(e).__name__}: {e}")] * len(requests)
         for (key, request), installed in zip(requests.items(), results):
             t = self._tracked[key]
-            if isinstance(installed, NoIstioRules):
-                self.installed.forget(request[0])           # read again on the retry
-                out[key] = self._not_resolved(key, t, now, str(installed), "no_rules_yet")
+            if isinstance(installed, (NoIstioRules, RulesReadFailed)):
+                # no rules yet, or a reader that failed (timed out on a busy
+                # node, say): nothing known of the rules; read again on the retry
+                self.installed.forget(request[0])
+                code = "no_rules_yet" if isinstance(installed, NoIstioRules) else "rules_read_failed"
+                out[key] = self._not_resolved(key, t, now, str(installed), code)
                 continue
             t.verdict = decide(t.obj, self.mesh, installed)  # the same decision, completed: not counted again
             self._compile(t)
@@ -415,6 +422,10 @@ class Agent:
         else:
             cookie = self._find_netns(key, t, ip)
         self.datapath.set_pod(cookie, ip, list(outbound), list(inbound), t.fields)
+        # On the books before the DNS write: if that fails, the pod's entries
+        # are still removed when it goes, and its DNS entry (unknown until
+        # written) is written again on the retry.
+        self._applied[key] = Applied(cookie, ip, outbound, inbound, t.fields, _DNS_UNKNOWN)
         t.verdict = self._apply_dns(key, t, cookie, ip)
         self._applied[key] = Applied(cookie, ip, outbound, inbound, t.fields, t.verdict.dns)
         return PodStatus(key, True, t.verdict.reason, ip, source=_source(t.verdict))
@@ -428,7 +439,12 @@ class Agent:
         with the final DNS decision (and its reason) in it."""
         v = t.verdict
         set_pod_dns = getattr(self.datapath, "set_pod_dns", None)
-        if v.dns is None or set_pod_dns is None:
+        if set_pod_dns is None:
+            return v
+        if v.dns is None:
+            # No capture now: remove an entry an earlier decision (or the
+            # agent before a restart, whose maps this one took over) wrote.
+            set_pod_dns(cookie, dns_policy.NOT_CAPTURED)
             return v
         dns = v.dns
         if dns.pending:

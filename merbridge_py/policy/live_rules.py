@@ -462,13 +462,18 @@ class NoIstioRules(InstalledError):
     and cannot be read exactly."""
 
 
+class RulesReadFailed(InstalledError):
+    """A reader failed (it exited non-zero, timed out, could not start): says
+    nothing about the rules, so, as with NoIstioRules, worth reading again later."""
+
+
 def _run_in_netns(netns_path: str, argv: Sequence[str]) -> str | None:
     """stdout of argv run inside the namespace; None when the binary is missing."""
     if shutil.which(argv[0]) is None:
         return None
     proc = subprocess.run(["nsenter", f"--net={netns_path}", *argv], capture_output=True, text=True, timeout=10)
     if proc.returncode != 0:
-        raise InstalledError(f"{' '.join(argv)} failed in {netns_path}: {proc.stderr.strip()[:200]}")
+        raise RulesReadFailed(f"{' '.join(argv)} failed in {netns_path}: {proc.stderr.strip()[:200]}")
     return proc.stdout
 
 
@@ -558,11 +563,14 @@ def read_netns(netns_path: str, run=_run_in_netns, legacy_tables=_legacy_tables)
         kind, text = found[0]
         if kind == "nft":
             return from_nft_json(text)
-        return with_ipv6(from_iptables_save(text), _read_ip6tables(netns_path, run, legacy_tables, nft_listing))
+        ipv6 = _read_ip6tables(netns_path, run, legacy_tables, nft_listing)
+        if isinstance(ipv6, RulesReadFailed):
+            return ipv6     # read both again later, rather than settle IPv6 on a failed read
+        return with_ipv6(from_iptables_save(text), ipv6)
     except InstalledError as e:
         return e
     except (OSError, ValueError, subprocess.SubprocessError) as e:
-        return InstalledError(f"reading the rules failed: {type(e).__name__}: {e}")
+        return RulesReadFailed(f"reading the rules failed: {type(e).__name__}: {e}")
 
 
 def _read_ip6tables(netns_path: str, run, legacy_tables, nft_listing: dict | None) -> Capture | InstalledError:
@@ -589,7 +597,7 @@ def _read_ip6tables(netns_path: str, run, legacy_tables, nft_listing: dict | Non
     except InstalledError as e:
         return e
     except (OSError, ValueError, subprocess.SubprocessError) as e:
-        return InstalledError(f"reading the ip6tables rules failed: {type(e).__name__}: {e}")
+        return RulesReadFailed(f"reading the ip6tables rules failed: {type(e).__name__}: {e}")
 
 
 # What the IPv4 and IPv6 rules must agree on: the pod's policy holds one
