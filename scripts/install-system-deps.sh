@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages merbridge-py and its test bed need. Idempotent:
+# Installs the Debian packages merbridge-py, its test bed, tests, benchmark and demo need.
+# scripts/system-programs.txt lists the programs they run with their packages; tests/test_system_programs.py
+# checks that every program run is listed and every listed package is installed here. Idempotent:
 # packages already present are not touched, and apt-get runs only when one is missing.
 set -euo pipefail
 
@@ -8,9 +10,11 @@ packages=(
   linux-headers-amd64 # kernel headers bcc compiles against when the running kernel has none
   python3-venv
   iproute2 iptables conntrack  # test bed: namespaces, Istio's own rules, conntrack flush
+  bind9-dnsutils     # dig: the DNS tests' client (tests/test_dns_testbed.py)
   nftables           # Istio's native nftables rules (test bed --rules nftables, reading them back)
   haproxy            # sidecar stand-in for Envoy (honours SO_ORIGINAL_DST)
   wrk sockperf iperf3 # benchmark load generators
+  procps git         # sysctl; git archive in benchmarks/agent_footprint.py (both on most machines already)
   bpftool            # benchmarks/bpf_cost.py: our programs' run time per request
   nginx-light        # the benchmark's app (the Python test app would dominate the figures)
   podman runc mmdebstrap  # `make image` without a Docker daemon or registry, and the container test

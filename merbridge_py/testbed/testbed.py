@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .. import sandbox
+from .. import sandbox, system_programs
 from ..datapath import detach_pinned
 from ..mesh import ISTIO
 from . import dns, envoy, istio_dns, istio_ip6tables, istio_iptables, istio_nftables, kube, nginx_app, pki, state, topology
@@ -147,9 +146,10 @@ class Testbed:
             raise ValueError(f"http_ports {bad_ports!r}: ports are integers 1-65535")
         specs = pods if pods is not None else topology.default_specs(nodes, pods_per_node, plain_per_node)
         specs = [_install_options(s, rules, mesh_defaults or {}, cni) for s in specs]
-        if any(s.meshed and s.rules == "nftables" for s in specs) and shutil.which("nft") is None:
-            raise TestbedError("rules 'nftables' need the nft command (Debian package nftables; "
-                               "scripts/install-system-deps.sh installs it)")
+        try:   # a missing program fails here, named with its package, not halfway through the bed
+            system_programs.require(_programs_needed(specs, proxy, app, ip_families))
+        except system_programs.MissingPrograms as e:
+            raise TestbedError(str(e)) from None
         if "ipv6" in ip_families and any(s.meshed and s.rules == "nftables" for s in specs):
             # istio_nftables.py generates Istio's IPv4 rules only so far
             raise ValueError("a dual-stack bed needs rules 'iptables': the bed's nftables rules are IPv4 only")
@@ -710,4 +710,18 @@ def _nft_redirect_counts(ruleset_json: str) -> dict[str, int]:
         if any("redirect" in e for e in exprs):
             counts[_NFT_REDIRECT_CHAINS[rule["chain"]]] += sum(e["counter"]["packets"] for e in exprs if "counter" in e)
     return counts
+
+
+def _programs_needed(specs: list[PodSpec], proxy: str, app: str, ip_families: tuple[str, ...]) -> list[str]:
+    """The system programs a bed of these pods runs (scripts/system-programs.txt names their packages)."""
+    needed = ["ip", "iptables", "iptables-restore", "iptables-save", "setpriv", "sysctl", "nsenter", "conntrack"]
+    if "ipv6" in ip_families:
+        needed += ["ip6tables-restore", "ip6tables-save"]
+    if any(s.meshed and s.rules == "nftables" for s in specs):
+        needed.append("nft")
+    if proxy == "haproxy":
+        needed.append("haproxy")
+    if app == "nginx":
+        needed.append("nginx")
+    return needed
 
