@@ -11,6 +11,7 @@ packages=(
   nftables           # Istio's native nftables rules (test bed --rules nftables, reading them back)
   haproxy            # sidecar stand-in for Envoy (honours SO_ORIGINAL_DST)
   wrk sockperf iperf3 # benchmark load generators
+  stress-ng          # benchmark --busy: background CPU load on a node (merbridge_py/bench/busy.py)
   bpftool            # benchmarks/bpf_cost.py: our programs' run time per request
   nginx-light        # the benchmark's app (the Python test app would dominate the figures)
   podman runc mmdebstrap  # `make image` without a Docker daemon or registry, and the container test
