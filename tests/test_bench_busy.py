@@ -13,7 +13,7 @@ from merbridge_py import sandbox
 from merbridge_py.bench import busy, runner
 from merbridge_py.bench.cli import _profile, reproduce_command
 
-from test_bench_runner import PODS, FakeBed, fake_measure
+from test_bench_runner import FakeBed, fake_measure
 
 
 def test_levels_parse_in_order_without_repeats():

@@ -60,7 +60,8 @@ def _split(value: str | None) -> list[str] | None:
 
 @click.command(epilog=EXAMPLES)
 @click.option("--quick", is_flag=True, help="3 rounds × 2 s of only the cases the targets name.")
-@click.option("--rounds", type=click.IntRange(min=1), help="Rounds of interleaved modes [10; quick: 3]. The sign test needs >= 5 to resolve anything.")
+@click.option("--rounds", type=click.IntRange(min=1),
+              help="Rounds of interleaved modes [10; quick: 3]. The sign test needs >= 5 to resolve anything.")
 @click.option("--duration", type=click.IntRange(min=1), help="Seconds per measurement [5; quick: 2].")
 @click.option("--warmup", type=click.IntRange(min=0), help="Seconds of warm-up per mode block and path.")
 @click.option("--modes", help="Comma-separated, run in this order each round [nomesh,iptables,ebpf].")

@@ -84,7 +84,8 @@ def total(per_namespace: Iterable[Mapping[str, int]]) -> dict[str, int]:
     return out
 
 
-def deltas(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+def deltas(before: Mapping[str, Mapping[str, int]],
+           after: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
     """node -> counter -> increase. A node missing on either side is left out.
     A counter that went down means the namespace set changed under the run
     (a namespace was recreated): that is an error, not a negative count."""
