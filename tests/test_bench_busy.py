@@ -38,6 +38,7 @@ def test_stress_command_is_fixed_and_bounded():
     with pytest.raises(ValueError):
         busy.workers("half", 0)
     assert "half: `stress-ng --cpu 1 --cpu-method matrixprod`" in busy.how(("none", "half"), 2)
+    assert busy.how(("none",), 2) == "none: nothing else ran on the node"
 
 
 class BusyBed(FakeBed):

@@ -59,6 +59,8 @@ def stress_argv(n_workers: int, timeout_s: int) -> list[str]:
 
 def how(levels: Sequence[str], cpu_count: int) -> str:
     """One sentence for the report."""
+    if tuple(levels) == (NONE,):
+        return "none: nothing else ran on the node"
     parts = [f"{level}: " + ("nothing else on the node" if level == NONE else
                              f"`stress-ng --cpu {workers(level, cpu_count)} --cpu-method {CPU_METHOD}`")
              for level in levels]
