@@ -15,6 +15,7 @@ packages=(
   haproxy            # sidecar stand-in for Envoy (honours SO_ORIGINAL_DST)
   wrk sockperf iperf3 # benchmark load generators
   procps git         # sysctl; git archive in benchmarks/agent_footprint.py (both on most machines already)
+  stress-ng          # benchmark --busy: background CPU load on a node (merbridge_py/bench/busy.py)
   bpftool            # benchmarks/bpf_cost.py: our programs' run time per request
   nginx-light        # the benchmark's app (the Python test app would dominate the figures)
   podman runc mmdebstrap  # `make image` without a Docker daemon or registry, and the container test

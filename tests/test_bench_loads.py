@@ -103,11 +103,12 @@ def test_iperf3_failures(text):
 
 def test_wrk_command_lines():
     ka = loads.wrk_argv("10.0.0.2", 16, 3, "/tmp/r.lua", new_connection=False)
-    assert ka[:5] == ["wrk", "-c", "16", "-t", "2"]
+    # one connection per thread: the report script times each thread's one outstanding request
+    assert ka[:5] == ["wrk", "-c", "16", "-t", "16"]
     assert "-d" in ka and ka[ka.index("-d") + 1] == "3s"
     assert "Connection: close" not in ka and ka[-1] == "http://10.0.0.2:8080/"
     one = loads.wrk_argv("10.0.0.2", 1, 3, "/tmp/r.lua", new_connection=True)
-    assert one[one.index("-t") + 1] == "1"                 # wrk needs connections >= threads
+    assert one[one.index("-t") + 1] == "1"
     assert one[one.index("-H") + 1] == "Connection: close"
     assert one[one.index("-s") + 1] == "/tmp/r.lua"
 
@@ -120,9 +121,22 @@ def test_tool_command_lines():
 
 
 def test_the_report_script_prints_what_the_parser_reads():
-    for field in ("requests", "duration_us", "p50_us", "p90_us", "p99_us", "timeout"):
+    for field in ("requests", "duration_us", "p50_us", "p90_us", "p99_us", "timeout", "timed", "wrk_p99_us"):
         assert f"{field}=" in loads.WRK_REPORT_LUA
-    assert "latency:percentile(99)" in loads.WRK_REPORT_LUA
+    # its percentiles are of the requests it timed; wrk's corrected histogram only gives wrk_p99_us
+    assert "percentile(50), percentile(90), percentile(99)" in loads.WRK_REPORT_LUA
+    assert "function response(" in loads.WRK_REPORT_LUA or "response = function(" in loads.WRK_REPORT_LUA
+
+
+def test_wrk_line_with_timed_requests():
+    line = ("mbp-wrk requests=10 duration_us=1000000 bytes=100 connect=0 read=0 write=0 status=0 timeout=0"
+            " p50_us=100 p90_us=200 p99_us=300 timed=10 wrk_p99_us=90000")
+    r = loads.parse_wrk(line)
+    assert (r.p99_us, r.wrk_corrected_p99_us) == (300.0, 90000.0)
+    with pytest.raises(loads.LoadFailed, match="timed 9 of 10 requests"):
+        loads.parse_wrk(line.replace("timed=10", "timed=9"))
+    # outputs recorded before the script timed requests have neither field
+    assert loads.parse_wrk(sample("wrk_keepalive.txt")).wrk_corrected_p99_us is None
 
 
 def test_load_specs():
@@ -148,9 +162,9 @@ def test_wrk_fixedrate_sample():
 
 def test_wrk_fixedrate_command_line_splits_the_rate_over_threads():
     argv = loads.wrk_fixedrate_argv("10.0.0.2", 16, 5, "/tmp/f.lua")
-    assert argv[:5] == ["wrk", "-c", "16", "-t", "2"] and argv[argv.index("-s") + 1] == "/tmp/f.lua"
-    # Istio's method: 1000 requests/s in total, 1 KB bodies; each of 2 threads paces 500/s
-    assert argv[-4:] == ["http://10.0.0.2:8080/", "--", "500", "1024"]
+    assert argv[:5] == ["wrk", "-c", "16", "-t", "16"] and argv[argv.index("-s") + 1] == "/tmp/f.lua"
+    # Istio's method: 1000 requests/s in total, 1 KB bodies; each of 16 threads (one connection each) paces 62.5/s
+    assert argv[-4:] == ["http://10.0.0.2:8080/", "--", "62.5", "1024"]
     one = loads.wrk_fixedrate_argv("10.0.0.2", 1, 5, "/tmp/f.lua", rps=300, payload_bytes=10)
     assert one[-2:] == ["300", "10"]
     assert loads.parse_load_specs(["fixedrate"]) == [("fixedrate", 16)]

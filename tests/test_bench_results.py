@@ -96,19 +96,25 @@ def test_ratios_are_paired_by_round(doc):
     ka1 = entry(doc["ratios"], path="same-node", load="keepalive", connections=1)
     assert ka1["p50_ebpf_over_iptables"] == pytest.approx(0.7)
     assert ka1["rps_ebpf_over_iptables"] == pytest.approx(1.2)
-    assert ka1["pairs"] == 3 and ka1["p99_within_noise"] is True
+    assert ka1["pairs"] == 3 and ka1["busy"] == "none"
+    # three pairs, all better: the sign test's smallest p is 1/8, so not resolved, and it says it could not be
+    assert ka1["verdicts"]["p50_us"] == {"verdict": "not resolved", "pairs": 3, "better": 3, "worse": 0, "ties": 0,
+                                         "p_worse": 1.0, "p_better": 0.125, "resolvable": False, "alpha": 0.05}
+    # p99 is equal every round: three ties, nothing to test
+    assert ka1["verdicts"]["p99_us"]["ties"] == 3 and ka1["verdicts"]["p99_us"]["verdict"] == "not resolved"
     ka16 = entry(doc["ratios"], load="keepalive", connections=16)
     assert ka16["pairs"] == 2 and ka16["rps_ebpf_over_iptables"] == pytest.approx(1.5)
-    # two pairs are too few to estimate noise from: undecided, not passed
-    assert ka16["p99_noise"] is None and ka16["p99_within_noise"] is None
+    assert ka16["verdicts"]["rps"]["pairs"] == 2
     nc = entry(doc["ratios"], load="newconn")
     assert nc["pairs"] == 3 and nc["rps_ebpf_over_iptables"] == pytest.approx(0.89)
     assert nc["p99_ebpf_over_iptables"] == pytest.approx(1.41)
-    assert nc["p99_noise"] == 0 and nc["p99_within_noise"] is False
+    assert nc["verdicts"]["p99_us"]["worse"] == 3
     bulk = entry(doc["ratios"], load="bulk")
     # rounds: 12/10, 13/11, 14/12 -> median 13/11
     assert bulk["throughput_bps_ebpf_over_iptables"] == pytest.approx(13 / 11)
-    assert bulk["p50_ebpf_over_iptables"] is None and bulk["p99_within_noise"] is None
+    assert bulk["p50_ebpf_over_iptables"] is None and set(bulk["verdicts"]) == {"throughput_bps"}
+    # fixedrate's rate is the client's: not judged
+    assert "rps" not in entry(doc["ratios"], load="fixedrate")["verdicts"]
     # nomesh has no partner in the ratio: only ebpf/iptables is reported
     assert not any(k.startswith("p50_nomesh") for k in ka1)
 
@@ -128,12 +134,82 @@ def test_targets_met_missed_and_not_measured(doc):
     [ka16] = by_text["same-node keep-alive, 16 connections: rps ratio >= 1.25"]
     assert ka16["met"] is True and ka16["value"] == pytest.approx(1.5)
     assert by_text["same-node new connection per request: rps ratio >= 1.15"][0]["met"] is False
-    [noise] = by_text[results.NOISE_TARGET]
-    assert noise["met"] is False
-    assert len(noise["detail"]) == 1 and "newconn c=4" in noise["detail"][0]
+    # 3 rounds: no sign test can resolve, so "never worse" is neither met nor missed
+    [never] = by_text[results.NEVER_WORSE_TARGET]
+    assert never["met"] is None and "had too few pairs to resolve" in never["detail"][-1]
     [cross] = by_text[results.CROSS_NODE_TARGET]
-    assert cross["met"] is False
-    assert len(cross["detail"]) == 1 and cross["detail"][0].startswith("keepalive c=1: p50 ratio 1.500 > 1.048")
+    assert cross["met"] is None
+
+
+def ten_rounds(ebpf_p99_factors, ebpf_rps_factors=None, busy=None):
+    """iptables at p99 1000 us / 1000 req/s every round, eBPF scaled per round."""
+    rows = []
+    for r, f in enumerate(ebpf_p99_factors):
+        g = ebpf_rps_factors[r] if ebpf_rps_factors else 1.0
+        for mode, p99, rps in (("iptables", 1000.0, 1000.0), ("ebpf", 1000.0 * f, 1000.0 * g)):
+            x = row(r, mode, "cross-node", "newconn", 4, 300.0, p99, rps)
+            if busy:
+                x["busy"] = busy
+            rows.append(x)
+    return rows
+
+
+def test_never_worse_fails_on_a_sign_test_verdict():
+    # eBPF's p99 worse in 9 of 10 rounds (P(X >= 9) = 11/1024), its req/s better in all 10
+    rows = ten_rounds([1.3] * 9 + [0.9], [1.1] * 10)
+    doc = results.build(MACHINE, CONFIG, rows)
+    [r] = doc["ratios"]
+    assert r["verdicts"]["p99_us"]["verdict"] == "worse"
+    assert r["verdicts"]["p99_us"]["p_worse"] == pytest.approx(11 / 1024)
+    assert r["verdicts"]["rps"]["verdict"] == "better"
+    assert r["verdicts"]["p50_us"]["verdict"] == "not resolved" and r["verdicts"]["p50_us"]["ties"] == 10
+    by_text = {t["target"]: t for t in doc["targets"]}
+    never = by_text[results.NEVER_WORSE_TARGET]
+    assert never["met"] is False
+    # p90 (the mean of p50 and p99 in these rows) is worse in the same rounds
+    assert never["detail"] == ["cross-node newconn c=4: p90 worse in 9 of 10 pairs (sign test p = 0.011), "
+                               "median ratio 1.231",
+                               "cross-node newconn c=4: p99 worse in 9 of 10 pairs (sign test p = 0.011), "
+                               "median ratio 1.300"]
+    assert by_text[results.CROSS_NODE_TARGET]["met"] is False
+    md = report.markdown(doc)
+    assert "| cross-node | newconn | 4 | none | 1.000 n.r. (0-0) | 1.231 **WORSE** (9-1) | 1.300 **WORSE** (9-1) | " \
+           "1.100 better (0-10) | 0.909 better (0-10) |" in md
+    # 8 of 10 is not enough (P(X >= 8) = 56/1024 > 0.05): not resolved, and the target holds
+    doc = results.build(MACHINE, CONFIG, ten_rounds([1.3] * 8 + [0.9] * 2))
+    assert doc["ratios"][0]["verdicts"]["p99_us"]["verdict"] == "not resolved"
+    assert {t["target"]: t for t in doc["targets"]}[results.NEVER_WORSE_TARGET]["met"] is True
+
+
+def test_busy_levels_are_separate_cases():
+    rows = ten_rounds([0.9] * 10) + ten_rounds([1.2] * 10, busy="all")
+    doc = results.build(MACHINE, CONFIG, rows)
+    schema.validate(doc)
+    assert [(r["busy"], r["verdicts"]["p99_us"]["verdict"]) for r in doc["ratios"]] == [("none", "better"),
+                                                                                         ("all", "worse")]
+    assert {e["busy"] for e in doc["summary"]} == {"none", "all"}
+    never = {t["target"]: t for t in doc["targets"]}[results.NEVER_WORSE_TARGET]
+    assert never["detail"][0].startswith("cross-node newconn c=4 busy=all: p90 worse in 10 of 10")
+    assert "| cross-node | newconn | 4 | all | ebpf |" in report.markdown(doc)
+
+
+def test_tcp_counters_are_summed_per_case_and_compared():
+    rows = ten_rounds([1.0] * 10)
+    for x in rows:
+        timeouts = 3 if x["mode"] == "ebpf" else 1
+        x["tcp"] = {"client node": {"TcpRetransSegs": 5, "TcpExtTCPTimeouts": timeouts, "TcpExtTCPSynRetrans": 2},
+                    "server node": {"TcpRetransSegs": 1, "TcpExtTCPTimeouts": 0, "TcpExtTCPSynRetrans": 0}}
+    rows[0]["tcp"] = None        # a run that recorded none counts nothing
+    doc = results.build(MACHINE, CONFIG, rows)
+    schema.validate(doc)
+    ipt = entry(doc["summary"], mode="iptables")
+    assert ipt["tcp"] == {"TcpRetransSegs": 54, "TcpExtTCPTimeouts": 9, "TcpExtTCPSynRetrans": 18}
+    assert entry(doc["summary"], mode="ebpf")["tcp"]["TcpExtTCPTimeouts"] == 30
+    timeouts = {t["target"]: t for t in doc["targets"]}[results.TIMEOUTS_TARGET]
+    assert timeouts["met"] is False and timeouts["detail"] == ["cross-node newconn c=4: eBPF 30 timeouts, iptables 9"]
+    assert "| 54 / 9 / 18 |" in report.markdown(doc)
+    # results made before the counters existed say so instead of showing zeros
+    assert report.tcp_cell({"tcp": None}) == "not recorded"
 
 
 def test_added_latency_is_istios_overhead_figure(doc):
@@ -184,10 +260,10 @@ def test_schema_rejects_broken_results(doc, breakage):
 
 def test_markdown_reports_targets_failures_and_sysctls(doc):
     md = report.markdown(doc, plots=["latency.png"])
-    assert "| same-node | keepalive | 1 | iptables | 110 (10.0) |" in md
+    assert "| same-node | keepalive | 1 | none | iptables | 110 (10.0) |" in md
     assert "**met**: same-node keep-alive, 1 connection: p50 ratio <= 0.80 (c=1): this run 0.700" in md
     assert "**MISSED**: same-node keep-alive, 1 connection: p90" in md
-    assert "**MISSED**: cross-node: eBPF never worse" in md
+    assert "**not resolved**: cross-node: no case with a 'worse' verdict" in md
     assert "envoy abc/1.40.0/Clean/RELEASE/BoringSSL, 2 worker threads per sidecar" in md
     assert "permissive: mutual TLS" in md and "1.00/1.50/2.00 before" in md
     assert "| same-node | iptables | 200 | 350 | 500 | 3 |" in md
@@ -219,7 +295,7 @@ def test_cases_with_many_errors_are_flagged(doc):
 
 def test_console_output_has_the_table_and_targets(doc):
     text = report.console(doc)
-    assert text.startswith("| path | load | conns | mode |")
+    assert text.startswith("| path | load | conns | node busy | mode |")
     assert "Targets" in text and "MISSED" in text
     assert "1 of 42 runs failed" in text
     assert "Added latency over no mesh" in text

@@ -1,5 +1,6 @@
 """The benchmark's statistics on synthetic data, against hand-computed values."""
 
+import math
 import statistics
 
 import pytest
@@ -52,29 +53,57 @@ def test_paired_ratios_skip_unpaired_rounds_and_zero_denominators():
     assert stats.median_paired_ratio({0: 1.0}, {1: 1.0}) is None
 
 
-def test_noise_is_the_baselines_relative_iqr():
+def test_relative_iqr_is_the_spread_over_the_median():
     iptables = {0: 100.0, 1: 110.0, 2: 120.0, 3: 130.0, 4: 140.0}
-    # median 120, q25 110, q75 130 -> IQR 20 -> noise 20/120
+    # median 120, q25 110, q75 130 -> IQR 20 -> 20/120
     assert stats.relative_iqr(iptables.values()) == pytest.approx(1 / 6)
 
-    slightly_worse = {0: 115.0, 1: 125.0, 2: 135.0, 3: 145.0, 4: 150.0}
-    check = stats.worse_than_noise(slightly_worse, iptables)
-    # ratios 1.15, 1.136, 1.125, 1.115, 1.071 -> median 1.125 <= 1 + 1/6
-    assert check.ratio == pytest.approx(1.125)
-    assert check.allowed == pytest.approx(7 / 6)
-    assert check.pairs == 5 and check.passed
 
-    clearly_worse = {r: v * 1.3 for r, v in iptables.items()}
-    check = stats.worse_than_noise(clearly_worse, iptables)
-    assert check.ratio == pytest.approx(1.3) and not check.passed
+def test_binomial_tail_is_exact():
+    # P(X >= k), X ~ Binomial(10, 1/2): hand-computed sums of C(10, i) / 1024
+    assert stats.binomial_tail(10, 10) == pytest.approx(1 / 1024)
+    assert stats.binomial_tail(9, 10) == pytest.approx(11 / 1024)
+    assert stats.binomial_tail(8, 10) == pytest.approx(56 / 1024)
+    assert stats.binomial_tail(0, 10) == 1.0 and stats.binomial_tail(11, 10) == 0.0
+    assert stats.binomial_tail(0, 0) == 1.0
+    # symmetry: P(X >= k) = P(X <= n - k)
+    assert stats.binomial_tail(7, 12) == pytest.approx(sum(math.comb(12, i) for i in range(0, 6)) / 4096)
+    with pytest.raises(ValueError):
+        stats.binomial_tail(-1, 3)
 
 
-def test_noise_check_on_a_quiet_baseline_is_strict():
-    quiet = {0: 100.0, 1: 100.0, 2: 100.0}
-    check = stats.worse_than_noise({0: 101.0, 1: 101.0, 2: 101.0}, quiet)
-    assert check.noise == 0 and not check.passed
-    assert stats.worse_than_noise({0: 100.0, 1: 99.0, 2: 100.0}, quiet).passed
-    assert stats.worse_than_noise({}, quiet) is None
+def test_min_pairs_to_resolve():
+    assert stats.min_pairs_to_resolve(0.05) == 5       # 1/32 <= 0.05 < 1/16
+    assert stats.min_pairs_to_resolve(0.01) == 7       # 1/128 <= 0.01 < 1/64
+
+
+@pytest.mark.parametrize("ratios, direction, verdict, better, worse", [
+    # latency: a ratio above 1 is a round eBPF did worse
+    ([1.2] * 9 + [0.8], stats.LOWER_IS_BETTER, "worse", 1, 9),
+    ([0.8] * 9 + [1.2], stats.LOWER_IS_BETTER, "better", 9, 1),
+    ([1.2] * 8 + [0.8] * 2, stats.LOWER_IS_BETTER, "not resolved", 2, 8),     # p = 56/1024 > 0.05
+    # req/s: a ratio above 1 is a round eBPF did better
+    ([1.1] * 10, stats.HIGHER_IS_BETTER, "better", 10, 0),
+    ([0.9] * 10, stats.HIGHER_IS_BETTER, "worse", 0, 10),
+    # five out of five is the least that resolves at 0.05 (1/32)
+    ([1.5] * 5, stats.LOWER_IS_BETTER, "worse", 0, 5),
+    ([1.5] * 4, stats.LOWER_IS_BETTER, "not resolved", 0, 4),
+])
+def test_sign_test_verdicts(ratios, direction, verdict, better, worse):
+    t = stats.sign_test(ratios, direction)
+    assert (t.verdict, t.better, t.worse, t.ties) == (verdict, better, worse, 0)
+    assert t.p_worse == pytest.approx(stats.binomial_tail(worse, better + worse))
+
+
+def test_sign_test_drops_ties_and_ignores_magnitude():
+    t = stats.sign_test([1.0, 1.0, 1.01, 1.01, 1.01, 1.01, 1.01], stats.LOWER_IS_BETTER)
+    assert (t.ties, t.worse, t.pairs) == (2, 5, 7) and t.verdict == "worse"
+    # one huge tail does not make a verdict: the test counts rounds, not their size
+    t = stats.sign_test([27.0, 0.99, 0.99, 1.01, 0.99, 1.01], stats.LOWER_IS_BETTER)
+    assert t.verdict == "not resolved" and (t.worse, t.better) == (3, 3)
+    assert not stats.sign_test([2.0, 2.0, 2.0], stats.LOWER_IS_BETTER).resolvable
+    with pytest.raises(ValueError, match="direction"):
+        stats.sign_test([1.0], "sideways")
 
 
 def test_summarize_returns_median_and_iqr():

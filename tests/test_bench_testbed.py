@@ -48,6 +48,10 @@ def test_tiny_bench_on_the_test_bed(tmp_path):
         else:
             assert r["rps"] > 0 and 0 < r["p50_us"] <= r["p90_us"] <= r["p99_us"]
         assert (r["late_slots"] is not None) == (r["load"] == "fixedrate")
+        # TCP's counters of the one node, read in every mode (all zero is fine: loopback rarely retransmits)
+        assert set(r["tcp"]) == {"client and server node"}, r
+        assert set(r["tcp"]["client and server node"]) >= {"TcpRetransSegs", "TcpExtTCPTimeouts"}, r
+        assert r["busy"] == "none" and r["busy_workers"] == 0
         # the agent's counters are read in ebpf mode only: on one node, every leg spliced
         if r["mode"] == "ebpf" and r["load"] == "keepalive":
             spliced = r["datapath"]["client and server node"]["merbridge_spliced_messages_total"]
@@ -70,12 +74,12 @@ def test_tiny_bench_on_the_test_bed(tmp_path):
     assert cfg["tls_handshakes_last_round"][client]["outbound"] > 0
 
     md = (out / "results.md").read_text()
-    assert "## Targets" in md and "| same-node | tcp_rr | 1 | ebpf |" in md
+    assert "## Targets" in md and "| same-node | tcp_rr | 1 | none | ebpf |" in md
     assert "- Sidecars: envoy " in md and "2 worker threads per sidecar" in md
     assert "## Added latency at a fixed rate" in md and "## What the datapath did" in md
     for png in ("latency.png", "rps.png", "throughput.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert "| path | load | conns | mode |" in result.output      # the table is printed at the end
+    assert "| path | load | conns | node busy | mode |" in result.output      # the table is printed at the end
 
     # the bench brought its own test bed up and took it down again
     assert not [ns for ns in sandbox.netns_list() if ns.startswith(f"{sandbox.OWNED_PREFIX}{name}-")]
@@ -122,4 +126,28 @@ def test_tiny_bench_over_af_inet6_sockets_is_carried_by_ebpf(tmp_path, family, r
     assert all(c["carried_by_ebpf"] for c in doc["carried_by"] if c["mode"] == "ebpf")
     md = (out / "results.md").read_text()
     assert f"- Client sockets: {family}: AF_INET6 sockets" in md and "## Who carried the client's connections" in md
+    assert not [ns for ns in sandbox.netns_list() if ns.startswith(f"{sandbox.OWNED_PREFIX}{name}-")]
+
+
+def test_tiny_bench_on_a_busy_node(tmp_path):
+    """--busy all: stress-ng on every core in the client's node during the
+    level's runs, in both modes; recorded per row, and gone afterwards."""
+    name = f"btb{os.getpid()}{uuid.uuid4().hex[:4]}"
+    out = tmp_path / "results"
+    result = CliRunner().invoke(bench, [
+        "--rounds", "1", "--duration", "1", "--warmup", "0", "--modes", "iptables,ebpf",
+        "--loads", "keepalive:2", "--paths", "same-node", "--busy", "none,all", "--no-plots",
+        "--name", name, "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    doc = json.loads((out / "results.json").read_text())
+    schema.validate(doc)
+    assert not [(r["mode"], r["busy"], r["error"]) for r in doc["rounds"] if not r["ok"]]
+    assert [(r["mode"], r["busy"], r["busy_workers"]) for r in doc["rounds"]] == [
+        ("iptables", "none", 0), ("iptables", "all", os.cpu_count()),
+        ("ebpf", "none", 0), ("ebpf", "all", os.cpu_count())]
+    assert doc["config"]["busy"] == ["none", "all"] and "stress-ng --cpu" in doc["config"]["busy_how"]
+    assert "--busy none,all" in doc["config"]["command"]
+    assert {r["busy"] for r in doc["ratios"]} == {"none", "all"}
+    assert "| same-node | keepalive | 2 | all | ebpf |" in (out / "results.md").read_text()
+    assert not (sandbox.cgroup2_root() / f"{sandbox.OWNED_PREFIX}{name}").exists()
     assert not [ns for ns in sandbox.netns_list() if ns.startswith(f"{sandbox.OWNED_PREFIX}{name}-")]

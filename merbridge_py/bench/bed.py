@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .. import sandbox
+from . import tcpstats
 from ..testbed.options import DEFAULT_ENVOY_WORKERS, DEFAULT_MTLS, MTLS_MODES, PROXIES
 
 SAME_NODE = "same-node"
@@ -20,6 +21,9 @@ CROSS_NODE = "cross-node"
 PATHS = (SAME_NODE, CROSS_NODE)
 
 MODES = ("nomesh", "iptables", "ebpf")
+
+# The cgroup (under a node's) that holds a busy node's background load
+BUSY_CGROUP = "bench-busy"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,17 @@ class Bed(Protocol):
     def datapath_counters(self) -> dict[str, dict[str, float]]:
         """node -> the counters of its agent's /metrics (ebpf mode; empty in
         the other modes), to see per node what the datapath did in a run."""
+        ...
+
+    def tcp_counters(self) -> dict[str, dict[str, int]]:
+        """node -> TCP's retransmission and timeout counters (tcpstats.COUNTERS)
+        summed over the node's network namespace and its pods'."""
+        ...
+
+    def node_process(self, node: str, argv: list[str]) -> contextlib.AbstractContextManager:
+        """Run argv on `node` (its network namespace, a cgroup of the node's
+        that is no pod's) for a with-block, and stop it and every process
+        it started by pid afterwards: the busy-node load (busy.py)."""
         ...
 
     # Optional: beds with Istio's rules also offer
@@ -137,6 +152,34 @@ class TestbedBed:
         if not pod.meshed or self._tb.mode == "nomesh":
             return {}
         return {family: self._tb.nat_counters(pod.name, family)["ISTIO_REDIRECT"] for family in self.ip_families}
+
+    def tcp_counters(self) -> dict[str, dict[str, int]]:
+        return {node.name: tcpstats.total(tcpstats.read_namespace(ns) for ns in
+                                          [node.netns] + [p.netns for p in self._tb.pods if p.node == node.name])
+                for node in self._tb.nodes}
+
+    @contextlib.contextmanager
+    def node_process(self, node: str, argv: list[str]) -> Iterator[subprocess.Popen]:
+        n = self._tb.node(node)
+        # a sibling of the node's pod cgroups: inside the node, in no pod
+        cgroup = sandbox.cgroup_create(Path(n.cgroup) / BUSY_CGROUP)
+        try:
+            proc = sandbox.spawn(argv, netns=n.netns, cgroup=cgroup, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                try:
+                    proc.wait(timeout=0.3)      # one that cannot start (not installed) ends at once
+                except subprocess.TimeoutExpired:
+                    pass
+                else:
+                    raise RuntimeError(f"{argv[0]} on node {node} exited at once with {proc.returncode}: is it "
+                                       "installed? (scripts/install-system-deps.sh installs it)")
+                yield proc
+            finally:
+                sandbox.stop(proc)
+        finally:
+            # workers the parent left behind are ours (in our cgroup): ended by pid, then the cgroup goes
+            sandbox.cgroup_remove(cgroup)
 
     def tls_handshakes(self) -> dict[str, dict[str, int]]:
         """pod -> TLS handshakes its Envoy completed since it started (as a

@@ -13,14 +13,15 @@ import click
 
 from ..testbed.options import DEFAULT_ENVOY_WORKERS, MTLS_MODES, PROXIES
 from . import bed as bedmod
-from . import loads, machine, report, results, runner, schema
+from . import busy, loads, machine, report, results, runner, schema
 from .progress import Progress, format_duration
 
 EXAMPLES = """
 \b
 examples:
   merbridge-py bench --quick                       # the targets' cases, ~3 minutes
-  merbridge-py bench                               # every load and path, 5 rounds
+  merbridge-py bench                               # every load and path, 10 rounds
+  merbridge-py bench --busy none,half,all --loads 'keepalive:1,16' --paths same-node   # on a busy node
   merbridge-py bench --rounds 7 --duration 10 --out bench-results/full
   merbridge-py bench --modes iptables,ebpf --loads 'keepalive:1,16 newconn' --paths same-node
   merbridge-py bench --family inet6 --loads 'keepalive:1,16' --paths same-node   # AF_INET6, dual-stack bed
@@ -59,7 +60,8 @@ def _split(value: str | None) -> list[str] | None:
 
 @click.command(epilog=EXAMPLES)
 @click.option("--quick", is_flag=True, help="3 rounds × 2 s of only the cases the targets name.")
-@click.option("--rounds", type=click.IntRange(min=1), help="Rounds of interleaved modes [5; quick: 3].")
+@click.option("--rounds", type=click.IntRange(min=1),
+              help="Rounds of interleaved modes [10; quick: 3]. The sign test needs >= 5 to resolve anything.")
 @click.option("--duration", type=click.IntRange(min=1), help="Seconds per measurement [5; quick: 2].")
 @click.option("--warmup", type=click.IntRange(min=0), help="Seconds of warm-up per mode block and path.")
 @click.option("--modes", help="Comma-separated, run in this order each round [nomesh,iptables,ebpf].")
@@ -86,9 +88,12 @@ def _split(value: str | None) -> list[str] | None:
               help="The clients' sockets: inet (AF_INET to the server's IPv4 address), inet6 (AF_INET6 to its "
                    "IPv6 address) or mapped (AF_INET6 to ::ffff:<its IPv4 address>, as the JVM connects). inet6 "
                    "and mapped bring the test bed up dual-stack; tcp_rr (sockperf 3.7, IPv4 only) is refused with them.")
+@click.option("--busy", "busy_levels", default=busy.NONE, show_default=True,
+              help="Background CPU load on the client's node, comma-separated levels each case runs under: none, "
+                   "half (stress-ng on half the cores), all (on every core); identical in every mode.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, proxy, mtls, envoy_workers,
-          fixedrate_rps, sidecar, family, no_plots):
+          fixedrate_rps, sidecar, family, busy_levels, no_plots):
     """Benchmark the sidecar data path in every mode on a fresh test bed.
 
     Brings up a test bed (2 nodes × 2 pods, Envoy or HAProxy sidecars, Istio's rules),
@@ -98,7 +103,8 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
     if os.geteuid() != 0:
         raise click.UsageError("the benchmark builds a test bed of network namespaces and cgroups: run it as root")
     try:
-        profile = _profile(quick, rounds, duration, warmup, _split(modes), load_specs, _split(paths), family)
+        levels = busy.parse_levels(busy_levels)
+        profile = _profile(quick, rounds, duration, warmup, _split(modes), load_specs, _split(paths), family, levels)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     if proxy == "haproxy" and mtls not in (None, "off"):
@@ -112,6 +118,7 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = machine.load_average()
     steps = runner.plan(profile)
+    cpu_count = os.cpu_count() or 1
     http_ports = (loads.HTTP_PORT,) if sidecar == "http" else ()
     with bedmod.testbed(name, mode=profile.modes[0], http_ports=http_ports, proxy=proxy, mtls=mtls,
                         envoy_workers=envoy_workers if proxy == "envoy" else None,
@@ -122,7 +129,7 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
                    f"{format_duration(sum(s.weight for s in steps))} of planned work", err=True)
         bar = Progress(steps)
         try:
-            outcome = runner.run(bed, profile, progress=bar, fixedrate_rps=fixedrate_rps)
+            outcome = runner.run(bed, profile, progress=bar, fixedrate_rps=fixedrate_rps, cpu_count=cpu_count)
         finally:
             bar.close()
         load_after = machine.load_average()
@@ -144,6 +151,7 @@ def bench(quick, rounds, duration, warmup, modes, load_specs, paths, out, name, 
               "tls_handshakes_last_round": handshakes,
               "envoy_workers": envoy_workers if proxy == "envoy" else None,
               "fixedrate": {"rps": fixedrate_rps, "payload_bytes": loads.FIXEDRATE_PAYLOAD_BYTES},
+              "busy": list(levels), "busy_how": busy.how(levels, cpu_count),
               "loadavg_before": load_before, "loadavg_after": load_after,
               "started_at": started_at, "elapsed_s": time.monotonic() - started}
     doc = results.build(machine_info, config, outcome.rows, outcome.warmup_failures)
@@ -181,8 +189,12 @@ def reproduce_command(profile: runner.Profile, quick: bool, sidecar: str = "http
         argv += ["--fixedrate-rps", str(fixedrate_rps)]
     if profile.family != loads.INET:
         argv += ["--family", profile.family]
+    levels = list(dict.fromkeys(c.busy for c in profile.cases))
+    if levels != [busy.NONE]:
+        argv += ["--busy", ",".join(levels)]
     base = runner.quick_profile() if quick else runner.full_profile()
-    if profile.cases != base.cases:
+    if tuple(c for c in profile.cases if c.busy == levels[0]) != tuple(
+            runner.Case(c.path, c.load, c.connections, levels[0]) for c in base.cases):
         specs: dict[str, list[int]] = {}
         for c in profile.cases:
             conns = specs.setdefault(c.load, [])
@@ -201,9 +213,10 @@ def ip_families(family: str) -> tuple[str, ...]:
     return ("ipv4",) if family == loads.INET else ("ipv4", "ipv6")
 
 
-def _profile(quick, rounds, duration, warmup, modes, load_specs, paths, family=loads.INET) -> runner.Profile:
+def _profile(quick, rounds, duration, warmup, modes, load_specs, paths, family=loads.INET,
+             busy_levels=(busy.NONE,)) -> runner.Profile:
     base = runner.quick_profile() if quick else runner.full_profile()
-    cases = base.cases
+    cases = tuple(runner.Case(c.path, c.load, c.connections, level) for level in busy_levels for c in base.cases)
     if load_specs or paths:
         specs = loads.parse_load_specs(list(load_specs)) if load_specs else \
             list(dict.fromkeys((c.load, c.connections) for c in base.cases))
@@ -211,7 +224,7 @@ def _profile(quick, rounds, duration, warmup, modes, load_specs, paths, family=l
         unknown = set(chosen_paths) - set(bedmod.PATHS)
         if unknown:
             raise ValueError(f"unknown path(s) {sorted(unknown)}; choose from {', '.join(bedmod.PATHS)}")
-        cases = runner.cases_for(chosen_paths, specs)
+        cases = runner.cases_for(chosen_paths, specs, busy_levels)
     return runner.Profile(
         rounds=rounds or base.rounds,
         duration_s=duration or base.duration_s,

@@ -109,21 +109,91 @@ def target(family: str, ip: str, ip6: str = "", port: int = HTTP_PORT) -> Target
     raise ValueError(f"family {family!r}: one of {', '.join(FAMILIES)}")
 
 
-# A wrk script whose only job is to print exact percentiles from wrk's own
-# histogram (the default report rounds them to 2-3 significant digits) and the
-# raw counters, in one line the parser can find among wrk's report.
+# wrk's report script: latency percentiles from every request as it was
+# measured, and the raw counters, in one line the parser can find.
+#
+# Not wrk's own histogram: before it calls done(), wrk 4.1 "corrects" it for
+# coordinated omission (stats_correct in its stats.c): every sample longer than
+# twice the mean cycle time of a connection (runtime / requests per connection)
+# adds synthetic samples at that value minus 1, 2, 3... cycle times. In this
+# closed-loop client one stall of 300 ms at a 130 us cycle adds ~2,300 samples
+# between 0.1 and 300 ms, so a few stalls of a busy machine become the p90 and
+# p99. Measured on a plain Python server in a scratch namespace, no mesh, one
+# connection, load average 12-19: wrk's p99 122-164 ms and mean x rate = 39-61
+# (Little's law: must be <= 1 with one connection); the requests as measured:
+# p99 2.3-3.8 ms, mean x rate = 0.90-0.96. So this script times each request
+# itself, from the moment wrk asks for it (request(), right before wrk starts
+# its own clock and writes it) to its complete response (response()), into a
+# per-thread 1 us histogram, and takes nearest-rank percentiles (wrk's
+# definition: the smallest value with at least p% of the samples at or below
+# it) over all threads. That needs one connection per thread (wrk_argv), so a
+# response always answers the thread's one outstanding request. wrk's
+# corrected p99 is printed too (wrk_p99_us), for comparison with old results.
+# LuaJIT's ffi gives a monotonic microsecond clock (os.clock is CPU time).
 WRK_REPORT_LUA = """\
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } mbp_timespec;
+int clock_gettime(int clk, mbp_timespec *tp);
+]]
+local mbp_ts = ffi.new("mbp_timespec")
+function mbp_now_us()
+  ffi.C.clock_gettime(1, mbp_ts)  -- CLOCK_MONOTONIC
+  return tonumber(mbp_ts.tv_sec) * 1000000 + math.floor(tonumber(mbp_ts.tv_nsec) / 1000)
+end
+
+local sent_us, request_text = nil, nil
+latencies = {}  -- global: done() reads every thread's; microseconds -> requests
+
+request = function()
+  if request_text == nil then request_text = wrk.format() end
+  sent_us = mbp_now_us()
+  return request_text
+end
+
+response = function(status, headers, body)
+  if sent_us ~= nil then
+    local us = mbp_now_us() - sent_us
+    latencies[us] = (latencies[us] or 0) + 1
+    sent_us = nil
+  end
+end
+
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+
 -- more fields for the result line; the fixed-rate script adds its own
 function report_extra() return "" end
 
 done = function(summary, latency, requests)
+  local merged, values, count, total_us = {}, {}, 0, 0
+  for _, t in ipairs(threads) do
+    for us, n in pairs(t:get("latencies")) do merged[us] = (merged[us] or 0) + n end
+  end
+  for us, n in pairs(merged) do
+    table.insert(values, us)
+    count = count + n
+    total_us = total_us + us * n
+  end
+  table.sort(values)
+  local function percentile(p)
+    local rank, seen = math.max(1, math.ceil(p / 100 * count)), 0
+    for _, us in ipairs(values) do
+      seen = seen + merged[us]
+      if seen >= rank then return us end
+    end
+    return 0
+  end
   local e = summary.errors
   io.write(string.format(
     "mbp-wrk requests=%d duration_us=%d bytes=%d connect=%d read=%d write=%d status=%d timeout=%d"
-    .. " p50_us=%d p90_us=%d p99_us=%d%s\\n",
+    .. " p50_us=%d p90_us=%d p99_us=%d timed=%d mean_us=%d wrk_p99_us=%d%s\\n",
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), report_extra()))
+    percentile(50), percentile(90), percentile(99), count, count > 0 and total_us / count or 0,
+    latency:percentile(99), report_extra()))
 end
 """
 
@@ -140,20 +210,9 @@ end
 # stall longer than the slack between a connection's requests would delay the
 # sends behind it and hide their waiting (coordinated omission). The script
 # therefore counts slots that were already past when claimed (`late=`); with
-# late=0 the schedule held and nothing was omitted.
-# LuaJIT's ffi gives a monotonic microsecond clock (os.clock is CPU time).
+# late=0 the schedule held and nothing was omitted. With one connection per
+# thread (wrk_argv), each connection keeps its own schedule.
 WRK_FIXEDRATE_LUA = WRK_REPORT_LUA + """\
-local ffi = require("ffi")
-ffi.cdef[[
-typedef struct { long tv_sec; long tv_nsec; } mbp_timespec;
-int clock_gettime(int clk, mbp_timespec *tp);
-]]
-local ts = ffi.new("mbp_timespec")
-local function now_us()
-  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
-  return tonumber(ts.tv_sec) * 1e6 + tonumber(ts.tv_nsec) / 1e3
-end
-
 local period_us, slot_us = 0, nil
 late = 0  -- global: done() reads it from every thread
 
@@ -165,7 +224,7 @@ function init(args)
 end
 
 function delay()
-  local now = now_us()
+  local now = mbp_now_us()
   slot_us = (slot_us or now) + period_us
   local wait = slot_us - now
   if wait < 0 then
@@ -173,11 +232,6 @@ function delay()
     return 0
   end
   return wait / 1000  -- milliseconds
-end
-
-local threads = {}
-function setup(thread)
-  table.insert(threads, thread)
 end
 
 function report_extra()
@@ -212,6 +266,10 @@ class LoadResult:
     throughput_bps: float | None = None  # bulk only: bits/s at the receiver
     retransmits: int | None = None       # bulk only: TCP retransmissions seen by the sender
     late_slots: int | None = None        # fixedrate only: send slots already past when claimed
+    # wrk only: wrk's own p99 after its coordinated-omission correction (see
+    # WRK_REPORT_LUA); kept to compare with results made before the bench
+    # timed requests itself. None in their outputs and for the other tools.
+    wrk_corrected_p99_us: float | None = None
 
     @property
     def rps(self) -> float | None:
@@ -256,7 +314,8 @@ def wrk_argv(ip: str | Target, connections: int, duration_s: int, script_path: s
              port: int = HTTP_PORT) -> list[str]:
     """`ip`: an address, or a Target (its Host header, if any, is sent)."""
     to = ip if isinstance(ip, Target) else Target(ip)
-    argv = ["wrk", "-c", str(connections), "-t", str(min(connections, 2)),
+    # one connection per thread: WRK_REPORT_LUA times each request itself
+    argv = ["wrk", "-c", str(connections), "-t", str(connections),
             "-d", f"{duration_s}s",
             # far above any latency we expect: a slow request must land in the
             # histogram, not vanish as a timeout
@@ -311,8 +370,14 @@ def parse_wrk(output: str) -> LoadResult:
     n = {k: int(v) for k, v in fields.items()}
     if n["requests"] == 0:
         raise LoadFailed(f"wrk completed no request: {_tail(output)}")
+    if "timed" in n and n["timed"] != n["requests"]:
+        # each response answers its thread's one outstanding request; anything
+        # else means the percentiles are not of these requests
+        raise LoadFailed(f"wrk's script timed {n['timed']} of {n['requests']} requests: run it with one "
+                         "connection per thread (-t = -c)")
     return LoadResult(
         late_slots=n.get("late"),
+        wrk_corrected_p99_us=float(n["wrk_p99_us"]) if "wrk_p99_us" in n else None,
         duration_s=n["duration_us"] / 1e6,
         requests=n["requests"],
         p50_us=float(n["p50_us"]), p90_us=float(n["p90_us"]), p99_us=float(n["p99_us"]),

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .. import sandbox
-from . import loads, procs
+from . import loads, procs, tcpstats
 from .bed import Bed, BenchPod, PodPair
 
 # How long past its planned duration a client may run before it is killed:
@@ -36,6 +36,9 @@ class Measurement:
     # packets that hit the client pod's ISTIO_REDIRECT rule during the run,
     # per IP family of the rules: connections iptables redirected (meshed modes)
     nat_redirects: dict[str, int] = field(default_factory=dict)
+    # TCP's retransmission and timeout counters (tcpstats.COUNTERS): their
+    # increase during the run per node of the pair, by role as datapath
+    tcp: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def cpu_us_per_req(self) -> float | None:
@@ -74,6 +77,7 @@ def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: in
         counted = {"sidecars": client_roles["sidecars"] + server_roles["sidecars"],
                    "apps": server_roles["apps"], "agents": bed.agent_pids()}
         counters_before = _datapath_counters(bed)
+        tcp_before = _tcp_counters(bed)
         nat_before = _nat_redirects(bed, pair.client)
         before = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
         before_user = {role: procs.cpu_seconds(pids, user_only=True) for role, pids in counted.items()}
@@ -83,6 +87,7 @@ def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: in
         after = {role: procs.cpu_seconds(pids) for role, pids in counted.items()}
         after_user = {role: procs.cpu_seconds(pids, user_only=True) for role, pids in counted.items()}
         counters_after = _datapath_counters(bed)
+        tcp_after = _tcp_counters(bed)
         nat_after = _nat_redirects(bed, pair.client)
     result = _parse(load, run.output)
     cpu_us = {"client": run.cpu_s * 1e6}
@@ -91,7 +96,18 @@ def measure(bed: Bed, pair: PodPair, load: str, connections: int, duration_s: in
     cpu_user_us.update({role: procs.cpu_delta(before_user[role], after_user[role]) * 1e6 for role in counted})
     return Measurement(result=result, cpu_us=cpu_us, cpu_user_us=cpu_user_us,
                        datapath=counter_increase(counters_before, counters_after, pair),
-                       nat_redirects={f: nat_after[f] - nat_before.get(f, 0) for f in nat_after})
+                       nat_redirects={f: nat_after[f] - nat_before.get(f, 0) for f in nat_after},
+                       tcp=tcp_by_role(tcpstats.deltas(tcp_before, tcp_after), pair))
+
+
+def _tcp_counters(bed: Bed) -> dict[str, dict[str, int]]:
+    read = getattr(bed, "tcp_counters", None)
+    return read() if read else {}
+
+
+def tcp_by_role(per_node: dict[str, dict[str, int]], pair: PodPair) -> dict[str, dict[str, int]]:
+    """The pair's nodes' counter increases, keyed by their role in the run."""
+    return {role: counters for node, counters in per_node.items() if (role := node_role(node, pair)) is not None}
 
 
 def _nat_redirects(bed: Bed, pod: BenchPod) -> dict[str, int]:

@@ -89,6 +89,10 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rounds"] if r["ok"]]
+    # one busy level per plot: the quiet node's when it ran (--busy), else the first level run
+    levels = list(dict.fromkeys(r.get("busy", "none") for r in rows))
+    shown = "none" if "none" in levels else (levels[0] if levels else "none")
+    rows = [r for r in rows if r.get("busy", "none") == shown]
     paths = [p for p in PATHS if any(r["path"] == p for r in rows)]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     written: list[str] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import loads
+from . import loads, tcpstats
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -27,16 +27,39 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _busy(e: dict) -> str:
+    return e.get("busy", "none")
+
+
+def _path(e: dict) -> str:
+    return e["path"] if _busy(e) == "none" else f"{e['path']} (node busy: {_busy(e)})"
+
+
+def _load(e: dict) -> str:
+    """The load, with the node's background load when there was one."""
+    return e["load"] if _busy(e) == "none" else f"{e['load']} (node busy: {_busy(e)})"
+
+
+def tcp_cell(e: dict) -> str:
+    """retransmitted segments / RTO timeouts / SYN retransmissions, summed
+    over the case's nodes and rounds ("not recorded" in older results)."""
+    tcp = e.get("tcp")
+    if tcp is None:
+        return "not recorded"
+    return " / ".join(_num(tcp.get(k, 0)) for k in tcpstats.SHOWN)
+
+
 def results_table(summary: Sequence[dict]) -> str:
-    lines = ["| path | load | conns | mode | p50 µs | p90 µs | p99 µs | req/s | CPU µs/req | rounds ok | errors |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| path | load | conns | node busy | mode | p50 µs | p90 µs | p99 µs | req/s | CPU µs/req | "
+             "TCP retrans / timeouts / SYN retrans | rounds ok | errors |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in summary:
         if e["load"] == loads.BULK:
             continue
-        lines.append(f"| {e['path']} | {e['load']} | {e['connections']} | {e['mode']} | "
+        lines.append(f"| {e['path']} | {e['load']} | {e['connections']} | {_busy(e)} | {e['mode']} | "
                      f"{_with_iqr(e, 'p50_us')} | {_with_iqr(e, 'p90_us')} | {_with_iqr(e, 'p99_us')} | "
                      f"{_with_iqr(e, 'rps', _num)} | {_with_iqr(e, 'cpu_us_per_req', lambda v: _num(v, 1))} | "
-                     f"{e['rounds_ok']}/{e['rounds_ok'] + e['rounds_failed']} | {e['errors']} |")
+                     f"{tcp_cell(e)} | {e['rounds_ok']}/{e['rounds_ok'] + e['rounds_failed']} | {e['errors']} |")
     return "\n".join(lines)
 
 
@@ -45,23 +68,44 @@ def bulk_table(summary: Sequence[dict]) -> str | None:
     if not rows:
         return None
     gbit = lambda v: _num(v / 1e9 if v is not None else None, 2)  # noqa: E731
-    lines = ["| path | mode | Gbit/s | rounds ok |", "|---|---|---:|---:|"]
-    lines += [f"| {e['path']} | {e['mode']} | {_with_iqr(e, 'throughput_bps', gbit)} | "
+    lines = ["| path | node busy | mode | Gbit/s | TCP retrans / timeouts / SYN retrans | rounds ok |",
+             "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {e['path']} | {_busy(e)} | {e['mode']} | {_with_iqr(e, 'throughput_bps', gbit)} | {tcp_cell(e)} | "
               f"{e['rounds_ok']}/{e['rounds_ok'] + e['rounds_failed']} |" for e in rows]
     return "\n".join(lines)
 
 
+VERDICT_MARK = {"better": "better", "worse": "**WORSE**", "not resolved": "n.r."}
+
+
+def _with_verdict(r: dict, metric: str) -> str:
+    name = metric.removesuffix("_us")
+    ratio = _ratio(r.get(f"{name}_ebpf_over_iptables"))
+    v = (r.get("verdicts") or {}).get(metric)
+    if v is None:
+        return ratio
+    return f"{ratio} {VERDICT_MARK[v['verdict']]} ({v['worse']}-{v['better']})"
+
+
 def ratios_table(ratios: Sequence[dict]) -> str:
-    lines = ["| path | load | conns | p50 | p90 | p99 | req/s | CPU/req | throughput | pairs | p99 within noise |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    """Median paired ratio and the sign test's verdict per metric: worse,
+    better or n.r. (not resolved), with (rounds eBPF did worse - rounds it did
+    better)."""
+    lines = ["| path | load | conns | node busy | p50 | p90 | p99 | req/s | CPU/req | throughput | pairs |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in ratios:
-        noise = ("–" if r["p99_within_noise"] is None else
-                 f"{'yes' if r['p99_within_noise'] else 'NO'} (noise {r['p99_noise']:.1%})")
-        lines.append(f"| {r['path']} | {r['load']} | {r['connections']} | {_ratio(r['p50_ebpf_over_iptables'])} | "
-                     f"{_ratio(r['p90_ebpf_over_iptables'])} | {_ratio(r['p99_ebpf_over_iptables'])} | "
-                     f"{_ratio(r['rps_ebpf_over_iptables'])} | {_ratio(r['cpu_us_per_req_ebpf_over_iptables'])} | "
-                     f"{_ratio(r['throughput_bps_ebpf_over_iptables'])} | {r['pairs']} | {noise} |")
+        lines.append(f"| {r['path']} | {r['load']} | {r['connections']} | {_busy(r)} | {_with_verdict(r, 'p50_us')} | "
+                     f"{_with_verdict(r, 'p90_us')} | {_with_verdict(r, 'p99_us')} | {_with_verdict(r, 'rps')} | "
+                     f"{_with_verdict(r, 'cpu_us_per_req')} | {_with_verdict(r, 'throughput_bps')} | {r['pairs']} |")
     return "\n".join(lines)
+
+
+VERDICT_HOW = ("Each cell: median of the round-by-round ratios eBPF/iptables (below 1 is better for latency and "
+               "CPU, above 1 for req/s and throughput), then the verdict of an exact sign test on those paired "
+               "ratios with (rounds eBPF did worse - rounds it did better): **WORSE** or better when the "
+               "one-sided binomial tail P(X >= that count | n, 1/2) is at most 0.05, n.r. (not resolved) otherwise. "
+               "A sign test needs at least 5 untied pairs to resolve anything at 0.05 and 10 pairs resolve only "
+               "9-1 splits or clearer, so a run of 3 rounds (--quick) leaves every verdict not resolved.")
 
 
 def added_latency_table(added: Sequence[dict]) -> str | None:
@@ -72,11 +116,11 @@ def added_latency_table(added: Sequence[dict]) -> str | None:
     lines = ["| path | mode | added p50 µs | added p90 µs | added p99 µs | pairs |", "|---|---|---:|---:|---:|---:|"]
     for a in added:
         for mode, v in a["added_us"].items():
-            lines.append(f"| {a['path']} | {mode} | {_us(v['p50_us'])} | {_us(v['p90_us'])} | {_us(v['p99_us'])} | "
+            lines.append(f"| {_path(a)} | {mode} | {_us(v['p50_us'])} | {_us(v['p90_us'])} | {_us(v['p99_us'])} | "
                          f"{v['pairs']} |")
         share = a["ebpf_removes_share"]
         pct = lambda v: "–" if v is None else f"{v:.0%}"  # noqa: E731
-        lines.append(f"| {a['path']} | share eBPF removes | {pct(share['p50_us'])} | {pct(share['p90_us'])} | "
+        lines.append(f"| {_path(a)} | share eBPF removes | {pct(share['p50_us'])} | {pct(share['p90_us'])} | "
                      f"{pct(share['p99_us'])} | |")
     return "\n".join(lines)
 
@@ -88,7 +132,7 @@ def cpu_split_table(summary: Sequence[dict]) -> str | None:
     lines = ["| path | load | conns | mode | CPU µs/req | sidecars' user space | kernel (all processes) |",
              "|---|---|---:|---|---:|---:|---:|"]
     one = lambda v: _num(v, 1)  # noqa: E731
-    lines += [f"| {e['path']} | {e['load']} | {e['connections']} | {e['mode']} | {one(e['cpu_us_per_req'])} | "
+    lines += [f"| {e['path']} | {_load(e)} | {e['connections']} | {e['mode']} | {one(e['cpu_us_per_req'])} | "
               f"{one(e['sidecar_user_us_per_req'])} | {one(e['kernel_us_per_req'])} |" for e in rows]
     return "\n".join(lines)
 
@@ -120,7 +164,7 @@ def datapath_table(datapath: Sequence[dict]) -> str | None:
             # counters with labels (redirects by direction, skips by reason) are summed
             total = sum(v for k, v in d["per_request"].items() if k.split("{")[0] == prefix)
             cells.append(f"{total:.3f}")
-        lines.append(f"| {d['path']} | {d['load']} | {d['connections']} | {d['node']} | {' | '.join(cells)} |")
+        lines.append(f"| {d['path']} | {_load(d)} | {d['connections']} | {d['node']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -132,7 +176,7 @@ def carried_table(carried: Sequence[dict]) -> str | None:
     for c in carried:
         nat = ", ".join(f"{f} {n}" for f, n in c["istio_redirect_packets"].items()) or "–"
         ok = {True: "yes", False: "NO", None: "–"}[c.get("carried_by_ebpf")]
-        lines.append(f"| {c['path']} | {c['load']} | {c['connections']} | {c['mode']} | {nat} | "
+        lines.append(f"| {c['path']} | {_load(c)} | {c['connections']} | {c['mode']} | {nat} | "
                      f"{_num(c['ebpf_redirects'])} | {ok} |")
     return "\n".join(lines)
 
@@ -140,7 +184,7 @@ def carried_table(carried: Sequence[dict]) -> str | None:
 def targets_section(targets: Sequence[dict]) -> str:
     lines = []
     for t in targets:
-        mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        mark = {True: "met", False: "MISSED", None: "not resolved" if t.get("detail") else "not measured"}[t["met"]]
         if t.get("value") is not None:
             where = f" (c={t['connections']})" if t["connections"] is not None else ""
             lines.append(f"- **{mark}**: {t['target']}{where}: this run {t['value']:.3f}")
@@ -182,7 +226,8 @@ def console(results: dict) -> str:
     if bulk:
         parts.append(bulk)
     if results["ratios"]:
-        parts += ["eBPF / iptables, median of per-round ratios:", ratios_table(results["ratios"])]
+        parts += ["eBPF / iptables, median of per-round ratios, sign-test verdict (rounds worse-better):",
+                  ratios_table(results["ratios"])]
     added = added_latency_table(results.get("added_latency", []))
     if added:
         parts += ["Added latency over no mesh at a fixed rate (Istio's method):", added]
@@ -225,6 +270,7 @@ def markdown(results: dict, plots: Sequence[str] = ()) -> str:
         f"- Client sockets: {cfg.get('family', 'inet')}: "
         f"{cfg.get('family_how', 'AF_INET sockets to the server pod IPv4 address (not recorded: before --family)')}",
         f"- mTLS between sidecars: {cfg.get('mtls_how', cfg.get('mtls', 'not recorded'))}",
+        f"- Node busy: {cfg.get('busy_how', 'none: nothing else on the node (not recorded: before --busy)')}",
         f"- Machine load (1/5/15 min load average): {_loadavg(cfg.get('loadavg_before'))} before, "
         f"{_loadavg(cfg.get('loadavg_after'))} after",
         "- Pods: " + ("; ".join(f"{path} {p['client']} ({p['client_ip']}) -> {p['server']} "
@@ -237,7 +283,10 @@ def markdown(results: dict, plots: Sequence[str] = ()) -> str:
         "numpy's default). CPU is user+system time of the client, both sidecars, the server app "
         "and the node agents (ebpf mode) per request. wrk times a request from its write, so connect cost shows in req/s only. "
         "Errors: wrk's socket errors, timeouts and non-2xx answers, or sockperf's lost, duplicated and "
-        "reordered messages, summed over rounds.",
+        "reordered messages, summed over rounds. TCP: increases of TCP's own counters (TcpRetransSegs, "
+        "TcpExtTCPTimeouts, TcpExtTCPSynRetrans as nstat names them) in the network namespaces of the case's "
+        "nodes and their pods during the runs, summed over rounds; results.json has more of them per run. "
+        "Node busy: the background CPU load of the run (none, or stress-ng on half or all of the cores).",
         "",
         results_table(results["summary"]),
     ]
@@ -248,10 +297,7 @@ def markdown(results: dict, plots: Sequence[str] = ()) -> str:
     if bulk:
         parts += ["", "Bulk (iperf3, one stream):", "", bulk]
     if results["ratios"]:
-        parts += ["", "## eBPF / iptables",
-                  "Median of the round-by-round ratios; below 1 is better for latency and CPU, above 1 for "
-                  "req/s and throughput. Noise is the IQR of iptables' p99 across rounds over its median.", "",
-                  ratios_table(results["ratios"])]
+        parts += ["", "## eBPF / iptables", VERDICT_HOW, "", ratios_table(results["ratios"])]
     parts += ["", "## Targets", "A miss is a finding to investigate, not a failure of the run.", "",
               targets_section(results["targets"])]
     added = added_latency_table(results.get("added_latency", []))

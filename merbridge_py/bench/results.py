@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from . import loads, stats
 from .bed import CROSS_NODE, MODES, SAME_NODE
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Row fields summarized as the median (<metric>) and IQR (iqr_<metric>) across
 # rounds, and compared ebpf/iptables round by round as <name>_ebpf_over_iptables
@@ -22,15 +22,26 @@ METRICS = ("p50_us", "p90_us", "p99_us", "rps", "cpu_us_per_req", "throughput_bp
            # datapath's reach) and the system time of every counted process
            "sidecar_user_us_per_req", "kernel_us_per_req")
 
-# With fewer pairs the IQR of the baseline is not an estimate of anything (one
-# round has an IQR of 0), so the noise check is left undecided.
-MIN_PAIRS_FOR_NOISE = 3
+# Metrics judged by the paired sign test (stats.sign_test), with the direction
+# that is better. fixedrate's req/s is set by its client, so it is not judged.
+VERDICT_METRICS = (("p50_us", stats.LOWER_IS_BETTER), ("p90_us", stats.LOWER_IS_BETTER),
+                   ("p99_us", stats.LOWER_IS_BETTER), ("rps", stats.HIGHER_IS_BETTER),
+                   ("cpu_us_per_req", stats.LOWER_IS_BETTER), ("throughput_bps", stats.HIGHER_IS_BETTER))
 
-CaseKey = tuple[str, str, int]   # (path, load, connections)
+# The node's background CPU load of a run (busy.LEVELS); rows made before
+# --busy ran on a node left alone
+DEFAULT_BUSY = "none"
+
+CaseKey = tuple[str, str, int, str]   # (path, load, connections, busy)
 
 
 def case_key(row: dict) -> CaseKey:
-    return row["path"], row["load"], row["connections"]
+    return row["path"], row["load"], row["connections"], row.get("busy", DEFAULT_BUSY)
+
+
+def _case_fields(key: CaseKey) -> dict:
+    path, load, conns, busy = key
+    return {"path": path, "load": load, "connections": conns, "busy": busy}
 
 
 def _by_round(rows: Iterable[dict], field: str) -> dict[int, float]:
@@ -54,21 +65,36 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
             group = groups.get((key, mode))
             if not group:
                 continue
-            path, load, conns = key
-            entry = {"path": path, "load": load, "connections": conns, "mode": mode}
+            entry = {**_case_fields(key), "mode": mode}
             for metric in METRICS:
                 values = list(_by_round(group, metric).values())
                 entry[metric], entry[f"iqr_{metric}"] = stats.summarize(values)
             entry["rounds_ok"] = sum(1 for r in group if r["ok"])
             entry["rounds_failed"] = sum(1 for r in group if not r["ok"])
             entry["errors"] = sum(r["errors"] or 0 for r in group if r["ok"])
+            entry["tcp"] = tcp_totals(group)
             out.append(entry)
+    return out
+
+
+def tcp_totals(rows: Iterable[dict]) -> dict[str, int] | None:
+    """TCP counter increases summed over the rows' nodes and successful
+    rounds; None when no row recorded them (results made before they were)."""
+    recorded = [r["tcp"] for r in rows if r["ok"] and r.get("tcp") is not None]
+    if not recorded:
+        return None
+    out: dict[str, int] = {}
+    for per_node in recorded:
+        for counters in per_node.values():
+            for k, v in counters.items():
+                out[k] = out.get(k, 0) + v
     return out
 
 
 def paired_ratios(rows: Sequence[dict], numerator: str = "ebpf", denominator: str = "iptables") -> list[dict]:
     """Per case: median of the round-by-round ratios numerator/denominator for
-    each metric, and whether numerator's p99 stays within denominator's noise."""
+    each metric, and the sign test's verdict on each (verdicts: metric ->
+    better / worse / not resolved with its counts and p-values)."""
     out = []
     for key in _case_order(rows):
         case_rows = [r for r in rows if case_key(r) == key]
@@ -76,29 +102,31 @@ def paired_ratios(rows: Sequence[dict], numerator: str = "ebpf", denominator: st
         den = [r for r in case_rows if r["mode"] == denominator]
         if not num or not den:
             continue
-        path, load, conns = key
-        entry = {"path": path, "load": load, "connections": conns}
+        entry = _case_fields(key)
         for metric in METRICS:
             name = metric.removesuffix("_us")
             entry[f"{name}_{numerator}_over_{denominator}"] = stats.median_paired_ratio(
                 _by_round(num, metric), _by_round(den, metric))
         entry["pairs"] = len({r["round"] for r in num if r["ok"]} & {r["round"] for r in den if r["ok"]})
-        for metric in ("p50_us", "p99_us"):
-            check = stats.worse_than_noise(_by_round(num, metric), _by_round(den, metric))
-            if check and check.pairs < MIN_PAIRS_FOR_NOISE:
-                check = None
-            name = metric.removesuffix("_us")
-            entry[f"{name}_noise"] = check.noise if check else None
-            entry[f"{name}_within_noise"] = check.passed if check else None
-        # req/s: higher is better, so the candidate may fall short by the noise
-        rps_den = _by_round(den, "rps")
-        ratio = entry["rps_ebpf_over_iptables"] if numerator == "ebpf" else None
-        if ratio is not None and entry["pairs"] >= MIN_PAIRS_FOR_NOISE and stats.median(rps_den.values()) > 0:
-            entry["rps_noise"] = stats.relative_iqr(rps_den.values())
-            entry["rps_within_noise"] = ratio >= 1.0 - entry["rps_noise"]
-        else:
-            entry["rps_noise"] = entry["rps_within_noise"] = None
+        entry["verdicts"] = verdicts(num, den, key[1])
         out.append(entry)
+    return out
+
+
+def verdicts(candidate: Sequence[dict], baseline: Sequence[dict], load: str) -> dict[str, dict]:
+    """metric -> the sign test of candidate/baseline over the paired rounds,
+    for each metric the load measures."""
+    out = {}
+    for metric, direction in VERDICT_METRICS:
+        if metric == "rps" and load == loads.FIXEDRATE:
+            continue
+        ratios = stats.paired_ratios(_by_round(candidate, metric), _by_round(baseline, metric))
+        if not ratios:
+            continue
+        t = stats.sign_test(ratios, direction)
+        out[metric] = {"verdict": t.verdict, "pairs": t.pairs, "better": t.better, "worse": t.worse,
+                       "ties": t.ties, "p_worse": t.p_worse, "p_better": t.p_better,
+                       "resolvable": t.resolvable, "alpha": t.alpha}
     return out
 
 
@@ -129,16 +157,19 @@ TARGETS = (
     Target("same-node new connection per request: rps ratio >= 1.15",
            SAME_NODE, loads.NEWCONN, None, "rps_ebpf_over_iptables", ">=", 1.15),
 )
-NOISE_TARGET = "eBPF never worse than iptables at p99 by more than the run's own noise"
-CROSS_NODE_TARGET = "cross-node: eBPF never worse than iptables beyond the run's own noise (p50, p99, req/s)"
+NEVER_WORSE_TARGET = ("eBPF never worse than iptables: no case with a 'worse' verdict of the paired sign test "
+                      "(p50, p90, p99, req/s, CPU/request, throughput)")
+CROSS_NODE_TARGET = "cross-node: no case with a 'worse' verdict of the paired sign test (p50, p90, p99, req/s)"
+TIMEOUTS_TARGET = "no eBPF case has more TCP retransmission timeouts (TCPTimeouts, all rounds) than iptables"
 
 
-def evaluate_targets(ratios: Sequence[dict]) -> list[dict]:
+def evaluate_targets(ratios: Sequence[dict], summary: Sequence[dict] = ()) -> list[dict]:
     """Each target of the issue with this run's value and whether it was met;
     met is null when this run did not measure the case (e.g. --quick without it)."""
     out = []
     for t in TARGETS:
         matching = [r for r in ratios if (r["path"], r["load"]) == (t.path, t.load)
+                    and r.get("busy", DEFAULT_BUSY) == DEFAULT_BUSY
                     and (t.connections is None or r["connections"] == t.connections)
                     and r.get(t.metric) is not None]
         if not matching:
@@ -147,36 +178,54 @@ def evaluate_targets(ratios: Sequence[dict]) -> list[dict]:
         for r in matching:
             out.append({"target": t.text, "metric": t.metric, "op": t.op, "threshold": t.threshold,
                         "connections": r["connections"], "value": r[t.metric], "met": t.met_by(r[t.metric])})
-    checked = [r for r in ratios if r["p99_within_noise"] is not None]
-    worse = [f"{r['path']} {r['load']} c={r['connections']}: p99 ratio {r['p99_ebpf_over_iptables']:.3f} "
-             f"> 1 + noise {r['p99_noise']:.3f}" for r in checked if not r["p99_within_noise"]]
-    out.append({"target": NOISE_TARGET, "metric": "p99_ebpf_over_iptables", "op": "<=",
-                "threshold": None, "connections": None, "value": None,
-                "met": (not worse) if checked else None, "detail": worse})
-    out.append(_cross_node_target(ratios))
+    out.append(_never_worse(NEVER_WORSE_TARGET, ratios, [m for m, _ in VERDICT_METRICS]))
+    out.append(_never_worse(CROSS_NODE_TARGET, [r for r in ratios if r["path"] == CROSS_NODE],
+                            ["p50_us", "p90_us", "p99_us", "rps"]))
+    out.append(_timeouts_target(summary))
     return out
 
 
-def _cross_node_target(ratios: Sequence[dict]) -> dict:
-    """Every cross-node case with latency and a rate (bulk has neither; the
-    fixed-rate load's rate is set by its client, so only its latency counts)."""
-    worse, decided = [], 0
+def case_label(r: dict) -> str:
+    busy = r.get("busy", DEFAULT_BUSY)
+    return f"{r['path']} {r['load']} c={r['connections']}" + ("" if busy == DEFAULT_BUSY else f" busy={busy}")
+
+
+def _never_worse(text: str, ratios: Sequence[dict], metrics: Sequence[str]) -> dict:
+    """met: false when any verdict is 'worse'; true when none is and every
+    test had enough pairs to resolve; null when some had too few (a quick run:
+    absence of a 'worse' verdict then proves nothing)."""
+    worse, unresolvable, tests = [], 0, 0
     for r in ratios:
-        if r["path"] != CROSS_NODE or r["load"] == loads.BULK:
-            continue
-        checks = [("p50", "<="), ("p99", "<=")] + ([] if r["load"] == loads.FIXEDRATE else [("rps", ">=")])
-        for name, op in checks:
-            within = r.get(f"{name}_within_noise")
-            if within is None:
+        for metric in metrics:
+            v = (r.get("verdicts") or {}).get(metric)
+            if v is None:
                 continue
-            decided += 1
-            if not within:
-                noise = r[f"{name}_noise"]
-                bound = 1 + noise if op == "<=" else 1 - noise
-                worse.append(f"{r['load']} c={r['connections']}: {name} ratio {r[f'{name}_ebpf_over_iptables']:.3f} "
-                             f"{'>' if op == '<=' else '<'} {bound:.3f} (1 {'+' if op == '<=' else '-'} noise)")
-    return {"target": CROSS_NODE_TARGET, "metric": "p50, p99, rps", "op": None, "threshold": None,
-            "connections": None, "value": None, "met": (not worse) if decided else None, "detail": worse}
+            tests += 1
+            unresolvable += not v["resolvable"]
+            if v["verdict"] == stats.WORSE:
+                name = metric.removesuffix("_us")
+                worse.append(f"{case_label(r)}: {name} worse in {v['worse']} of {v['pairs']} pairs "
+                             f"(sign test p = {v['p_worse']:.3f}), median ratio "
+                             f"{r[f'{name}_ebpf_over_iptables']:.3f}")
+    detail = list(worse)
+    if unresolvable:
+        detail.append(f"{unresolvable} of {tests} tests had too few pairs to resolve "
+                      f"(the sign test needs >= {stats.min_pairs_to_resolve()} untied pairs at alpha {stats.ALPHA})")
+    met = False if worse else (None if unresolvable or not tests else True)
+    return {"target": text, "metric": ", ".join(metrics), "op": None, "threshold": None, "connections": None,
+            "value": None, "met": met, "detail": detail}
+
+
+def _timeouts_target(summary: Sequence[dict]) -> dict:
+    by_case: dict[CaseKey, dict[str, int]] = {}
+    for e in summary:
+        if e["mode"] in ("ebpf", "iptables") and e.get("tcp") is not None:
+            by_case.setdefault(case_key(e), {})[e["mode"]] = e["tcp"].get("TcpExtTCPTimeouts", 0)
+    compared = {k: v for k, v in by_case.items() if len(v) == 2}
+    more = [f"{case_label(_case_fields(k))}: eBPF {v['ebpf']} timeouts, iptables {v['iptables']}"
+            for k, v in compared.items() if v["ebpf"] > v["iptables"]]
+    return {"target": TIMEOUTS_TARGET, "metric": "TcpExtTCPTimeouts", "op": "<=", "threshold": None,
+            "connections": None, "value": None, "met": (not more) if compared else None, "detail": more}
 
 
 def added_latency(rows: Sequence[dict], load: str = loads.FIXEDRATE, baseline: str = "nomesh") -> list[dict]:
@@ -186,10 +235,10 @@ def added_latency(rows: Sequence[dict], load: str = loads.FIXEDRATE, baseline: s
     latency that eBPF removes, (iptables_added - ebpf_added) / iptables_added,
     from those medians."""
     out = []
-    for path in dict.fromkeys(r["path"] for r in rows if r["load"] == load):
-        case = [r for r in rows if r["path"] == path and r["load"] == load]
+    for path, busy in dict.fromkeys((r["path"], r.get("busy", DEFAULT_BUSY)) for r in rows if r["load"] == load):
+        case = [r for r in rows if r["path"] == path and r["load"] == load and r.get("busy", DEFAULT_BUSY) == busy]
         base = {m: _by_round([r for r in case if r["mode"] == baseline], m) for m in ("p50_us", "p90_us", "p99_us")}
-        entry: dict = {"path": path, "load": load, "connections": case[0]["connections"]}
+        entry: dict = {"path": path, "load": load, "connections": case[0]["connections"], "busy": busy}
         added: dict[str, dict[str, float | None]] = {}
         for mode in (m for m in MODES if m != baseline):
             mode_rows = [r for r in case if r["mode"] == mode]
@@ -229,7 +278,7 @@ def datapath_per_request(rows: Sequence[dict]) -> list[dict]:
             names = sorted({k for r in case for k in r["datapath"].get(role, {})})
             per_req = {n: stats.median([r["datapath"].get(role, {}).get(n, 0.0) / r["requests"] for r in case])
                        for n in names}
-            out.append({"path": key[0], "load": key[1], "connections": key[2], "node": role,
+            out.append({**_case_fields(key), "node": role,
                         "rounds": len(case), "per_request": per_req})
     return out
 
@@ -260,7 +309,7 @@ def carried_by(rows: Sequence[dict]) -> list[dict]:
                 continue
             families = dict.fromkeys(f for r in case for f in r["nat_redirects"])
             nat = {f: sum(r["nat_redirects"].get(f, 0) for r in case) for f in families}
-            entry = {"path": key[0], "load": key[1], "connections": key[2], "mode": mode, "rounds": len(case),
+            entry = {**_case_fields(key), "mode": mode, "rounds": len(case),
                      "istio_redirect_packets": nat,
                      "ebpf_redirects": sum(_ebpf_redirects(r) for r in case) if mode == "ebpf" else None}
             if mode == "ebpf":
@@ -271,14 +320,15 @@ def carried_by(rows: Sequence[dict]) -> list[dict]:
 
 def build(machine: dict, config: dict, rows: list[dict], warmup_failures: Sequence[str] = ()) -> dict:
     ratios = paired_ratios(rows)
+    summary = summarize(rows)
     return {
         "schema_version": SCHEMA_VERSION,
         "machine": machine,
         "config": config,
         "rounds": rows,
-        "summary": summarize(rows),
+        "summary": summary,
         "ratios": ratios,
-        "targets": evaluate_targets(ratios),
+        "targets": evaluate_targets(ratios, summary),
         "added_latency": added_latency(rows),
         "datapath": datapath_per_request(rows),
         "carried_by": carried_by(rows),

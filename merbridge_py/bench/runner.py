@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import loads
+from . import busy, loads
 from .bed import CROSS_NODE, MODES, PATHS, SAME_NODE, Bed, pick_paths
-from .measure import Measurement, measure
+from .measure import CLIENT_GRACE_S, Measurement, measure
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,16 @@ class Case:
     path: str
     load: str
     connections: int
+    busy: str = busy.NONE     # the node's background CPU load (busy.LEVELS)
+
+    def __post_init__(self):
+        if self.busy not in busy.LEVELS:
+            raise ValueError(f"busy must be among {busy.LEVELS}, got {self.busy!r}")
 
     @property
     def label(self) -> str:
-        return f"{self.path} {self.load} c={self.connections}"
+        return f"{self.path} {self.load} c={self.connections}" + ("" if self.busy == busy.NONE else
+                                                                   f" busy={self.busy}")
 
 
 @dataclass(frozen=True)
@@ -55,20 +61,29 @@ class Profile:
         loads.check_family(self.family, [c.load for c in self.cases])
 
 
-def cases_for(paths: Sequence[str], specs: Sequence[tuple[str, int]]) -> tuple[Case, ...]:
-    return tuple(Case(path, load, c) for path in paths for load, c in specs)
+def cases_for(paths: Sequence[str], specs: Sequence[tuple[str, int]],
+              busy_levels: Sequence[str] = (busy.NONE,)) -> tuple[Case, ...]:
+    """Busy level outermost: a mode block starts each level's background load
+    once and runs all of that level's cases under it."""
+    return tuple(Case(path, load, c, level) for level in busy_levels for path in paths for load, c in specs)
 
 
 FULL_LOADS = loads.parse_load_specs(["keepalive:1,4,16,64", "newconn", "tcp_rr", "bulk", "fixedrate"])
 
 
+# The sign test ("never worse than iptables", stats.py) resolves nothing below 5
+# pairs and, at 10, a split of 9-1 or clearer: the full run has 10 rounds.
+FULL_ROUNDS = 10
+
+
 def full_profile() -> Profile:
-    return Profile(rounds=5, duration_s=5, warmup_s=2, modes=MODES, cases=cases_for(PATHS, FULL_LOADS))
+    return Profile(rounds=FULL_ROUNDS, duration_s=5, warmup_s=2, modes=MODES, cases=cases_for(PATHS, FULL_LOADS))
 
 
 def quick_profile() -> Profile:
     """The cases the issue's targets name, and nothing else: 3 rounds of 2 s.
-    With three modes that is 36 measurements, about 80 s of load."""
+    With three modes that is 36 measurements, about 80 s of load. Three pairs
+    are too few for the sign test: its verdicts say "not resolved"."""
     cases = (Case(SAME_NODE, loads.KEEPALIVE, 1), Case(SAME_NODE, loads.KEEPALIVE, 16),
              Case(SAME_NODE, loads.NEWCONN, loads.DEFAULT_CONNECTIONS[loads.NEWCONN]),
              Case(CROSS_NODE, loads.KEEPALIVE, 1))
@@ -128,7 +143,8 @@ class Outcome:
 
 
 def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
-        measure_fn: Measure = measure, fixedrate_rps: int = loads.FIXEDRATE_RPS) -> Outcome:
+        measure_fn: Measure = measure, fixedrate_rps: int = loads.FIXEDRATE_RPS,
+        cpu_count: int | None = None) -> Outcome:
     """Execute the plan. A measurement that fails becomes a row with ok=false
     and its error; the benchmark goes on, because a mode that breaks under one
     load is a finding, and the other measurements are still worth having."""
@@ -140,13 +156,26 @@ def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
                                    "server_ip": p.server.ip, "family": profile.family,
                                    "target": targets[path].address} for path, p in pairs.items()})
     block_error: str | None = None
-    with _wrk_scripts(fixedrate_rps) as script:
-        for step in plan(profile):
+    steps = plan(profile)
+    busy_node = next(iter(pairs.values())).client.node    # both paths start from this client
+    with _wrk_scripts(fixedrate_rps) as script, contextlib.ExitStack() as background:
+        level, workers = busy.NONE, 0
+        for i, step in enumerate(steps):
+            if step.kind == "mode" or (step.kind == "run" and step.case.busy != level):
+                background.close()            # stopped before a mode switch, and between levels
+                level, workers = busy.NONE, 0
+            if step.kind == "run" and step.case.busy != level and block_error is None:
+                level = step.case.busy
+                try:
+                    workers = background.enter_context(busy.background(
+                        bed, busy_node, level, _busy_timeout_s(steps, i, profile), cpu_count))
+                except (RuntimeError, OSError) as e:
+                    block_error = f"starting the busy-node load ({level}) failed: {type(e).__name__}: {e}"
             if step.kind == "mode":
                 block_error = _enter_mode(bed, step.mode)
             elif block_error is not None:
                 if step.kind == "run":
-                    outcome.rows.append(_row(step, profile, error=block_error))
+                    outcome.rows.append(_row(step, profile, error=block_error, busy_workers=workers))
             elif step.kind == "warmup":
                 try:
                     measure_fn(bed, pairs[step.case.path], step.case.load, step.case.connections,
@@ -161,11 +190,23 @@ def run(bed: Bed, profile: Profile, progress: Progress = lambda step: None,
                     m = measure_fn(bed, pairs[step.case.path], step.case.load, step.case.connections,
                                    profile.duration_s, script, family=profile.family)
                 except (loads.LoadFailed, TimeoutError, RuntimeError, OSError) as e:
-                    outcome.rows.append(_row(step, profile, started=started, error=f"{type(e).__name__}: {e}"))
+                    outcome.rows.append(_row(step, profile, started=started, error=f"{type(e).__name__}: {e}",
+                                             busy_workers=workers))
                 else:
-                    outcome.rows.append(_row(step, profile, started=started, m=m))
+                    outcome.rows.append(_row(step, profile, started=started, m=m, busy_workers=workers))
             progress(step)
     return outcome
+
+
+def _busy_timeout_s(steps: Sequence[Step], first: int, profile: Profile) -> int:
+    """A backstop for the background load's own --timeout: every run of its
+    level in this mode block, with the client's grace, and a minute more."""
+    level, n = steps[first].case.busy, 0
+    for step in steps[first:]:
+        if step.kind != "run" or step.case.busy != level:
+            break
+        n += 1
+    return n * (profile.duration_s + int(CLIENT_GRACE_S) + 10) + 60
 
 
 def _enter_mode(bed: Bed, mode: str) -> str | None:
@@ -178,9 +219,10 @@ def _enter_mode(bed: Bed, mode: str) -> str | None:
 
 
 def _row(step: Step, profile: Profile, started: str | None = None, m: Measurement | None = None,
-         error: str | None = None) -> dict:
+         error: str | None = None, busy_workers: int = 0) -> dict:
     c = step.case
     row = {"round": step.round, "mode": step.mode, "path": c.path, "load": c.load, "connections": c.connections,
+           "busy": c.busy, "busy_workers": busy_workers,
            "family": profile.family, "planned_duration_s": profile.duration_s, "started_at": started, "ok": m is not None, "error": error}
     r = m.result if m else None
     row.update({
@@ -195,6 +237,7 @@ def _row(step: Step, profile: Profile, started: str | None = None, m: Measuremen
         "throughput_bps": r.throughput_bps if r else None,
         "retransmits": r.retransmits if r else None,
         "late_slots": r.late_slots if r else None,
+        "wrk_corrected_p99_us": r.wrk_corrected_p99_us if r else None,
         "cpu_us": dict(m.cpu_us) if m else None,
         "cpu_us_per_req": m.cpu_us_per_req if m else None,
         "cpu_user_us": dict(m.cpu_user_us) if m and m.cpu_user_us else None,
@@ -202,6 +245,7 @@ def _row(step: Step, profile: Profile, started: str | None = None, m: Measuremen
         "kernel_us_per_req": m.kernel_us_per_req if m else None,
         "datapath": m.datapath if m and m.datapath else None,
         "nat_redirects": dict(m.nat_redirects) if m and m.nat_redirects else None,
+        "tcp": {role: dict(c) for role, c in m.tcp.items()} if m and m.tcp else None,
     })
     return row
 

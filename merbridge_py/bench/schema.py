@@ -13,6 +13,7 @@ from __future__ import annotations
 import jsonschema
 
 from ..testbed.options import MTLS_MODES, PROXIES
+from . import busy, stats
 from .bed import MODES, PATHS
 from .loads import FAMILIES, LOADS
 
@@ -23,6 +24,23 @@ _CASE = {
     "path": {"enum": list(PATHS)},
     "load": {"enum": list(LOADS)},
     "connections": {"type": "integer", "minimum": 1},
+}
+# the node's background CPU load (absent in results made before --busy: none)
+_BUSY = {"busy": {"enum": list(busy.LEVELS)}}
+# TCP counter name (tcpstats.COUNTERS) -> increase
+_TCP_COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
+_VERDICT = {
+    "type": "object",
+    "required": ["verdict", "pairs", "better", "worse", "ties", "p_worse", "p_better", "resolvable", "alpha"],
+    "properties": {
+        "verdict": {"enum": [stats.BETTER, stats.WORSE, stats.NOT_RESOLVED]},
+        "pairs": {"type": "integer", "minimum": 1},
+        "better": {"type": "integer", "minimum": 0}, "worse": {"type": "integer", "minimum": 0},
+        "ties": {"type": "integer", "minimum": 0},
+        "p_worse": {"type": "number", "minimum": 0, "maximum": 1},
+        "p_better": {"type": "number", "minimum": 0, "maximum": 1},
+        "resolvable": {"type": "boolean"}, "alpha": {"type": "number"},
+    },
 }
 
 RESULTS_SCHEMA = {
@@ -44,6 +62,7 @@ RESULTS_SCHEMA = {
                 "envoy_workers": {"type": ["integer", "null"], "minimum": 1},
                 # the clients' socket family (absent in results made before --family: inet)
                 "family": {"enum": list(FAMILIES)},
+                "busy": {"type": "array", "items": _BUSY["busy"]},
                 "loadavg_before": {"type": "array", "items": _NUM},
                 "loadavg_after": {"type": "array", "items": _NUM},
             },
@@ -72,7 +91,10 @@ RESULTS_SCHEMA = {
             "properties": {
                 "round": {"type": "integer", "minimum": 0},
                 "mode": {"enum": list(MODES)},
-                **_CASE,
+                **_CASE, **_BUSY,
+                "busy_workers": {"type": "integer", "minimum": 0},
+                # node role -> TCP counter increases during the run in the node's and its pods' namespaces
+                "tcp": {"type": ["object", "null"], "additionalProperties": _TCP_COUNTS},
                 "ok": {"type": "boolean"},
                 "error": {"type": ["string", "null"]},
                 "rps": _NUM_OR_NULL, "p50_us": _NUM_OR_NULL, "p90_us": _NUM_OR_NULL, "p99_us": _NUM_OR_NULL,
@@ -94,19 +116,23 @@ RESULTS_SCHEMA = {
             "type": "object",
             "required": [*_CASE, "mode", "p50_us", "p90_us", "p99_us", "rps", "cpu_us_per_req", "iqr_p50_us"],
             "properties": {
-                **_CASE,
+                **_CASE, **_BUSY,
                 "mode": {"enum": list(MODES)},
                 "p50_us": _NUM_OR_NULL, "p90_us": _NUM_OR_NULL, "p99_us": _NUM_OR_NULL,
                 "rps": _NUM_OR_NULL, "cpu_us_per_req": _NUM_OR_NULL, "iqr_p50_us": _NUM_OR_NULL,
+                # summed over the case's nodes and successful rounds; null when not recorded
+                "tcp": {"oneOf": [{"type": "null"}, _TCP_COUNTS]},
             },
         }},
         "ratios": {"type": "array", "items": {
             "type": "object",
             "required": [*_CASE, "p50_ebpf_over_iptables", "rps_ebpf_over_iptables"],
             "properties": {
-                **_CASE,
+                **_CASE, **_BUSY,
                 "p50_ebpf_over_iptables": _NUM_OR_NULL,
                 "rps_ebpf_over_iptables": _NUM_OR_NULL,
+                # metric -> the paired sign test (stats.sign_test)
+                "verdicts": {"type": "object", "additionalProperties": _VERDICT},
             },
         }},
         "added_latency": {"type": "array", "items": {

@@ -11,10 +11,19 @@ round r's iptables value, then the median of those ratios. Pairing cancels slow
 drift of a noisy machine (both members of a pair ran minutes apart at most),
 which a ratio of two medians would not.
 
-Noise of a run: the relative IQR of the baseline's own values across rounds,
-IQR / median. "eBPF is never worse than iptables at p99 by more than the run's
-own noise" then reads: median paired p99 ratio <= 1 + relative IQR of iptables'
-p99 across the rounds of this run.
+"Never worse than iptables" is a verdict from an exact sign test on the paired
+ratios (sign_test, verdict below): a round where eBPF did worse than iptables
+is a "worse" sign, one where it did better a "better" sign, ties are dropped.
+Under the null hypothesis that neither mode is favoured, the number of worse
+signs among n untied pairs is Binomial(n, 1/2). The verdict is "worse" when
+P(X >= worse signs) <= ALPHA, "better" when P(X >= better signs) <= ALPHA
+(two one-sided tests at ALPHA = 0.05 each; at most one can hold), and
+"not resolved" otherwise. The sign test assumes nothing about the shape of the
+noise (this machine's p99 spreads over 90-500% across rounds), only that the
+pairs are independent and each is as likely to tip either way when the modes
+are equal. Its price: it needs at least 5 untied pairs to ever reach 0.05
+(0.5^5 = 0.031), and 10 pairs resolve only 9-1 splits or clearer
+(P(X >= 9) = 11/1024 = 0.011, P(X >= 8) = 56/1024 = 0.055).
 """
 
 from __future__ import annotations
@@ -70,31 +79,70 @@ def median_paired_ratio(numerator: Mapping[int, float], denominator: Mapping[int
     return median(ratios) if ratios else None
 
 
+ALPHA = 0.05
+BETTER, WORSE, NOT_RESOLVED = "better", "worse", "not resolved"
+LOWER_IS_BETTER, HIGHER_IS_BETTER = "lower", "higher"
+
+
+def binomial_tail(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2), exactly (sum of C(n, i) / 2^n)."""
+    if n < 0 or k < 0:
+        raise ValueError(f"binomial tail needs k, n >= 0, got k={k}, n={n}")
+    if k > n:
+        return 0.0
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
+def min_pairs_to_resolve(alpha: float = ALPHA) -> int:
+    """The fewest untied pairs with which a unanimous result reaches alpha."""
+    n = 1
+    while 0.5 ** n > alpha:
+        n += 1
+    return n
+
+
 @dataclass(frozen=True)
-class NoiseCheck:
-    """Is a candidate's median paired ratio to the baseline within the
-    baseline's own noise? (for metrics where higher is worse, e.g. latency)"""
+class SignTest:
+    """The paired sign test of one metric of one case (candidate / baseline)."""
 
-    ratio: float          # median of the paired candidate/baseline ratios
-    noise: float          # relative IQR of the baseline across rounds
-    pairs: int
-
-    @property
-    def allowed(self) -> float:
-        return 1.0 + self.noise
+    better: int           # pairs where the candidate did better
+    worse: int            # pairs where it did worse
+    ties: int             # pairs with a ratio of exactly 1 (left out of the test)
+    p_worse: float        # P(X >= worse) under no difference: small = evidence of worse
+    p_better: float       # P(X >= better) under no difference: small = evidence of better
+    alpha: float = ALPHA
 
     @property
-    def passed(self) -> bool:
-        return self.ratio <= self.allowed
+    def pairs(self) -> int:
+        return self.better + self.worse + self.ties
+
+    @property
+    def verdict(self) -> str:
+        if self.p_worse <= self.alpha:
+            return WORSE
+        if self.p_better <= self.alpha:
+            return BETTER
+        return NOT_RESOLVED
+
+    @property
+    def resolvable(self) -> bool:
+        """Were there pairs enough for a verdict? (ties count: pairs that all
+        tie are no evidence of a difference, not too few to judge)"""
+        return 0.5 ** self.pairs <= self.alpha
 
 
-def worse_than_noise(candidate: Mapping[int, float], baseline: Mapping[int, float]) -> NoiseCheck | None:
-    """Compare round-keyed values where higher is worse. None when there is no
-    pair to compare."""
-    ratios = paired_ratios(candidate, baseline)
-    if not ratios:
-        return None
-    return NoiseCheck(ratio=median(ratios), noise=relative_iqr(baseline.values()), pairs=len(ratios))
+def sign_test(ratios: Sequence[float], direction: str, alpha: float = ALPHA) -> SignTest:
+    """Exact sign test of candidate/baseline ratios. direction: LOWER_IS_BETTER
+    (latency, CPU) or HIGHER_IS_BETTER (req/s, throughput)."""
+    if direction not in (LOWER_IS_BETTER, HIGHER_IS_BETTER):
+        raise ValueError(f"direction must be {LOWER_IS_BETTER!r} or {HIGHER_IS_BETTER!r}, got {direction!r}")
+    above = sum(1 for r in ratios if r > 1.0)
+    below = sum(1 for r in ratios if r < 1.0)
+    ties = len(ratios) - above - below
+    better, worse = (below, above) if direction == LOWER_IS_BETTER else (above, below)
+    n = better + worse
+    return SignTest(better=better, worse=worse, ties=ties, p_worse=binomial_tail(worse, n),
+                    p_better=binomial_tail(better, n), alpha=alpha)
 
 
 def summarize(values: Sequence[float]) -> tuple[float, float] | tuple[None, None]:
