@@ -43,14 +43,20 @@ def _candidate_words() -> set[str]:
     return words
 
 
-def _owner(exe: str) -> str | None:
-    """The Debian package that ships `exe` (dpkg records /bin paths on merged-/usr systems)."""
-    real = os.path.realpath(exe)
-    for path in (real, re.sub(r"^/usr(?=/s?bin/)", "", real)):
-        r = subprocess.run(["dpkg", "-S", path], capture_output=True, text=True)
-        if r.returncode == 0:
-            return r.stdout.split(":", 1)[0].split(",")[0].strip()
-    return None
+def _owners(exes: list[str]) -> dict[str, str]:
+    """exe -> the Debian package that ships it, in one dpkg call (dpkg records /bin paths on merged-/usr systems)."""
+    variants = {}
+    for exe in exes:
+        real = os.path.realpath(exe)
+        for path in (real, re.sub(r"^/usr(?=/s?bin/)", "", real)):
+            variants[path] = exe
+    out = subprocess.run(["dpkg", "-S", *variants], capture_output=True, text=True).stdout
+    owners = {}
+    for line in out.splitlines():
+        packages, _, path = line.partition(": ")
+        if path.strip() in variants:
+            owners[variants[path.strip()]] = packages.split(",")[0].split(":")[0].strip()
+    return owners
 
 
 def _essential() -> set[str]:
@@ -68,15 +74,14 @@ def _script_packages(script: Path) -> set[str]:
 def unlisted_programs(listed: dict[str, str]) -> list[str]:
     """Programs the code runs that are on this machine, come from a non-essential package and are not listed."""
     essential = _essential()
-    problems = []
+    exes = {}
     for word in sorted(_candidate_words() - set(listed) - set(NOT_PROGRAMS)):
         exe = shutil.which(word)
-        if exe is None or not exe.startswith(("/usr/bin/", "/usr/sbin/", "/bin/", "/sbin/")):
-            continue
-        package = _owner(exe)
-        if package is not None and package not in essential:
-            problems.append(f"{word} (Debian package {package})")
-    return problems
+        if exe is not None and exe.startswith(("/usr/bin/", "/usr/sbin/", "/bin/", "/sbin/")):
+            exes[word] = exe
+    owners = _owners(list(exes.values()))
+    return [f"{word} (Debian package {owners[exe]})" for word, exe in exes.items()
+            if exe in owners and owners[exe] not in essential]
 
 
 def uninstalled_packages(listed: dict[str, str], script: Path) -> list[str]:
