@@ -292,6 +292,8 @@ class Agent:
                 out[key] = self._not_resolved(key, t, now, str(r), r.code)
         requests = {key: (_pod_uid(key, self._tracked[key].obj), ns.inode, ns.path, spec_key(self._tracked[key].obj))
                     for key, ns in found.items()}
+        if not requests:
+            return out      # nothing to read (and no reader at all when rules_reader is None)
         try:
             results = self.installed.get_many(list(requests.values()))
         except Exception as e:  # noqa: BLE001 - a reader bug delays these pods, never the pass

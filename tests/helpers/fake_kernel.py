@@ -110,7 +110,11 @@ def dict_datapath():
 
 
 def kernel_view(dp):
-    """What a dict datapath holds: (local_pod_ip as IP -> cookie, pod_policy as
+    """What a dict datapath's maps hold, read from the dicts themselves (not
+    through the code under test): (local_pod_ip as IP -> cookie, pod_policy as
     cookie -> pod IP, the cookies with a dns_policy entry)."""
-    entries = dp.kernel_pods()
-    return entries.ips, dict(dp.pod_entries()), set(entries.dns)
+    import socket
+    ips = {k.text(): int(v.value) for k, v in dp.bpf["local_pod_ip"].items()}
+    policies = {int(k.value): socket.inet_ntoa(int(v.pod_ip).to_bytes(4, "little"))
+                for k, v in dp.bpf["pod_policy"].items()}
+    return ips, policies, {int(k.value) for k in dp.bpf["dns_policy"].keys()}
