@@ -260,7 +260,8 @@ def test_a_pod_the_audit_cannot_write_again_goes_back_to_iptables(bed):
     dp.bpf["local_pod_ip"].delete(layout.Addr.of("10.0.0.1"))
     dp.bpf["local_pod_ip"].fail_writes = 1
     assert agent.audit_once()["missing"] == 1
-    agent.reconcile_once()    # the retry of the apply succeeds
+    assert kernel_view(dp) == ({}, {}, set()), "what could not be written again is taken out"
+    agent.reconcile_once()    # the pod is applied afresh: that write succeeds
     assert by_pod(agent)["ns/a"]["accelerated"]
     status_equals_kernel(agent, dp)
 
