@@ -167,7 +167,7 @@ class Agent:
         self._wake = threading.Event()
         self.ready = threading.Event()   # every pod of a synced source has been processed once
         self.audit_interval = audit_interval
-        self.audit_metrics = audit.AuditMetrics(getattr(metrics, "registry", None))
+        self.audit_metrics = audit.AuditMetrics(metrics.registry if metrics is not None else None)
 
     # --- inputs ----------------------------------------------------------------------
 
