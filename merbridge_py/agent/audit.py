@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-DEFAULT_INTERVAL = 10.0   # seconds between audits (merbridge-py run --audit-interval)
+# Seconds between audits (merbridge-py run --audit-interval). Each one reads
+# every network namespace again: about 0.07 s of CPU with 200 pods here.
+DEFAULT_INTERVAL = 30.0
 KINDS = ("netns_changed", "netns_gone", "missing", "changed", "unknown")
 
 

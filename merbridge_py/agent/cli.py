@@ -79,7 +79,7 @@ examples:
 @click.option("--installed-rules", type=click.Choice(["read", "ignore"]), default="read", hidden=True,
               help="read: decide each pod from the Istio rules installed in its namespace (the default); ignore: "
                    "from its spec alone (test nodes whose pods have no Istio rules at all).")
-@click.option("--audit-interval", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--audit-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
               envvar="MERBRIDGE_AUDIT_INTERVAL",
               help="Seconds between audits of the kernel's pod entries against the agent's view (pods whose "
                    "sandbox was recreated with the same IP, entries missing, changed or of no pod: each repaired "
