@@ -177,6 +177,25 @@ def test_a_recreated_sandbox_with_the_same_ip_is_found_again(bed):
     assert sum(agent.audit_once().values()) == 0
 
 
+def test_a_recreated_sandbox_whose_pod_object_changed_is_found_in_that_pass(bed):
+    """The kubelet updates a pod whose sandbox it recreated (new containers):
+    that update alone moves the entries, before any audit."""
+    agent, dp, netns, metrics = bed
+    netns.add("10.0.0.1", 1)
+    agent.update_pods({"ns/a": pod("a", "10.0.0.1")})
+    agent.reconcile_once()
+    netns.by_ip.clear()
+    netns.add("10.0.0.1", 11)
+    restarted = pod("a", "10.0.0.1")
+    restarted["status"]["containerStatuses"] = [{"name": "app", "restartCount": 1}]
+    agent.update_pods({"ns/a": restarted})
+    agent.reconcile_once()
+    assert kernel_view(dp)[:2] == ({"10.0.0.1": 11}, {11: "10.0.0.1"})
+    assert by_pod(agent)["ns/a"]["accelerated"]
+    status_equals_kernel(agent, dp)
+    assert metric(metrics, "netns_changed") == 1
+
+
 def test_a_sandbox_gone_and_not_back_yet_leaves_the_pod_pending_on_iptables(bed):
     agent, dp, netns, metrics = bed
     netns.add("10.0.0.1", 1)

@@ -2,6 +2,8 @@
 entries compared with what the agent believes it wrote, each difference
 repaired and counted. Agent.audit_once (core.py) does the comparing and the
 repairs on the reconcile thread; this module holds what they are counted in.
+A pod whose object changes is also checked for a new namespace at once (its
+sandbox recreated): those moves are counted here too.
 
 Kinds of difference:
   netns_changed  a pod's IP now lives in another network namespace (its
@@ -28,8 +30,9 @@ class AuditMetrics:
     """Plain counters: reading them costs the same whatever the map sizes."""
 
     def __init__(self, registry: CollectorRegistry | None):
-        self.differences = Counter("merbridge_audit_differences", "Differences the periodic audit found between "
-                                   "the kernel's pod entries and the agent's view, by kind (each was repaired)",
+        self.differences = Counter("merbridge_audit_differences", "Differences found between the kernel's pod "
+                                   "entries and the agent's view, by kind, each repaired: by the periodic audit, "
+                                   "or, for a pod whose object changed, at once",
                                    ["kind"], registry=registry)
         for kind in KINDS:
             self.differences.labels(kind)     # every kind shows, at 0 until found

@@ -97,6 +97,7 @@ class _Tracked:
     status: PodStatus | None = None
     resolved: bool = True          # False: the installed rules must be read before the verdict is final
     netns: Netns | None = None     # the pod's namespace, once found
+    check_netns: bool = False      # its object changed while accelerated: is its IP still in that namespace?
 
 
 def _needs_rules(verdict: Verdict) -> bool:
@@ -221,6 +222,7 @@ class Agent:
         self._scan_error = False
         if changed:
             self._decide_changed(pods)
+            self._check_namespaces([key for key, t in self._tracked.items() if t.check_netns])
         now = time.monotonic()
         unresolved = self._resolve([key for key, t in self._tracked.items() if not t.resolved and t.next_try <= now],
                                    now)
@@ -256,7 +258,10 @@ class Agent:
                 continue
             verdict = decide(obj, self.mesh)
             self.decisions += 1
-            new = _Tracked(obj, verdict, status=t.status if t else None, netns=t.netns if t else None)
+            # A recreated sandbox changes the pod object (new containers): look
+            # at its namespace now rather than at the next audit.
+            new = _Tracked(obj, verdict, status=t.status if t else None, netns=t.netns if t else None,
+                           check_netns=key in self._applied)
             if self.installed is not None and _needs_rules(verdict):
                 new.resolved = False        # final once the pod's installed rules are read (_resolve)
             else:
@@ -531,6 +536,42 @@ class Agent:
             self._wake.set()     # the repaired pods are applied (and their status published) by the next pass
         return found
 
+    def _check_namespaces(self, keys: list[str]) -> None:
+        """Accelerated pods whose object changed: is each one's IP still in the
+        namespace its entries name? A new namespace (a recreated sandbox)
+        is found by this pass's scan, which reads only namespaces it has not
+        seen (the audit reads them all)."""
+        found = dict.fromkeys(audit.KINDS, 0)
+        for key in keys:
+            self._tracked[key].check_netns = False
+            a = self._applied.get(key)
+            if a is None:
+                continue
+            try:
+                self._scan_once(reread=False)
+            except _Retry:
+                return      # the scan failed: the audit looks again
+            self._moved(key, a, self.netns.owners(a.ip), found)
+        for kind, n in found.items():
+            if n:
+                self.audit_metrics.found(kind, n)
+
+    def _moved(self, key: str, a: Applied, owners: list[Netns], found: dict[str, int]) -> None:
+        """If pod `key`'s IP is no longer in the namespace its entries name,
+        remove them and apply the pod afresh (counted in `found`)."""
+        if any(o.cookie == a.netns_cookie for o in owners):
+            return
+        if owners:
+            kind = "netns_changed"
+            why = (f"its IP {a.ip} is in another network namespace now (cookie {a.netns_cookie} -> "
+                   f"{', '.join(str(o.cookie) for o in owners)}: a recreated sandbox)")
+        else:
+            kind, why = "netns_gone", f"no network namespace has its IP {a.ip} any more"
+        found[kind] += 1
+        log.warning("pod %s: %s; its entries are removed and it is applied afresh", key, why)
+        self._remove(key, why)
+        self._apply_afresh(key)
+
     def _audit_namespaces(self, found: dict[str, int]) -> None:
         """Each accelerated pod's IP must still be in the namespace its entries
         name. Every namespace is read again (an inode can be reused by a new
@@ -539,19 +580,7 @@ class Agent:
             return
         self.netns.refresh(reread=True)
         for key, a in list(self._applied.items()):
-            owners = self.netns.owners(a.ip)
-            if any(o.cookie == a.netns_cookie for o in owners):
-                continue
-            if owners:
-                kind = "netns_changed"
-                why = (f"its IP {a.ip} is in another network namespace now (cookie {a.netns_cookie} -> "
-                       f"{', '.join(str(o.cookie) for o in owners)}: a recreated sandbox)")
-            else:
-                kind, why = "netns_gone", f"no network namespace has its IP {a.ip} any more"
-            found[kind] += 1
-            log.warning("audit: pod %s: %s; its entries are removed and it is applied afresh", key, why)
-            self._remove(key, f"audit: {why}")
-            self._apply_afresh(key)
+            self._moved(key, a, self.netns.owners(a.ip), found)
 
     def _apply_afresh(self, key: str) -> None:
         """Look the pod's namespace up (and read its installed rules) again on the next pass."""
