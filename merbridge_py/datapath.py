@@ -91,6 +91,17 @@ class DatapathError(RuntimeError):
     pass
 
 
+@dataclass
+class PodEntries:
+    """Pod entries of the maps, as the audit compares them: pod_policy and
+    dns_policy (netns cookie -> value bytes) and local_pod_ip (address text ->
+    netns cookie)."""
+
+    policies: dict
+    ips: dict
+    dns: dict
+
+
 def ebpf_dir() -> Path:
     env = os.environ.get(EBPF_DIR_ENV)
     d = Path(env) if env else Path(__file__).resolve().parent.parent / "ebpf"
@@ -471,13 +482,14 @@ class Datapath:
             short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
             bulk_bytes=BULK_BYTES, bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS))
 
-    def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound, fields=None) -> None:
-        """Write one pod's policy. `outbound`/`inbound` are compiled first-match
-        rule lists (merbridge_py.policy.compile_rules); the caller has checked
-        they fit (a policy that does not fit is never truncated). `fields` is
-        the rest (policy.rules.PodKernelFields: the proxy's uid/gid, the IPv6
-        address and rules when IPv6 is accelerated); without it, the mesh's
-        uid/gid and IPv4 only."""
+    def pod_policy_value(self, pod_ip: str, outbound, inbound, fields=None) -> layout.PodPolicyValue:
+        """The pod_policy entry set_pod writes for these arguments (the audit
+        compares the kernel's with it). `outbound`/`inbound` are compiled
+        first-match rule lists (merbridge_py.policy.compile_rules); the caller
+        has checked they fit (a policy that does not fit is never truncated).
+        `fields` is the rest (policy.rules.PodKernelFields: the proxy's
+        uid/gid, the IPv6 address and rules when IPv6 is accelerated); without
+        it, the mesh's uid/gid and IPv4 only."""
         outbound6 = fields.outbound6 if fields else ()
         if len(outbound) > layout.MAX_OUTBOUND_RULES or len(inbound) > layout.MAX_INBOUND_RULES or \
                 len(outbound6) > layout.MAX_OUTBOUND_RULES:
@@ -503,23 +515,97 @@ class Datapath:
                 slot.addr = layout.Addr.of(str(rule.network.network_address))
                 slot.mask = layout.Addr.of(str(rule.network.netmask))
                 slot.port, slot.capture = rule.port, int(rule.capture)
-        previous = self.bpf["pod_policy"].lookup(netns_cookie)
+        return value
+
+    def set_pod(self, netns_cookie: int, pod_ip: str, outbound, inbound, fields=None) -> None:
+        """Write one pod's policy (see pod_policy_value), all or nothing: the
+        policy, then its IP index entries; if any write fails, those already
+        made are undone before the error is raised, so the kernel holds what it
+        held before (never a policy no IP leads to, nor an IP index entry
+        whose policy was not written)."""
+        value = self.pod_policy_value(pod_ip, outbound, inbound, fields)
+        ipv6 = fields.ipv6 if fields else None
+        old6 = _ipv6_of(self.bpf["pod_policy"].lookup(netns_cookie))
         # policy first, then the IP index: a reader never finds an IP without its policy
-        self.bpf["pod_policy"].update(netns_cookie, value)
-        self.bpf["local_pod_ip"].update(layout.Addr.of(pod_ip), netns_cookie)
+        steps = [("pod_policy", netns_cookie, value), ("local_pod_ip", layout.Addr.of(pod_ip), netns_cookie)]
         if ipv6:
-            self.bpf["local_pod_ip"].update(layout.Addr.of(ipv6), netns_cookie)
-        old6 = _ipv6_of(previous)
+            steps.append(("local_pod_ip", layout.Addr.of(ipv6), netns_cookie))
         if old6 and old6 != ipv6:   # IPv6 no longer accelerated, or another address
-            self.bpf["local_pod_ip"].delete(layout.Addr.of(old6))
+            steps.append(("local_pod_ip", layout.Addr.of(old6), None))
+        self._write_all(steps)
+
+    def _write_all(self, steps) -> None:
+        """Apply (map, key, value or None to delete) in order; on a failure,
+        put every key already written back as it was, last first."""
+        done = []
+        try:
+            for name, key, value in steps:
+                table = self.bpf[name]
+                before = table.lookup(key)
+                if value is None:
+                    table.delete(key)
+                else:
+                    table.update(key, value)
+                done.append((name, key, before))
+        except BaseException:
+            for name, key, before in reversed(done):
+                try:
+                    if before is None:
+                        self.bpf[name].delete(key)
+                    else:
+                        self.bpf[name].update(key, before)
+                except OSError as e:   # the audit finds and repairs what is left
+                    log.error("undoing a partial write to %s failed: %s", name, e)
+            raise
 
     def remove_pod(self, netns_cookie: int, pod_ip: str) -> None:
+        """Delete one pod's entries: its IP index entries first (no new
+        connection is redirected from then on), then its policies. Every
+        delete is tried; the first failure is raised after the rest."""
         ipv6 = _ipv6_of(self.bpf["pod_policy"].lookup(netns_cookie))
-        self.bpf["local_pod_ip"].delete(layout.Addr.of(pod_ip))
+        steps = [("local_pod_ip", layout.Addr.of(pod_ip))]
         if ipv6:
-            self.bpf["local_pod_ip"].delete(layout.Addr.of(ipv6))
-        self.bpf["pod_policy"].delete(netns_cookie)
-        self.bpf["dns_policy"].delete(netns_cookie)
+            steps.append(("local_pod_ip", layout.Addr.of(ipv6)))
+        steps += [("pod_policy", netns_cookie), ("dns_policy", netns_cookie)]
+        self._delete_each(steps)
+
+    def _delete_each(self, steps) -> None:
+        failure = None
+        for name, key in steps:
+            try:
+                self.bpf[name].delete(key)
+            except Exception as e:  # noqa: BLE001 - the others are still deleted; raised below
+                failure = failure or e
+        if failure is not None:
+            raise failure
+
+    # --- the audit's view (agent/audit.py) ------------------------------------------
+
+    def kernel_pods(self) -> "PodEntries":
+        """Every pod entry the kernel holds, as bytes to compare."""
+        return PodEntries(
+            policies={int(k.value): bytes(v) for k, v in self.bpf["pod_policy"].items()},
+            ips={k.text(): int(v.value) for k, v in self.bpf["local_pod_ip"].items()},
+            dns={int(k.value): bytes(v) for k, v in self.bpf["dns_policy"].items()})
+
+    def pod_entries_of(self, netns_cookie: int, pod_ip: str, outbound, inbound, fields=None,
+                       dns=None) -> "PodEntries":
+        """The entries set_pod (and set_pod_dns with `dns`, when given) write
+        for one pod."""
+        from .dns_datapath import policy_value
+        value = self.pod_policy_value(pod_ip, outbound, inbound, fields)
+        ips = {layout.Addr.of(pod_ip).text(): netns_cookie}   # as kernel_pods() spells addresses
+        if fields is not None and fields.ipv6:
+            ips[layout.Addr.of(fields.ipv6).text()] = netns_cookie
+        out = PodEntries({netns_cookie: bytes(value)}, ips, {})
+        if dns is not None and dns.accelerated and not dns.pending:
+            out.dns[netns_cookie] = bytes(policy_value(dns))
+        return out
+
+    def delete_entries(self, stale: "PodEntries") -> None:
+        """Delete these keys (entries no pod of ours has: the audit's repair)."""
+        self._delete_each([("local_pod_ip", layout.Addr.of(ip)) for ip in stale.ips]
+                          + [("pod_policy", c) for c in stale.policies] + [("dns_policy", c) for c in stale.dns])
 
     def set_pod_dns(self, netns_cookie: int, decision) -> None:
         """The pod's DNS capture entry (merbridge_py/dns_datapath.py)."""

@@ -79,8 +79,13 @@ examples:
 @click.option("--installed-rules", type=click.Choice(["read", "ignore"]), default="read", hidden=True,
               help="read: decide each pod from the Istio rules installed in its namespace (the default); ignore: "
                    "from its spec alone (test nodes whose pods have no Istio rules at all).")
+@click.option("--audit-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              envvar="MERBRIDGE_AUDIT_INTERVAL",
+              help="Seconds between audits of the kernel's pod entries against the agent's view (pods whose "
+                   "sandbox was recreated with the same IP, entries missing, changed or of no pod: each repaired "
+                   "and counted in merbridge_audit_differences_total); 0 turns the audit off.")
 def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_socket, on_sigterm, daemonset, mesh,
-        namespace, log_format, splice, inbound_redirect, print_ebpf, max_connections, installed_rules):
+        namespace, log_format, splice, inbound_redirect, print_ebpf, max_connections, installed_rules, audit_interval):
     """Load the eBPF datapath and keep it in step with this node's pods."""
     from ..datapath import Datapath, DatapathError, leave_attached, open_cgroup, program_text
     from ..kheaders import HeadersNotFound
@@ -119,7 +124,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
     metrics = AgentMetrics()
     from ..policy.live_rules import read_netns
     agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics,
-                  rules_reader=read_netns if installed_rules == "read" else None)
+                  rules_reader=read_netns if installed_rules == "read" else None, audit_interval=audit_interval or None)
     modes = ModeController(datapath, metrics)
     try:
         source, events, api = source_factory(agent.update_pods, metrics.registry)

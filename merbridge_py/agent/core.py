@@ -18,6 +18,14 @@ seen and when the pod's spec changes, never on a pass where nothing changed
 (InstalledRulesCache, keyed on the namespace's inode and the spec). A
 namespace without Istio rules yet (istio-init or the CNI plugin has not run)
 is read again with backoff, the pod staying on iptables meanwhile.
+
+Status stays true to the kernel (issue 18): a pod's entries are written all
+or nothing (Datapath.set_pod undoes a partial write; a new pod whose DNS entry
+cannot be written loses its policy too), and a periodic audit (audit_once,
+every `audit_interval` seconds on this same thread) finds pods whose sandbox
+was recreated with the same IP (a new network namespace, a new cookie) and
+moves their entries there, and compares the kernel's pod entries with what
+the agent wrote, repairing and counting every difference (agent/audit.py).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from ..policy import Verdict, compile_rules, decide
 from ..policy import dns as dns_policy
 from ..policy.live_rules import InstalledRulesCache, NoIstioRules, RulesReadFailed, read_netns, spec_key
 from ..policy.rules import PodKernelFields, kernel_fields
+from . import audit
 
 log = logging.getLogger("merbridge_py.agent")
 
@@ -88,6 +97,7 @@ class _Tracked:
     status: PodStatus | None = None
     resolved: bool = True          # False: the installed rules must be read before the verdict is final
     netns: Netns | None = None     # the pod's namespace, once found
+    check_netns: bool = False      # its object changed while accelerated: is its IP still in that namespace?
 
 
 def _needs_rules(verdict: Verdict) -> bool:
@@ -132,10 +142,11 @@ def _same_object(old: object, new: object) -> bool:
 class Agent:
     def __init__(self, datapath, mesh: MeshProfile, netns_index: NetnsIndex | None = None, metrics=None,
                  on_decision_change: Callable[[dict, PodStatus], None] | None = None,
-                 rules_reader: Callable | None = read_netns):
+                 rules_reader: Callable | None = read_netns, audit_interval: float | None = audit.DEFAULT_INTERVAL):
         """`rules_reader(netns_path)` reads the Istio rules installed in a
         pod's namespace (live_rules.read_netns); None decides from the pod
-        spec alone (tests whose namespaces are fakes)."""
+        spec alone (tests whose namespaces are fakes). `audit_interval`:
+        seconds between audits in run() (None: never)."""
         self.datapath = datapath
         self.mesh = mesh
         self.netns = netns_index or NetnsIndex()
@@ -156,6 +167,8 @@ class Agent:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.ready = threading.Event()   # every pod of a synced source has been processed once
+        self.audit_interval = audit_interval
+        self.audit_metrics = audit.AuditMetrics(metrics.registry if metrics is not None else None)
 
     # --- inputs ----------------------------------------------------------------------
 
@@ -174,12 +187,19 @@ class Agent:
     # --- the loop -------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        next_audit = time.monotonic() + (self.audit_interval or 0)
         while not stop.is_set():
-            self._wake.wait(self._next_wait())
+            wait = self._next_wait()
+            if self.audit_interval:
+                wait = min(wait, max(0.0, next_audit - time.monotonic()))
+            self._wake.wait(wait)
             self._wake.clear()
             if stop.is_set():
                 break
             try:
+                if self.audit_interval and time.monotonic() >= next_audit and self.ready.is_set():
+                    next_audit = time.monotonic() + self.audit_interval
+                    self.audit_once()     # before the pass: it publishes what the repairs changed
                 self.reconcile_once()
             except Exception:  # noqa: BLE001 - a bug here must not end the loop; each pass starts afresh
                 log.exception("reconcile pass failed; retrying")
@@ -202,6 +222,7 @@ class Agent:
         self._scan_error = False
         if changed:
             self._decide_changed(pods)
+            self._check_namespaces([key for key, t in self._tracked.items() if t.check_netns])
         now = time.monotonic()
         unresolved = self._resolve([key for key, t in self._tracked.items() if not t.resolved and t.next_try <= now],
                                    now)
@@ -237,7 +258,10 @@ class Agent:
                 continue
             verdict = decide(obj, self.mesh)
             self.decisions += 1
-            new = _Tracked(obj, verdict, status=t.status if t else None, netns=t.netns if t else None)
+            # A recreated sandbox changes the pod object (new containers): look
+            # at its namespace now rather than at the next audit.
+            new = _Tracked(obj, verdict, status=t.status if t else None, netns=t.netns if t else None,
+                           check_netns=key in self._applied)
             if self.installed is not None and _needs_rules(verdict):
                 new.resolved = False        # final once the pod's installed rules are read (_resolve)
             else:
@@ -273,6 +297,8 @@ class Agent:
                 out[key] = self._not_resolved(key, t, now, str(r), r.code)
         requests = {key: (_pod_uid(key, self._tracked[key].obj), ns.inode, ns.path, spec_key(self._tracked[key].obj))
                     for key, ns in found.items()}
+        if not requests:
+            return out      # nothing to read (and no reader at all when rules_reader is None)
         try:
             results = self.installed.get_many(list(requests.values()))
         except Exception as e:  # noqa: BLE001 - a reader bug delays these pods, never the pass
@@ -426,7 +452,12 @@ class Agent:
         # are still removed when it goes, and its DNS entry (unknown until
         # written) is written again on the retry.
         self._applied[key] = Applied(cookie, ip, outbound, inbound, t.fields, _DNS_UNKNOWN)
-        t.verdict = self._apply_dns(key, t, cookie, ip)
+        try:
+            t.verdict = self._apply_dns(key, t, cookie, ip)
+        except Exception:
+            if cur is None:   # all or nothing: a new pod gets no policy without its DNS entry
+                self._remove(key, "its DNS entry could not be written")
+            raise
         self._applied[key] = Applied(cookie, ip, outbound, inbound, t.fields, t.verdict.dns)
         return PodStatus(key, True, t.verdict.reason, ip, source=_source(t.verdict))
 
@@ -479,6 +510,139 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - isolated like _apply; the entry is gone from our books
             log.warning("removing pod %s from the datapath failed: %s: %s", key, type(e).__name__, e)
         log.info("pod %s removed from the datapath: %s", key, why)
+
+    # --- the audit (agent/audit.py) ---------------------------------------------------
+
+    def audit_once(self) -> dict[str, int]:
+        """Compare the kernel with the agent's view and repair every
+        difference: pods whose IP moved to another namespace (a recreated
+        sandbox) or whose namespace is gone, entries missing or changed in the
+        maps, entries of no pod of ours. Runs on the reconcile thread (run()
+        calls it between passes). Returns the differences found, by kind."""
+        found = dict.fromkeys(audit.KINDS, 0)
+        try:
+            self._audit_namespaces(found)
+            self._audit_maps(found)
+        except Exception as e:  # noqa: BLE001 - counted and logged; the next audit tries again
+            log.warning("audit failed: %s: %s", type(e).__name__, e)
+            self.audit_metrics.failures.inc()
+        else:
+            self.audit_metrics.last.set_to_current_time()
+        finally:
+            for kind, n in found.items():
+                if n:
+                    self.audit_metrics.found(kind, n)
+        if any(found.values()):
+            self._wake.set()     # the repaired pods are applied (and their status published) by the next pass
+        return found
+
+    def _check_namespaces(self, keys: list[str]) -> None:
+        """Accelerated pods whose object changed: is each one's IP still in the
+        namespace its entries name? A new namespace (a recreated sandbox)
+        is found by this pass's scan, which reads only namespaces it has not
+        seen (the audit reads them all)."""
+        found = dict.fromkeys(audit.KINDS, 0)
+        for key in keys:
+            self._tracked[key].check_netns = False
+            a = self._applied.get(key)
+            if a is None:
+                continue
+            try:
+                self._scan_once(reread=False)
+            except _Retry:
+                return      # the scan failed: the audit looks again
+            self._moved(key, a, self.netns.owners(a.ip), found)
+        for kind, n in found.items():
+            if n:
+                self.audit_metrics.found(kind, n)
+
+    def _moved(self, key: str, a: Applied, owners: list[Netns], found: dict[str, int]) -> None:
+        """If pod `key`'s IP is no longer in the namespace its entries name,
+        remove them and apply the pod afresh (counted in `found`)."""
+        if any(o.cookie == a.netns_cookie for o in owners):
+            return
+        if owners:
+            kind = "netns_changed"
+            why = (f"its IP {a.ip} is in another network namespace now (cookie {a.netns_cookie} -> "
+                   f"{', '.join(str(o.cookie) for o in owners)}: a recreated sandbox)")
+        else:
+            kind, why = "netns_gone", f"no network namespace has its IP {a.ip} any more"
+        found[kind] += 1
+        log.warning("pod %s: %s; its entries are removed and it is applied afresh", key, why)
+        self._remove(key, why)
+        self._apply_afresh(key)
+
+    def _audit_namespaces(self, found: dict[str, int]) -> None:
+        """Each accelerated pod's IP must still be in the namespace its entries
+        name. Every namespace is read again (an inode can be reused by a new
+        namespace; the cookie cannot), once per audit."""
+        if not self._applied:
+            return
+        self.netns.refresh(reread=True)
+        for key, a in list(self._applied.items()):
+            self._moved(key, a, self.netns.owners(a.ip), found)
+
+    def _apply_afresh(self, key: str) -> None:
+        """Look the pod's namespace up (and read its installed rules) again on the next pass."""
+        t = self._tracked.get(key)
+        if t is None:
+            return
+        t.netns, t.tries, t.next_try = None, 0, 0.0
+        if self.installed is not None and _needs_rules(t.verdict):
+            t.resolved = False     # the new namespace's rules decide (istio-init ran again there)
+
+    def _audit_maps(self, found: dict[str, int]) -> None:
+        kernel_pods = getattr(self.datapath, "kernel_pods", None)
+        if kernel_pods is None or getattr(self.datapath, "bpf", None) is None:
+            return      # a datapath without maps to read (not loaded yet)
+        kernel = kernel_pods()
+        mine_policies, mine_ips, mine_dns = set(), set(), set()
+        for key, a in list(self._applied.items()):
+            dns_known = a.dns is not _DNS_UNKNOWN     # being written: the retry writes it
+            want = self.datapath.pod_entries_of(a.netns_cookie, a.ip, a.outbound, a.inbound, a.fields,
+                                                a.dns if dns_known else None)
+            differences = []
+            for cookie, value in want.policies.items():
+                if kernel.policies.get(cookie) != value:
+                    differences.append(("missing" if cookie not in kernel.policies else "changed", "pod_policy"))
+            for ip, cookie in want.ips.items():
+                if kernel.ips.get(ip) != cookie:
+                    differences.append(("missing" if ip not in kernel.ips else "changed", f"local_pod_ip {ip}"))
+            if dns_known and kernel.dns.get(a.netns_cookie) != want.dns.get(a.netns_cookie):
+                kind = "missing" if a.netns_cookie not in kernel.dns else "changed"
+                differences.append((kind, "dns_policy"))
+            mine_policies.update(want.policies)
+            mine_ips.update(want.ips)
+            mine_dns.add(a.netns_cookie)
+            if differences:
+                for kind, _ in differences:
+                    found[kind] += 1
+                log.warning("audit: pod %s: %s; writing its entries again", key,
+                            ", ".join(f"{where} {kind}" for kind, where in differences))
+                self._rewrite(key, a)
+        from ..datapath import PodEntries
+        stale = PodEntries({c: v for c, v in kernel.policies.items() if c not in mine_policies},
+                           {ip: c for ip, c in kernel.ips.items() if ip not in mine_ips},
+                           {c: v for c, v in kernel.dns.items() if c not in mine_dns})
+        for what in ([f"pod_policy {c}" for c in stale.policies] + [f"local_pod_ip {ip}" for ip in stale.ips]
+                     + [f"dns_policy {c}" for c in stale.dns]):
+            found["unknown"] += 1
+            log.warning("audit: %s belongs to no pod of this agent; deleted", what)
+        if stale.policies or stale.ips or stale.dns:
+            self.datapath.delete_entries(stale)
+
+    def _rewrite(self, key: str, a: Applied) -> None:
+        """Write a pod's entries again as the agent's books have them; if that
+        fails, the pod leaves the datapath and is applied afresh (retried)."""
+        try:
+            self.datapath.set_pod(a.netns_cookie, a.ip, list(a.outbound), list(a.inbound), a.fields)
+            set_pod_dns = getattr(self.datapath, "set_pod_dns", None)
+            if set_pod_dns is not None and a.dns is not _DNS_UNKNOWN:
+                set_pod_dns(a.netns_cookie, a.dns if a.dns is not None else dns_policy.NOT_CAPTURED)
+        except Exception as e:  # noqa: BLE001 - this pod goes back to iptables, the others are untouched
+            log.warning("audit: writing pod %s's entries again failed: %s: %s", key, type(e).__name__, e)
+            self._remove(key, "audit: its entries could not be written again")
+            self._apply_afresh(key)
 
     def remove_all(self) -> None:
         for key in list(self._applied):

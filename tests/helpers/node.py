@@ -79,15 +79,31 @@ class SimNode:
         self.pods[name] = pod
         if not in_namespace:
             return pod  # a pod the API knows whose namespace does not hold its IP
+        self._make_sandbox(pod, f"v{len(self.pods)}{os.getpid() % 10000}")
+        return pod
+
+    def recreate_sandbox(self, pod: Pod) -> None:
+        """A pod sandbox restart: the pod's processes end, its network
+        namespace goes, and a new one (a new netns cookie) gets the same IP.
+        The caller starts the pod's app and sidecar again."""
+        pids = set(sandbox.netns_pids(pod.netns))
+        for p in self.procs:
+            if p.pid in pids:
+                sandbox.stop(p)
+        sandbox.netns_delete(pod.netns)
+        self._recreated = getattr(self, "_recreated", 0) + 1
+        # a new host-side name: the old veth may outlive its namespace for a moment
+        self._make_sandbox(pod, f"r{self._recreated}{list(self.pods).index(pod.name)}{os.getpid() % 10000}")
+
+    def _make_sandbox(self, pod: Pod, host_if: str) -> None:
         sandbox.netns_add(pod.netns)
-        host_if = f"v{len(self.pods)}{os.getpid() % 10000}"
+        ip = pod.ip
         sandbox.sh("ip", "link", "add", host_if, "netns", self.node_ns, "type", "veth", "peer", "eth0",
                    "netns", pod.netns)
         sandbox.sh("ip", "link", "set", host_if, "master", "br0", "up", netns=self.node_ns)
         sandbox.sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", netns=pod.netns)
         sandbox.sh("ip", "link", "set", "eth0", "up", netns=pod.netns)
         sandbox.sh("ip", "route", "add", "default", "via", f"{self.subnet}.1", netns=pod.netns)
-        return pod
 
     def _start(self, argv, pod: Pod, uid=None, wait_ready=True, stderr=None) -> subprocess.Popen:
         p = sandbox.spawn(argv, netns=pod.netns, cgroup=pod.cgroup, uid=uid, stdout=subprocess.PIPE, text=True,
