@@ -7,7 +7,8 @@ no iptables rules (every redirect seen here is ours); the test bed's
 counterpart through Envoy is tests/test_peer_name_e2e.py.
 
 Pods a, b are meshed and dual stack (as in tests/test_datapath_ipv6.py); c
-is plain. The agent runs with --inbound-redirect ebpf (SimNode's default), so
+is plain; r is meshed but its sidecar is not running (its redirected
+connects are refused). The agent runs with --inbound-redirect ebpf (SimNode's default), so
 a proxy's connection to a same-node pod is rewritten to its inbound port too.
 """
 
@@ -36,7 +37,7 @@ def node(tmp_path_factory):
     try:
         enable_ipv6(n.node_ns)
         sandbox.sh("ip", "-6", "addr", "add", f"{prefix}:1/64", "dev", "br0", "nodad", netns=n.node_ns)
-        for i, (name, meshed) in enumerate((("a", True), ("b", True), ("c", False))):
+        for i, (name, meshed) in enumerate((("a", True), ("b", True), ("c", False), ("r", True))):
             pod = n.add_pod(name, meshed=meshed)
             pod.ip6 = str(ipaddress.ip_address(f"{prefix}:{10 + i:x}"))
             enable_ipv6(pod.netns)
@@ -44,7 +45,7 @@ def node(tmp_path_factory):
             sandbox.sh("ip", "-6", "addr", "add", "::6/128", "dev", "lo", netns=pod.netns)
         for pod in n.pods.values():
             n.start_app(pod)
-            if pod.meshed:
+            if pod.meshed and pod.name != "r":
                 n.start_sidecar(pod)
         n.write_pods_file()
         n.start_agent()
@@ -53,8 +54,8 @@ def node(tmp_path_factory):
         n.close()
 
 
-def names(node, src, host, port=8080, uid=None, command="names"):
-    r = node.client(node.pods[src], command, host, port, uid=uid, timeout=60)
+def names(node, src, host, port=8080, uid=None, command="names", extra=()):
+    r = node.client(node.pods[src], command, host, port, *extra, uid=uid, timeout=60)
     assert r.returncode == 0, r.stderr
     return [json.loads(line) for line in r.stdout.splitlines()]
 
@@ -142,6 +143,19 @@ def test_answer_does_not_outlive_its_socket(node, family):
     assert second["local"] == first["local"], (first, second)
     listener = a.ip6 if family == "ipv6" else ("::ffff:127.0.0.2" if family == "v4-mapped" else "127.0.0.2")
     assert second["peer"] == [listener, 15001], second
+
+
+@pytest.mark.parametrize("family", ["inet", "v4-mapped"])
+def test_a_socket_connecting_again_after_a_refused_redirect_shows_its_new_peer(node, family):
+    """A TCP socket may connect again after a failed attempt. Here the first
+    attempt is redirected (to a proxy that is not there: refused), the second
+    goes to loopback, which is never rewritten: the socket must show the
+    second peer, not the first attempt's destination."""
+    b = node.pods["b"]
+    host = FAMILIES[family](b)
+    (got,) = names(node, "r", host, command="names_after_refused", extra=(8080,))
+    loopback = "::ffff:127.0.0.1" if family == "v4-mapped" else "127.0.0.1"
+    assert got["peer"] == [loopback, 8080] and got["answer"].startswith("r "), got
 
 
 def test_mode_switch_keeps_the_name_of_an_established_connection(node):

@@ -14,6 +14,9 @@
                                             holds the connection MS ms and prints the names again
     python client.py names_reuse HOST PORT  the names of a redirected socket, then of a new socket
                                             with the same 4-tuple that dialled the proxy itself
+    python client.py names_after_refused HOST PORT PORT2
+                                            one socket: a refused connect to HOST:PORT, then a connect
+                                            to loopback PORT2; prints the names of the second
 """
 
 import hashlib
@@ -165,8 +168,26 @@ def names_reuse(host: str, port: int) -> None:
         print(json.dumps(_names(again)), flush=True)
 
 
+def names_after_refused(host: str, port: int, second_port: int) -> None:
+    """One socket: connect to HOST:PORT, which must be refused, then, on the
+    same socket, to 127.0.0.1:SECOND_PORT (the same loopback form for an
+    AF_INET6 socket); prints the names of the second connection."""
+    import json
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.connect((host, port))   # blocking: a failed non-blocking connect needs one more call to reset
+            raise SystemExit(f"the first connect to {host}:{port} was not refused")
+        except ConnectionRefusedError:
+            pass
+        s.settimeout(10)
+        s.connect(("::ffff:127.0.0.1" if family == socket.AF_INET6 else "127.0.0.1", second_port))
+        s.sendall(b"who\n")
+        print(json.dumps({**_names(s), "answer": s.makefile("rb").readline().decode().strip()}), flush=True)
+
+
 if __name__ == "__main__":
     cmd, host, port, *rest = sys.argv[1:]
     {"ask": ask, "bulk": bulk, "churn": churn, "hold": ask, "flood": flood,
      "churn_then_ask": churn_then_ask, "names": names,
-     "names_reuse": names_reuse}[cmd](host, int(port), *map(int, rest))
+     "names_reuse": names_reuse, "names_after_refused": names_after_refused}[cmd](host, int(port), *map(int, rest))
