@@ -48,7 +48,7 @@ def node(tmp_path_factory):
             if pod.meshed and pod.name != "r":
                 n.start_sidecar(pod)
         n.write_pods_file()
-        n.start_agent()
+        n.start_agent(timeout=300)   # the kernel matrix runs this under software emulation: compiling is slow
         yield n
     finally:
         n.close()
