@@ -37,6 +37,36 @@ static __always_inline int remember_original_dst(struct bpf_sock_addr *ctx, cons
     return 0;
 }
 
+/* What the socket asked for and where it goes instead, so getpeername can
+ * show the former (ebpf/getpeername.bpf.c; Istio's NAT never changes what a
+ * socket shows). Without the entry the connection is not rewritten. */
+static __always_inline int remember_peer_name(struct bpf_sock_addr *ctx, const struct addr *asked, __u16 asked_port,
+                                              const struct addr *redirected, __u16 redirected_port)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return -1;
+    struct peer_name *name = peer_names.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!name) {
+        count(CNT_ERR_MAP_UPDATE, 1);
+        return -1;
+    }
+    name->asked_ip = *asked;
+    name->asked_port = asked_port;
+    name->redirected_ip = *redirected;
+    name->redirected_port = redirected_port;
+    return 0;
+}
+
+/* A connect left alone: a socket may connect again after a failed attempt
+ * that was rewritten, and must not keep that attempt's peer name. */
+static __always_inline void forget_peer_name(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (sk && ctx->protocol == IPPROTO_TCP)
+        peer_names.sk_storage_delete(sk);
+}
+
 /* Bind the source to the pod's address of the destination's family (the port
  * is still chosen at connect, bpf_bind implies IP_BIND_ADDRESS_NO_PORT):
  * without it every pod's redirected connection would come from loopback and
@@ -113,12 +143,14 @@ static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struc
             count(CNT_ERR_BIND, 1);
             return CONNECT_LEFT;
         }
-        if (remember_original_dst(ctx, dst, dst_port, 0) != 0)
-            return CONNECT_LEFT;   /* we could not answer SO_ORIGINAL_DST: let iptables do it */
         if (v4)
             addr_set_v4(to, bpf_htonl(MESH_REDIRECT_IP_HOST));
         else
             *to = self->pod_ip6;
+        /* Either record missing, and the app would see the difference: let iptables do it. */
+        if (remember_peer_name(ctx, dst, dst_port, to, MESH_OUTBOUND_PORT) != 0 ||
+            remember_original_dst(ctx, dst, dst_port, 0) != 0)
+            return CONNECT_LEFT;
         count(CNT_REDIRECT_OUTBOUND, 1);
         return CONNECT_TO_OUTBOUND;
     }
@@ -141,6 +173,11 @@ static __always_inline int connect_common(struct bpf_sock_addr *ctx, const struc
         return CONNECT_LEFT;
     struct datapath_config *cfg = datapath_config();
     int rewrite = cfg && cfg->rewrite_inbound_port;
+    /* Rewritten, the proxy's socket shows the port it asked for, as under the
+     * pod's REDIRECT rule. Rewritten even when that cannot be recorded (counted):
+     * a pod whose inbound capture is ours alone has no rule to fall back on. */
+    if (rewrite)
+        remember_peer_name(ctx, dst, dst_port, dst, MESH_INBOUND_PORT);
     if (remember_original_dst(ctx, dst, dst_port, rewrite ? 0 : ODST_VIA_INBOUND_REDIRECT) != 0)
         return CONNECT_LEFT;
     count(CNT_REDIRECT_INBOUND, 1);
@@ -163,6 +200,8 @@ int sock4_connect(struct bpf_sock_addr *ctx)
         ctx->user_port = bpf_htons(MESH_OUTBOUND_PORT);
     } else if (action == CONNECT_TO_INBOUND_PORT) {
         ctx->user_port = bpf_htons(MESH_INBOUND_PORT);
+    } else {
+        forget_peer_name(ctx);
     }
     return 1;
 }
@@ -185,6 +224,8 @@ int sock6_connect(struct bpf_sock_addr *ctx)
         ctx->user_port = bpf_htons(MESH_OUTBOUND_PORT);
     } else if (action == CONNECT_TO_INBOUND_PORT) {
         ctx->user_port = bpf_htons(MESH_INBOUND_PORT);
+    } else {
+        forget_peer_name(ctx);
     }
     return 1;
 }

@@ -4,7 +4,8 @@
  * sockets, never the IPv4 ones; the packets are IPv4, so Istio's iptables
  * rules capture them. Same policy and origins as the IPv4 hooks
  * (dns_sendmsg.bpf.c); native IPv6 servers are not taken over (ip6tables
- * keeps them). */
+ * keeps them). getpeername6 is one program with the mesh's peer names
+ * (getpeername.bpf.c), which calls dns_show_origin6 first. */
 #include "merbridge.h"
 
 #define V4MAPPED_PREFIX_HOST 0x0000ffff   /* third 32-bit word of ::ffff:0:0/96 */
@@ -59,27 +60,23 @@ int dns_sendmsg6(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-/* recvmsg6 and getpeername6: the proxy's address back to the server's. */
-static __always_inline void dns_show_origin6(struct bpf_sock_addr *ctx, __u32 counter)
+/* recvmsg6, and getpeername6 (sock6_getpeername in getpeername.bpf.c): the
+ * proxy's address back to the server's. Returns 1 when it was rewritten. */
+static __always_inline int dns_show_origin6(struct bpf_sock_addr *ctx, __u32 counter)
 {
     if (!is_dns_proxy6(ctx))
-        return;
+        return 0;
     __u64 cookie = socket_cookie64(ctx);
     struct dns_origin *origin = dns_origins.lookup(&cookie);
     if (!origin)
-        return;
+        return 0;
     set_v4mapped(ctx, origin->ip, origin->port);
     dns_count(counter);
+    return 1;
 }
 
 int dns_recvmsg6(struct bpf_sock_addr *ctx)
 {
     dns_show_origin6(ctx, DNS_CNT_REPLY_SOURCE);
-    return 1;
-}
-
-int dns_getpeername6(struct bpf_sock_addr *ctx)
-{
-    dns_show_origin6(ctx, DNS_CNT_PEER_NAME);
     return 1;
 }

@@ -188,6 +188,7 @@ enum counter {
     CNT_ERR_MAP_UPDATE,
     CNT_SPLICE_SKIPPED,          /* sockets not spliced: their destination's connections are short-lived */
     CNT_SPLICE_BULK,             /* spliced sockets switched to TCP: they carry bulk data */
+    CNT_PEER_NAME,               /* getpeername of a rewritten connection answered with its original destination */
     CNT_MAX,
 };
 
@@ -374,6 +375,37 @@ static __always_inline int inbound_captured(struct pod_policy *p, __u16 port)
     return 0;
 }
 
+/* ---- Peer names (issue 20; ebpf/getpeername.bpf.c) ----------------------------
+ * Istio's REDIRECT rewrites packets, never the socket: an app whose connect
+ * was NATed to the proxy still sees the address it connected to in
+ * getpeername(). The connect hook rewrites the socket itself, so the socket
+ * would show the proxy's listener (127.0.0.2:15001). Each socket whose
+ * destination the connect hook rewrote keeps, in socket-local storage, what
+ * it asked for and where it was sent instead; getpeername shows the former
+ * while the kernel's answer is the latter. Socket-local storage is freed with
+ * its socket, so the answer can neither outlive it nor be read by another
+ * socket that reuses its 4-tuple; sockets the hook left alone (every socket
+ * of the proxy's but its rewritten ones, accepted ones) have no entry. */
+struct peer_name {
+    struct addr asked_ip;       /* the original destination; v4-mapped for IPv4 */
+    struct addr redirected_ip;  /* where the connect hook sent it; v4-mapped for IPv4 */
+    __u16 asked_port;           /* host order */
+    __u16 redirected_port;      /* host order */
+    __u32 pad;
+};
+
+/* peer_names: per rewritten socket (bcc's BPF_SK_STORAGE, pinned). */
+struct peer_names_table_t {
+    int key;
+    struct peer_name leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage:" MB_PIN(peer_names))))
+struct peer_names_table_t peer_names = {.flags = BPF_F_NO_PREALLOC};
+BPF_ANNOTATE_KV_PAIR(peer_names, int, struct peer_name);
+
 /* ---- DNS capture (issue 14; ebpf/dns_*.bpf.c) --------------------------------
  * For pods whose Istio rules capture DNS, the app's DNS to the servers those
  * rules name (or to any address, with capture-all) goes to the agent's DNS
@@ -435,3 +467,6 @@ static __always_inline void dns_count(__u32 slot)
  * (and has been redirected). */
 static __always_inline int dns_connect4(struct bpf_sock_addr *ctx);
 static __always_inline int dns_connect6(struct bpf_sock_addr *ctx);
+/* In ebpf/dns_inet6.bpf.c, for recvmsg6 and getpeername6 (getpeername.bpf.c):
+ * returns 1 when the address shown is now the DNS server the socket asked. */
+static __always_inline int dns_show_origin6(struct bpf_sock_addr *ctx, __u32 counter);

@@ -65,7 +65,8 @@ class Hook:
 # v4-mapped IPv4 destinations); both also dispatch captured DNS (TCP and
 # connected UDP to port 53) before anything else, so there is one program per
 # connect hook. sendmsg4/6 redirect unconnected UDP DNS. recvmsg and
-# getpeername only rewrite what a redirected socket shows, so they stay.
+# getpeername only rewrite what a redirected socket shows, so they stay (a
+# connection rewritten before a switch to iptables keeps its peer name).
 CONNECT_HOOKS = ("sock4_connect", "sock6_connect")
 DNS_SENDMSG_HOOKS = ("dns_sendmsg4", "dns_sendmsg6")
 REDIRECT_HOOKS = CONNECT_HOOKS + DNS_SENDMSG_HOOKS
@@ -79,10 +80,12 @@ HOOKS = (
     # connect hooks above, sendmsg redirects, so it follows the mode as connect does
     Hook("dns_sendmsg.bpf.c", "dns_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG", True),
     Hook("dns_recvmsg.bpf.c", "dns_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG", True),
-    Hook("dns_getpeername.bpf.c", "dns_getpeername4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME", True),
     Hook("dns_inet6.bpf.c", "dns_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG", True),
     Hook("dns_inet6.bpf.c", "dns_recvmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG", True),
-    Hook("dns_inet6.bpf.c", "dns_getpeername6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_GETPEERNAME", True),
+    # What a rewritten socket shows as its peer: the destination it asked for
+    # (the mesh's redirects and DNS capture alike, one program per hook)
+    Hook("getpeername.bpf.c", "sock4_getpeername", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME", True),
+    Hook("getpeername.bpf.c", "sock6_getpeername", "CGROUP_SOCK_ADDR", "CGROUP_INET6_GETPEERNAME", True),
 )
 SK_MSG_HOOK = next(h for h in HOOKS if not h.on_cgroup)
 

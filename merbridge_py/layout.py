@@ -156,6 +156,7 @@ class Counter(enum.IntEnum):
     ERR_MAP_UPDATE = 11
     SPLICE_SKIPPED = 12
     SPLICE_BULK = 13
+    PEER_NAME = 14
 
 
 COUNTER_SLOTS = len(Counter)

@@ -24,6 +24,7 @@ _KERNEL_COUNTERS = {
     Slot.ERR_MAP_UPDATE: ("merbridge_datapath_errors", {"kind": "map_update"}),
     Slot.SPLICE_SKIPPED: ("merbridge_splice_skipped", {"reason": "short_lived"}),
     Slot.SPLICE_BULK: ("merbridge_splice_skipped", {"reason": "bulk"}),
+    Slot.PEER_NAME: ("merbridge_peer_names_shown", {}),
 }
 _HELP = {
     "merbridge_redirects": "Connections redirected by the connect hook",
@@ -34,6 +35,7 @@ _HELP = {
     "merbridge_sockhash_inserts": "Sockets put into the sockhash",
     "merbridge_datapath_errors": "Errors in the kernel datapath, by kind",
     "merbridge_splice_skipped": "Sockets not spliced (short-lived destination) or switched back to TCP (bulk sender)",
+    "merbridge_peer_names_shown": "getpeername() calls on rewritten connections answered with the original destination",
 }
 
 

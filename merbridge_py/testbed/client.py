@@ -4,8 +4,9 @@ and its cgroup, so the eBPF programs see it as that pod's app).
 `python -m merbridge_py.testbed.client --host IP --port P [--path /whoami]
 [--count N] [--new-connection] [--timeout S] [--family inet|inet6]` prints one
 JSON document:
-{"results": [{"status": 200, "body": ..., "local": "ip:port", "error": null}, ...]}.
-`local` is "[ip]:port" for an IPv6 socket. IP may be IPv4 or IPv6. `--family
+{"results": [{"status": 200, "body": ..., "local": "ip:port", "peer": "ip:port", "error": null}, ...]}.
+`local` and `peer` are the client socket's getsockname() and getpeername()
+(what the app itself can observe), "[ip]:port" for an IPv6 socket. IP may be IPv4 or IPv6. `--family
 inet6` with an IPv4 address connects an AF_INET6 socket to the v4-mapped
 address ::ffff:a.b.c.d, as the JVM (and any dual-stack socket) does: the
 kernel runs the IPv6 hooks (connect6) for it, the packets are IPv4.
@@ -52,6 +53,7 @@ def _one(conn: http.client.HTTPConnection, path: str, authority: str | None = No
     if conn.sock is None:
         conn.connect()  # http.client sets TCP_NODELAY
     local = format_address(conn.sock.getsockname())
+    peer = format_address(conn.sock.getpeername())
     conn.request("GET", path, headers={"Host": authority} if authority else {})
     resp = conn.getresponse()
     raw = resp.read()
@@ -60,7 +62,7 @@ def _one(conn: http.client.HTTPConnection, path: str, authority: str | None = No
         body = json.loads(raw)
     else:
         body = raw.decode(errors="replace") if len(raw) <= 4096 else f"<{len(raw)} bytes>"
-    return {"status": resp.status, "body": body, "local": local, "error": None}
+    return {"status": resp.status, "body": body, "local": local, "peer": peer, "error": None}
 
 
 def run(host: str, port: int, path: str, count: int, new_connection: bool, timeout: float,
@@ -80,7 +82,8 @@ def run(host: str, port: int, path: str, count: int, new_connection: bool, timeo
         try:
             results.append(_one(conn, path, authority))
         except (OSError, http.client.HTTPException, ValueError) as e:
-            results.append({"status": None, "body": None, "local": None, "error": f"{type(e).__name__}: {e}"})
+            results.append({"status": None, "body": None, "local": None, "peer": None,
+                            "error": f"{type(e).__name__}: {e}"})
             conn.close()
             conn = None
     if conn is not None:

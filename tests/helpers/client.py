@@ -9,6 +9,14 @@
                                             TCP segments this namespace sent during the ask: "segs=<n>"
     python client.py flood HOST PORT BYTES  writes BYTES as fast as it can to a slow reader; prints the
                                             peak kernel TCP memory seen (pages) and any write error
+    python client.py names HOST PORT [MS]   one request; prints a JSON line with the socket's
+                                            getpeername(), getsockname() and the app's answer; with MS,
+                                            holds the connection MS ms and prints the names again
+    python client.py names_reuse HOST PORT  the names of a redirected socket, then of a new socket
+                                            with the same 4-tuple that dialled the proxy itself
+    python client.py names_after_refused HOST PORT PORT2
+                                            one socket: a refused connect to HOST:PORT, then a connect
+                                            to loopback PORT2; prints the names of the second
 """
 
 import hashlib
@@ -119,7 +127,67 @@ def flood(host: str, port: int, size: int) -> None:
     print(f"reply={reply or '-'} peak_tcp_pages={peak} error={error}", flush=True)
 
 
+def _names(s: socket.socket) -> dict:
+    return {"peer": list(s.getpeername()[:2]), "local": list(s.getsockname()[:2])}
+
+
+def names(host: str, port: int, hold_ms: int = 0) -> None:
+    import json
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"who\n")
+        print(json.dumps({**_names(s), "answer": s.makefile("rb").readline().decode().strip()}), flush=True)
+        if hold_ms:
+            time.sleep(hold_ms / 1000)
+            print(json.dumps(_names(s)), flush=True)
+
+
+def names_reuse(host: str, port: int) -> None:
+    """A redirected connection, closed with a reset (no TIME_WAIT, so its local
+    address is free at once), then a new socket on the same local address
+    dialling the proxy's outbound listener itself: the first one's 4-tuple."""
+    import json
+    import struct
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"who\n")
+        s.makefile("rb").readline()
+        first = _names(s)
+        local, family = s.getsockname(), s.family
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    print(json.dumps(first), flush=True)
+    if family == socket.AF_INET:
+        listener = "127.0.0.2"
+    elif local[0].startswith("::ffff:"):
+        listener = "::ffff:127.0.0.2"
+    else:
+        listener = local[0]   # IPv6 is redirected to the pod's own address
+    with socket.socket(family) as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(local)
+        again.settimeout(10)
+        again.connect((listener, 15001))
+        print(json.dumps(_names(again)), flush=True)
+
+
+def names_after_refused(host: str, port: int, second_port: int) -> None:
+    """One socket: connect to HOST:PORT, which must be refused, then, on the
+    same socket, to 127.0.0.1:SECOND_PORT (the same loopback form for an
+    AF_INET6 socket); prints the names of the second connection."""
+    import json
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.connect((host, port))   # blocking: a failed non-blocking connect needs one more call to reset
+            raise SystemExit(f"the first connect to {host}:{port} was not refused")
+        except ConnectionRefusedError:
+            pass
+        s.settimeout(10)
+        s.connect(("::ffff:127.0.0.1" if family == socket.AF_INET6 else "127.0.0.1", second_port))
+        s.sendall(b"who\n")
+        print(json.dumps({**_names(s), "answer": s.makefile("rb").readline().decode().strip()}), flush=True)
+
+
 if __name__ == "__main__":
     cmd, host, port, *rest = sys.argv[1:]
     {"ask": ask, "bulk": bulk, "churn": churn, "hold": ask, "flood": flood,
-     "churn_then_ask": churn_then_ask}[cmd](host, int(port), *map(int, rest))
+     "churn_then_ask": churn_then_ask, "names": names,
+     "names_reuse": names_reuse, "names_after_refused": names_after_refused}[cmd](host, int(port), *map(int, rest))

@@ -106,6 +106,8 @@ class Proxy:
                 self.sel.register(side.sock, events, ("side", side))
 
     def close_pair(self, side: Side, why: Exception | None) -> None:
+        if side.sock.fileno() == -1:   # closed with its peer earlier in the same batch of events
+            return
         if why is not None:
             print(f"pipe {side.sock.getsockname()}: {why}", file=self.log, flush=True)
         for s in (side, side.peer):
@@ -116,6 +118,8 @@ class Proxy:
             s.sock.close()
 
     def on_side(self, side: Side, mask: int) -> None:
+        if side.sock.fileno() == -1:   # an event of this batch for a pair closed by an earlier one
+            return
         try:
             if mask & selectors.EVENT_READ:
                 data = side.sock.recv(BUF)
