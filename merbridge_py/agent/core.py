@@ -35,6 +35,8 @@ from ..policy import Verdict, compile_rules, decide
 from ..policy import dns as dns_policy
 from ..policy.live_rules import InstalledRulesCache, NoIstioRules, RulesReadFailed, read_netns, spec_key
 from ..policy.rules import PodKernelFields, kernel_fields
+from ..policy.userns import UsernsNotReady, in_user_namespace
+from ..userns import UsernsReadError
 
 log = logging.getLogger("merbridge_py.agent")
 
@@ -288,6 +290,12 @@ class Agent:
                 out[key] = self._not_resolved(key, t, now, str(installed), code)
                 continue
             t.verdict = decide(t.obj, self.mesh, installed)  # the same decision, completed: not counted again
+            try:   # a user-namespaced pod's proxy ids as the kernel sees them (policy/userns.py)
+                maps = self.netns.user_namespace_maps(found[key]) if t.verdict.accelerate else None
+                t.verdict = in_user_namespace(t.verdict, maps)
+            except (UsernsReadError, UsernsNotReady) as e:
+                out[key] = self._not_resolved(key, t, now, str(e), "userns_unreadable")
+                continue
             self._compile(t)
             t.netns, t.resolved, t.tries, t.next_try = found[key], True, 0, 0.0
         return out
