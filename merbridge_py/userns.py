@@ -45,6 +45,21 @@ def _user_ns_inode(proc: str) -> int | None:
         return None
 
 
+def pids_in_netns(netns_path: str, proc_root: str = "/proc") -> list[int]:
+    """Processes in the network namespace at `netns_path` (a one-off scan, for
+    inspect-pod; the agent's namespace index already knows them)."""
+    target = os.stat(netns_path).st_ino
+    found = []
+    for entry in os.scandir(proc_root):
+        if entry.name.isdigit():
+            try:
+                if os.stat(f"{entry.path}/ns/net").st_ino == target:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def read_maps(netns_path: str, pids: Iterable[int], proc_root: str = "/proc") -> UsernsMaps | None:
     """The maps of the pod's user namespace, or None when the agent's own user
     namespace owns the network namespace (ids as written: every pod that is

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import time
 
 import pytest
@@ -212,3 +213,36 @@ def test_reader_needs_a_process_in_the_pods_user_namespace(user_namespaced_proce
 
 def test_reader_says_none_for_the_hosts_user_namespace():
     assert read_maps("/proc/self/ns/net", []) is None
+
+
+def test_inspect_pod_shows_the_host_ids_from_the_pods_namespace(user_namespaced_process, tmp_path):
+    """inspect-pod --netns decides as the agent does: the rules Istio wrote from
+    inside the pod's user namespace, and the proxy ids as the host sees them."""
+    import json
+    import sys
+
+    from click.testing import CliRunner
+
+    from merbridge_py import sandbox
+    from merbridge_py.cli import main
+    from merbridge_py.testbed import istio_iptables as ii
+
+    netns = f"/proc/{user_namespaced_process}/ns/net"
+    written = subprocess.run([sys.executable, "-c", sandbox._ENTER_USERNS, netns, "iptables-restore", "--noflush"],
+                             input=ii.restore_payload(ii.flags_from_annotations({})), text=True, capture_output=True)
+    assert written.returncode == 0, written.stderr      # as istio-init: from inside the pod's user namespace
+    from merbridge_py.testbed import kube
+    from merbridge_py.testbed.topology import Node, Pod
+    node = Node("node0", 0, "mbp-n0", "10.244.0.0/24", "10.244.0.1", "192.168.0.2", "/x", "/y")
+    bed_pod = Pod("a", "node0", "10.244.0.10", "mbp-a", True, "/x", {}, [8080], "veth0", "10.96.0.5",
+                  host_users=False)
+    obj = kube.pod_object("tb", bed_pod, node, created="2026-01-01T00:00:00Z")   # istio-init, hostUsers: false
+    assert obj["spec"]["hostUsers"] is False
+    (tmp_path / "pod.json").write_text(json.dumps(obj))
+    result = CliRunner().invoke(main, ["inspect-pod", str(tmp_path / "pod.json"), "--netns", netns])
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["accelerate"], verdict["reason"]
+    assert (verdict["policy"]["proxy_uid"], verdict["policy"]["proxy_gid"]) == (101337, 101337)
+    assert verdict["policy"]["source"] == "iptables rules"
+    assert "are 101337 and 101337 on the host" in verdict["reason"]

@@ -92,7 +92,8 @@ def _show(ranges: tuple[IdRange, ...]) -> str:
     return shown + (f" and {len(ranges) - 4} more" if len(ranges) > 4 else "")
 
 
-def _refused(verdict: Verdict, why: str, code: str) -> Verdict:
+def refused(verdict: Verdict, why: str, code: str) -> Verdict:
+    """`verdict`, not accelerated for `why` (families and DNS decision with it)."""
     from merbridge_py.policy.rules import family_verdicts   # rules imports model only; avoids a cycle
     refused = dataclasses.replace(verdict, accelerate=False, code=code, dns=None,
                                   reason=f"not accelerated: {why}; the pod stays on iptables")
@@ -115,7 +116,7 @@ def in_user_namespace(verdict: Verdict, maps: UsernsMaps | None) -> Verdict:
         uid_ranges = parse_id_map(maps.uid_map, "uid_map")
         gid_ranges = parse_id_map(maps.gid_map, "gid_map")
     except IdMapError as e:
-        return _refused(verdict, f"the pod's user namespace maps cannot be read exactly ({maps.origin}: {e})",
+        return refused(verdict, f"the pod's user namespace maps cannot be read exactly ({maps.origin}: {e})",
                         "userns_malformed")
     policy = verdict.policy
     uid, gid = to_host(policy.proxy_uid, uid_ranges), to_host(policy.proxy_gid, gid_ranges)
@@ -123,7 +124,7 @@ def in_user_namespace(verdict: Verdict, maps: UsernsMaps | None) -> Verdict:
                 for kind, inner, host, ranges in (("uid", policy.proxy_uid, uid, uid_ranges),
                                                    ("gid", policy.proxy_gid, gid, gid_ranges)) if host is None]
     if unmapped:
-        return _refused(verdict, f"the pod's user namespace ({maps.origin}) does not map the proxy's "
+        return refused(verdict, f"the pod's user namespace ({maps.origin}) does not map the proxy's "
                                  f"{' or '.join(unmapped)}, so the proxy's own connections cannot be told apart",
                         "userns_unmapped")
     if (uid, gid) == (policy.proxy_uid, policy.proxy_gid):
@@ -133,7 +134,7 @@ def in_user_namespace(verdict: Verdict, maps: UsernsMaps | None) -> Verdict:
         dns_uid = to_host(dns.proxy_uid, uid_ranges) if dns.proxy_uid is not None else None
         dns_gid = to_host(dns.proxy_gid, gid_ranges) if dns.proxy_gid is not None else None
         if (dns.proxy_uid is not None and dns_uid is None) or (dns.proxy_gid is not None and dns_gid is None):
-            return _refused(verdict, f"the pod's user namespace ({maps.origin}) does not map the DNS proxy ids "
+            return refused(verdict, f"the pod's user namespace ({maps.origin}) does not map the DNS proxy ids "
                                      f"{dns.proxy_uid}/{dns.proxy_gid}", "userns_unmapped")
         dns = dataclasses.replace(dns, proxy_uid=dns_uid, proxy_gid=dns_gid)
     note = (f"user namespace ({maps.origin}): proxy uid {policy.proxy_uid} and gid {policy.proxy_gid} "
