@@ -246,3 +246,18 @@ def test_inspect_pod_shows_the_host_ids_from_the_pods_namespace(user_namespaced_
     assert (verdict["policy"]["proxy_uid"], verdict["policy"]["proxy_gid"]) == (101337, 101337)
     assert verdict["policy"]["source"] == "iptables rules"
     assert "are 101337 and 101337 on the host" in verdict["reason"]
+
+
+def test_without_reading_rules_a_user_namespaced_pod_stays_on_iptables():
+    """The hidden --installed-rules ignore (test nodes) does not translate: such a pod is refused."""
+    dp, netns = FakeDatapath(), FakeNetns()
+    agent = Agent(dp, ISTIO, netns_index=netns, rules_reader=None)
+    netns.add("10.0.0.1", 1)
+    netns.add("10.0.0.2", 2)
+    netns.userns[1] = MAPS
+    agent.update_pods({"ns/a": pod("a", "10.0.0.1"), "ns/b": pod("b", "10.0.0.2")})
+    agent.reconcile_once()
+    st = status(agent)
+    assert not st["ns/a"]["accelerated"] and "belongs to a user namespace" in st["ns/a"]["reason"]
+    assert st["ns/b"]["accelerated"]
+    assert set(dp.local_pod_ip) == {"10.0.0.2"}

@@ -473,7 +473,11 @@ class Agent:
         if t.netns is not None and ip in t.netns.ipv4:
             cookie = t.netns.cookie         # found (and its rules read) by _resolve
         else:   # decided without the rules (rules_reader None): look the namespace up now
-            cookie = self._owner_of(ip, reread=t.tries > 0).cookie
+            ns = self._owner_of(ip, reread=t.tries > 0)
+            cookie = ns.cookie
+            if self.netns.user_namespace_maps(ns) is not None:   # translated only in _resolve
+                raise _Retry("its network namespace belongs to a user namespace (hostUsers: false), whose proxy "
+                             "ids are translated only when the agent reads installed rules", "userns_unsupported")
         for other, applied in self._applied.items():
             if applied.netns_cookie == cookie:
                 # pod_policy is keyed by namespace: writing would replace the other pod's policy
