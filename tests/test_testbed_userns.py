@@ -8,7 +8,8 @@ ebpf mode the kernel must exempt 101337, the uid Istio's owner match means
 (the agent reads the pod's uid_map); exempting 1337 would send the proxy's own
 connections back into its outbound listener.
 
-Bed (one node, Envoy, mTLS permissive): a (hostUsers: false), b, out (no sidecar).
+Bed (one node, Envoy, mTLS permissive): a (hostUsers: false, istio-iptables rules), c (hostUsers:
+false, Istio's native nftables rules: `meta skuid`), b, out (no sidecar).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from merbridge_py.testbed.topology import PodSpec
 
 pytestmark = pytest.mark.bpf
 
-SPECS = [PodSpec("a", host_users=False), PodSpec("b"), PodSpec("out", meshed=False)]
+SPECS = [PodSpec("a", host_users=False), PodSpec("c", host_users=False, rules="nftables"), PodSpec("b"),
+         PodSpec("out", meshed=False)]
+USER_NAMESPACED = ("a", "c")
 CONVERGE = 30.0     # the agent's pass is quick; the machine is busy
 
 
@@ -55,39 +58,43 @@ def ask(tb: Testbed, src: str, dst: str, uid: int | None = None) -> dict:
     return json.loads(out)["results"][0]
 
 
-def check_paths(tb: Testbed, redirects_expected: int) -> None:
-    a_uid = tb.pod("a").host_id(1337)
-    assert a_uid == 101337
-    nat, envoy = tb.nat_counters("a")["ISTIO_REDIRECT"], tb.sidecar_connections("a")["outbound"]
+def check_paths(tb: Testbed, src: str, redirects_expected: int) -> None:
+    assert tb.pod(src).host_id(1337) == 101337
+    nat, envoy = tb.nat_counters(src)["ISTIO_REDIRECT"], tb.sidecar_connections(src)["outbound"]
 
-    app = ask(tb, "a", "b")
+    app = ask(tb, src, "b")
     assert app["error"] is None and app["status"] == 200, app
     assert app["body"]["pod"] == "b" and app["body"]["peer"].startswith("127.0.0.6:"), app   # via both sidecars
-    assert tb.sidecar_connections("a")["outbound"] == envoy + 1
-    assert tb.nat_counters("a")["ISTIO_REDIRECT"] == nat + redirects_expected
+    assert tb.sidecar_connections(src)["outbound"] == envoy + 1
+    assert tb.nat_counters(src)["ISTIO_REDIRECT"] == nat + redirects_expected
 
-    own = ask(tb, "a", "out", uid=1337)      # as the proxy: uid 1337 inside the pod
+    own = ask(tb, src, "out", uid=1337)      # as the proxy: uid 1337 inside the pod
     assert own["error"] is None and own["status"] == 200, own
-    # direct: the server saw the client's own socket, and a's Envoy carried nothing
+    # direct: the server saw the client's own socket, and the pod's Envoy carried nothing
     assert own["body"]["pod"] == "out" and own["body"]["peer"] == own["local"], own
-    assert tb.sidecar_connections("a")["outbound"] == envoy + 1
-    assert tb.nat_counters("a")["ISTIO_REDIRECT"] == nat + redirects_expected
+    assert tb.sidecar_connections(src)["outbound"] == envoy + 1
+    assert tb.nat_counters(src)["ISTIO_REDIRECT"] == nat + redirects_expected
 
 
 def test_iptables_mode_sends_the_app_to_the_sidecar_and_lets_the_proxy_out(bed):
     bed.set_mode("iptables")
-    check_paths(bed, redirects_expected=1)
+    for src in USER_NAMESPACED:
+        check_paths(bed, src, redirects_expected=1)
 
 
 def test_ebpf_mode_exempts_the_proxy_uid_as_the_host_sees_it(bed):
     bed.set_mode("ebpf")
     deadline = time.monotonic() + CONVERGE
     while True:
-        st = agent_status(bed).get("default/a")
-        if st is not None and st["accelerated"] or time.monotonic() > deadline:
+        status = agent_status(bed)
+        if all(status.get(f"default/{p}", {}).get("accelerated") for p in USER_NAMESPACED + ("b",)) \
+                or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert st is not None and st["accelerated"], st
-    assert agent_status(bed)["default/b"]["accelerated"]
-    check_paths(bed, redirects_expected=0)
-    assert "proxy uid 1337 and gid 1337 are 101337 and 101337 on the host" in st["reason"], st
+    for p in USER_NAMESPACED + ("b",):
+        assert status[f"default/{p}"]["accelerated"], status[f"default/{p}"]
+    for src in USER_NAMESPACED:
+        check_paths(bed, src, redirects_expected=0)
+    for src in USER_NAMESPACED:
+        assert "proxy uid 1337 and gid 1337 are 101337 and 101337 on the host" in status[f"default/{src}"]["reason"]
+    assert "on the host" not in status["default/b"]["reason"]      # the host's user namespace: ids as written
