@@ -15,6 +15,8 @@ import click
 import yaml
 
 from merbridge_py.policy import decide, read_netns
+from merbridge_py.policy import userns as userns_policy
+from merbridge_py.userns import pids_in_netns, read_maps
 
 EXAMPLES = """
 \b
@@ -114,4 +116,12 @@ def inspect_pod(ctx: click.Context, source: str, netns_path: str | None) -> None
             click.echo(f"error: --netns {netns_path}: no such file", err=True)
             ctx.exit(2)
         installed = read_netns(netns_path)     # never raises: an unreadable rule set is the pod's reason
-    click.echo(json.dumps(decide(pod, installed=installed).to_json(), indent=2))
+    verdict = decide(pod, installed=installed)
+    if netns_path is not None and verdict.accelerate:
+        # a pod in its own user namespace (hostUsers: false): the proxy ids as the kernel sees them
+        try:
+            maps = read_maps(netns_path, pids_in_netns(netns_path))
+            verdict = userns_policy.in_user_namespace(verdict, maps)
+        except (OSError, userns_policy.UsernsNotReady) as e:   # UsernsReadError is an OSError
+            verdict = userns_policy.refused(verdict, f"its user namespace cannot be read: {e}", "userns_unreadable")
+    click.echo(json.dumps(verdict.to_json(), indent=2))

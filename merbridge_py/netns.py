@@ -139,6 +139,18 @@ class NetnsIndex:
             matches = [ns for ns in matches if self._has_process_in_cgroup(ns.inode)] or matches
         return matches
 
+    def user_namespace_maps(self, ns: Netns):
+        """The uid/gid maps of the user namespace owning `ns` (read from one
+        of the processes found in it), or None when the agent's own user
+        namespace owns it. Raises userns.UsernsReadError."""
+        from .userns import read_maps
+        pids = list(self._pids.get(ns.inode, ()))
+        if ns.path.startswith(f"{self.proc_root}/") and ns.path.endswith("/ns/net"):
+            pid = ns.path[len(self.proc_root) + 1:-len("/ns/net")]
+            if pid.isdigit() and int(pid) not in pids:
+                pids.insert(0, int(pid))
+        return read_maps(ns.path, pids, self.proc_root)
+
     def _has_process_in_cgroup(self, inode: int) -> bool:
         for pid in self._pids.get(inode, ()):
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,9 +22,39 @@ class SandboxError(RuntimeError):
     pass
 
 
+# Enter a network namespace owned by another user namespace (a pod with
+# hostUsers: false) the way the pod's own processes live there: in its owner
+# user namespace first (Istio's owner match and iptables' owner checks need
+# the writer in the namespace's owner), as root inside, then in the network
+# namespace. `ip netns exec` would keep the host's user namespace.
+_ENTER_USERNS = r"""
+import ctypes, fcntl, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+net = os.open(sys.argv[1], os.O_RDONLY)
+user = fcntl.ioctl(net, 0xB701)    # NS_GET_USERNS
+for fd, flag, what in ((user, 0x10000000, "user"), (net, 0x40000000, "network")):
+    if libc.setns(fd, flag) != 0:
+        raise OSError(ctypes.get_errno(), "setns into the pod's %s namespace" % what)
+    os.close(fd)
+os.setgroups([]); os.setresgid(0, 0, 0); os.setresuid(0, 0, 0)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _enter(netns: str) -> list[str]:
+    """The command prefix that runs a program inside network namespace `netns`."""
+    from .userns import owner_inode
+    path = f"/run/netns/{netns}"
+    try:
+        foreign = owner_inode(path) != os.stat("/proc/self/ns/user").st_ino
+    except OSError:
+        foreign = False     # let `ip netns exec` report the missing namespace
+    return [sys.executable, "-c", _ENTER_USERNS, path] if foreign else ["ip", "netns", "exec", netns]
+
+
 def sh(*argv: str, check: bool = True, netns: str | None = None, input: str | None = None) -> str:
     """Run a command (inside `netns` if given) and return its stdout."""
-    cmd = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
+    cmd = (_enter(netns) if netns else []) + list(argv)
     proc = subprocess.run(cmd, capture_output=True, text=True, input=input)
     if check and proc.returncode != 0:
         raise SandboxError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -47,6 +78,19 @@ def cgroup2_root() -> Path:
 def netns_add(name: str) -> None:
     sh("ip", "netns", "add", name)
     sh("ip", "link", "set", "lo", "up", netns=name)
+
+
+def netns_bind(name: str, source: str) -> None:
+    """Name an existing network namespace (`source`: /proc/PID/ns/net) as
+    `ip netns add` names new ones, so `ip netns` and `netns=` work with it."""
+    Path("/run/netns").mkdir(parents=True, exist_ok=True)
+    target = Path("/run/netns", name)
+    target.touch(exist_ok=False)
+    try:
+        sh("mount", "--bind", source, str(target))
+    except SandboxError:
+        target.unlink()
+        raise
 
 
 def netns_delete(name: str) -> None:
@@ -128,7 +172,7 @@ def spawn(argv: list[str], netns: str | None = None, cgroup: Path | None = None,
         g = gid if gid is not None else uid
         cmd = ["setpriv", f"--reuid={uid}", f"--regid={g}", "--clear-groups", "--"] + cmd
     if netns:
-        cmd = ["ip", "netns", "exec", netns] + cmd
+        cmd = _enter(netns) + cmd
     procs_file = str(Path(cgroup, "cgroup.procs")) if cgroup else None
 
     def join_cgroup():

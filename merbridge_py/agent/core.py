@@ -43,6 +43,8 @@ from ..policy import Verdict, compile_rules, decide
 from ..policy import dns as dns_policy
 from ..policy.live_rules import InstalledRulesCache, NoIstioRules, RulesReadFailed, read_netns, spec_key
 from ..policy.rules import PodKernelFields, kernel_fields
+from ..policy.userns import UsernsNotReady, in_user_namespace
+from ..userns import UsernsReadError
 from . import audit
 
 log = logging.getLogger("merbridge_py.agent")
@@ -314,6 +316,12 @@ class Agent:
                 out[key] = self._not_resolved(key, t, now, str(installed), code)
                 continue
             t.verdict = decide(t.obj, self.mesh, installed)  # the same decision, completed: not counted again
+            try:   # a user-namespaced pod's proxy ids as the kernel sees them (policy/userns.py)
+                maps = self.netns.user_namespace_maps(found[key]) if t.verdict.accelerate else None
+                t.verdict = in_user_namespace(t.verdict, maps)
+            except (UsernsReadError, UsernsNotReady) as e:
+                out[key] = self._not_resolved(key, t, now, str(e), "userns_unreadable")
+                continue
             self._compile(t)
             t.netns, t.resolved, t.tries, t.next_try = found[key], True, 0, 0.0
         return out
@@ -496,7 +504,11 @@ class Agent:
         if t.netns is not None and ip in t.netns.ipv4:
             cookie = t.netns.cookie         # found (and its rules read) by _resolve
         else:   # decided without the rules (rules_reader None): look the namespace up now
-            cookie = self._owner_of(ip, reread=t.tries > 0).cookie
+            ns = self._owner_of(ip, reread=t.tries > 0)
+            cookie = ns.cookie
+            if self.netns.user_namespace_maps(ns) is not None:   # translated only in _resolve
+                raise _Retry("its network namespace belongs to a user namespace (hostUsers: false), whose proxy "
+                             "ids are translated only when the agent reads installed rules", "userns_unsupported")
         for other, applied in self._applied.items():
             if applied.netns_cookie == cookie:
                 # pod_policy is keyed by namespace: writing would replace the other pod's policy

@@ -381,7 +381,8 @@ class EnvoySidecar(Sidecar):
 
     def prepare(self, ca: pki.CertificateAuthority | None) -> None:
         """The pod's directory (the proxy's uid only), its certificate, its config."""
-        owner = (self.profile.proxy_uid, self.profile.proxy_gid)
+        # as the host sees the proxy's ids (a pod in its own user namespace maps them)
+        owner = (self.pod.host_id(self.profile.proxy_uid), self.pod.host_id(self.profile.proxy_gid))
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(self.dir, *owner)
         if ca is not None and self.mtls != "off":

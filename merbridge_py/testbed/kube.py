@@ -81,6 +81,8 @@ def pod_object(testbed: str, pod: Pod, node: Node, created: str | None = None,
             "restartPolicy": "Always"}
     if init_containers:
         spec["initContainers"] = init_containers
+    if not pod.host_users:
+        spec["hostUsers"] = False
     return {
         "apiVersion": "v1",
         "kind": "Pod",

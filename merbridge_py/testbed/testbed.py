@@ -17,6 +17,7 @@ commands in other processes can switch modes and take the bed down.
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import socket
 import subprocess
@@ -146,6 +147,9 @@ class Testbed:
             raise ValueError(f"http_ports {bad_ports!r}: ports are integers 1-65535")
         specs = pods if pods is not None else topology.default_specs(nodes, pods_per_node, plain_per_node)
         specs = [_install_options(s, rules, mesh_defaults or {}, cni) for s in specs]
+        if any(not s.host_users for s in specs) and (app != "python" or proxy != "envoy"):
+            raise ValueError("pods with host_users=False need app='python' and proxy='envoy' (the files the "
+                             "nginx app and HAProxy write are not laid out for a pod's own user namespace)")
         try:   # a missing program fails here, named with its package, not halfway through the bed
             system_programs.require(_programs_needed(specs, proxy, app, ip_families))
         except system_programs.MissingPrograms as e:
@@ -327,7 +331,14 @@ class Testbed:
 
     def _start_apps(self) -> None:
         def ready_file(pod_name: str) -> Path:
-            return self.workdir / f"{pod_name}.app-ready"
+            p = self.pod(pod_name)
+            if p.host_users:
+                return self.workdir / f"{pod_name}.app-ready"
+            # the app of a pod in its own user namespace is root inside, not on the host
+            own = self.workdir / f"{pod_name}.app"
+            own.mkdir(exist_ok=True)
+            os.chown(own, p.host_id(0), p.host_id(0))
+            return own / "ready"
 
         def log_of(pod_name: str) -> Path:
             return self.workdir / f"{pod_name}.app.log"

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import sandbox
+from . import userns_pod
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,19}$")     # no '-': keeps every prefix unique
 POD_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -89,6 +90,9 @@ class PodSpec:
     mesh_defaults: dict[str, str] | None = None   # helm global.proxy.* values by name (istio_iptables.MeshDefaults)
     proxy_uid: int | None = None              # the sidecar's uid (-u, runAsUser); default the mesh's proxyUID
     proxy_gid: int | None = None              # its gid (-g, runAsGroup); default the uid
+    # False: the pod runs in its own user namespace (Kubernetes' hostUsers: false), ids 0-65535
+    # inside = 100000-165535 on the host, owning its network namespace (testbed/userns_pod.py)
+    host_users: bool = True
 
 
 @dataclass
@@ -126,6 +130,11 @@ class Pod:
     mesh_defaults: dict[str, str] = field(default_factory=dict)
     proxy_uid: int = 1337
     proxy_gid: int = 1337
+    host_users: bool = True   # False: its own user namespace (PodSpec.host_users)
+
+    def host_id(self, inner: int) -> int:
+        """The host's view of uid/gid `inner` of this pod's processes."""
+        return inner if self.host_users else userns_pod.HOST_ID_BASE + inner
 
     @property
     def ips(self) -> list[str]:
@@ -211,7 +220,7 @@ def plan(name: str, specs: list[PodSpec], nodes: int | None = None,
                         rules=s.rules or "iptables", cni=bool(s.cni), mesh_defaults=dict(s.mesh_defaults or {}),
                         proxy_uid=1337 if s.proxy_uid is None else s.proxy_uid,
                         proxy_gid=(1337 if s.proxy_uid is None else s.proxy_uid) if s.proxy_gid is None
-                        else s.proxy_gid))
+                        else s.proxy_gid, host_users=s.host_users))
         if dual:
             pods[-1].ip6 = _v6("fd10", slot, s.node, 10 + i)
             pods[-1].service_ip6 = _v6("fd96", slot, s.node, 10 + i)
@@ -269,7 +278,15 @@ def create_node(node: Node, fabric: str, all_nodes: list[Node]) -> None:
 
 
 def create_pod(pod: Pod, node: Node) -> None:
-    sandbox.netns_add(pod.netns)
+    if pod.host_users:
+        sandbox.netns_add(pod.netns)
+    else:
+        # its pause: owns the user namespace that owns the network namespace; in the
+        # pod's cgroup, so removing the cgroup ends it
+        sandbox.cgroup_create(Path(pod.cgroup))
+        holder = userns_pod.start_holder(cgroup=Path(pod.cgroup), start_new_session=True)
+        sandbox.netns_bind(pod.netns, f"/proc/{holder.pid}/ns/net")
+        sandbox.sh("ip", "link", "set", "lo", "up", netns=pod.netns)
     if pod.ip6:
         enable_ipv6(pod.netns)
     _ip_batch(node.netns, [f"link add {pod.veth} type veth peer name eth0 netns {pod.netns}",

@@ -32,6 +32,13 @@ class FakeNetns:
         self.by_ip: dict[str, list[Netns]] = {}
         self.refreshes = 0
         self.fail_with: Exception | None = None
+        self.userns: dict[int, object] = {}     # cookie -> UsernsMaps, or an exception to raise
+
+    def user_namespace_maps(self, ns):
+        found = self.userns.get(ns.cookie)
+        if isinstance(found, Exception):
+            raise found
+        return found     # None: the host's user namespace
 
     def add(self, ip, cookie):
         self.by_ip.setdefault(ip, []).append(Netns(cookie, f"/run/netns/{cookie}", cookie, {ip}))
