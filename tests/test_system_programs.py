@@ -60,9 +60,11 @@ def _owners(exes: list[str]) -> dict[str, str]:
 
 
 def _essential() -> set[str]:
-    """Packages every Debian system has (Essential: yes): no install script needs to name them."""
-    out = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Essential}\n"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.endswith(" yes")}
+    """Packages every Debian system has (Essential: yes, or Priority: required, which even debootstrap's
+    minbase installs): no install script needs to name them."""
+    out = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Essential} ${Priority}\n"],
+                         capture_output=True, text=True).stdout
+    return {f[0] for f in (line.split() for line in out.splitlines()) if "yes" in f[1:] or "required" in f[1:]}
 
 
 def _script_packages(script: Path) -> set[str]:
