@@ -120,7 +120,6 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
         kernel = probe_kernel()
     except ValueError as e:
         raise click.ClickException(str(e))
-    log.info("%s", kernel.summary())
     datapath = Datapath(profile, cgroup, bpffs, splice=splice,
                         rewrite_inbound_port=inbound_redirect == "ebpf", max_connections=max_connections,
                         kernel=kernel)
@@ -157,6 +156,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
     except (DatapathError, HeadersNotFound) as e:
         datapath.close()
         raise click.ClickException(str(e))
+    log.info("%s", kernel.summary())   # after the load: a failed start prints one line, its error
     metrics.datapath = datapath
     http = None
     threads = []
