@@ -71,7 +71,8 @@ int sk_msg_splice(struct sk_msg_md *msg)
          * message goes through TCP into the peer's TCP receive queue; a later
          * one redirected into its ingress queue would be read first. So the
          * socket sends through TCP for good, like a bulk one: never drop data,
-         * never reorder it. */
+         * never reorder it. (Without socket storage, which only an
+         * allocation failure leaves us, the switch cannot be remembered.) */
         if (st)
             st->missed = 1;
         count(CNT_SPLICE_MISS, 1);
