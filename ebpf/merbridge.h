@@ -168,7 +168,8 @@ struct datapath_config {
 struct send_state {
     __u64 window_start_ns;
     __u32 window_bytes;
-    __u32 bulk;          /* 1: sends go through TCP from now on */
+    __u16 bulk;          /* 1: sends go through TCP from now on (bulk sender) */
+    __u16 missed;        /* 1: sends go through TCP from now on (a redirect found no peer) */
     __u64 established_ns;  /* inbound leg's client end: its lifetime is learnt at close */
 };
 
@@ -181,7 +182,7 @@ enum counter {
     CNT_ORIGINAL_DST_REFUSED,    /* would have named the proxy's own listener: answered 127.0.0.1:0 */
     CNT_SPLICE_MSGS,
     CNT_SPLICE_BYTES,
-    CNT_SPLICE_MISS,             /* peer not in the sockhash: sent through TCP */
+    CNT_SPLICE_MISS,             /* peer not in the sockhash: the socket sends through TCP from then on */
     CNT_SOCKHASH_INSERT,
     CNT_ERR_SOCKHASH_INSERT,
     CNT_ERR_BIND,                /* bpf_bind to the pod IP failed: the connection was left to iptables */

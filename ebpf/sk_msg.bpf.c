@@ -8,17 +8,24 @@
  * more than bulk_bytes within bulk_window_ns is bulk: from then on its data
  * goes through TCP, with TCP's flow control. Switching from redirect to TCP
  * keeps the byte order, because the reader drains its ingress queue (all
- * earlier, redirected bytes) before its TCP receive queue. */
+ * earlier, redirected bytes) before its TCP receive queue, or (with the
+ * stream verdict program of sk_skb.bpf.c) TCP bytes queue up behind them.
+ * A switch is for good: a socket never goes back from TCP to redirects,
+ * which would let later bytes overtake earlier ones.
+ *
+ * The receiver of TCP bytes stays in the sockhash: taking it out would drop
+ * redirected bytes still waiting in its ingress queue (measured: the kernel
+ * frees that queue with the socket's sockmap state). Whether its app then
+ * sees the TCP bytes in FIONREAD depends on the kernel; the agent probes it
+ * (merbridge_py/kernel_probes.py) and adds the stream verdict program or
+ * does not splice at all (docs/kernel-behaviour.md). */
 #include "merbridge.h"
 
 /* 1 if this socket's sends must go through TCP from now on. */
-static __always_inline int sending_bulk(struct sk_msg_md *msg, __u32 size)
+static __always_inline int sending_bulk(struct send_state *st, __u32 size)
 {
     struct datapath_config *cfg = datapath_config();
-    if (!cfg || !cfg->bulk_bytes || !msg->sk)
-        return 0;
-    struct send_state *st = send_states.sk_storage_get(msg->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    if (!st)
+    if (!cfg || !cfg->bulk_bytes || !st)
         return 0;
     if (st->bulk)
         return 1;
@@ -39,7 +46,11 @@ static __always_inline int sending_bulk(struct sk_msg_md *msg, __u32 size)
 int sk_msg_splice(struct sk_msg_md *msg)
 {
     __u64 size = msg->size;
-    if (sending_bulk(msg, (__u32)size))
+    struct bpf_sock *sk = msg->sk;   /* read once: the verifier tracks the null check on this copy */
+    struct send_state *st = sk ? send_states.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
+    if (st && st->missed)
+        return SK_PASS;
+    if (sending_bulk(st, (__u32)size))
         return SK_PASS;
     /* The peer's own view of the connection: this socket's, halves swapped
      * (v4-mapped for IPv4 whatever the socket's family, as sockops keyed it). */
@@ -55,8 +66,16 @@ int sk_msg_splice(struct sk_msg_md *msg)
         count(CNT_SPLICE_MSGS, 1);
         count(CNT_SPLICE_BYTES, size);
     } else {
+        /* The peer is not in the sockhash (yet: it joins when its own end is
+         * established, which can come after this end's first send). This
+         * message goes through TCP into the peer's TCP receive queue; a later
+         * one redirected into its ingress queue would be read first. So the
+         * socket sends through TCP for good, like a bulk one: never drop data,
+         * never reorder it. (Without socket storage, which only an
+         * allocation failure leaves us, the switch cannot be remembered.) */
+        if (st)
+            st->missed = 1;
         count(CNT_SPLICE_MISS, 1);
     }
-    /* On a miss the message goes through TCP as usual: never drop data. */
     return SK_PASS;
 }

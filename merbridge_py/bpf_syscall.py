@@ -43,6 +43,7 @@ class AttachType(enum.IntEnum):
     """enum bpf_attach_type (the ones merbridge-py uses)."""
 
     CGROUP_SOCK_OPS = 3
+    SK_SKB_STREAM_VERDICT = 5       # only on kernels that need it (merbridge_py/kernel_probes.py)
     SK_MSG_VERDICT = 7
     CGROUP_INET4_CONNECT = 10
     CGROUP_INET6_CONNECT = 11

@@ -43,6 +43,9 @@ SHORT_MEMORY_NS = 1_000_000_000   # ...while the last short one closed less than
 # EAGAIN (README, "Kernel limitations"), so as few sockets as possible switch.
 BULK_BYTES = 64 << 20
 BULK_WINDOW_NS = 1_000_000_000
+# Tests (and kernels in slow virtual machines, where nothing reaches 64 MiB/s)
+# lower the threshold to reach the bulk path on purpose (docs/kernel-behaviour.md).
+BULK_BYTES_ENV = "MERBRIDGE_BULK_BYTES"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ HOOKS = (
     Hook("connect.bpf.c", "sock6_connect", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT", True),
     Hook("sockops.bpf.c", "sockops", "SOCK_OPS", "CGROUP_SOCK_OPS", True),
     Hook("sk_msg.bpf.c", "sk_msg_splice", "SK_MSG", "SK_MSG_VERDICT", False),
+    # attached to the sockhash only when the kernel probe asks for it (kernel_probes.SPLICE_STREAM_VERDICT)
+    Hook("sk_skb.bpf.c", "sk_skb_stream_verdict", "SK_SKB", "SK_SKB_STREAM_VERDICT", False),
     Hook("getsockopt.bpf.c", "sockopt_original_dst", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT", True),
     # DNS capture (issue 14); TCP and connected UDP DNS are dispatched from the
     # connect hooks above, sendmsg redirects, so it follows the mode as connect does
@@ -87,7 +92,8 @@ HOOKS = (
     Hook("getpeername.bpf.c", "sock4_getpeername", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME", True),
     Hook("getpeername.bpf.c", "sock6_getpeername", "CGROUP_SOCK_ADDR", "CGROUP_INET6_GETPEERNAME", True),
 )
-SK_MSG_HOOK = next(h for h in HOOKS if not h.on_cgroup)
+SK_MSG_HOOK = next(h for h in HOOKS if h.function == "sk_msg_splice")
+SK_SKB_HOOK = next(h for h in HOOKS if h.function == "sk_skb_stream_verdict")
 
 
 class DatapathError(RuntimeError):
@@ -240,9 +246,13 @@ class Datapath:
     """
 
     def __init__(self, mesh: MeshProfile, cgroup: Path, bpffs_dir: Path, splice: str = "adaptive",
-                 rewrite_inbound_port: bool = False, max_connections: int | None = None):
+                 rewrite_inbound_port: bool = False, max_connections: int | None = None,
+                 kernel=None):
         if splice not in SPLICE_POLICIES:
             raise DatapathError(f"unknown splice policy {splice!r}; expected one of {', '.join(SPLICE_POLICIES)}")
+        # What the kernel probes found and the splice mode picked from it
+        # (kernel_probes.KernelBehaviour); None: sk_msg only, as before probes.
+        self.kernel = kernel
         self.mesh = mesh
         self.cgroup = Path(cgroup)
         self.bpffs_dir = Path(bpffs_dir)
@@ -312,6 +322,8 @@ class Datapath:
         try:
             # A sockhash has one sk_msg program: this replaces a predecessor's on adopted maps.
             self._attach(self.bpf.sockhash_fd, SK_MSG_HOOK, 0)
+            if self.stream_verdict:
+                self._attach(self.bpf.sockhash_fd, SK_SKB_HOOK, 0)
             for hook in HOOKS:
                 if hook.on_cgroup and (self.mode == "ebpf" or hook.function not in REDIRECT_HOOKS):
                     self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
@@ -363,6 +375,11 @@ class Datapath:
                 self._detach(self.bpf.sockhash_fd, SK_MSG_HOOK)
             except OSError as e:
                 log.error("detaching %s: %s", SK_MSG_HOOK.function, e)
+            if self.stream_verdict:
+                try:
+                    self._detach(self.bpf.sockhash_fd, SK_SKB_HOOK)
+                except OSError as e:
+                    log.error("detaching %s: %s", SK_SKB_HOOK.function, e)
             self.attached = False
         # Only our own pins: before attach() the pins are a crashed predecessor's,
         # the one handle a later agent has to find and detach its programs.
@@ -375,6 +392,18 @@ class Datapath:
         if self._cgroup_fd is not None:
             os.close(self._cgroup_fd)
             self._cgroup_fd = None
+
+    @property
+    def stream_verdict(self) -> bool:
+        """The kernel needs sk_skb.bpf.c on the sockhash for FIONREAD to count TCP-path bytes."""
+        from .kernel_probes import SPLICE_STREAM_VERDICT
+        return self.kernel is not None and self.kernel.splice_mode == SPLICE_STREAM_VERDICT
+
+    @property
+    def splice_allowed(self) -> bool:
+        """False when the kernel probes ruled splicing out (FIONREAD would lie)."""
+        from .kernel_probes import SPLICE_OFF
+        return self.kernel is None or self.kernel.splice_mode != SPLICE_OFF
 
     @property
     def serving(self) -> bool:
@@ -479,11 +508,12 @@ class Datapath:
     # --- state ----------------------------------------------------------------------
 
     def _write_config(self) -> None:
-        policy = SPLICE_POLICIES[self.splice] if self.mode == "ebpf" else layout.SplicePolicy.NEVER
+        splicing = self.mode == "ebpf" and self.splice_allowed
+        policy = SPLICE_POLICIES[self.splice] if splicing else layout.SplicePolicy.NEVER
         self.bpf["config"].update(0, layout.DatapathConfig(
             splice=policy, rewrite_inbound_port=int(self.rewrite_inbound_port),
             short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
-            bulk_bytes=BULK_BYTES, bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS))
+            bulk_bytes=bulk_bytes(), bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS))
 
     def pod_policy_value(self, pod_ip: str, outbound, inbound, fields=None) -> layout.PodPolicyValue:
         """The pod_policy entry set_pod writes for these arguments (the audit
@@ -636,6 +666,20 @@ class Datapath:
         return sizes
 
 
+def bulk_bytes() -> int:
+    """BULK_BYTES, or the tests' lower threshold from MERBRIDGE_BULK_BYTES."""
+    text = os.environ.get(BULK_BYTES_ENV)
+    if not text:
+        return BULK_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 < value < 1 << 32:
+        raise DatapathError(f"{BULK_BYTES_ENV}={text!r}: expected bytes per bulk window, 1 to {(1 << 32) - 1}")
+    return value
+
+
 LOADER_PIN_DIR = "loading"
 LOADER_TIMEOUT = 120.0
 
@@ -655,6 +699,11 @@ def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         why = lines[-1].removeprefix("error: ") if lines else f"the loader exited with status {done.returncode}"
+        from .kernel_probes import missing_helpers
+        missing = missing_helpers(done.stderr)
+        if missing:
+            why = (f"this kernel lacks {', '.join(missing)}, which the programs use ({why}); "
+                   "see docs/kernel-behaviour.md for the kernels tested")
         if len(lines) > 1:   # what clang or the verifier printed before the error
             log.error("the eBPF loader said:\n%s", "\n".join(lines[:-1]))
         raise DatapathError(f"compiling or loading the eBPF programs failed: {why}")

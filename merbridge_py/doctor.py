@@ -1,5 +1,7 @@
 """`merbridge-py doctor`: can this node run the datapath? Each check prints
-what it found and, when it fails, how to fix it."""
+what it found and, when it fails, how to fix it. What the kernel offers and
+how it behaves is probed (merbridge_py/kernel_probes.py), never read from its
+version string: stable kernels of one version differ (docs/kernel-behaviour.md)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,14 @@ import ctypes
 import errno
 import os
 import platform
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-MIN_KERNEL = (5, 15)  # bpf_get_netns_cookie in sockops/sk_msg/sockopt programs
+# The kernel the matrix found right on both FIONREAD probes (docs/kernel-behaviour.md).
+KERNEL_WITH_BOTH_RIGHT = "6.12.118 (Debian 12 security)"
 
 
 @dataclass
@@ -23,14 +25,12 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    note: bool = False   # ok, but the agent works around something: `fix` says what to expect
 
 
 def check_kernel() -> Check:
-    release = platform.release()
-    m = re.match(r"(\d+)\.(\d+)", release)
-    version = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    return Check("kernel version", version >= MIN_KERNEL, release,
-                 f"upgrade to Linux >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]}; older kernels lack helpers the programs use")
+    # informational only: what the kernel can do is probed by the checks below
+    return Check("kernel", True, f"{platform.release()} (capabilities are probed, not read from this)")
 
 
 def check_bpf_syscall() -> Check:
@@ -100,8 +100,49 @@ def check_headers() -> Check:
         return Check("kernel headers", False, str(e).split(". Fix:")[0], str(e).split("Fix: ")[-1])
 
 
+def check_programs_load() -> Check:
+    """Every hook and helper the programs use, by compiling and verifying them."""
+    from .kernel_probes import probe_programs_load
+    from .datapath import _fs_type_of, _mounts
+    if _fs_type_of(Path("/sys/fs/bpf"), _mounts()) != "bpf":
+        return Check("programs load", False, "not tried: /sys/fs/bpf is not a bpffs", "mount -t bpf bpf /sys/fs/bpf")
+    r = probe_programs_load()
+    if r.ok:
+        return Check("programs load", True, r.explanation)
+    if r.result == "missing":
+        return Check("programs load", False, r.explanation,
+                     "this kernel lacks a hook or helper the datapath needs: pods stay on iptables here; move the "
+                     f"node to a kernel that passes (tested: {KERNEL_WITH_BOTH_RIGHT}, 6.1.192, 6.18.44; "
+                     "5.10 lacks bpf_get_netns_cookie for sockops)")
+    return Check("programs load", False, r.explanation, "see the loader's message above")
+
+
+def check_fionread() -> list[Check]:
+    """The FIONREAD probes and the splice mode the agent will pick from them."""
+    from .kernel_probes import SPLICE_OFF, SPLICE_SK_MSG, probe_kernel
+    k = probe_kernel()
+    checks = []
+    for p in k.probes:
+        failed = p.result == "error"
+        wrong = p.result == "invisible"
+        checks.append(Check(f"probe {p.probe}", not failed, f"{p.result}: {p.explanation}",
+                            "the probe could not run; the agent will not splice sockets" if failed else
+                            "handled by the splice mode below" if wrong else "", note=wrong))
+    if k.splice_mode == SPLICE_SK_MSG:
+        fix = ""
+    elif k.splice_mode == SPLICE_OFF:
+        fix = ("no splicing on this node: connections are redirected without iptables, but bytes go through "
+               f"TCP/IP in the pod. For splicing, move to a kernel whose probes both show visible "
+               f"(tested: {KERNEL_WITH_BOTH_RIGHT})")
+    else:
+        fix = ("splicing with a stream verdict program; TCP-path bytes are counted through it. No fix needed; "
+               f"a kernel whose probes both show visible (tested: {KERNEL_WITH_BOTH_RIGHT}) needs no extra program")
+    checks.append(Check("splice mode", True, f"{k.splice_mode}: {k.why}", fix, note=bool(fix)))
+    return checks
+
+
 CHECKS = (check_kernel, check_bpf_syscall, check_cgroup2, check_bpffs, check_sockhash, check_netns_cookie,
-          check_bcc, check_headers)
+          check_bcc, check_headers, check_programs_load, check_fionread)
 
 
 @click.command(epilog="\b\nexamples:\n  merbridge-py doctor      # run every check; exit 0 when all pass")
@@ -109,11 +150,13 @@ def doctor():
     """Check that this node can run the eBPF datapath."""
     failed = 0
     for fn in CHECKS:
-        c = fn()
-        mark = "ok  " if c.ok else "FAIL"
-        click.echo(f"[{mark}] {c.name}: {c.detail}")
-        if not c.ok:
-            failed += 1
-            click.echo(f"       fix: {c.fix}")
+        found = fn()
+        for c in found if isinstance(found, list) else [found]:
+            mark = "FAIL" if not c.ok else "note" if c.note else "ok  "
+            click.echo(f"[{mark}] {c.name}: {c.detail}")
+            if not c.ok:
+                failed += 1
+            if c.fix and (not c.ok or c.note):
+                click.echo(f"       {'fix' if not c.ok else 'expect'}: {c.fix}")
     if failed:
         raise SystemExit(1)

@@ -12,7 +12,10 @@ def test_doctor_passes_on_a_capable_node():
     ensure_bpffs(Path("/sys/fs/bpf"))  # what the agent does at start
     r = CliRunner().invoke(main, ["doctor"])
     assert r.exit_code == 0, r.output
-    assert r.output.count("[ok  ]") == 8
+    assert "[FAIL]" not in r.output
+    assert r.output.count("[ok  ]") >= 10   # the node checks, the programs loading, the probes
+    assert "[ok  ] programs load:" in r.output
+    assert "] splice mode: " in r.output and "] probe fionread_redirected: " in r.output
 
 
 def test_doctor_reports_missing_headers_with_a_fix(monkeypatch, tmp_path):
@@ -24,3 +27,32 @@ def test_doctor_reports_missing_headers_with_a_fix(monkeypatch, tmp_path):
     r = CliRunner().invoke(main, ["doctor"])
     assert r.exit_code == 1
     assert "[FAIL] kernel headers" in r.output and "fix: install linux-headers-" in r.output
+
+
+def test_doctor_names_a_missing_helper_and_the_kernel_to_move_to(monkeypatch):
+    """What 5.10 answers (issue 19): sockops refused for bpf_get_netns_cookie."""
+    from merbridge_py import doctor as doctor_mod, kernel_probes
+    refused = kernel_probes.ProbeResult(
+        "programs_load", "missing", "compiling or loading the eBPF programs failed: this kernel lacks "
+        "bpf_get_netns_cookie (helper #122), which the programs use (Failed to load BPF program b'sockops')")
+    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda: refused)
+    monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))
+    monkeypatch.setattr("merbridge_py.datapath._fs_type_of", lambda *_: "bpf")
+    r = CliRunner().invoke(main, ["doctor"])
+    assert r.exit_code == 1
+    assert "[FAIL] programs load: " in r.output and "bpf_get_netns_cookie" in r.output
+    assert "fix: this kernel lacks a hook or helper" in r.output and "6.12.118" in r.output
+
+
+def test_doctor_says_what_to_expect_when_the_kernel_hides_redirected_bytes(monkeypatch):
+    """6.1's answer: no splicing, and which kernel to move to for it."""
+    from merbridge_py import doctor as doctor_mod, kernel_probes
+    monkeypatch.setattr(kernel_probes, "probe_fionread_redirected", lambda: kernel_probes.ProbeResult(
+        "fionread_redirected", "invisible", "bytes redirected by sk_msg: FIONREAD 0, recv 1000", 0, 1000))
+    monkeypatch.setattr(kernel_probes, "probe_fionread_tcp_path", lambda: kernel_probes.ProbeResult(
+        "fionread_tcp_path", "visible", "FIONREAD 1000, recv 1000", 1000, 1000))
+    monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_fionread,))
+    r = CliRunner().invoke(main, ["doctor"])
+    assert r.exit_code == 0, r.output
+    assert "[note] probe fionread_redirected: invisible" in r.output
+    assert "[note] splice mode: off:" in r.output and "expect: no splicing on this node" in r.output

@@ -119,9 +119,17 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
     from .metrics import AgentMetrics
     from .mode import ModeController
 
+    # Once, before anything is loaded: what this kernel does decides how sockets are spliced.
+    from ..kernel_probes import probe_kernel
+    try:
+        kernel = probe_kernel()
+    except ValueError as e:
+        raise click.ClickException(str(e))
     datapath = Datapath(profile, cgroup, bpffs, splice=splice,
-                        rewrite_inbound_port=inbound_redirect == "ebpf", max_connections=max_connections)
+                        rewrite_inbound_port=inbound_redirect == "ebpf", max_connections=max_connections,
+                        kernel=kernel)
     metrics = AgentMetrics()
+    metrics.kernel = kernel
     from ..policy.live_rules import read_netns
     agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics,
                   rules_reader=read_netns if installed_rules == "read" else None, audit_interval=audit_interval or None)
@@ -153,6 +161,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
     except (DatapathError, HeadersNotFound) as e:
         datapath.close()
         raise click.ClickException(str(e))
+    log.info("%s", kernel.summary())   # after the load: a failed start prints one line, its error
     metrics.datapath = datapath
     http = None
     threads = []

@@ -245,7 +245,8 @@ def network_routes(agent, metrics, is_serving) -> Routes:
 def admin_routes(agent, metrics, is_serving, modes) -> Routes:
     def status(_body):
         body = {"attached": is_serving(), "ready": agent.ready.is_set(), "mode": modes.mode, "pods": agent.status(),
-                "source_error": getattr(metrics.source, "last_error", None)}
+                "source_error": getattr(metrics.source, "last_error", None),
+                "kernel": metrics.kernel.to_json() if getattr(metrics, "kernel", None) is not None else None}
         return 200, json.dumps(body, indent=2).encode(), JSON
 
     def mode(body):

@@ -44,6 +44,7 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         self.datapath = None
         self.source = None
+        self.kernel = None     # kernel_probes.KernelBehaviour, probed once at start
         self._pods: list = []
         self.reconcile_errors = Counter("merbridge_reconcile_errors", "Failed reconcile passes (retried)",
                                         registry=self.registry)
@@ -84,6 +85,8 @@ class AgentMetrics:
                                     "or its requests fail (see `merbridge-py status`)")
         failing.add_metric([], 1 if getattr(self.source, "last_error", None) else 0)
         yield failing
+        if self.kernel is not None:
+            yield from _kernel_families(self.kernel)
         dp = self.datapath
         if dp is None or dp.bpf is None:
             return
@@ -105,3 +108,18 @@ class AgentMetrics:
         for name, n in dp.map_sizes().items():
             occupancy.add_metric([name], n)
         yield occupancy
+
+
+def _kernel_families(kernel):
+    """What the kernel probes found at start, and the splice mode picked from it."""
+    from ..kernel_probes import SPLICE_MODES
+    probes = GaugeMetricFamily("merbridge_kernel_probe", "Behaviour probes run at start (1 for each probe's result; "
+                               "see `merbridge-py doctor`)", labels=["probe", "result"])
+    for p in kernel.probes:
+        probes.add_metric([p.probe, p.result], 1)
+    yield probes
+    mode = GaugeMetricFamily("merbridge_splice_mode", "1 for the splice mode picked from the kernel probes",
+                             labels=["mode"])
+    for m in SPLICE_MODES:
+        mode.add_metric([m], 1 if m == kernel.splice_mode else 0)
+    yield mode

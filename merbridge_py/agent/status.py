@@ -65,6 +65,8 @@ def status(admin_socket, as_json):
         click.echo(json.dumps(st, indent=2))
         return
     click.echo(f"mode: {st.get('mode')}   attached: {st.get('attached')}   ready: {st.get('ready')}")
+    if st.get("kernel"):
+        click.echo(f"splice mode: {st['kernel']['splice_mode']} ({st['kernel']['why']})")
     if st.get("source_error"):
         click.echo(f"pod source error (last good state kept): {st['source_error']}")
     pods = st.get("pods", [])

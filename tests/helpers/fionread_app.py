@@ -1,0 +1,143 @@
+"""An app that checks FIONREAD at every readable moment, as runtimes that
+size their reads with it do (Java's available(), .NET, nginx with
+edge-triggered epoll): select() says readable -> ioctl(FIONREAD) -> recv().
+A moment where FIONREAD said 0 while recv() returned data is a lie an app
+can stall on; they are counted.
+
+    python fionread_app.py serve --port 9300
+    python fionread_app.py client --host IP --port 9300 --up N --down N
+
+Protocol, one exchange per connection: the client sends "up N down M\\n" and
+N bytes; the server reads them with the checks, answers its counts as one
+JSON line, then sends M bytes, which the client reads with the checks. The
+client prints {"up": server's counts, "down": its own} as JSON. The bytes
+are a pattern depending on the offset, so a reordering shows as corruption.
+"""
+
+import argparse
+import fcntl
+import json
+import select
+import socket
+import struct
+import termios
+import threading
+
+CHUNK = 1 << 16
+
+
+# A block of a prime length repeated: bytes at different offsets differ, so a
+# reordering or a lost chunk shows as corruption, and it costs nothing to make.
+_BLOCK_LEN = 1048573
+_BLOCK = bytes((i * 7 + i // 251) & 0xFF for i in range(_BLOCK_LEN)) * 2
+
+
+def pattern(offset: int, n: int) -> bytes:
+    """Bytes offset..offset+n of the stream (n <= _BLOCK_LEN)."""
+    start = offset % _BLOCK_LEN
+    return _BLOCK[start:start + n]
+
+
+class CheckedReader:
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buf = sock, bytearray()
+        self.readable = self.zero_while_data = self.bytes = 0
+        self.offset = 0          # of the checked payload
+        self.corrupt = 0
+
+    def _fill(self) -> bool:
+        select.select([self.sock], [], [])
+        avail = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, struct.pack("i", 0)))[0]
+        try:
+            data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True          # a wake-up without data: nothing to check
+        self.readable += 1
+        if data and avail == 0:
+            self.zero_while_data += 1
+        self.buf += data
+        return bool(data)
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            if not self._fill():
+                raise EOFError("connection closed before a full line")
+        i = self.buf.index(b"\n")
+        out = bytes(self.buf[:i])
+        del self.buf[:i + 1]
+        return out
+
+    def payload(self, n: int) -> None:
+        """Read and check n pattern bytes."""
+        while self.bytes < n:
+            if not self.buf and not self._fill():
+                break
+            take = bytes(self.buf[:min(n - self.bytes, CHUNK)])
+            del self.buf[:len(take)]
+            if take != pattern(self.offset, len(take)):
+                self.corrupt += 1
+            self.offset += len(take)
+            self.bytes += len(take)
+
+    def counts(self) -> dict:
+        return {"bytes": self.bytes, "readable": self.readable, "zero_while_data": self.zero_while_data,
+                "corrupt_chunks": self.corrupt}
+
+
+def send_pattern(sock: socket.socket, n: int) -> None:
+    sent = 0
+    while sent < n:
+        chunk = pattern(sent, min(CHUNK, n - sent))
+        sock.sendall(chunk)
+        sent += len(chunk)
+
+
+def serve_one(conn: socket.socket) -> None:
+    with conn:
+        reader = CheckedReader(conn)
+        words = reader.line().split()
+        up, down = int(words[1]), int(words[3])
+        reader.payload(up)
+        conn.sendall(json.dumps(reader.counts()).encode() + b"\n")
+        send_pattern(conn, down)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1)             # the client closes first
+
+
+def serve(port: int) -> None:
+    listener = socket.create_server(("0.0.0.0", port), backlog=64)
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+
+def client(host: str, port: int, up: int, down: int) -> dict:
+    with socket.create_connection((host, port), timeout=120) as sock:
+        sock.sendall(f"up {up} down {down}\n".encode())
+        send_pattern(sock, up)
+        reader = CheckedReader(sock)
+        server_counts = json.loads(reader.line())
+        reader.payload(down)
+        return {"up": server_counts, "down": reader.counts()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, required=True)
+    c = sub.add_parser("client")
+    c.add_argument("--host", required=True)
+    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--up", type=int, default=0)
+    c.add_argument("--down", type=int, default=0)
+    args = parser.parse_args()
+    if args.cmd == "serve":
+        serve(args.port)
+    else:
+        print(json.dumps(client(args.host, args.port, args.up, args.down)))
+
+
+if __name__ == "__main__":
+    main()
