@@ -15,6 +15,14 @@ connections only closes flood connections, and a probe gets through. Answers
 that do work (metrics, status, a mode switch) run on a pool of
 HANDLER_THREADS threads. A malformed request gets a 4xx; nothing a client
 sends stops the server.
+
+The network port is unauthenticated, so a flood of scrapes must not starve
+the kubelet's probes (a failed liveness probe restarts the agent):
+/healthz and /readyz are answered on the event loop itself (they read two
+flags and must never block), never queued behind pool work; and at most
+MAX_PENDING_SCRAPES /metrics requests are taken into the pool at once, the
+rest get 503 at once and are counted. A scrape itself costs the same
+whatever the map sizes (merbridge_py/agent/metrics.py).
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ MAX_BODY_BYTES = 4096
 REQUEST_DEADLINE = 5.0      # seconds from accept to the whole request read, and again to write the answer
 MAX_CONNECTIONS = 256
 HANDLER_THREADS = 2
+MAX_PENDING_SCRAPES = 2 * HANDLER_THREADS   # /metrics requests in the pool or queued for it
+REJECT_DELAY = 1.0          # seconds a turned-away request waits for its 503 (its Retry-After)
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -109,8 +119,14 @@ def _error(code: int, message: str) -> bytes:
 class EndpointServer:
     """Serves `routes` on an already bound listening socket until stop()."""
 
-    def __init__(self, sock: socket.socket, routes: Routes, name: str, peer_check=None):
+    def __init__(self, sock: socket.socket, routes: Routes, name: str, peer_check=None,
+                 on_loop: frozenset[str] = frozenset(), bounded: dict[str, int] | None = None, on_reject=None):
+        """`on_loop`: paths whose handlers are answered on the event loop, not
+        the pool (they must not block). `bounded`: path -> how many of its
+        requests may be in the pool at once; more get 503 and `on_reject(path)`."""
         self.sock, self.routes, self.name, self.peer_check = sock, routes, name, peer_check
+        self.on_loop, self.bounded, self.on_reject = on_loop, dict(bounded or {}), on_reject
+        self._in_pool: dict[str, int] = {}   # requests per bounded path taken into the pool, not yet answered
         self._waiting: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()   # no request read yet
         self._open = 0
         self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix=f"{name}-handler")
@@ -176,8 +192,25 @@ class EndpointServer:
             if not allowed:
                 return _error(404, f"no endpoint {path[:100]}")
             return _response(405, b'{"error": "method not allowed"}\n', JSON, f"Allow: {', '.join(allowed)}\r\n")
+        limit = self.bounded.get(path)
+        if limit is not None and self._in_pool.get(path, 0) >= limit:
+            if self.on_reject is not None:
+                self.on_reject(path)
+            # Held before the answer, as Retry-After says: a client that retries
+            # at once (a scraping loop) then costs the loop one request a second,
+            # not thousands that would delay every probe behind them.
+            await asyncio.sleep(REJECT_DELAY)
+            return _response(503, json.dumps({"error": f"{limit} requests for {path} are being answered; "
+                                                       "retry later"}).encode() + b"\n", JSON, "Retry-After: 1\r\n")
         try:
-            code, out, ctype = await self._loop.run_in_executor(self._pool, handler, body)
+            if path in self.on_loop:
+                code, out, ctype = handler(body)
+            else:
+                self._in_pool[path] = self._in_pool.get(path, 0) + 1
+                try:
+                    code, out, ctype = await self._loop.run_in_executor(self._pool, handler, body)
+                finally:
+                    self._in_pool[path] -= 1
         except Exception:
             log.exception("%s %s failed", method, path)
             return _error(500, "internal error; see the agent's log")
@@ -233,6 +266,9 @@ def root_or_self_only(sock: socket.socket) -> str | None:
     return None if uid in (0, os.geteuid()) else f"uid {uid} may not use the admin socket"
 
 
+PROBES = frozenset({"/healthz", "/readyz"})   # answered on the event loop: keep their handlers non-blocking
+
+
 def network_routes(agent, metrics, is_serving) -> Routes:
     def readyz(_body):
         ok = is_serving() and agent.ready.is_set()
@@ -266,7 +302,9 @@ class AgentEndpoints:
             net_sock.close()
             raise
         self._admin_inode = os.stat(self.admin_socket).st_ino
-        self.network = EndpointServer(net_sock, network_routes(agent, metrics, is_serving), "http")
+        self.network = EndpointServer(net_sock, network_routes(agent, metrics, is_serving), "http",
+                                      on_loop=PROBES, bounded={"/metrics": MAX_PENDING_SCRAPES},
+                                      on_reject=getattr(metrics, "count_rejected", None))
         self.admin = EndpointServer(admin_sock, admin_routes(agent, metrics, is_serving, modes), "admin",
                                     peer_check=root_or_self_only)
 
