@@ -239,7 +239,7 @@ def test_probes_answer_while_every_scrape_thread_is_stuck_and_extra_scrapes_are_
         for _ in range(http.HANDLER_THREADS):   # every pool thread is inside a scrape
             assert blocker.entered.acquire(timeout=10)
         deadline = time.monotonic() + 10       # and the rest of them are queued for the pool
-        while eps.network._in_pool.get("/metrics", 0) < http.MAX_PENDING_SCRAPES:
+        while eps.network.bounds["/metrics"].pending < http.MAX_PENDING_SCRAPES:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         # (raw() would time out after 10 s: the stuck scrapes are held for 30)
@@ -259,3 +259,14 @@ def test_probes_answer_while_every_scrape_thread_is_stuck_and_extra_scrapes_are_
     finally:
         blocker.release.set()
         eps.stop()
+
+
+def test_a_bound_admits_its_rate_and_no_more_at_once():
+    bound = http.RequestBound(max_pending=4, per_second=10, burst=3)
+    assert [bound.admit() for _ in range(3)] == [None] * 3     # the burst
+    assert "more than 10 requests a second" in bound.admit()
+    time.sleep(0.25)                                           # refilled at 10 a second
+    assert bound.admit() is None
+    bound.pending = 4
+    time.sleep(0.25)
+    assert "4 requests" in bound.admit()

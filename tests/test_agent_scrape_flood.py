@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 FLOOD = str(HERE / "helpers" / "scrape_flood.py")
 ENTRIES = int(os.environ.get("MERBRIDGE_SCRAPE_FLOOD_ENTRIES", "60000"))
 FLOOD_SECONDS = float(os.environ.get("MERBRIDGE_SCRAPE_FLOOD_SECONDS", "60"))
-SCRAPERS = 32
+SCRAPERS = int(os.environ.get("MERBRIDGE_SCRAPE_FLOOD_SCRAPERS", "32"))
 PROBE_INTERVAL = 0.1
 P99_LIMIT = 0.100
 FILLED_MAPS = ("connect_original_dst", "original_dst")
@@ -72,9 +73,12 @@ def fill_maps(node, n: int) -> None:
 
 
 def map_entries(node) -> dict[str, int]:
-    import re
     return {m: int(float(v)) for m, v in re.findall(r'^merbridge_map_entries\{map="(\w+)"\} (\S+)$',
                                                      node.agent_get("/metrics"), re.M)}
+
+
+def gauge(node, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", node.agent_get("/metrics"), re.M).group(1))
 
 
 def p99(samples: list[float]) -> float:
@@ -89,6 +93,9 @@ def test_a_scrape_flood_with_full_maps_never_starves_the_probes(node):
     while any(map_entries(node).get(m, 0) < ENTRIES for m in FILLED_MAPS):
         assert time.monotonic() < deadline, map_entries(node)
         time.sleep(0.5)
+    walk = gauge(node, "merbridge_map_census_seconds")
+    print(f"\nthe census walks {ENTRIES} entries in each of {', '.join(FILLED_MAPS)} (and the other maps) in "
+          f"{walk * 1000:.0f} ms; the count a scrape serves is {gauge(node, 'merbridge_map_entries_age_seconds'):.1f} s old")
     port = str(node.agent_port)
     flood = subprocess.Popen([sys.executable, FLOOD, "flood", "127.0.0.1", port, str(SCRAPERS), str(FLOOD_SECONDS)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-PROBE_TIMEOUT = 1.0        # the kubelet's default timeoutSeconds
+PROBE_TIMEOUT = 1.0        # the kubelet's default timeoutSeconds (our manifests give 2 s)
 SCRAPE_TIMEOUT = 60.0      # a scraper waits long: a slow answer is the server's cost, not a failure here
 
 
