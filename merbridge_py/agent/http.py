@@ -24,9 +24,10 @@ the node's CPU: /healthz and /readyz are answered on the event loop itself
 at most SCRAPES_PER_SECOND on average. Beyond either, a scrape is held
 REJECT_DELAY and gets 503 (counted). A scrape itself costs the same whatever
 the map sizes (merbridge_py/agent/metrics.py), so the flood's cost is bounded.
-Measured (tests/test_agent_scrape_flood.py): a flood answered as fast as it
-came (~530 scrapes/s) kept the loop thread busy and put /healthz's p99 at
-~230 ms on a loaded machine; a thread that mostly sleeps is woken at once.
+Measured (tests/test_agent_scrape_flood.py, a loaded 2-core machine): a
+flood answered as fast as it came (~530 scrapes/s) kept the loop busy and
+put /healthz's p99 at ~230 ms; bounded to 50 scrapes/s, the agent used 6-8%
+of a core and the p99 was 13-54 ms.
 """
 
 from __future__ import annotations
