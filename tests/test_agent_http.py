@@ -203,3 +203,70 @@ def test_admin_socket_refuses_an_unsafe_directory_and_a_live_agent(tmp_path, end
     stale = tmp_path / "stale" / "agent.sock"
     http.bind_admin_socket(stale).close()
     http.bind_admin_socket(stale).close()
+
+
+class BlockingCollector:
+    """A /metrics that does not answer until released: scrapes stuck in every pool thread."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def collect(self):
+        self.entered.release()
+        self.release.wait(30)
+        return []
+
+
+def test_probes_answer_while_every_scrape_thread_is_stuck_and_extra_scrapes_are_turned_away(tmp_path, monkeypatch):
+    """/healthz and /readyz do not wait for the pool; once MAX_PENDING_SCRAPES
+    scrapes are taken, more get 503 after REJECT_DELAY (counted) instead of queueing."""
+    monkeypatch.setattr(http, "REJECT_DELAY", 0.2)
+    metrics, blocker = FakeMetrics(), BlockingCollector()
+    metrics.registry.register(blocker)
+    rejected = []
+    metrics.count_rejected = rejected.append
+    eps = http.AgentEndpoints("127.0.0.1:0", tmp_path / "admin" / "agent.sock", FakeAgent(), metrics,
+                              lambda: True, ModeController(FakeDatapath()))
+    eps.start()
+    stuck = []
+    try:
+        def scrape():
+            stuck.append(status_code(raw(eps.address, b"GET /metrics HTTP/1.1\r\n\r\n", timeout=30)))
+        scrapers = [threading.Thread(target=scrape) for _ in range(http.MAX_PENDING_SCRAPES)]
+        for t in scrapers:
+            t.start()
+        for _ in range(http.HANDLER_THREADS):   # every pool thread is inside a scrape
+            assert blocker.entered.acquire(timeout=10)
+        deadline = time.monotonic() + 10       # and the rest of them are queued for the pool
+        while eps.network.bounds["/metrics"].pending < http.MAX_PENDING_SCRAPES:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # (raw() would time out after 10 s: the stuck scrapes are held for 30)
+        assert status_code(raw(eps.address, b"GET /healthz HTTP/1.1\r\n\r\n")) == 200
+        assert status_code(raw(eps.address, b"GET /readyz HTTP/1.1\r\n\r\n")) == 200
+        start = time.monotonic()
+        answer = raw(eps.address, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert status_code(answer) == 503 and b"Retry-After: 1" in answer
+        assert time.monotonic() - start >= http.REJECT_DELAY, "a turned-away scrape was answered before its delay"
+        assert rejected == ["/metrics"]
+        assert stuck == []
+        blocker.release.set()
+        for t in scrapers:
+            t.join(30)
+        assert stuck == [200] * http.MAX_PENDING_SCRAPES
+        assert status_code(raw(eps.address, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+    finally:
+        blocker.release.set()
+        eps.stop()
+
+
+def test_a_bound_admits_its_rate_and_no_more_at_once():
+    bound = http.RequestBound(max_pending=4, per_second=10, burst=3)
+    assert [bound.admit() for _ in range(3)] == [None] * 3     # the burst
+    assert "more than 10 requests a second" in bound.admit()
+    time.sleep(0.25)                                           # refilled at 10 a second
+    assert bound.admit() is None
+    bound.pending = 4
+    time.sleep(0.25)
+    assert "4 requests" in bound.admit()

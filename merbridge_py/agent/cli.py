@@ -175,6 +175,8 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
         http.start()
         threads = [threading.Thread(target=source.run, args=(stop,), name="source", daemon=True),
                    threading.Thread(target=agent.run, args=(stop,), name="reconcile", daemon=True)]
+        # map occupancy is counted here, off the request path (a scrape only reads the latest count)
+        threads.append(threading.Thread(target=metrics.run_map_census, args=(stop,), name="map-census", daemon=True))
         if events is not None:
             threads.append(threading.Thread(target=events.run, args=(stop,), name="events", daemon=True))
         if ds_check is not None:
