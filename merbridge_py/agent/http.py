@@ -44,7 +44,7 @@ HANDLER_THREADS = 2
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
-_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
             408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -246,6 +246,7 @@ def admin_routes(agent, metrics, is_serving, modes) -> Routes:
     def status(_body):
         body = {"attached": is_serving(), "ready": agent.ready.is_set(), "mode": modes.mode, "pods": agent.status(),
                 "source_error": getattr(metrics.source, "last_error", None)}
+        body.update(modes.status())   # mode, its origin and since when, whether the ConfigMap was read (issue 18)
         return 200, json.dumps(body, indent=2).encode(), JSON
 
     def mode(body):
