@@ -36,8 +36,8 @@ def toggle(mode, node, clear, admin_socket, namespace, kubeconfig):
         raise click.UsageError("give a MODE (ebpf or iptables), or --node --clear")
     if node:
         answer = agent_request(admin_socket, "/mode", {"clear": True} if clear else {"mode": mode})
-        click.echo(f"local agent is in {answer['mode']} mode ({answer.get('mode_origin', 'node switch')}"
-                   f"{'; until the next cluster-wide toggle or --node --clear' if not clear else ''})")
+        click.echo(f"local agent is in {answer['mode']} mode " +
+                   ("(following the ConfigMap)" if clear else "(until the next cluster-wide toggle or --node --clear)"))
         return
     from kubernetes import client, config
     try:

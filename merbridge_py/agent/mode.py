@@ -308,7 +308,8 @@ class ModeController:
             error = self.config_map_error() if self.config_map_error else None
             return {
                 "mode": self.datapath.mode,
-                "mode_origin": rec.origin if rec else (NOT_READ if self.cluster else UNREADABLE),
+                "mode_origin": rec.origin if rec else (NOT_READ if self.cluster else
+                                                       UNREADABLE if self.record_error else DEFAULT),
                 "mode_since": rec.since if rec else self._held_since,
                 "mode_precedence": PRECEDENCE,
                 "configmap": {"watched": self.cluster, "read": self.config_map_read.is_set(),
@@ -338,7 +339,7 @@ class ModeController:
             return 409, {"error": str(e)}
         except DatapathError as e:
             return 500, {"error": str(e)}
-        return 200, self.status()
+        return 200, {"mode": self.mode}   # origin and the rest: GET /status
 
 
 class ModeConflict(Exception):
