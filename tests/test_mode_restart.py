@@ -176,18 +176,22 @@ def node(tmp_path_factory):
         server.stop()
 
 
-def write_config_map(server: FakeApiServer, mode: str) -> None:
-    server.update("configmaps", config_map(mode))
+def write_config_map(node, mode: str) -> None:
+    """Write the ConfigMap and wait until the agent has seen the write (its
+    watch logs every change with its resourceVersion): a write the agent
+    sees late would override a node switch made meanwhile."""
+    rv = node.server.update("configmaps", config_map(mode))["metadata"]["resourceVersion"]
+    node.wait_log(f"at resourceVersion {rv}", 30)
 
 
 def switch_to_iptables(node, how: str) -> None:
     """From a node in ebpf mode (connect programs attached) to iptables,
     cluster-wide or for this node alone."""
-    write_config_map(node.server, "ebpf")     # a ConfigMap write: overrides a node switch left by a test before
+    write_config_map(node, "ebpf")     # a ConfigMap write: overrides a node switch left by a test before
     wait_until(lambda: node.status()["mode"] == "ebpf", what="ebpf mode")
     assert redirecting_attached(node.cgroup), "ebpf mode without connect programs: the check below proves nothing"
     if how == "configmap":
-        write_config_map(node.server, "iptables")
+        write_config_map(node, "iptables")
         origin = CONFIG_MAP
     else:
         node.toggle_node("iptables")
@@ -270,14 +274,16 @@ def test_rolling_upgrade_handover_keeps_iptables_mode(node, how):
     new_programs = datapath.attached_program_ids(node.cgroup)
     assert all(set(new_programs[t]).isdisjoint(old_programs[t]) for t in new_programs if new_programs[t])
     st = node.status()
-    assert (st["mode"], st["mode_origin"]) == ("iptables", CONFIG_MAP if how == "configmap" else NODE_SWITCH), st
-    assert watch.seen == [] and bpftool_redirecting(node.cgroup) == []
+    assert st["mode"] == "iptables", st
+    assert watch.seen == [], f"redirecting programs attached: {watch.seen[:3]}"
+    assert bpftool_redirecting(node.cgroup) == []
     assert "datapath mode is now" not in node.log_text(), node.log_text()[-3000:]
+    assert st["mode_origin"] == (CONFIG_MAP if how == "configmap" else NODE_SWITCH), st
 
 
 @pytest.mark.slow
 def test_clear_puts_the_node_back_on_the_configmap_and_it_persists(node):
-    write_config_map(node.server, "ebpf")
+    write_config_map(node, "ebpf")
     wait_until(lambda: node.status()["mode"] == "ebpf", what="ebpf mode")
     node.toggle_node("iptables")
     node.toggle_node("--clear")
@@ -306,9 +312,11 @@ def test_pods_file_agent_keeps_a_node_switch_across_sigkill(node):
             node.start_ready()
             time.sleep(1.0)
         st = node.status()
-        assert (st["mode"], st["mode_origin"], st["configmap"]["watched"]) == ("iptables", NODE_SWITCH, False), st
-        assert watch.seen == [] and bpftool_redirecting(node.cgroup) == []
+        assert st["mode"] == "iptables", st
+        assert watch.seen == [], f"redirecting programs attached: {watch.seen[:3]}"
+        assert bpftool_redirecting(node.cgroup) == []
         assert "datapath mode is now" not in node.log_text(), node.log_text()[-3000:]
+        assert (st["mode_origin"], st["configmap"]["watched"]) == (NODE_SWITCH, False), st
     finally:
         node.kill()
         node.pods_from_file = False
