@@ -186,8 +186,8 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
         # only delays the attach; it then happens in the mode restore() chose
         # (the persisted one, or iptables), never ebpf because a read failed.
         deadline = time.monotonic() + FIRST_SYNC_TIMEOUT
-        while not stop.wait(0.05) and time.monotonic() < deadline:
-            if agent.ready.is_set() and (not cluster or modes.config_map_read.is_set()):
+        while not stop.is_set() and time.monotonic() < deadline:
+            if agent.ready.wait(0.05) and (not cluster or modes.config_map_read.wait(0.05)):
                 break
         if cluster and not modes.config_map_read.is_set() and not stop.is_set():
             log.warning("ConfigMap %s/%s not read within %.0f s: attaching in %s mode (%s); following the "
