@@ -210,6 +210,7 @@ def open_cgroup(path: Path) -> int:
 
 
 MODES = ("ebpf", "iptables")
+MODE_RECORD_PIN = "agent_mode"   # under the bpffs dir: the node's persisted mode (agent/mode.py)
 
 
 class LoadedObjects:
@@ -468,6 +469,8 @@ class Datapath:
         self._unpin_programs()
         for d in self.bpffs_dir.glob("maps-*"):
             shutil.rmtree(d, ignore_errors=True)
+        # An uninstall: the node's persisted mode goes too, so a reinstall starts from the default.
+        (self.bpffs_dir / MODE_RECORD_PIN).unlink(missing_ok=True)
         self._remove_empty_bpffs_dir()
 
     def _remove_empty_bpffs_dir(self) -> None:

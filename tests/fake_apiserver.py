@@ -9,7 +9,8 @@ events, honouring `fieldSelector`, `resourceVersion`, `timeoutSeconds` and
 collection of any group (`/apis/events.k8s.io/v1/namespaces/NS/events`): they
 are stored under "resource.group" (`objects("events.events.k8s.io")`). A GET of
 one named object of any group is answered from the same store (add it as
-`add("daemonsets.apps", ...)`); `forbidden` resources get 403.
+`add("daemonsets.apps", ...)`); `forbidden` resources get 403 (lists and
+watches too), and `delays` hold back the answers about a resource (a slow server).
 
 Tests can also break it the ways real API servers break: expire resource
 versions (410 Gone, as an ERROR event or as HTTP 410), compact the event
@@ -123,6 +124,8 @@ class FakeApiServer:
         self._watch_connections: set[socket.socket] = set()
         self._httpd: ThreadingHTTPServer | None = None
         self.forbidden: set[str] = set()    # "resource" or "resource.group": answered 403
+        # A slow API server: seconds each GET of a resource ("configmaps", ...) waits before it is answered.
+        self.delays: dict[str, float] = {}
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -363,6 +366,10 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[:2] != ["api", "v1"] or len(parts) not in (3, 5) or (len(parts) == 5 and parts[2] != "namespaces"):
             return self.send_json(404, _status(404, "NotFound", f"no route for {url.path}"))
         resource, namespace = parts[-1], (parts[3] if len(parts) == 5 else None)
+        if fake.delays.get(resource):
+            time.sleep(fake.delays[resource])
+        if resource in fake.forbidden:
+            return self.send_json(403, _status(403, "Forbidden", f"{resource} is forbidden"))
         matches = _selector_matcher(query.get("fieldSelector", ""))
         if query.get("watch") not in ("1", "true"):
             return self.send_json(200, fake._list(resource, namespace, matches))

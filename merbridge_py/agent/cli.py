@@ -87,7 +87,7 @@ examples:
 def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_socket, on_sigterm, daemonset, mesh,
         namespace, log_format, splice, inbound_redirect, print_ebpf, max_connections, installed_rules, audit_interval):
     """Load the eBPF datapath and keep it in step with this node's pods."""
-    from ..datapath import Datapath, DatapathError, leave_attached, open_cgroup, program_text
+    from ..datapath import Datapath, DatapathError, ensure_bpffs, leave_attached, open_cgroup, program_text
     from ..kheaders import HeadersNotFound
     from ..mesh import get_profile
     from .http import parse_addr
@@ -117,7 +117,7 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
     from .core import Agent
     from .http import AgentEndpoints
     from .metrics import AgentMetrics
-    from .mode import ModeController
+    from .mode import ModeController, ModeStore
 
     # Once, before anything is loaded: what this kernel does decides how sockets are spliced.
     from ..kernel_probes import probe_kernel
@@ -133,7 +133,6 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
     from ..policy.live_rules import read_netns
     agent = Agent(datapath, profile, netns_index=NetnsIndex(cgroup=cgroup), metrics=metrics,
                   rules_reader=read_netns if installed_rules == "read" else None, audit_interval=audit_interval or None)
-    modes = ModeController(datapath, metrics)
     try:
         source, events, api = source_factory(agent.update_pods, metrics.registry)
         if api is None and kubeconfig is not None and on_sigterm == sigterm.AUTO:
@@ -144,9 +143,20 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
     ds_check = sigterm.DaemonSetCheck(api, namespace, daemonset) if api is not None else None
     if events is not None:
         agent.on_decision_change = events.on_decision_change
-    if hasattr(source, "watch_config_map"):
+    # The node's mode comes first (issue 18): persisted beside the pins, it is
+    # restored before anything is loaded or attached; in cluster mode the
+    # ConfigMap is read before attaching (see mode.py for the precedence).
+    cluster = hasattr(source, "watch_config_map")
+    modes = ModeController(datapath, metrics, ModeStore(bpffs), cluster=cluster)
+    if cluster:
         source.watch_config_map(namespace, CONFIG_MAP, modes.from_config_maps)
+        modes.config_map_error = lambda: getattr(source, "config_map_error", None)
     metrics.source = source
+    try:
+        ensure_bpffs(bpffs)
+        modes.restore()
+    except DatapathError as e:
+        raise click.ClickException(str(e))
 
     stop = threading.Event()
     signalled = threading.Event()
@@ -187,20 +197,29 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
         # Fill the maps before attaching: attach() replaces a crashed
         # predecessor's programs at once, and programs that know no pod yet
         # would send every new connection back to iptables until the first
-        # reconcile. A source that cannot deliver only delays the attach.
+        # reconcile. In cluster mode, also read the ConfigMap first, so the
+        # agent attaches in the cluster's mode. A source that cannot deliver
+        # only delays the attach; it then happens in the mode restore() chose
+        # (the persisted one, or iptables), never ebpf because a read failed.
         deadline = time.monotonic() + FIRST_SYNC_TIMEOUT
-        while not agent.ready.wait(0.05) and not stop.is_set() and time.monotonic() < deadline:
-            pass
+        while not stop.is_set() and time.monotonic() < deadline:
+            if agent.ready.wait(0.05) and (not cluster or modes.config_map_read.wait(0.05)):
+                break
+        if cluster and not modes.config_map_read.is_set() and not stop.is_set():
+            log.warning("ConfigMap %s/%s not read within %.0f s: attaching in %s mode (%s); following the "
+                        "ConfigMap once it can be read", namespace, CONFIG_MAP, FIRST_SYNC_TIMEOUT, modes.mode,
+                        modes.status()["mode_origin"])
         # Stopped before attaching: leave a predecessor's programs and pins as
         # they are (close() below detaches nothing that is not ours).
         if not stop.is_set():
             try:
-                datapath.attach()
+                with modes.locked():   # a switch arriving now waits: attach() reads the mode
+                    datapath.attach()
             except (DatapathError, OSError) as e:
                 raise click.ClickException(str(e))
             metrics.attached.set(1)
-            log.info("datapath attached to %s; serving on %s:%d, admin socket %s", cgroup, *http.address,
-                     admin_socket)
+            log.info("datapath attached to %s in %s mode; serving on %s:%d, admin socket %s", cgroup, modes.mode,
+                     *http.address, admin_socket)
         while not stop.wait(1.0):
             pass
         action, why = sigterm.decide(on_sigterm, ds_check)

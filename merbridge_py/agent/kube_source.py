@@ -328,10 +328,17 @@ class KubePodSource:
         """Also list+watch one ConfigMap (the mode toggle); `on_change` gets
         `{"namespace/name": configmap}`, or `{}` while it does not exist.
         Call before run()."""
-        self._watchers.append(ListWatch(
+        self._config_map = ListWatch(
             f"configmap {namespace}/{name}",
             functools.partial(self._core.list_namespaced_config_map, namespace, field_selector=f"metadata.name={name}"),
-            on_change, backoff_initial=self._backoff[0], backoff_max=self._backoff[1]))
+            on_change, backoff_initial=self._backoff[0], backoff_max=self._backoff[1])
+        self._watchers.append(self._config_map)
+
+    @property
+    def config_map_error(self) -> str | None:
+        """The ConfigMap watch's current failure (None once a request succeeds)."""
+        watcher = getattr(self, "_config_map", None)
+        return watcher.last_error if watcher is not None else None
 
     @property
     def synced(self) -> threading.Event:

@@ -67,6 +67,14 @@ def status(admin_socket, as_json):
     click.echo(f"mode: {st.get('mode')}   attached: {st.get('attached')}   ready: {st.get('ready')}")
     if st.get("kernel"):
         click.echo(f"splice mode: {st['kernel']['splice_mode']} ({st['kernel']['why']})")
+    if "mode_origin" in st:   # issue 18: where the mode came from, and whether the ConfigMap was read
+        cm = st.get("configmap") or {}
+        read = ("not watched (no Kubernetes source)" if not cm.get("watched") else
+                f"read at {cm.get('read_at')}, mode {cm.get('mode') or 'unset'}" if cm.get("read") else
+                f"NOT read yet ({cm.get('error') or 'waiting'}); keeping the node's last mode")
+        click.echo(f"mode origin: {st['mode_origin']} since {st.get('mode_since')}   ConfigMap: {read}")
+        if st.get("mode_record_error"):
+            click.echo(f"mode record: {st['mode_record_error']}")
     if st.get("source_error"):
         click.echo(f"pod source error (last good state kept): {st['source_error']}")
     pods = st.get("pods", [])
