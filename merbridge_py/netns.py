@@ -149,7 +149,17 @@ class NetnsIndex:
             pid = ns.path[len(self.proc_root) + 1:-len("/ns/net")]
             if pid.isdigit() and int(pid) not in pids:
                 pids.insert(0, int(pid))
-        return read_maps(ns.path, pids, self.proc_root)
+        # ns.path may name a process that has exited since the scan (the pod's
+        # first process need not be its pause): any path that still reaches
+        # the same namespace will do, so an ordinary pod is never refused for it.
+        current = self._by_inode.get(ns.inode, ns).path
+        for path in dict.fromkeys([ns.path, current, *(f"{self.proc_root}/{pid}/ns/net" for pid in pids)]):
+            try:
+                if os.stat(path).st_ino == ns.inode:
+                    return read_maps(path, pids, self.proc_root)
+            except OSError:
+                continue
+        return read_maps(ns.path, pids, self.proc_root)   # none left: its error says which path failed
 
     def _has_process_in_cgroup(self, inode: int) -> bool:
         for pid in self._pids.get(inode, ()):

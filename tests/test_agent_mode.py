@@ -95,6 +95,15 @@ def test_an_unreadable_record_starts_in_iptables_and_says_why():
     assert st["mode_origin"] == UNREADABLE and "garbage" in st["mode_record_error"]
 
 
+def test_an_unreadable_record_shows_iptables_in_the_mode_metric():
+    from merbridge_py.agent.metrics import AgentMetrics
+    metrics = AgentMetrics()
+    modes = ModeController(FakeDatapath(), metrics, store=MemoryStore(broken=True), cluster=False)
+    modes.restore()
+    assert metrics.registry.get_sample_value("merbridge_mode", {"mode": "iptables"}) == 1
+    assert metrics.registry.get_sample_value("merbridge_mode", {"mode": "ebpf"}) == 0
+
+
 def test_a_node_switch_holds_over_an_unchanged_configmap_until_the_next_write():
     modes, dp, store = controller()
     modes.from_config_maps(config_map("ebpf", "5"))

@@ -261,3 +261,34 @@ def test_without_reading_rules_a_user_namespaced_pod_stays_on_iptables():
     assert not st["ns/a"]["accelerated"] and "belongs to a user namespace" in st["ns/a"]["reason"]
     assert st["ns/b"]["accelerated"]
     assert set(dp.local_pod_ip) == {"10.0.0.2"}
+
+
+@pytest.mark.bpf   # root: makes a network namespace
+def test_a_pod_whose_first_process_exited_is_still_read_through_another_one():
+    """The namespace's path from a scan can name a process that has exited since; an ordinary pod must not
+    be refused (and dropped to iptables) for it while another process still holds the namespace."""
+    from merbridge_py.netns import Netns, NetnsIndex
+    first = subprocess.Popen(["unshare", "--net", "sleep", "60"])
+    second = None
+    try:
+        for _ in range(100):
+            if os.stat(f"/proc/{first.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino:
+                break
+            time.sleep(0.05)
+        inode = os.stat(f"/proc/{first.pid}/ns/net").st_ino
+        second = subprocess.Popen(["nsenter", f"--net=/proc/{first.pid}/ns/net", "sleep", "60"])
+        index = NetnsIndex(bind_dirs=())
+        for _ in range(100):
+            index.refresh()
+            if second.pid in index._pids.get(inode, []):
+                break
+            time.sleep(0.05)
+        stale = Netns(inode=inode, path=f"/proc/{first.pid}/ns/net", cookie=0)
+        first.kill()
+        first.wait()
+        assert index.user_namespace_maps(stale) is None     # the host's user namespace owns it: ids as written
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()

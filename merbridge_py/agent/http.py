@@ -66,7 +66,7 @@ REJECT_DELAY = 1.0          # seconds a turned-away request waits for its 503 (i
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+            408: "Request Timeout", 409: "Conflict", 413: "Content Too Large", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
 
 # (method, path) -> handler(request body) -> (status, body, content type)

@@ -50,7 +50,7 @@ _HELP = {
     "merbridge_original_dst_queries": "getsockopt(SO_ORIGINAL_DST) calls seen, by result",
     "merbridge_spliced_messages": "Messages handed socket-to-socket by sk_msg",
     "merbridge_spliced_bytes": "Bytes handed socket-to-socket by sk_msg",
-    "merbridge_splice_misses": "Messages of spliced sockets whose peer was not in the sockhash (sent via TCP)",
+    "merbridge_splice_misses": "Spliced sockets whose peer was not in the sockhash: they send through TCP from then on",
     "merbridge_sockhash_inserts": "Sockets put into the sockhash",
     "merbridge_datapath_errors": "Errors in the kernel datapath, by kind",
     "merbridge_splice_skipped": "Sockets not spliced (short-lived destination) or switched back to TCP (bulk sender)",

@@ -185,6 +185,7 @@ class ModeController:
                 self.record_error = f"the persisted mode could not be read ({e}); starting in iptables mode"
                 log.error("%s", self.record_error)
                 self.datapath.mode = "iptables"
+                self._observe()
                 return self.datapath.mode
         if record is not None:
             self.record = record
