@@ -106,7 +106,8 @@ def run_order_load(node, server_pod, client_pod, target: str, connections: int, 
 
 
 def assert_every_byte_in_order(sent: dict, received: dict, connections: int) -> None:
-    assert sent["errors"] == 0, sent["error_examples"]
+    assert received["answer_errors"] == 0, received["answer_error_examples"]
+    assert sent["errors"] == 0, (sent["error_examples"], received)
     assert (sent["reordered"], sent["corrupted"], sent["short"]) == (0, 0, 0), (sent, received["examples"])
     assert (received["reordered"], received["corrupted"], received["short"]) == (0, 0, 0), received
     assert sent["ok"] == received["ok"] == connections

@@ -18,12 +18,12 @@ Wire format, client -> server: a 16-byte header (magic "MBO1", connection
 number, body length, per-connection key; big-endian u32 each), then the body:
 the big-endian u32 word sequence 0, 1, 2, ... XORed with the key, cut to the
 body length. Every byte depends on its position and its connection, so a
-moved chunk cannot pass. The client then shuts its write side; the server
-reads to EOF, checks, and answers one status byte:
+moved chunk cannot pass. The server reads until it holds as many bytes as
+the header announces (or to EOF), checks, and answers one status byte:
   "K" exact; "R" reordered (the right bytes, the right count, wrong order);
   "C" corrupted (other bytes); "S" short (fewer bytes than the header says,
   or no header at all).
-The server also counts per status, and prints its tally as one JSON line on
+The server also counts per status (and answers it could not send), and prints its tally as one JSON line on
 SIGTERM. The client prints one JSON document: connections, bytes, status
 counts, errors (connect/send/no answer) with the first few described.
 Standard library only, so it starts fast inside a pod.
@@ -84,6 +84,17 @@ def check(received: bytes) -> bytes:
 # --- server -----------------------------------------------------------------------
 
 
+def _complete(received: bytearray) -> bool:
+    """Whether `received` holds as many bytes as its header announces. The
+    client does not half-close (a proxy need not pass a FIN on at once), so
+    this or EOF ends a connection's stream."""
+    at = received.find(MAGIC)
+    if at < 0 or len(received) - at < HEADER.size:
+        return False
+    _, _, length, _ = HEADER.unpack_from(received, at)
+    return len(received) >= HEADER.size + length
+
+
 def _serve_worker(port: int, host: str, first_read_delay: float, defer_accept: int, tallies, stop_event) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the parent tells us through stop_event
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -100,7 +111,7 @@ def _serve_worker(port: int, host: str, first_read_delay: float, defer_accept: i
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, None)
     tally = {name: 0 for name in STATUSES.values()}
-    tally.update(connections=0, bytes=0, examples=[])
+    tally.update(connections=0, bytes=0, examples=[], answer_errors=0, answer_error_examples=[])
     waiting: list[tuple[float, int, socket.socket]] = []   # (first read allowed at, fd, socket)
     buffers: dict[socket.socket, bytearray] = {}
     while not stop_event.is_set():
@@ -134,7 +145,8 @@ def _serve_worker(port: int, host: str, first_read_delay: float, defer_accept: i
                 chunk = b""
             if chunk:
                 buffers[conn] += chunk
-                continue
+                if not _complete(buffers[conn]):
+                    continue
             received = bytes(buffers.pop(conn))
             sel.unregister(conn)
             status = check(received)
@@ -145,9 +157,14 @@ def _serve_worker(port: int, host: str, first_read_delay: float, defer_accept: i
                 tally["examples"].append({"status": STATUSES[status], "length": len(received),
                                           "head": received[:32].hex()})
             try:
-                conn.sendall(status)
-            except OSError:
-                pass
+                if conn.send(status) != 1:
+                    raise BlockingIOError("0 bytes sent")
+            except OSError as e:
+                # Not the client's bytes but our answer went wrong: a
+                # redirect can fail where TCP would have queued (EAGAIN).
+                tally["answer_errors"] += 1
+                if len(tally["answer_error_examples"]) < 5:
+                    tally["answer_error_examples"].append(repr(e))
             conn.close()
     tallies.put(tally)
 
@@ -185,7 +202,7 @@ def serve(args) -> int:
         time.sleep(0.2)
     stop_event.set()
     total = {name: 0 for name in STATUSES.values()}
-    total.update(connections=0, bytes=0, examples=[])
+    total.update(connections=0, bytes=0, examples=[], answer_errors=0, answer_error_examples=[])
     for _ in workers:
         t = tallies.get(timeout=30)
         for k, v in t.items():
@@ -241,7 +258,6 @@ def _send_worker(index: int, args, results) -> None:
             for w in writes:
                 s.sendall(data[at:at + w])
                 at += w
-            s.shutdown(socket.SHUT_WR)
             step = "answer"
             status = s.recv(1)
             if status not in STATUSES:
