@@ -80,10 +80,11 @@ class CpuHogs:
 
 
 def run_order_load(node, server_pod, client_pod, target: str, connections: int, bind: str | None = None,
-                   first_read_delay_ms: float = 2.0, defer_accept: int = 0, timeout: float = 1800) -> tuple[dict, dict]:
+                   first_read_delay_ms: float = 2.0, defer_accept: int = 0, fastopen: bool = False,
+                   timeout: float = 1800) -> tuple[dict, dict]:
     server = sandbox.spawn([PY, "-m", "merbridge_py.testbed.order_load", "serve", "--port", str(ORDER_PORT),
                             "--workers", "2", "--first-read-delay-ms", str(first_read_delay_ms),
-                            "--defer-accept", str(defer_accept)],
+                            "--defer-accept", str(defer_accept)] + (["--fastopen"] if fastopen else []),
                            netns=server_pod.netns, cgroup=server_pod.cgroup, stdout=subprocess.PIPE, text=True)
     node.procs.append(server)
     try:
@@ -92,6 +93,8 @@ def run_order_load(node, server_pod, client_pod, target: str, connections: int, 
                 "--connections", str(connections), "--workers", "4"]
         if bind:
             argv += ["--bind", bind]
+        if fastopen:
+            argv.append("--fastopen")
         client = sandbox.spawn([PY, *argv], netns=client_pod.netns, cgroup=client_pod.cgroup,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         node.procs.append(client)
@@ -164,4 +167,28 @@ def test_deferred_accept_server_gets_every_byte_in_order(node):
     print(f"\n{sent['connections']} connections to a deferred-accept server; splice misses {missed:.0f}; {sent}; "
           f"server examples {received['examples']}")
     assert missed >= connections, "the first write of each connection should have missed the peer"
+    assert_every_byte_in_order(sent, received, connections)
+
+
+def netstat(pod, field: str) -> int:
+    lines = sandbox.sh("cat", "/proc/net/netstat", netns=pod.netns).splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if field in names.split():
+            return int(values.split()[names.split().index(field)])
+    raise KeyError(field)
+
+
+def test_fast_open_data_in_the_syn_arrives_in_order(node):
+    """TCP Fast Open: the header rides in the SYN, through TCP, before either
+    end's sockops callback has run; later writes may be redirected."""
+    a = node.pods["a"]
+    sandbox.sh("sysctl", "-q", "-w", "net.ipv4.tcp_fastopen=3", netns=a.netns)
+    connections = max(1000, CONNECTIONS // 4)
+    syn_data = netstat(a, "TCPFastOpenPassive")
+    sent, received = run_order_load(node, a, a, f"{a.ip}:{ORDER_PORT}", connections, bind="127.0.0.6",
+                                     fastopen=True)
+    syn_data = netstat(a, "TCPFastOpenPassive") - syn_data
+    print(f"\n{sent['connections']} connections with TCP Fast Open, {syn_data} with data in the SYN; {sent}; "
+          f"server examples {received['examples']}")
+    assert syn_data > connections // 2, "TCP Fast Open was not used: the test did not test it"
     assert_every_byte_in_order(sent, received, connections)

@@ -10,9 +10,9 @@ a Python client can: it writes a header the moment connect() returns, then
 the body in 2-4 more writes of varied sizes (some over 64 KiB).
 
     python -m merbridge_py.testbed.order_load serve --port 9300 [--workers 2] \
-        [--first-read-delay-ms 2] [--defer-accept 5] [--ready-file F]          # JSON tally on SIGTERM
+        [--first-read-delay-ms 2] [--defer-accept 5] [--fastopen] [--ready-file F]          # JSON tally on SIGTERM
     python -m merbridge_py.testbed.order_load send --target 10.0.0.2:9300 \
-        --connections 20000 [--workers 4] [--bind 127.0.0.6] [--seed 1]
+        --connections 20000 [--workers 4] [--bind 127.0.0.6] [--seed 1] [--fastopen]
 
 Wire format, client -> server: a 16-byte header (magic "MBO1", connection
 number, body length, per-connection key; big-endian u32 each), then the body:
@@ -48,6 +48,7 @@ from pathlib import Path
 MAGIC = b"MBO1"
 HEADER = struct.Struct("!4sIII")
 MAX_BODY = 256 << 10
+TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)   # linux/tcp.h
 STATUSES = {b"K": "ok", b"R": "reordered", b"C": "corrupted", b"S": "short"}
 # Body words 0..MAX_BODY/4, big-endian; a connection's body is this XORed with its key.
 _WORDS = b"".join(struct.pack("!I", i) for i in range(MAX_BODY // 4 + 1))
@@ -95,7 +96,8 @@ def _complete(received: bytearray) -> bool:
     return len(received) >= HEADER.size + length
 
 
-def _serve_worker(port: int, host: str, first_read_delay: float, defer_accept: int, tallies, stop_event) -> None:
+def _serve_worker(port: int, host: str, first_read_delay: float, defer_accept: int, fastopen: bool, tallies,
+                  stop_event) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the parent tells us through stop_event
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -105,6 +107,10 @@ def _serve_worker(port: int, host: str, first_read_delay: float, defer_accept: i
         # this side only when its first data arrives, so that data reaches
         # the socket before the socket's sockops callback runs.
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
+    if fastopen:
+        # Data in the SYN reaches the socket before either end's sockops
+        # callback (needs net.ipv4.tcp_fastopen with bit 2 in this namespace).
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 256)
     listener.bind((host, port))
     listener.listen(4096)
     listener.setblocking(False)
@@ -173,7 +179,7 @@ def serve(args) -> int:
     stop_event = multiprocessing.Event()
     tallies = multiprocessing.Queue()
     workers = [multiprocessing.Process(target=_serve_worker,
-                                       args=(args.port, args.host, args.first_read_delay_ms / 1000, args.defer_accept, tallies,
+                                       args=(args.port, args.host, args.first_read_delay_ms / 1000, args.defer_accept, args.fastopen, tallies,
                                              stop_event))
                for _ in range(args.workers)]
     for w in workers:
@@ -250,6 +256,8 @@ def _send_worker(index: int, args, results) -> None:
         try:
             if args.bind:
                 s.bind((args.bind, 0))
+            if args.fastopen:
+                s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
             s.connect((host, int(port)))
             # No pause from here on: the header goes out the moment connect returns.
             step = "send"
@@ -305,6 +313,7 @@ def main(argv=None) -> int:
                    help="wait this long after accept before the first read (lets both queues fill)")
     s.add_argument("--defer-accept", type=int, default=0, metavar="SECONDS",
                    help="TCP_DEFER_ACCEPT on the listener (as nginx's `deferred`)")
+    s.add_argument("--fastopen", action="store_true", help="accept TCP Fast Open (data in the SYN)")
     s.add_argument("--ready-file")
     c = sub.add_parser("send", help="open connections that write in several calls right after connect")
     c.add_argument("--target", required=True, help="IP:PORT or [IPv6]:PORT")
@@ -312,6 +321,8 @@ def main(argv=None) -> int:
     c.add_argument("--workers", type=int, default=4)
     c.add_argument("--bind", help="source address (127.0.0.6: the inbound leg of a pod, spliced)")
     c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--fastopen", action="store_true",
+                   help="TCP_FASTOPEN_CONNECT: the header rides in the SYN once the server's cookie is known")
     c.add_argument("--timeout", type=float, default=30.0)
     c.add_argument("--duration", type=float, default=0.0, help="stop early after this many seconds (0: never)")
     args = parser.parse_args(argv)
