@@ -54,6 +54,11 @@ mount -t tmpfs tmpfs /root/tmp
 mount -t bpf bpf /root/sys/fs/bpf
 mount -t cgroup2 cgroup2 /root/sys/fs/cgroup
 ip link set lo up 2>/dev/null
+# The kernel runs its module loader (bridge, veth, netfilter on demand) with the
+# initramfs as its root, not the command's chroot: send it into the chroot.
+printf '#!/bin/busybox sh\nexec /bin/busybox chroot /root /sbin/modprobe "$@"\n' > /modprobe-in-root
+chmod 755 /modprobe-in-root
+echo /modprobe-in-root > /proc/sys/kernel/modprobe
 echo "merbridge-vm: running on $(uname -r)"
 chroot /root /usr/bin/env -i {env} /bin/bash -c {command}
 status=$?
