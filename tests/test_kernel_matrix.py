@@ -160,3 +160,16 @@ def test_a_vm_past_its_timeout_is_killed_and_has_no_status(tmp_path, monkeypatch
     run = vm.boot(tmp_path / "vmlinuz", tmp_path / "initrd", tmp_path / "console.log", timeout=1)
     assert run.timed_out and run.status is None
     assert run.console == "booting\n" and run.seconds < 30
+
+
+def test_timeout_scale_stretches_start_up_waits_and_refuses_nonsense(monkeypatch):
+    from merbridge_py.testbed.testbed import TIMEOUT_SCALE_ENV, TestbedError, timeout_scale
+    monkeypatch.delenv(TIMEOUT_SCALE_ENV, raising=False)
+    assert timeout_scale() == 1
+    assert matrix.GUEST_ENV[TIMEOUT_SCALE_ENV] == "5"
+    monkeypatch.setenv(TIMEOUT_SCALE_ENV, "2.5")
+    assert timeout_scale() == 2.5
+    for bad in ("fast", "0.5"):
+        monkeypatch.setenv(TIMEOUT_SCALE_ENV, bad)
+        with pytest.raises(TestbedError, match=TIMEOUT_SCALE_ENV):
+            timeout_scale()
