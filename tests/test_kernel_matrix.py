@@ -173,3 +173,16 @@ def test_timeout_scale_stretches_start_up_waits_and_refuses_nonsense(monkeypatch
         monkeypatch.setenv(TIMEOUT_SCALE_ENV, bad)
         with pytest.raises(TestbedError, match=TIMEOUT_SCALE_ENV):
             timeout_scale()
+
+
+def test_loader_timeout_can_be_raised_for_slow_machines_and_refuses_nonsense(monkeypatch):
+    from merbridge_py import datapath
+    monkeypatch.delenv(datapath.LOADER_TIMEOUT_ENV, raising=False)
+    assert datapath.loader_timeout() == datapath.LOADER_TIMEOUT
+    assert matrix.GUEST_ENV[datapath.LOADER_TIMEOUT_ENV] == "900"
+    monkeypatch.setenv(datapath.LOADER_TIMEOUT_ENV, "300")
+    assert datapath.loader_timeout() == 300
+    for bad in ("slow", "0"):
+        monkeypatch.setenv(datapath.LOADER_TIMEOUT_ENV, bad)
+        with pytest.raises(datapath.DatapathError, match=datapath.LOADER_TIMEOUT_ENV):
+            datapath.loader_timeout()

@@ -57,6 +57,8 @@ GUEST_ENV = {
     # start-up waits x5: under emulation on 2 shared cores one compile took 52 s
     # and a test bed's Envoys missed their 30 s
     "MERBRIDGE_TIMEOUT_SCALE": "5",
+    # the agent's loader child: one compile took over its default 120 s there
+    "MERBRIDGE_LOADER_TIMEOUT": "900",
 }
 HOST_COLUMN_NOTE = "covered by the normal test suite (make test)"
 
