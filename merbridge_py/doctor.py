@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-MIN_KERNEL = (5, 15)  # bpf_get_netns_cookie in sockops/sk_msg/sockopt programs
+MIN_KERNEL = (5, 15)  # bpf_get_netns_cookie in sockops programs
+OLDEST_TESTED = (6, 1)  # the oldest kernel the kernel matrix passed on (docs/kernels.md)
 
 
 @dataclass
@@ -29,6 +30,9 @@ def check_kernel() -> Check:
     release = platform.release()
     m = re.match(r"(\d+)\.(\d+)", release)
     version = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if MIN_KERNEL <= version < OLDEST_TESTED:
+        release += (f" (older than {OLDEST_TESTED[0]}.{OLDEST_TESTED[1]}, the oldest kernel tested: "
+                    "see docs/kernels.md)")
     return Check("kernel version", version >= MIN_KERNEL, release,
                  f"upgrade to Linux >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]}; older kernels lack helpers the programs use")
 

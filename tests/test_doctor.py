@@ -39,3 +39,13 @@ def test_a_helper_the_kernel_lacks_is_named_with_the_verifiers_words(monkeypatch
     assert not c.ok
     assert "sockops: " in c.detail and "100000" in c.detail, c.detail
     assert "5.15" in c.fix
+
+
+def test_a_kernel_older_than_the_oldest_tested_says_so(monkeypatch):
+    monkeypatch.setattr(doctor.platform, "release", lambda: "5.15.0-91-generic")
+    c = doctor.check_kernel()
+    assert c.ok and "the oldest kernel tested" in c.detail and "docs/kernels.md" in c.detail
+    monkeypatch.setattr(doctor.platform, "release", lambda: "5.10.0-46-amd64")
+    assert not doctor.check_kernel().ok
+    monkeypatch.setattr(doctor.platform, "release", lambda: "6.1.0-57-amd64")
+    assert doctor.check_kernel().detail == "6.1.0-57-amd64"
