@@ -125,7 +125,9 @@ def _verifier_says(prog_type: int, attach_type: int, helper: int) -> str | None:
         os.close(bpf(Cmd.PROG_LOAD, attr, "bpf(BPF_PROG_LOAD)"))
         return None
     except BpfError as e:
-        lines = [line for line in log.value.decode(errors="replace").splitlines() if line.strip()]
+        # the verifier's reason, not its closing statistics ("processed 1 insns ...")
+        lines = [line for line in log.value.decode(errors="replace").splitlines()
+                 if line.strip() and not line.startswith("processed ")]
         return lines[-1] if lines else e.strerror
 
 

@@ -92,10 +92,13 @@ def refusal_run(console: str, status: int | None) -> vm.VmRun:
 
 
 def test_a_refusal_counts_only_when_doctor_names_the_helper_and_loading_failed():
-    doctor = "[FAIL] helper bpf_get_netns_cookie: the verifier refuses it in sockops: unknown func ...\n"
+    doctor = ("[FAIL] helper bpf_get_netns_cookie: the verifier refuses it in sockops: "
+              "unknown func bpf_get_netns_cookie#122\n")
     assert matrix.judge_refusal(refusal_run(doctor, 1))[:2] == (True, "refused (expected)")
     assert matrix.judge_refusal(refusal_run(doctor, 0))[:2] == (False, "NOT refused")
     assert matrix.judge_refusal(refusal_run("[FAIL] kernel version: 5.10\n", 1))[0] is False
+    statistics_only = "[FAIL] helper bpf_get_netns_cookie: ... processed 1 insns (limit 1000000)\n"
+    assert matrix.judge_refusal(refusal_run(statistics_only, 1))[0] is False
     assert matrix.judge_refusal(refusal_run(doctor, None))[0] is False
 
 

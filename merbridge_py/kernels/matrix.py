@@ -124,7 +124,8 @@ def refusal_command(python: str) -> str:
 def judge_refusal(run: vm.VmRun) -> tuple[bool, str, str]:
     """Refused as expected: doctor names the missing helper and loading the
     programs failed. Returns (as expected, result, doctor's line)."""
-    said = [line.strip() for line in run.console.splitlines() if line.startswith("[FAIL]") and MISSING_HELPER in line]
+    said = [line.strip() for line in run.console.splitlines()
+            if line.startswith("[FAIL]") and f"unknown func {MISSING_HELPER}" in line]
     load_failed = run.status not in (None, 0)
     if said and load_failed:
         return True, "refused (expected)", said[0]
