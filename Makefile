@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo image setup system-deps clean-testbed
+.PHONY: test test-kernels demo image setup system-deps clean-testbed
 
 system-deps:
 	@scripts/install-system-deps.sh
@@ -29,6 +29,12 @@ image: setup
 # The container test (tests/test_container.py) runs the image: build it first.
 test: setup image
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# Debian's 6.1, two 6.12s and (as the expected refusal) 5.10, each booted under
+# QEMU's software emulation running the kernel tests (merbridge_py/kernels,
+# docs/kernels.md). Kernel packages are cached in ~/.cache/merbridge-py/kernels.
+test-kernels: setup
+	$(VENV)/bin/merbridge-py test-kernels $(KERNELS_ARGS)
 
 demo: setup
 	$(VENV)/bin/merbridge-py bench --quick

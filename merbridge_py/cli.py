@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "manifests": "merbridge_py.manifests:manifests",
     "testbed": "merbridge_py.testbed.cli:testbed",
     "bench": "merbridge_py.bench.cli:bench",
+    "test-kernels": "merbridge_py.kernels.cli:test_kernels",
 }
 
 EXAMPLES = """

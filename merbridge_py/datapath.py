@@ -685,6 +685,22 @@ def bulk_bytes() -> int:
 
 LOADER_PIN_DIR = "loading"
 LOADER_TIMEOUT = 120.0
+# Overrides LOADER_TIMEOUT (seconds) on machines that compile far slower: the
+# kernel matrix's emulated VMs on a busy machine took over 120 s for one compile.
+LOADER_TIMEOUT_ENV = "MERBRIDGE_LOADER_TIMEOUT"
+
+
+def loader_timeout() -> float:
+    value = os.environ.get(LOADER_TIMEOUT_ENV)
+    if value is None:
+        return LOADER_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise DatapathError(f"{LOADER_TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise DatapathError(f"{LOADER_TIMEOUT_ENV}={value!r} must be positive")
+    return seconds
 
 
 def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
@@ -693,12 +709,14 @@ def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
     `elapsed` (seconds, as this process saw it)."""
     argv = [sys.executable, "-m", "merbridge_py.loader", "--maps-dir", str(maps_dir), "--pin-dir", str(pin_dir),
             "--", *cflags]
+    timeout = loader_timeout()
     started = time.monotonic()
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=LOADER_TIMEOUT)
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         shutil.rmtree(pin_dir, ignore_errors=True)
-        raise DatapathError(f"compiling or loading the eBPF programs took longer than {LOADER_TIMEOUT:.0f} s") from None
+        raise DatapathError(f"compiling or loading the eBPF programs took longer than {timeout:.0f} s "
+                            f"(set {LOADER_TIMEOUT_ENV} to allow more)") from None
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         why = lines[-1].removeprefix("error: ") if lines else f"the loader exited with status {done.returncode}"

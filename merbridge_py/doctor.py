@@ -83,6 +83,65 @@ def check_netns_cookie() -> Check:
         return Check("SO_NETNS_COOKIE", False, e.strerror, "needs Linux >= 5.14")
 
 
+# (program type, expected attach type, what it is in our datapath): the program
+# types that call bpf_get_netns_cookie (ebpf/connect, dns_*, sockops). Linux
+# gained the helper for cgroup sock_addr programs in 5.7 but for sockops only
+# in 5.15; an older kernel's verifier refuses the object with "unknown func
+# bpf_get_netns_cookie#122" (seen on Debian's 5.10 in the kernel matrix).
+_NETNS_COOKIE_USERS = (
+    (18, 10, "connect4/DNS (cgroup sock_addr)"),   # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, CGROUP_INET4_CONNECT
+    (13, 0, "sockops"),                            # BPF_PROG_TYPE_SOCK_OPS
+)
+_BPF_FUNC_GET_NETNS_COOKIE = 122
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32), ("insns", ctypes.c_uint64),
+                ("license", ctypes.c_uint64), ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32),
+                ("prog_name", ctypes.c_char * 16), ("prog_ifindex", ctypes.c_uint32),
+                ("expected_attach_type", ctypes.c_uint32)]
+
+
+def _verifier_says(prog_type: int, attach_type: int, helper: int) -> str | None:
+    """Load `r0 = helper(ctx); r0 = 1; exit` as `prog_type`: None when the
+    verifier accepts it, else the verifier's last line."""
+    from .bpf_syscall import BpfError, Cmd, bpf
+    # struct bpf_insn: u8 code, u8 dst:4 src:4, s16 off, s32 imm
+    insns = (ctypes.c_uint64 * 3)(
+        0x85 | (helper << 32),          # call helper
+        0xb7 | (1 << 32),               # r0 = 1 (every type here takes 1 as "carry on")
+        0x95)                           # exit
+    license = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(4096)
+    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=3, insns=ctypes.addressof(insns),
+                         license=ctypes.addressof(license), log_level=1, log_size=len(log),
+                         log_buf=ctypes.addressof(log), expected_attach_type=attach_type)
+    try:
+        os.close(bpf(Cmd.PROG_LOAD, attr, "bpf(BPF_PROG_LOAD)"))
+        return None
+    except BpfError as e:
+        # the verifier's reason, not its closing statistics ("processed 1 insns ...")
+        lines = [line for line in log.value.decode(errors="replace").splitlines()
+                 if line.strip() and not line.startswith("processed ")]
+        return lines[-1] if lines else e.strerror
+
+
+def check_helpers() -> Check:
+    refused = []
+    for prog_type, attach_type, what in _NETNS_COOKIE_USERS:
+        said = _verifier_says(prog_type, attach_type, _BPF_FUNC_GET_NETNS_COOKIE)
+        if said is not None:
+            refused.append(f"{what}: {said}")
+    if refused:
+        return Check("helper bpf_get_netns_cookie", False,
+                     "the verifier refuses it in " + "; ".join(refused),
+                     "move to Linux >= 5.15 (sockops programs gained bpf_get_netns_cookie there); "
+                     "the kernels tested: docs/kernels.md")
+    return Check("helper bpf_get_netns_cookie", True,
+                 "available to " + ", ".join(w for _, _, w in _NETNS_COOKIE_USERS))
+
+
 def check_bcc() -> Check:
     try:
         import bcc
@@ -142,7 +201,7 @@ def check_fionread() -> list[Check]:
 
 
 CHECKS = (check_kernel, check_bpf_syscall, check_cgroup2, check_bpffs, check_sockhash, check_netns_cookie,
-          check_bcc, check_headers, check_programs_load, check_fionread)
+          check_helpers, check_bcc, check_headers, check_programs_load, check_fionread)
 
 
 @click.command(epilog="\b\nexamples:\n  merbridge-py doctor      # run every check; exit 0 when all pass")

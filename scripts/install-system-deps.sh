@@ -20,6 +20,11 @@ packages=(
   nginx-light        # the benchmark's app (the Python test app would dominate the figures)
   podman runc mmdebstrap  # `make image` without a Docker daemon or registry, and the container test
                           # (runc: crun, podman's default, refuses hybrid cgroup hosts)
+  # `make test-kernels` (merbridge_py/kernels): boots Debian's other kernels under
+  # QEMU's software emulation (this machine's /dev/kvm cannot run stock kernels),
+  # with an initramfs built from busybox-static; xz-utils reads the guest's .ko.xz
+  # modules' names, cpio packs the initramfs, kmod gives depmod.
+  qemu-system-x86 busybox-static cpio kmod xz-utils
 )
 
 missing=()

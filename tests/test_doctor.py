@@ -1,6 +1,7 @@
 import pytest
 from click.testing import CliRunner
 
+from merbridge_py import doctor
 from merbridge_py.cli import main
 
 
@@ -56,3 +57,17 @@ def test_doctor_says_what_to_expect_when_the_kernel_hides_redirected_bytes(monke
     assert r.exit_code == 0, r.output
     assert "[note] probe fionread_redirected: invisible" in r.output
     assert "[note] splice mode: off:" in r.output and "expect: no splicing on this node" in r.output
+
+
+@pytest.mark.bpf
+def test_a_helper_the_kernel_lacks_is_named_with_the_verifiers_words(monkeypatch):
+    """What 5.10 shows in the kernel matrix (make test-kernels), made on this
+    kernel by probing a helper number no kernel has."""
+    from merbridge_py import doctor
+    assert doctor.check_helpers().ok
+    assert doctor._verifier_says(13, 0, doctor._BPF_FUNC_GET_NETNS_COOKIE) is None
+    monkeypatch.setattr(doctor, "_BPF_FUNC_GET_NETNS_COOKIE", 100000)
+    c = doctor.check_helpers()
+    assert not c.ok
+    assert "sockops: " in c.detail and "100000" in c.detail, c.detail
+    assert "5.15" in c.fix

@@ -42,6 +42,21 @@ APPS = ("python", "nginx")
 APP_START_TIMEOUT = 20.0
 SIDECAR_START_TIMEOUT = 30.0   # Envoys of every pod start at once on 2 busy cores
 AGENT_START_TIMEOUT = 90.0     # bcc compiles the programs at start: seconds on 2 busy cores
+# Every start-up wait above is multiplied by this environment variable's value
+# (default 1): the kernel matrix sets it in its emulated VMs (merbridge_py/
+# kernels), where compiling alone took 50-60 s and Envoy starts as slowly.
+TIMEOUT_SCALE_ENV = "MERBRIDGE_TIMEOUT_SCALE"
+
+
+def timeout_scale() -> float:
+    value = os.environ.get(TIMEOUT_SCALE_ENV, "1")
+    try:
+        scale = float(value)
+    except ValueError:
+        raise TestbedError(f"{TIMEOUT_SCALE_ENV}={value!r} is not a number") from None
+    if scale < 1:
+        raise TestbedError(f"{TIMEOUT_SCALE_ENV}={value!r} must be 1 or more")
+    return scale
 
 
 class TestbedError(RuntimeError):
@@ -312,6 +327,7 @@ class Testbed:
         self._save()
 
     def _wait(self, what: str, records: list[ProcessRecord], is_ready, timeout: float, log_of) -> None:
+        timeout *= timeout_scale()
         deadline = time.monotonic() + timeout
         pending = list(records)
         while pending:

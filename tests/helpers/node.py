@@ -166,6 +166,8 @@ class SimNode:
     def start_agent(self, *extra: str, timeout: float = 90) -> None:
         # 90 s as the test bed waits: bcc compiles at start, which took over
         # 30 s on 2 cores shared with other agents compiling.
+        from merbridge_py.testbed.testbed import timeout_scale
+        timeout *= timeout_scale()
         self.agent_port = _free_port()
         self.agent = subprocess.Popen(self.agent_argv("--metrics-addr", f"127.0.0.1:{self.agent_port}", *extra),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
