@@ -25,6 +25,7 @@ NOT_PROGRAMS = {
     "python": "the test bed's app choice; the project's Python is the venv's",
     "reboot": "a syscall name in the seccomp profile helper",
     "chroot": "a syscall name in the seccomp profile helper",
+    "host": "the kernel matrix's label for this machine's own kernel",
 }
 
 
