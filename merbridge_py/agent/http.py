@@ -258,7 +258,10 @@ class EndpointServer:
 
 def bind_network(addr: str) -> socket.socket:
     host, port = parse_addr(addr)
-    return socket.create_server((host, port), backlog=128)
+    # A full accept queue drops new SYNs, and a dropped SYN is retried after 1 s: the kubelet's whole probe
+    # timeout. With 128, a burst of 1,000 connections (a flood) cost one probe 1.02 s in CI while the loop
+    # caught up; the kernel caps this at net.core.somaxconn.
+    return socket.create_server((host, port), backlog=socket.SOMAXCONN)
 
 
 def bind_admin_socket(path: Path) -> socket.socket:
