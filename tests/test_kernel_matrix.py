@@ -189,3 +189,11 @@ def test_loader_timeout_can_be_raised_for_slow_machines_and_refuses_nonsense(mon
         monkeypatch.setenv(datapath.LOADER_TIMEOUT_ENV, bad)
         with pytest.raises(datapath.DatapathError, match=datapath.LOADER_TIMEOUT_ENV):
             datapath.loader_timeout()
+
+
+def test_the_probes_line_of_a_guest_is_found_and_its_command_prints_it():
+    from merbridge_py.kernels import matrix
+    console = "boot noise\r\nMERBRIDGE-PROBES: kernel probes: fionread_redirected invisible; splice mode off: why\r\n1 passed"
+    assert matrix.probes_line(console) == "kernel probes: fionread_redirected invisible; splice mode off: why"
+    assert matrix.probes_line("no such line") == ""
+    assert matrix.PROBES_MARK in matrix.probes_command("/venv/bin/python")

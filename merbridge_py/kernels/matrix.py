@@ -114,6 +114,24 @@ def pytest_command(python: str, node_ids: list[str], *options: str) -> str:
                      *options, *map(shlex.quote, node_ids)])
 
 
+PROBES_MARK = "MERBRIDGE-PROBES:"
+
+
+def probes_command(python: str) -> str:
+    """One line saying what the behaviour probes find on the guest's kernel and the splice mode the agent
+    picks from them (plain bpf(2), no compile: seconds), recorded in the matrix's result."""
+    code = (f"from merbridge_py.kernel_probes import probe_kernel; "
+            f"print({PROBES_MARK!r}, probe_kernel().summary(), flush=True)")
+    return f"{shlex.quote(python)} -c {shlex.quote(code)}"
+
+
+def probes_line(console: str) -> str:
+    for line in _ANSI.sub("", console.replace("\r", "")).splitlines():
+        if line.startswith(PROBES_MARK):
+            return line[len(PROBES_MARK):].strip()
+    return ""
+
+
 def refusal_command(python: str) -> str:
     merbridge = shlex.quote(str(Path(python).parent / "merbridge-py"))
     # the verifier's whole log, captured by pytest, would take minutes to cross the emulated serial port
@@ -140,7 +158,8 @@ def run_kernel(choice: packages.KernelChoice, cache: Path, project: Path, out_di
     if choice.expect == "refused":
         command, timeout = refusal_command(python), REFUSAL_TIMEOUT
     else:
-        command, timeout = pytest_command(python, tests), PASS_TIMEOUT
+        # the probes first; the status the guest prints is pytest's
+        command, timeout = f"{probes_command(python)}; {pytest_command(python, tests)}", PASS_TIMEOUT
     initrd = initramfs.build(root, choice.release, command, str(project), GUEST_ENV,
                              out_dir / f"initrd-{choice.release}.cpio")
     log = out_dir / f"console-{choice.release}.log"
@@ -158,6 +177,8 @@ def run_kernel(choice: packages.KernelChoice, cache: Path, project: Path, out_di
     else:
         ok = run.status == 0 and counts.get("passed", 0) > 0 and not counts.get("failed") and not counts.get("error")
         result = "passed" if ok else f"failed (exit status {run.status})"
+    if choice.expect != "refused":
+        note = "; ".join(n for n in (note, probes_line(run.console)) if n)
     return KernelResult(choice.label, choice.release, choice.package, choice.expect, result, ok,
                         round(run.seconds, 1), counts, note, str(log))
 
