@@ -41,13 +41,17 @@ def node(tmp_path_factory):
         n.close()
 
 
-@pytest.fixture
-def agent(node):
+def _running_agent(node):
     node.start_agent()
     yield node
     if node.agent is not None:
         rc, out = node.stop_agent()
         assert rc == 0, out
+
+
+@pytest.fixture
+def agent(node):
+    yield from _running_agent(node)
 
 
 @pytest.fixture
@@ -57,11 +61,7 @@ def low_bulk_agent(node, monkeypatch):
     emulated in QEMU, never moves bytes fast enough to trip it, and the TCP path would go untested."""
     from merbridge_py.datapath import BULK_BYTES_ENV
     monkeypatch.setenv(BULK_BYTES_ENV, str(2 << 20))
-    node.start_agent()
-    yield node
-    if node.agent is not None:
-        rc, out = node.stop_agent()
-        assert rc == 0, out
+    yield from _running_agent(node)
 
 
 def ask(node, src, host, port, n=1, **kw):
