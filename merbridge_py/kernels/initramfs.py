@@ -50,7 +50,8 @@ mkdir -p /root/dev/pts /root/dev/shm
 mount -t devpts devpts /root/dev/pts
 mount -t tmpfs tmpfs /root/dev/shm
 mount -t tmpfs tmpfs /root/run
-mount -t tmpfs tmpfs /root/tmp
+# no tmpfs on /tmp: the overlay's /tmp is writable already, and a checkout under the host's /tmp (CI's
+# clone can be there) must stay visible in the guest
 mount -t bpf bpf /root/sys/fs/bpf
 mount -t cgroup2 cgroup2 /root/sys/fs/cgroup
 ip link set lo up 2>/dev/null
