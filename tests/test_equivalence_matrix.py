@@ -324,6 +324,10 @@ def test_a_wrong_policy_fails_the_matrix():
                     envoy_workers=1) as tb:
         _unlimited_icmp(tb)
         drawn = pod_draws.draw_probes(random.Random(SEED + 4), tb.pods, nameservers=_nameservers(tb))
+        # and for certain, whatever the draw: an app's captured request, and the user-namespaced proxy's own
+        pod_b = tb.pod("b")
+        drawn += [p for p in (Probe("a", pod_b.ip, 8080, "pod of meshed b", "b"),
+                              Probe("u", pod_b.ip, 8080, "pod of meshed b", "b", proxy=True)) if p not in drawn]
         meshed = [s.name for s in MUTANT_SPECS if s.meshed]
         expected = _inspect_verdicts(tb, meshed)
         found = {}
