@@ -163,8 +163,10 @@ def _probe_kind(probe) -> str:
     return f"{probe.family}{' as proxy' if probe.proxy else ''}"
 
 
-def _via_client_sidecar(hops) -> str:
-    return ", via client sidecar" if any(role == "client" for role, _, _ in hops.sidecars) else ""
+def _via_client_sidecar(probe, hops) -> str:
+    if not any(role == "client" for role, _, _ in hops.sidecars):
+        return ""
+    return ", via DNS proxy" if probe.dns_name else ", via client sidecar"
 
 
 def _nat_words(by_role: dict[str, int]) -> str:
@@ -246,7 +248,7 @@ def _matrix(tb, specs: list[PodSpec], drawn: list[Probe], started: float) -> Non
           f"(seed {SEED}); {len(accelerated)} pods accelerated; connections redirected by Istio's nat rules: "
           f"{run.nat_iptables} in the iptables pass, {run.nat_ebpf} in the ebpf pass; agent redirects "
           f"{run.redirects:.0f}; probes by kind {dict(kinds)}; peers {dict(peers)}; outcomes {dict(outcomes)}")
-    carried = Counter(f"{_path_kind(tb, p)}{_via_client_sidecar(hops)}: {_nat_words(run.ebpf_nat.get(p, {}))}"
+    carried = Counter(f"{_path_kind(tb, p)}{_via_client_sidecar(p, hops)}: {_nat_words(run.ebpf_nat.get(p, {}))}"
                       for p, hops in ebpf.items() if hops.sidecars)
     print("ebpf pass, probes through a sidecar or DNS proxy, by path:")
     for path, n in sorted(carried.items()):
@@ -517,3 +519,14 @@ def test_mutant_agents_patch_through_the_agents_seams(monkeypatch):
     assert core.in_user_namespace("verdict", object()) == "verdict"
     with pytest.raises(SystemExit, match="usage"):
         mutant_agent.main(["no-such-mutant", "run"])
+    # the agent compiles in a loader child: that child is started as the mutant's loader
+    import subprocess
+    monkeypatch.setattr(datapath, "subprocess", subprocess)
+    started = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, *a, **k: started.append(argv))
+    mutant_agent._loader_children_too("peer-is-sidecar")
+    datapath.subprocess.run(["py", "-m", "merbridge_py.loader", "--maps-dir", "m"], timeout=1)
+    datapath.subprocess.run(["nft", "list", "ruleset"])
+    assert started == [["py", "-m", "merbridge_py.testbed.mutant_agent", "peer-is-sidecar", "loader",
+                        "--maps-dir", "m"], ["nft", "list", "ruleset"]]
+    assert datapath.subprocess.TimeoutExpired is subprocess.TimeoutExpired

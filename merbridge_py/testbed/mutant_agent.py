@@ -15,14 +15,20 @@ see. The test bed starts it instead of `merbridge-py run` when its
                       reports for hostUsers: false pods)
 
 Each mutant changes one thing through a seam of the agent's own code (the
-program text it compiles, the user-namespace step of its decision) and then
-runs the real agent: `python -m merbridge_py.testbed.mutant_agent MUTANT run ...`.
+program text its loader child compiles, the user-namespace step of its
+decision) and then runs the real agent: `python -m
+merbridge_py.testbed.mutant_agent MUTANT run ...`. The agent compiles in a
+child (`python -m merbridge_py.loader`, datapath.run_loader); the mutant
+agent starts that child as `python -m merbridge_py.testbed.mutant_agent
+MUTANT loader ...`, so the child gets the same change.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
+import types
 
 _GETPEERNAME = re.compile(r"(int sock[46]_getpeername\(struct bpf_sock_addr \*ctx\)\s*\{)")
 
@@ -46,12 +52,32 @@ def _proxy_uid_unmapped() -> None:
 
 
 MUTANTS = {"peer-is-sidecar": _peer_is_sidecar, "proxy-uid-unmapped": _proxy_uid_unmapped}
+LOADER = ["-m", "merbridge_py.loader"]
+
+
+def _loader_children_too(mutant: str) -> None:
+    """datapath.run_loader starts `python -m merbridge_py.loader ...`: start
+    this module's loader role with the same mutant instead (every other
+    command datapath runs is left as it is)."""
+    from merbridge_py import datapath
+
+    def run(argv, *args, **kwargs):
+        if list(argv[1:3]) == LOADER:
+            argv = [argv[0], "-m", __spec__.name, mutant, "loader", *argv[3:]]
+        return subprocess.run(argv, *args, **kwargs)
+
+    datapath.subprocess = types.SimpleNamespace(**{**vars(subprocess), "run": run})
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in MUTANTS:
-        sys.exit(f"usage: python -m merbridge_py.testbed.mutant_agent {{{','.join(MUTANTS)}}} run ...")
-    MUTANTS[argv[0]]()
+    if len(argv) < 2 or argv[0] not in MUTANTS:
+        sys.exit(f"usage: python -m merbridge_py.testbed.mutant_agent {{{','.join(MUTANTS)}}} run|loader ...")
+    mutant, role = argv[0], argv[1]
+    MUTANTS[mutant]()
+    if role == "loader":
+        from merbridge_py.loader import main as loader_main
+        sys.exit(loader_main(argv[2:]))
+    _loader_children_too(mutant)
     from merbridge_py.cli import main as cli_main
     cli_main(args=argv[1:], prog_name="merbridge-py")
 

@@ -197,7 +197,7 @@ def lookup_once(server: str, name: str, how: str) -> dict:
     from .dns import query     # dnslib: only DNS probes need it
     try:
         answer = query(server, name, how)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a short TCP reply (struct.error), a bad packet: an outcome, not a crash
         return {"outcome": classify_error(e), "reply_from": None, "peer": None}
     return {"outcome": "answers " + (",".join(sorted(answer["answers"])) or "none"),
             "reply_from": format_address(answer["reply_from"]),
@@ -238,7 +238,11 @@ class _ClientProcess:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+            try:   # its stdout closed: it is ending; its stderr says why
+                self.proc.wait(timeout=5)
+                err = self.proc.stderr.read()
+            except subprocess.TimeoutExpired:
+                err = "(still running with its stdout closed)"
             raise ProbeError(f"probe process in pod {self.pod} ended: {err.strip()}")
         return json.loads(line)
 
