@@ -157,6 +157,7 @@ class Counter(enum.IntEnum):
     SPLICE_SKIPPED = 12
     SPLICE_BULK = 13
     PEER_NAME = 14
+    SPLICE_BUSY = 15
 
 
 COUNTER_SLOTS = len(Counter)
