@@ -184,14 +184,14 @@ class _AppChecks:
     DST: str
     DST_NODES: tuple[str, ...]      # the nodes whose agents splice the connection's legs
 
-    def _through_mtls(self, bed, size: str, exchange) -> dict:
+    def _through_mtls(self, bed, body: str, exchange) -> dict:
         """Run `exchange`; check it went through the sidecars' mTLS and, for a
         large body where the kernel splices, that a socket went bulk."""
         tls_before = bed.sidecar_tls_handshakes(self.DST)["inbound"]
         bulk_before = {n: bed.agent_metrics(n).get(BULK, 0) for n in self.DST_NODES}
         result = exchange()
         assert bed.sidecar_tls_handshakes(self.DST)["inbound"] > tls_before, "no mTLS handshake: not through Envoy"
-        if size == "large" and _splicing():
+        if body == "large" and _splicing():
             for n in self.DST_NODES:
                 assert bed.agent_metrics(n).get(BULK, 0) > bulk_before[n], (n, "no socket went bulk", result)
         return result
@@ -201,10 +201,10 @@ class _AppChecks:
         for n in self.DST_NODES:
             assert bed.agent_metrics(n)[f'merbridge_splice_mode{{mode="{probed.splice_mode}"}}'] == 1
 
-    @pytest.mark.parametrize("size", SIZES)
-    def test_python_fionread(self, bed, size):
-        n = SIZES[size]
-        result = self._through_mtls(bed, size, lambda: _run_client(
+    @pytest.mark.parametrize("body", SIZES)
+    def test_python_fionread(self, bed, body):
+        n = SIZES[body]
+        result = self._through_mtls(bed, body, lambda: _run_client(
             bed, ["client", "--host", bed.pod(self.DST).ip, "--port", str(PYTHON_PORT), "--up", str(n),
                   "--down", str(n)]))
         for direction in ("up", "down"):
@@ -213,12 +213,12 @@ class _AppChecks:
             assert counts["zero_while_data"] == 0, (f"{direction}: FIONREAD was 0 at {counts['zero_while_data']} of "
                                                     f"{counts['readable']} readable moments", result)
 
-    @pytest.mark.parametrize("size", SIZES)
+    @pytest.mark.parametrize("body", SIZES)
     @pytest.mark.parametrize("reader", ["select", "stream"])
-    def test_java_available(self, bed, reader, size):
-        n = SIZES[size]
+    def test_java_available(self, bed, reader, body):
+        n = SIZES[body]
         port = JAVA_SELECT_PORT if reader == "select" else JAVA_STREAM_PORT
-        result = self._through_mtls(bed, size, lambda: _run_client(
+        result = self._through_mtls(bed, body, lambda: _run_client(
             bed, ["client", "--host", bed.pod(self.DST).ip, "--port", str(port), "--up", str(n), "--down", "0"]))
         java = result["up"]
         assert java["reader"] == reader and java["bytes"] == n and java["corrupt_reads"] == 0, result
@@ -227,11 +227,11 @@ class _AppChecks:
             f"available() was 0 while bytes were queued ({java['zero_while_data']} times, {java['stalls']} stalls of "
             f"{STALL_MS} ms)", result)
 
-    @pytest.mark.parametrize("size", SIZES)
-    def test_nginx_request_body(self, bed, size):
-        n = SIZES[size]
-        path = f"/upload/{size}-{uuid.uuid4().hex[:8]}"
-        result = self._through_mtls(bed, size, lambda: _run_client(
+    @pytest.mark.parametrize("body", SIZES)
+    def test_nginx_request_body(self, bed, body):
+        n = SIZES[body]
+        path = f"/upload/{body}-{uuid.uuid4().hex[:8]}"
+        result = self._through_mtls(bed, body, lambda: _run_client(
             bed, ["put-get", "--host", bed.pod(self.DST).ip, "--port", str(NGINX_PORT), "--path", path,
                   "--bytes", str(n)]))
         # 408 would be nginx's client_body_timeout: the body stalled in its receive queue
