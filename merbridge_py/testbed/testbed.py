@@ -366,12 +366,12 @@ class Testbed:
         for pod in self.pods:
             ready_file(pod.name).unlink(missing_ok=True)
             if self.app == "nginx":
-                argv = nginx_app.argv(self.workdir, pod.name, pod.ports, ready_file(pod.name), log_of(pod.name),
+                argv = nginx_app.argv(self.workdir, pod.name, pod.bed_app_ports, ready_file(pod.name), log_of(pod.name),
                                       ipv6=bool(pod.ip6))
             else:
                 argv = [sys.executable, "-m", "merbridge_py.testbed.app", "--name", pod.name,
                         "--ready-file", str(ready_file(pod.name))]
-                for port in pod.ports:
+                for port in pod.bed_app_ports:
                     argv += ["--port", str(port)]
                 if pod.ip6:
                     argv.append("--ipv6")
