@@ -2,9 +2,11 @@
 
 Add a test to the matrix by adding its pytest node id to KERNEL_TESTS. Keep
 the list small: under software emulation every agent start compiles the
-programs again (20-45 s: the loader compiles from source each time, so a
-compiled object cannot be shared between tests), and a kernel's whole run
-must stay within minutes for CI.
+programs again (20-45 s: the loader compiles from source each time; why a
+compiled object is not shared between tests: docs/kernels.md), and a kernel's
+whole run must stay within minutes for CI. Every bcc compile in the guest is
+timed (guest/sitecustomize.py) and the report says how many there were and
+how long they took.
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ GUEST_ENV = {
     # the agent's loader child: one compile took over its default 120 s there
     "MERBRIDGE_LOADER_TIMEOUT": "900",
 }
+# Every bcc compile in the guest appends a line here (guest/sitecustomize.py);
+# /run is the guest's own tmpfs.
+COMPILE_LOG_ENV = "MERBRIDGE_COMPILE_LOG"      # read by guest/sitecustomize.py
+COMPILE_LOG = "/run/merbridge-compiles.jsonl"
+COMPILE_MARK = "MERBRIDGE-COMPILE:"
+GUEST_SITE = Path(__file__).resolve().parent / "guest"
+
+
+def guest_env() -> dict[str, str]:
+    """GUEST_ENV plus the compile timer: its directory first on PYTHONPATH."""
+    return {**GUEST_ENV, "PYTHONPATH": str(GUEST_SITE), COMPILE_LOG_ENV: COMPILE_LOG}
+
+
 HOST_COLUMN_NOTE = "covered by the normal test suite (make test)"
 
 
@@ -75,6 +90,8 @@ class KernelResult:
     counts: dict = field(default_factory=dict)
     note: str = ""
     console_log: str = ""
+    compiles: int = 0               # bcc compiles in the guest (guest/sitecustomize.py)
+    compile_seconds: float = 0.0    # their total wall time
 
 
 def existing_tests(node_ids: list[str], project: Path) -> tuple[list[str], list[str]]:
@@ -109,9 +126,28 @@ def pytest_counts(console: str) -> dict[str, int]:
 
 
 def pytest_command(python: str, node_ids: list[str], *options: str) -> str:
-    # --color=no: the guest's console is a tty, and colour codes would split the summary line
+    # --color=no: the guest's console is a tty, and colour codes would split the summary line.
+    # --durations: what each test (and its fixtures' setup) cost, in the console log
     return " ".join([shlex.quote(python), "-m", "pytest", "-q", "-ra", "--color=no", "-p", "no:cacheprovider",
-                     *options, *map(shlex.quote, node_ids)])
+                     "--durations=0", "--durations-min=1", *options, *map(shlex.quote, node_ids)])
+
+
+def with_compile_report(command: str) -> str:
+    """`command`, then the compile timer's lines marked for the host; the exit status stays the command's."""
+    return (f"{command}; status=$?; sed 's/^/{COMPILE_MARK} /' {COMPILE_LOG} 2>/dev/null; "
+            f"exit $status")
+
+
+def compile_times(console: str) -> list[float]:
+    """Seconds of each bcc compile the guest reported."""
+    seconds = []
+    for line in _ANSI.sub("", console.replace("\r", "")).splitlines():
+        if line.startswith(COMPILE_MARK):
+            try:
+                seconds.append(float(json.loads(line[len(COMPILE_MARK):])["seconds"]))
+            except (ValueError, KeyError, TypeError):
+                pass    # a line cut by the console: the count says what was read
+    return seconds
 
 
 PROBES_MARK = "MERBRIDGE-PROBES:"
@@ -136,7 +172,7 @@ def refusal_command(python: str) -> str:
     merbridge = shlex.quote(str(Path(python).parent / "merbridge-py"))
     # the verifier's whole log, captured by pytest, would take minutes to cross the emulated serial port
     load = pytest_command(python, [REFUSAL_TEST], "--tb=line", "--show-capture=no")
-    return f"{merbridge} doctor; echo \"doctor exit status: $?\"; {load}"
+    return f"{merbridge} doctor; echo \"doctor exit status: $?\"; {with_compile_report(load)}"
 
 
 def judge_refusal(run: vm.VmRun) -> tuple[bool, str, str]:
@@ -159,13 +195,15 @@ def run_kernel(choice: packages.KernelChoice, cache: Path, project: Path, out_di
         command, timeout = refusal_command(python), REFUSAL_TIMEOUT
     else:
         # the probes first; the status the guest prints is pytest's
-        command, timeout = f"{probes_command(python)}; {pytest_command(python, tests)}", PASS_TIMEOUT
-    initrd = initramfs.build(root, choice.release, command, str(project), GUEST_ENV,
+        command = f"{probes_command(python)}; {with_compile_report(pytest_command(python, tests))}"
+        timeout = PASS_TIMEOUT
+    initrd = initramfs.build(root, choice.release, command, str(project), guest_env(),
                              out_dir / f"initrd-{choice.release}.cpio")
     log = out_dir / f"console-{choice.release}.log"
     run = vm.boot(root / "boot" / f"vmlinuz-{choice.release}", initrd, log, timeout)
     initrd.unlink()
     counts = pytest_counts(run.console)
+    compiled = compile_times(run.console)
     note = choice.note
     if choice.expect == "refused":
         ok, result, said = judge_refusal(run)
@@ -180,7 +218,7 @@ def run_kernel(choice: packages.KernelChoice, cache: Path, project: Path, out_di
     if choice.expect != "refused":
         note = "; ".join(n for n in (note, probes_line(run.console)) if n)
     return KernelResult(choice.label, choice.release, choice.package, choice.expect, result, ok,
-                        round(run.seconds, 1), counts, note, str(log))
+                        round(run.seconds, 1), counts, note, str(log), len(compiled), round(sum(compiled), 1))
 
 
 def host_row() -> KernelResult:
@@ -191,10 +229,18 @@ def format_counts(counts: dict) -> str:
     return ", ".join(f"{n} {k}" for k, n in counts.items() if k in ("passed", "failed", "error", "skipped")) or "-"
 
 
+def format_compiles(r: KernelResult) -> str:
+    """"6: 150 s (62%)": bcc compiles, their total time and its share of the kernel's wall time."""
+    if not r.compiles:
+        return "-"
+    share = f" ({100 * r.compile_seconds / r.seconds:.0f}%)" if r.seconds else ""
+    return f"{r.compiles}: {r.compile_seconds:.0f} s{share}"
+
+
 def table(rows: list[KernelResult]) -> str:
-    head = ("kernel", "release", "wall time", "result", "tests")
-    body = [(r.label, r.release, f"{r.seconds:.0f} s" if r.seconds else "-", r.result, format_counts(r.counts))
-            for r in rows]
+    head = ("kernel", "release", "wall time", "result", "tests", "compiles")
+    body = [(r.label, r.release, f"{r.seconds:.0f} s" if r.seconds else "-", r.result, format_counts(r.counts),
+             format_compiles(r)) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -207,11 +253,32 @@ def write_json(rows: list[KernelResult], path: Path, tests: list[str]) -> None:
                                 "kernels": [asdict(r) for r in rows]}, indent=2) + "\n")
 
 
+class NodeIdError(ValueError):
+    """A test asked for with --test that cannot run."""
+
+
+def chosen_tests(requested: list[str], project: Path) -> tuple[list[str], list[str]]:
+    """(node ids to run, notes). Without `requested`: KERNEL_TESTS, files not
+    there yet left out with a note. With it (--test): exactly those, and a
+    node id whose file is not there is an error, not a note."""
+    if not requested:
+        return existing_tests(KERNEL_TESTS, project)
+    bad = [t for t in requested if not t.split("::", 1)[0].endswith(".py") or not t.startswith("tests/")]
+    if bad:
+        raise NodeIdError(f"not a pytest node id under tests/: {', '.join(bad)} "
+                              f"(expected e.g. tests/test_loader.py::test_datapath_state_through_bpf_syscalls)")
+    kept, missing = existing_tests(list(dict.fromkeys(requested)), project)
+    if missing:
+        raise NodeIdError("; ".join(missing).replace("left out", "nothing to run"))
+    return kept, []
+
+
 def run_matrix(cache: Path, project: Path, out_dir: Path, only: list[str] | None = None, update: bool = True,
-               echo=print, python: str | None = None) -> list[KernelResult]:
-    """Every kernel, one VM at a time (emulation is CPU hungry; the machine is shared)."""
+               echo=print, python: str | None = None, tests: list[str] | None = None) -> list[KernelResult]:
+    """Every kernel, one VM at a time (emulation is CPU hungry; the machine is shared).
+    `tests`: node ids to run instead of KERNEL_TESTS (the refusal's check stays as it is)."""
     python = python or sys.executable
-    tests, notes = existing_tests(KERNEL_TESTS, project)
+    tests, notes = chosen_tests(tests or [], project)
     for note in notes:
         echo(f"note: {note}")
     choices = packages.resolve(cache, update=update)
@@ -225,6 +292,7 @@ def run_matrix(cache: Path, project: Path, out_dir: Path, only: list[str] | None
     for c in choices:
         echo(f"== {c.label}: {c.package} (expect: {c.expect})")
         r = run_kernel(c, cache, project, out_dir, python, tests)
-        echo(f"== {c.label}: {r.result} [{format_counts(r.counts)}] in {r.seconds:.0f} s; console: {r.console_log}")
+        echo(f"== {c.label}: {r.result} [{format_counts(r.counts)}] in {r.seconds:.0f} s; "
+             f"bcc compiles {format_compiles(r)}; console: {r.console_log}")
         rows.append(r)
     return rows
