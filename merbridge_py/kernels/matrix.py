@@ -35,12 +35,34 @@ KERNEL_TESTS = [
     "tests/test_datapath.py::test_splicing_keeps_messages_off_tcp",
     # end to end on a one-node test bed in ebpf mode: requests through Envoy
     # sidecars speaking mTLS to each other (auto-mTLS), redirected by the agent,
-    # whose process never maps bcc or LLVM. The smallest such test: the mTLS
-    # STRICT one (test_testbed_e2e.py) needs two nodes, whose agents compiling at
-    # once outran the loader's 120 s under emulation on a busy machine.
+    # whose process never maps bcc or LLVM.
     "tests/test_loader.py::test_the_agent_process_never_maps_bcc_or_llvm",
     # what this kernel's sockmap really does (FIONREAD and friends)
     "tests/test_kernel_probes.py",
+    # Issue 20 (invisible to applications), the socket semantics:
+    # - the peer address at kernel level (the getpeername hooks; no Envoy, one node, one
+    #   agent): AF_INET, v4-mapped and IPv6 sockets see the destination they dialled, and
+    #   sockets the datapath did not rewrite keep the kernel's answer
+    "tests/test_peer_name.py::test_app_sees_original_destination_and_its_own_address",
+    "tests/test_peer_name.py::test_untouched_sockets_show_the_kernels_peer",
+    # - the peer address through Envoy sidecars with mTLS STRICT in ebpf mode, same node and
+    #   cross node (two nodes; each agent compiles): the end-to-end request of issue 19
+    "tests/test_peer_name_e2e.py::test_client_app_sees_the_destination_it_dialled[ebpf-same-node-inet]",
+    "tests/test_peer_name_e2e.py::test_client_app_sees_the_destination_it_dialled[ebpf-cross-node-inet]",
+    # - byte order at the start of spliced connections (MERBRIDGE_ORDER_CONNECTIONS below
+    #   sizes it for emulation): writes right after connect, and a deferred-accept server
+    #   whose first bytes miss the sockhash (the miss-then-redirect path)
+    "tests/test_byte_order.py::test_inbound_leg_writes_right_after_connect_arrive_in_order[idle]",
+    "tests/test_byte_order.py::test_deferred_accept_server_gets_every_byte_in_order",
+    # - FIONREAD as an app sees it through Envoy in ebpf mode, with bulk detection
+    #   lowered so a socket takes both paths (redirected, then TCP); the bed has two nodes
+    #   (its fixture), the same-node exchange is enough here
+    "tests/test_fionread_e2e.py::test_agents_picked_the_probed_splice_mode",
+    "tests/test_fionread_e2e.py::test_fionread_never_zero_while_recv_returns_data[same-node]",
+    # - FIONREAD with real applications (JDK, nginx, Python) and backpressure: being
+    #   written; to be narrowed to their cheapest node ids once they exist
+    "tests/test_fionread_apps.py",
+    "tests/test_backpressure.py",
 ]
 
 # Run inside a kernel expected to refuse the programs: doctor must name the
@@ -61,6 +83,8 @@ GUEST_ENV = {
     "MERBRIDGE_TIMEOUT_SCALE": "5",
     # the agent's loader child: one compile took over its default 120 s there
     "MERBRIDGE_LOADER_TIMEOUT": "900",
+    # tests/test_byte_order.py: connections per case (20,000 on the host; a few MiB/s here)
+    "MERBRIDGE_ORDER_CONNECTIONS": "1000",
 }
 # Every bcc compile in the guest appends a line here (guest/sitecustomize.py);
 # /run is the guest's own tmpfs.
