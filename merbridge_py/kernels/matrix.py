@@ -33,20 +33,16 @@ KERNEL_TESTS = [
     # program twice: 300 messages through both sidecars stay off TCP when spliced
     # and cross it when not (the sockmap behaviour that differs between kernels)
     "tests/test_datapath.py::test_splicing_keeps_messages_off_tcp",
-    # end to end on a one-node test bed in ebpf mode: requests through Envoy
-    # sidecars speaking mTLS to each other (auto-mTLS), redirected by the agent,
-    # whose process never maps bcc or LLVM.
-    "tests/test_loader.py::test_the_agent_process_never_maps_bcc_or_llvm",
     # what this kernel's sockmap really does (FIONREAD and friends)
     "tests/test_kernel_probes.py",
     # Issue 20 (invisible to applications), the socket semantics:
-    # - the peer address at kernel level (the getpeername hooks; no Envoy, one node, one
-    #   agent): AF_INET, v4-mapped and IPv6 sockets see the destination they dialled, and
-    #   sockets the datapath did not rewrite keep the kernel's answer
-    "tests/test_peer_name.py::test_app_sees_original_destination_and_its_own_address",
-    "tests/test_peer_name.py::test_untouched_sockets_show_the_kernels_peer",
     # - the peer address through Envoy sidecars with mTLS STRICT in ebpf mode, same node and
-    #   cross node (two nodes; each agent compiles): the end-to-end request of issue 19
+    #   cross node (two nodes; each agent compiles): also the end-to-end request of issue 19.
+    #   Trimmed for CI's time (docs/kernels.md, measured on 6.1: 28 tests took 1707 s at load
+    #   13-18): the one-node bed of test_loader.py's test_the_agent_process_never_maps_bcc_or_llvm
+    #   (this test replaces it as the Envoy + mTLS request) and test_peer_name.py's kernel-level
+    #   cases (v4-mapped, IPv6, untouched sockets: 195 s there, one more compile); both still run
+    #   on the host in `make test`
     "tests/test_peer_name_e2e.py::test_client_app_sees_the_destination_it_dialled[ebpf-same-node-inet]",
     "tests/test_peer_name_e2e.py::test_client_app_sees_the_destination_it_dialled[ebpf-cross-node-inet]",
     # - byte order at the start of spliced connections (MERBRIDGE_ORDER_CONNECTIONS below
@@ -70,7 +66,7 @@ KERNEL_TESTS = [
 REFUSAL_TEST = "tests/test_loader.py::test_datapath_state_through_bpf_syscalls"
 MISSING_HELPER = "bpf_get_netns_cookie"
 
-PASS_TIMEOUT = 1800      # seconds for one kernel's whole VM run; it is killed past that
+PASS_TIMEOUT = 2700      # seconds for one kernel's whole VM run; it is killed past that (6.1 took 1707 s at load 13-18)
 REFUSAL_TIMEOUT = 600
 GUEST_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
