@@ -31,10 +31,9 @@ import os
 import socket
 import statistics
 
-from splice_modes import bulk, redirect_to_peer_program
+from splice_modes import bulk, redirect_to_peer_program, sockhash_with_programs
 
 from merbridge_py import kernel_probes as kp
-from merbridge_py.bpf_syscall import MapType, map_create, prog_attach
 
 BPF_FUNC_MSG_APPLY_BYTES = 61   # include/uapi/linux/bpf.h
 
@@ -58,21 +57,9 @@ class Pair:
             s.settimeout(None)
         if msg is None:
             return
-        m = map_create(MapType.SOCKHASH, 4, 4, 2)
-        self.fds.append(m)
-        code = {"redirect": redirect_to_peer_program(m), "pass": kp.pass_program(),
-                "apply": kp._mov_imm(2, 1 << 30) + kp._call(BPF_FUNC_MSG_APPLY_BYTES) + kp.pass_program()}[msg]
-        p, log = kp.prog_load(kp.PROG_TYPE_SK_MSG, code, kp.ATTACH_SK_MSG_VERDICT)
-        if p < 0:
-            raise SystemExit(log)
-        self.fds.append(p)
-        prog_attach(m, p, kp.ATTACH_SK_MSG_VERDICT)
-        if stream_verdict:
-            q, log = kp.prog_load(kp.PROG_TYPE_SK_SKB, kp.pass_program(), kp.ATTACH_SK_SKB_STREAM_VERDICT)
-            if q < 0:
-                raise SystemExit(log)
-            self.fds.append(q)
-            prog_attach(m, q, kp.ATTACH_SK_SKB_STREAM_VERDICT)
+        programs = {"redirect": redirect_to_peer_program, "pass": lambda m: kp.pass_program(),
+                    "apply": lambda m: kp._mov_imm(2, 1 << 30) + kp._call(BPF_FUNC_MSG_APPLY_BYTES) + kp.pass_program()}
+        m = sockhash_with_programs(programs[msg], stream_verdict, self.fds)
         # each end under the other's port: redirect_to_peer_program looks up the sender's own port
         if sender:
             kp._sockhash_update(m, self.server.getsockname()[1], self.client.fileno())
