@@ -130,10 +130,15 @@ _SUMMARY = re.compile(r"^=*\s*(.*?) in [\d.]+s(?: \([\d:]+\))?\s*=*$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def console_lines(console: str) -> list[str]:
+    """The guest console's lines without colour codes or carriage returns (a tty)."""
+    return _ANSI.sub("", console.replace("\r", "")).splitlines()
+
+
 def pytest_counts(console: str) -> dict[str, int]:
     """Counts from pytest's last summary line ("3 passed, 1 failed in 12.3s"),
     {} when there is none."""
-    for line in reversed(_ANSI.sub("", console.replace("\r", "")).splitlines()):
+    for line in reversed(console_lines(console)):
         m = _SUMMARY.match(line.strip())
         if not m:
             continue
@@ -160,7 +165,7 @@ def with_compile_report(command: str) -> str:
 def compile_times(console: str) -> list[float]:
     """Seconds of each bcc compile the guest reported."""
     seconds = []
-    for line in _ANSI.sub("", console.replace("\r", "")).splitlines():
+    for line in console_lines(console):
         if line.startswith(COMPILE_MARK):
             try:
                 seconds.append(float(json.loads(line[len(COMPILE_MARK):])["seconds"]))
@@ -181,7 +186,7 @@ def probes_command(python: str) -> str:
 
 
 def probes_line(console: str) -> str:
-    for line in _ANSI.sub("", console.replace("\r", "")).splitlines():
+    for line in console_lines(console):
         if line.startswith(PROBES_MARK):
             return line[len(PROBES_MARK):].strip()
     return ""
