@@ -23,7 +23,6 @@ connections, and order_load connections whose every byte the server checks.
 
 from __future__ import annotations
 
-import ctypes as ct
 import json
 import os
 import signal
@@ -115,7 +114,7 @@ class OtherSockmapUser:
             self.state[self.state.Key(TAKE)] = self.state.Leaf(take)
             sockops = self.bpf.load_func(b"other_sockops", BPF.SOCK_OPS)
             sk_msg = self.bpf.load_func(b"other_sk_msg", BPF.SK_MSG)
-            self.sockops_id = _prog_id(sockops.fd)
+            self.sockops_id = bpf_syscall.prog_id(sockops.fd)
             sockhash_fd = libbcc.lib.bpf_table_fd(self.bpf.module, b"other_socks")
             # The sk_msg program first: a socket the sockops program inserts carries it from then on.
             self._attach(sockhash_fd, sk_msg.fd, bpf_syscall.AttachType.SK_MSG_VERDICT, 0)
@@ -150,25 +149,6 @@ class OtherSockmapUser:
         self.bpf.cleanup()
         if errors:
             raise errors[0]
-
-
-class _ProgInfo(ct.Structure):
-    """The head of struct bpf_prog_info."""
-
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8)]
-
-
-class _InfoAttr(ct.Structure):
-    _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
-
-
-def _prog_id(prog_fd: int) -> int:
-    """The kernel's id of a loaded program (what prog_query lists)."""
-    info = _ProgInfo()
-    bpf_syscall.bpf(bpf_syscall.Cmd.OBJ_GET_INFO_BY_FD,
-                    _InfoAttr(bpf_fd=prog_fd, info_len=ct.sizeof(info), info=ct.addressof(info)),
-                    "reading program info")
-    return info.id
 
 
 @pytest.fixture(scope="module")
