@@ -57,6 +57,8 @@ import sys
 import urllib.parse
 from dataclasses import dataclass
 
+from .client import format_address
+
 PASSTHROUGH_SOURCE = "127.0.0.6"    # Envoy's inbound clusters bind here (ISTIO.inbound_passthrough_ip)
 PASSTHROUGH_SOURCE6 = "::6"         # ... and here for IPv6
 FAMILIES = ("inet", "v4-mapped", "inet6")
@@ -135,12 +137,6 @@ def classify_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return "unreachable"
     return f"error {type(exc).__name__}"
-
-
-def format_address(address: tuple) -> str:
-    """"ip:port", or "[ip]:port" for IPv6 (a socket address tuple of either family)."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _dialled(host: str, family: str) -> str:
