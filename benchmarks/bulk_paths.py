@@ -34,6 +34,7 @@ import statistics
 from splice_modes import bulk, redirect_to_peer_program, sockhash_with_programs
 
 from merbridge_py import kernel_probes as kp
+from merbridge_py.bench.stats import quantile
 
 BPF_FUNC_MSG_APPLY_BYTES = 61   # include/uapi/linux/bpf.h
 
@@ -95,9 +96,9 @@ def main() -> None:
     plain = results["plain"]
     for name, values in results.items():
         ratio = statistics.median(v / o for v, o in zip(values, plain))
-        q = statistics.quantiles(values, n=4)
+        iqr = quantile(values, 0.75) - quantile(values, 0.25)
         print(f"{name:25} median {statistics.median(values):8.0f} MiB/s  IQR/median "
-              f"{(q[2] - q[0]) / statistics.median(values):5.2f}  vs plain {ratio:5.2f}")
+              f"{iqr / statistics.median(values):5.2f}  vs plain {ratio:5.2f}")
 
 
 if __name__ == "__main__":

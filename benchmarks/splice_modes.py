@@ -26,6 +26,7 @@ import threading
 import time
 
 from merbridge_py import kernel_probes as kp
+from merbridge_py.bench.stats import quantile
 from merbridge_py.bpf_syscall import MapType, map_create, prog_attach
 
 
@@ -171,9 +172,9 @@ def main() -> None:
         for mode, values in modes.items():
             vs_off = statistics.median(v / o for v, o in zip(values, off))
             vs_msg = statistics.median(v / o for v, o in zip(values, modes["sk_msg"]))
-            q = statistics.quantiles(values, n=4)
+            iqr = quantile(values, 0.75) - quantile(values, 0.25)
             print(f"{case:28} {mode:22} median {statistics.median(values):10.0f} {unit[case]:14} "
-                  f"IQR/median {(q[2] - q[0]) / statistics.median(values):5.2f}  vs off {vs_off:5.2f}  "
+                  f"IQR/median {iqr / statistics.median(values):5.2f}  vs off {vs_off:5.2f}  "
                   f"vs sk_msg {vs_msg:5.2f}")
 
 
