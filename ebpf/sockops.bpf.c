@@ -56,6 +56,8 @@ static __always_inline int should_splice(__u64 netns, const struct addr *dst_ip,
 
 static __always_inline void join_sock_pairs(struct bpf_sock_ops *skops, struct sock_tuple *key)
 {
+    /* backpressure: a reused 4-tuple's unread count starts from zero (sk_msg.bpf.c) */
+    peer_backlogs.delete(key);
     /* bcc rewrites map methods into statements: keep the call on its own. */
     long err = sock_pairs.sock_hash_update(skops, key, BPF_ANY);
     if (err == 0)

@@ -46,6 +46,19 @@ BULK_WINDOW_NS = 1_000_000_000
 # Tests (and kernels in slow virtual machines, where nothing reaches 64 MiB/s)
 # lower the threshold to reach the bulk path on purpose (docs/kernel-behaviour.md).
 BULK_BYTES_ENV = "MERBRIDGE_BULK_BYTES"
+# Backpressure (ebpf/sk_msg.bpf.c): a spliced socket whose peer holds more than
+# this many redirected bytes unread sends through TCP from then on, whatever
+# its rate. TCP would let a stalled reader hold its receive buffer (up to
+# tcp_rmem's 6 MiB by default) plus the writer's send buffer; this adds at most
+# this much per spliced leg, and a reader that keeps up never gets near it.
+BACKLOG_BYTES = 2 << 20
+BACKLOG_BYTES_ENV = "MERBRIDGE_BACKLOG_BYTES"   # 0: no limit (as before backpressure)
+# The reader's side of that count: fexit programs on the recvmsg of sockets in
+# a sockmap, compiled as a second module so a kernel that cannot attach them
+# still runs everything else (then every spliced socket goes to TCP after
+# BACKLOG_BYTES: nothing is ever counted as read).
+TRACING_SOURCE = "tcp_bpf_recvmsg.bpf.c"
+TRACING_PROGRAMS = ("kretfunc__tcp_bpf_recvmsg", "kretfunc__tcp_bpf_recvmsg_parser")
 
 
 @dataclass(frozen=True)
@@ -124,13 +137,16 @@ def layout_version(directory: Path | None = None) -> str:
     return hashlib.sha256((directory or ebpf_dir()).joinpath(HEADER).read_bytes()).hexdigest()[:12]
 
 
-def program_text(directory: Path | None = None) -> str:
-    """The exact C text compiled: the shared header, then one file per hook.
-    bcc only takes programs and map rewrites from its main file, so the files
-    are joined here; #line markers keep compiler errors pointing at them."""
+def program_text(directory: Path | None = None, sources: tuple[str, ...] | None = None) -> str:
+    """The exact C text compiled: the shared header, then one file per hook
+    (or `sources`: the tracing module's, TRACING_SOURCE). bcc only takes
+    programs and map rewrites from its main file, so the files are joined
+    here; #line markers keep compiler errors pointing at them."""
     d = directory or ebpf_dir()
     parts = []
-    for name in (HEADER,) + tuple(dict.fromkeys(h.source for h in HOOKS)):   # a file may hold several hooks
+    if sources is None:
+        sources = tuple(dict.fromkeys(h.source for h in HOOKS))   # a file may hold several hooks
+    for name in (HEADER,) + sources:
         body = (d / name).read_text()
         body = re.sub(r'^#include "merbridge\.h"\s*$', "", body, flags=re.M)
         body = body.replace("#pragma once", "")
@@ -272,6 +288,11 @@ class Datapath:
         self.maps_dir = self.bpffs_dir / f"maps-{layout_version()}{size}"
         self.adopted_maps = False     # the maps were a predecessor's, taken over
         self._created_maps_dir = False
+        # Backpressure's reader side (TRACING_PROGRAMS): fds of the loaded
+        # programs, of their links once attached, and why not, when not.
+        self.tracing_progs: dict[str, int] = {}
+        self.tracing_links: list[int] = []
+        self.tracing_error: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -295,9 +316,14 @@ class Datapath:
             try:
                 for hook in HOOKS:
                     progs[hook.function] = obj_get(staging / hook.function)
+                self.tracing_error = self.loader_result.get("tracing_error")
+                if not self.tracing_error:
+                    for name in TRACING_PROGRAMS:
+                        self.tracing_progs[name] = obj_get(staging / name)
             except DatapathError:
-                for fd in progs.values():
+                for fd in [*progs.values(), *self.tracing_progs.values()]:
                     os.close(fd)
+                self.tracing_progs = {}
                 raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)   # the fds keep the programs loaded now
@@ -341,11 +367,38 @@ class Datapath:
             os.close(prog_fd)
         if stale:
             log.info("replaced %d programs left attached by a previous agent", len(stale))
+        self._attach_tracing()
         self._unpin_programs()
         self._remove_other_maps_dirs()
         self._pinned = True          # from here on the pins under bpffs_dir are ours to remove
         self._pin_programs()
         self._pins_complete = True
+
+    def _attach_tracing(self) -> None:
+        """Attach backpressure's reader side, all or none; a failure is not
+        fatal (see TRACING_PROGRAMS) but said in status, doctor and a metric."""
+        if self.tracing_links or not self.tracing_progs:
+            return
+        try:
+            for name, fd in self.tracing_progs.items():
+                self.tracing_links.append(bpf_syscall.tracing_attach(fd, name))
+        except OSError as e:
+            self._detach_tracing()
+            self.tracing_error = f"attaching {e}"
+            log.warning("backpressure cannot count what readers take (%s): every spliced socket goes to TCP "
+                        "after %d bytes", self.tracing_error, backlog_bytes())
+
+    def _detach_tracing(self) -> None:
+        for fd in self.tracing_links:
+            os.close(fd)
+        self.tracing_links = []
+
+    @property
+    def backlog_tracing(self) -> str:
+        """"attached", "not attached" (before attach, after detach) or "unavailable: <why>"."""
+        if self.tracing_error:
+            return f"unavailable: {self.tracing_error}"
+        return "attached" if self.tracing_links else "not attached"
 
     def _attach(self, target_fd: int, hook: "Hook", flags: int) -> None:
         try:
@@ -382,6 +435,7 @@ class Datapath:
                 except OSError as e:
                     log.error("detaching %s: %s", SK_SKB_HOOK.function, e)
             self.attached = False
+        self._detach_tracing()
         # Only our own pins: before attach() the pins are a crashed predecessor's,
         # the one handle a later agent has to find and detach its programs.
         self._pins_complete = False
@@ -415,6 +469,9 @@ class Datapath:
 
     def close(self, drain_seconds: float = 0.0) -> None:
         self.detach(drain_seconds)
+        for fd in self.tracing_progs.values():
+            os.close(fd)
+        self.tracing_progs = {}
         if self.bpf is not None:
             self.bpf.close()
             self.bpf = None
@@ -516,7 +573,8 @@ class Datapath:
         self.bpf["config"].update(0, layout.DatapathConfig(
             splice=policy, rewrite_inbound_port=int(self.rewrite_inbound_port),
             short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
-            bulk_bytes=bulk_bytes(), bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS))
+            bulk_bytes=bulk_bytes(), bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS,
+            backlog_bytes=backlog_bytes()))
 
     def pod_policy_value(self, pod_ip: str, outbound, inbound, fields=None) -> layout.PodPolicyValue:
         """The pod_policy entry set_pod writes for these arguments (the audit
@@ -683,6 +741,21 @@ def bulk_bytes() -> int:
     return value
 
 
+def backlog_bytes() -> int:
+    """BACKLOG_BYTES, or MERBRIDGE_BACKLOG_BYTES (0 turns backpressure off)."""
+    text = os.environ.get(BACKLOG_BYTES_ENV)
+    if not text:
+        return BACKLOG_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 32:
+        raise DatapathError(f"{BACKLOG_BYTES_ENV}={text!r}: expected the unread bytes a spliced socket's peer may "
+                            f"hold, 0 (no limit) to {(1 << 32) - 1}")
+    return value
+
+
 LOADER_PIN_DIR = "loading"
 LOADER_TIMEOUT = 120.0
 # Overrides LOADER_TIMEOUT (seconds) on machines that compile far slower: the
@@ -794,6 +867,10 @@ def leave_attached(dp: Datapath) -> None:
     and the next agent adopts the maps and replaces the programs. Only this
     process's handles are closed."""
     dp.attached = False
+    dp._detach_tracing()   # held by this process's link fds only: the successor attaches its own
+    for fd in dp.tracing_progs.values():
+        os.close(fd)
+    dp.tracing_progs = {}
     dp._pinned = dp._pins_complete = False
     dp._created_maps_dir = False      # ours or not, the maps are the successor's now
     if dp._cgroup_fd is not None:

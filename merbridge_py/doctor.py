@@ -167,7 +167,10 @@ def check_programs_load() -> Check:
         return Check("programs load", False, "not tried: /sys/fs/bpf is not a bpffs", "mount -t bpf bpf /sys/fs/bpf")
     r = probe_programs_load()
     if r.ok:
-        return Check("programs load", True, r.explanation)
+        from .kernel_probes import TRACING_UNAVAILABLE
+        fix = ("the datapath works; backpressure cannot see readers' progress, so every spliced socket goes "
+               "to TCP after MERBRIDGE_BACKLOG_BYTES" if TRACING_UNAVAILABLE in r.explanation else "")
+        return Check("programs load", True, r.explanation, fix, note=bool(fix))
     if r.result == "missing":
         return Check("programs load", False, r.explanation,
                      "this kernel lacks a hook or helper the datapath needs: pods stay on iptables here; move the "

@@ -136,6 +136,8 @@ class DatapathConfig(ct.Structure):
         ("bulk_bytes", ct.c_uint32),
         ("bulk_window_ns", ct.c_uint64),
         ("short_memory_ns", ct.c_uint64),
+        ("backlog_bytes", ct.c_uint32),        # backpressure: unread bytes a peer may hold (0: no limit)
+        ("pad", ct.c_uint32),
     ]
 
 
@@ -157,6 +159,13 @@ class Counter(enum.IntEnum):
     SPLICE_SKIPPED = 12
     SPLICE_BULK = 13
     PEER_NAME = 14
+    SPLICE_BACKPRESSURE = 15
+
+
+class PeerBacklog(ct.Structure):
+    """struct peer_backlog: bytes redirected into a spliced socket and bytes its reader took."""
+
+    _fields_ = [("redirected", ct.c_uint64), ("consumed", ct.c_uint64)]
 
 
 COUNTER_SLOTS = len(Counter)
@@ -171,6 +180,7 @@ MAPS = {
     "dest_profiles": (DestKey, DestProfile),
     "config": (ct.c_uint32, DatapathConfig),
     "counters": (ct.c_uint32, ct.c_uint64),
+    "peer_backlogs": (SockTuple, PeerBacklog),
 }
 SOCKHASH_MAPS = ("sock_pairs",)
 

@@ -18,7 +18,9 @@ verifier printed) and the exit status is 1, with no program pin left behind.
 from __future__ import annotations
 
 import argparse
+import ctypes as ct
 import json
+import os
 import resource
 import shutil
 import sys
@@ -43,6 +45,65 @@ def compile_programs(maps_dir: Path, cflags: list[str]):
     return bpf, fns
 
 
+TRACING_REFUSED = "EPERM"
+
+
+class _BtfType(ct.Structure):
+    _fields_ = [("name_off", ct.c_uint32), ("info", ct.c_uint32), ("type", ct.c_uint32)]
+
+
+BTF_KIND_FUNC = 12
+
+
+def kernel_function_arguments(names: tuple[str, ...]) -> int:
+    """How many arguments these kernel functions take, from the running
+    kernel's BTF (through libbpf, which bcc loads anyway). An fexit program
+    finds the return value after the arguments, and recvmsg handlers lost
+    their last one (addr_len) in 6.18; they must all agree."""
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    lib.btf__load_vmlinux_btf.restype = ct.c_void_p
+    lib.btf__find_by_name_kind.argtypes = [ct.c_void_p, ct.c_char_p, ct.c_uint32]
+    lib.btf__find_by_name_kind.restype = ct.c_int
+    lib.btf__type_by_id.argtypes = [ct.c_void_p, ct.c_uint32]
+    lib.btf__type_by_id.restype = ct.POINTER(_BtfType)
+    lib.btf__free.argtypes = [ct.c_void_p]
+    btf = lib.btf__load_vmlinux_btf()
+    if not btf:
+        raise RuntimeError(f"this kernel has no readable BTF (/sys/kernel/btf/vmlinux): "
+                           f"{os.strerror(ct.get_errno())}")
+    try:
+        counts = {}
+        for name in names:
+            func_id = lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC)
+            if func_id < 0:
+                raise RuntimeError(f"{name} is not in this kernel's BTF")
+            proto = lib.btf__type_by_id(btf, lib.btf__type_by_id(btf, func_id).contents.type)
+            counts[name] = proto.contents.info & 0xffff   # vlen: the number of parameters
+    finally:
+        lib.btf__free(btf)
+    if len(set(counts.values())) != 1:
+        raise RuntimeError(f"the recvmsg handlers take different arguments here: {counts}")
+    return next(iter(counts.values()))
+
+
+def compile_tracing(maps_dir: Path, cflags: list[str]):
+    """The second module: backpressure's fexit programs (datapath.TRACING_PROGRAMS),
+    on the maps the first one pinned. bcc attaches kretfunc__ programs as it
+    loads them; that attachment ends with this process (the agent makes its own)."""
+    from bcc import BPF
+
+    from .datapath import TRACING_PROGRAMS, TRACING_SOURCE, program_text
+    arguments = kernel_function_arguments(tuple(name.removeprefix("kretfunc__") for name in TRACING_PROGRAMS))
+    bpf = BPF(text=program_text(sources=(TRACING_SOURCE,)).encode(),
+              cflags=list(cflags) + [f'-DMB_MAPS_DIR="{maps_dir}"', f"-DRECVMSG_ARGUMENTS={arguments}"])
+    try:
+        fns = {name: bpf.load_func(name.encode(), BPF.TRACING) for name in TRACING_PROGRAMS}
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return bpf, fns
+
+
 def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
     from . import kheaders
     from .datapath import obj_pin
@@ -50,16 +111,31 @@ def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
     headers.apply()
     started = time.monotonic()
     bpf, fns = compile_programs(maps_dir, cflags)
+    tracing, tracing_error = None, None
     try:
         pin_dir.mkdir(parents=True, exist_ok=False)
         for name, fn in fns.items():
             obj_pin(fn.fd, pin_dir / name)
+        try:   # optional: without it the datapath still works (datapath.TRACING_PROGRAMS)
+            tracing, tracing_fns = compile_tracing(maps_dir, cflags)
+            for name, fn in tracing_fns.items():
+                obj_pin(fn.fd, pin_dir / name)
+        except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; the reason goes to the agent
+            tracing_error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            if tracing_error == "Need super-user privileges to run":   # bcc's words for EPERM, misleading as root
+                tracing_error = (f"the kernel refused to load an fexit program ({TRACING_REFUSED}: kernel "
+                                 "lockdown or a security module forbids tracing programs here)")
     finally:
         bpf.cleanup()   # closes our fds; the pins keep programs and maps alive
+        if tracing is not None:
+            tracing.cleanup()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"headers": headers.description, "programs": sorted(fns), "seconds": round(time.monotonic() - started, 3),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_kb": usage.ru_maxrss,
-            **_rss_split()}
+    result = {"headers": headers.description, "programs": sorted(fns), "seconds": round(time.monotonic() - started, 3),
+              "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_kb": usage.ru_maxrss,
+              **_rss_split()}
+    if tracing_error:
+        result["tracing_error"] = tracing_error
+    return result
 
 
 def _rss_split() -> dict:
