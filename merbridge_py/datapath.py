@@ -57,6 +57,17 @@ BACKLOG_BYTES_ENV = "MERBRIDGE_BACKLOG_BYTES"   # 0: no limit (as before backpre
 # a sockmap, compiled as a second module so a kernel that cannot attach them
 # still runs everything else (then every spliced socket goes to TCP after
 # BACKLOG_BYTES: nothing is ever counted as read).
+# What the agent does where the kernel refuses them (this project's own test
+# machines: kernel lockdown, EPERM), MERBRIDGE_BACKLOG_FALLBACK:
+#   "bulk" (default): no backlog limit, and bulk detection from FALLBACK_BULK_BYTES
+#     per window: writers faster than that are held back, slower ones not (as
+#     before backpressure), and long-lived connections stay spliced;
+#   "budget": keep the limit; nothing is ever counted as read, so every spliced
+#     socket goes to TCP after BACKLOG_BYTES: bounded at any rate, but busy
+#     long-lived connections lose splicing.
+BACKLOG_FALLBACK_ENV = "MERBRIDGE_BACKLOG_FALLBACK"
+BACKLOG_FALLBACKS = ("bulk", "budget")
+FALLBACK_BULK_BYTES = 8 << 20
 TRACING_SOURCE = "tcp_bpf_recvmsg.bpf.c"
 TRACING_PROGRAMS = ("kretfunc__tcp_bpf_recvmsg", "kretfunc__tcp_bpf_recvmsg_parser")
 
@@ -377,7 +388,7 @@ class Datapath:
     def _attach_tracing(self) -> None:
         """Attach backpressure's reader side, all or none; a failure is not
         fatal (see TRACING_PROGRAMS) but said in status, doctor and a metric."""
-        if self.tracing_links or not self.tracing_progs:
+        if self.tracing_links:
             return
         try:
             for name, fd in self.tracing_progs.items():
@@ -385,8 +396,10 @@ class Datapath:
         except OSError as e:
             self._detach_tracing()
             self.tracing_error = f"attaching {e}"
-            log.warning("backpressure cannot count what readers take (%s): every spliced socket goes to TCP "
-                        "after %d bytes", self.tracing_error, backlog_bytes())
+            self._write_config()   # the fallback's limits
+        if self.tracing_error:
+            log.warning("backpressure cannot count what readers take (%s); %s", self.tracing_error,
+                        self.backlog_fallback_text())
 
     def _detach_tracing(self) -> None:
         for fd in self.tracing_links:
@@ -395,10 +408,26 @@ class Datapath:
 
     @property
     def backlog_tracing(self) -> str:
-        """"attached", "not attached" (before attach, after detach) or "unavailable: <why>"."""
+        """"attached", "not attached" (before attach, after detach) or
+        "unavailable: <why>; <what the agent does instead>"."""
         if self.tracing_error:
-            return f"unavailable: {self.tracing_error}"
+            return f"unavailable: {self.tracing_error}; {self.backlog_fallback_text()}"
         return "attached" if self.tracing_links else "not attached"
+
+    def backlog_limits(self) -> tuple[int, int]:
+        """(backlog_bytes, bulk_bytes) for the config map: the settings, or
+        the fallback's where readers' progress cannot be counted."""
+        backlog, bulk = backlog_bytes(), bulk_bytes()
+        if backlog and self.tracing_error and backlog_fallback() == "bulk":
+            return 0, min(bulk, FALLBACK_BULK_BYTES)
+        return backlog, bulk
+
+    def backlog_fallback_text(self) -> str:
+        backlog, bulk = self.backlog_limits()
+        if backlog:
+            return f"fallback budget: every spliced socket goes to TCP after {backlog} bytes"
+        return (f"fallback bulk: no backlog limit; spliced sockets sending more than {bulk} bytes within "
+                f"{BULK_WINDOW_NS / 1e9:g} s go to TCP (slower writers are not held back)")
 
     def _attach(self, target_fd: int, hook: "Hook", flags: int) -> None:
         try:
@@ -570,11 +599,12 @@ class Datapath:
     def _write_config(self) -> None:
         splicing = self.mode == "ebpf" and self.splice_allowed
         policy = SPLICE_POLICIES[self.splice] if splicing else layout.SplicePolicy.NEVER
+        backlog, bulk = self.backlog_limits()
         self.bpf["config"].update(0, layout.DatapathConfig(
             splice=policy, rewrite_inbound_port=int(self.rewrite_inbound_port),
             short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
-            bulk_bytes=bulk_bytes(), bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS,
-            backlog_bytes=backlog_bytes()))
+            bulk_bytes=bulk, bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS,
+            backlog_bytes=backlog))
 
     def pod_policy_value(self, pod_ip: str, outbound, inbound, fields=None) -> layout.PodPolicyValue:
         """The pod_policy entry set_pod writes for these arguments (the audit
@@ -753,6 +783,14 @@ def backlog_bytes() -> int:
     if not 0 <= value < 1 << 32:
         raise DatapathError(f"{BACKLOG_BYTES_ENV}={text!r}: expected the unread bytes a spliced socket's peer may "
                             f"hold, 0 (no limit) to {(1 << 32) - 1}")
+    return value
+
+
+def backlog_fallback() -> str:
+    """MERBRIDGE_BACKLOG_FALLBACK: "bulk" (default) or "budget"."""
+    value = os.environ.get(BACKLOG_FALLBACK_ENV) or BACKLOG_FALLBACKS[0]
+    if value not in BACKLOG_FALLBACKS:
+        raise DatapathError(f"{BACKLOG_FALLBACK_ENV}={value!r}: expected one of {', '.join(BACKLOG_FALLBACKS)}")
     return value
 
 

@@ -11,7 +11,11 @@ the backlog limit per spliced leg and the sidecars' buffers; the switch to
 TCP must be counted; and once the reader reads, every byte must arrive, in
 order. A second test shows readers' progress is counted (the fexit side): a
 reader in lock step with its writer moves many times the limit and no
-socket switches. Nothing here is timed: the writer stops offering when the
+socket switches. Where the kernel refuses fexit programs (the agent says
+why: EPERM, e.g. kernel lockdown, as on this project's own machines) the
+agent falls back to a lower bulk threshold, which must hold this writer back
+too (counted as bulk), and the second test only checks the bytes.
+Nothing here is timed: the writer stops offering when the
 path has accepted nothing for a while, which only makes the count smaller.
 """
 
@@ -39,6 +43,7 @@ TOTAL = 256 << 20
 LEGS = 3
 ENVOY_BUFFERS = 4 << 20       # two sidecars, a 1 MiB per-connection buffer limit each way
 BACKPRESSURE = 'merbridge_splice_skipped_total{reason="backpressure"}'
+BULK = 'merbridge_splice_skipped_total{reason="bulk"}'
 SPLICED = "merbridge_spliced_bytes_total"
 APP = [sys.executable, "-m", "merbridge_py.testbed.stall_app"]
 
@@ -84,7 +89,7 @@ def reader_tracing(tb: Testbed) -> str:
 
 
 def test_a_paused_reader_holds_the_writer_back(bed):
-    reader_tracing(bed)
+    tracing = reader_tracing(bed)
     before = bed.agent_metrics("node0")
     server = bed.exec("b", APP + ["serve", "--port", str(PORT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                       stderr=subprocess.STDOUT, text=True)
@@ -111,7 +116,9 @@ def test_a_paused_reader_holds_the_writer_back(bed):
     bound = LEGS * (BACKLOG_BYTES + max(tcp_buffer_max(bed, p) for p in ("a", "b"))) + ENVOY_BUFFERS
     assert accepted < min(bound, TOTAL), (f"the writer had {accepted} bytes accepted by a reader that read "
                                           f"nothing (bound {bound})")
-    assert middle.get(BACKPRESSURE, 0) > before.get(BACKPRESSURE, 0), "no spliced socket switched to TCP"
+    # where readers' progress cannot be counted, the agent's default fallback is a lower bulk threshold
+    switched = BACKPRESSURE if tracing == "attached" else BULK
+    assert middle.get(switched, 0) > before.get(switched, 0), f"no spliced socket switched to TCP ({switched})"
     assert middle.get(SPLICED, 0) > before.get(SPLICED, 0), "nothing was spliced: the test proves nothing"
     assert read == {"bytes": accepted, "in_order": True, "first_bad": None}
 
@@ -137,8 +144,7 @@ def test_a_reader_that_keeps_up_stays_spliced(bed):
         server.wait()
     after = bed.agent_metrics("node0")
     assert read == {"bytes": 32 * BACKLOG_BYTES, "in_order": True, "first_bad": None}
-    if tracing == "unavailable":
-        assert after.get(BACKPRESSURE, 0) > before.get(BACKPRESSURE, 0), "no fallback to TCP without reader tracing"
+    if tracing == "unavailable":   # the fallback has no backlog limit: nothing to show here but the bytes
         return
     assert after.get(SPLICED, 0) - before.get(SPLICED, 0) >= 32 * BACKLOG_BYTES, "the transfer was not spliced"
     assert after.get(BACKPRESSURE, 0) == before.get(BACKPRESSURE, 0), \

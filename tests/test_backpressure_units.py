@@ -62,4 +62,23 @@ def test_backlog_tracing_state_of_a_datapath():
     dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
     assert dp.backlog_tracing == "not attached"
     dp.tracing_error = "tcp_bpf_recvmsg not in this kernel's BTF"
-    assert dp.backlog_tracing == "unavailable: tcp_bpf_recvmsg not in this kernel's BTF"
+    assert dp.backlog_tracing.startswith("unavailable: tcp_bpf_recvmsg not in this kernel's BTF; fallback ")
+
+
+def test_the_fallback_where_readers_progress_cannot_be_counted(monkeypatch):
+    from merbridge_py.mesh import ISTIO
+    for name in (datapath.BACKLOG_BYTES_ENV, datapath.BULK_BYTES_ENV, datapath.BACKLOG_FALLBACK_ENV):
+        monkeypatch.delenv(name, raising=False)
+    dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
+    assert dp.backlog_limits() == (datapath.BACKLOG_BYTES, datapath.BULK_BYTES)
+    dp.tracing_error = "the kernel refused to load an fexit program (EPERM: ...)"
+    assert dp.backlog_limits() == (0, datapath.FALLBACK_BULK_BYTES)     # default: a lower bulk threshold
+    assert "fallback bulk" in dp.backlog_tracing
+    monkeypatch.setenv(datapath.BULK_BYTES_ENV, "1048576")                 # never raised by the fallback
+    assert dp.backlog_limits() == (0, 1 << 20)
+    monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "budget")
+    assert dp.backlog_limits() == (datapath.BACKLOG_BYTES, 1 << 20)
+    assert "fallback budget" in dp.backlog_tracing
+    monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "none")
+    with pytest.raises(datapath.DatapathError, match="MERBRIDGE_BACKLOG_FALLBACK"):
+        dp.backlog_limits()
