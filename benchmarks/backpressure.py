@@ -72,7 +72,7 @@ def one_run(tb: Testbed, rate_mib: float, pause: float) -> dict:
             raise RuntimeError("the stall app did not start in pod b")
         base = tcp_mem_pages()
         base_in_pod = tcp_mem_pages(tb.pod("b").netns)
-        writer = tb.exec("a", APP + ["write", "--host", tb.pod("b").ip, "--port", str(PORT),
+        writer = tb.exec("a", APP + ["offer", "--host", tb.pod("b").ip, "--port", str(PORT),
                                      "--total", str(1 << 40), "--rate", str(rate_mib * MIB),
                                      "--seconds", str(pause), "--idle-seconds", str(pause + 60)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

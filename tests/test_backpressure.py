@@ -29,7 +29,7 @@ import uuid
 
 import pytest
 
-from merbridge_py import sandbox
+from merbridge_py import kernel_probes, sandbox
 from merbridge_py.loader import TRACING_REFUSED
 from merbridge_py.testbed import Testbed
 from merbridge_py.testbed.topology import PodSpec
@@ -51,6 +51,10 @@ APP = [sys.executable, "-m", "merbridge_py.testbed.stall_app"]
 @pytest.fixture(scope="module")
 def bed():
     env = {"MERBRIDGE_BACKLOG_BYTES": str(BACKLOG_BYTES), "MERBRIDGE_BULK_BYTES": str((1 << 32) - 1)}
+    if kernel_probes.probe_kernel().splice_mode == kernel_probes.SPLICE_OFF:
+        # backpressure is about spliced sockets: where FIONREAD rules splicing out (6.1), force it
+        # (this app sizes no read with FIONREAD)
+        env[kernel_probes.SPLICE_MODE_ENV] = kernel_probes.SPLICE_SK_MSG
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)   # the agents inherit it
     try:
@@ -96,7 +100,7 @@ def test_a_paused_reader_holds_the_writer_back(bed):
     writer = None
     try:
         assert server.stdout.readline().strip() == "ready"
-        writer = bed.exec("a", APP + ["write", "--host", bed.pod("b").ip, "--port", str(PORT), "--total", str(TOTAL),
+        writer = bed.exec("a", APP + ["offer", "--host", bed.pod("b").ip, "--port", str(PORT), "--total", str(TOTAL),
                                       "--idle-seconds", "8"],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "accepted"
@@ -134,7 +138,7 @@ def test_a_reader_that_keeps_up_stays_spliced(bed):
                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
-        done = bed.exec_in("a", APP + ["write", "--host", bed.pod("b").ip, "--port", str(LOCKSTEP_PORT),
+        done = bed.exec_in("a", APP + ["offer", "--host", bed.pod("b").ip, "--port", str(LOCKSTEP_PORT),
                                        "--total", str(32 * BACKLOG_BYTES), "--ack-every", str(BACKLOG_BYTES // 2)],
                            timeout=300)
         assert done.returncode == 0, done.stderr

@@ -39,6 +39,10 @@ KERNEL_TESTS = [
     "tests/test_loader.py::test_the_agent_process_never_maps_bcc_or_llvm",
     # what this kernel's sockmap really does (FIONREAD and friends)
     "tests/test_kernel_probes.py",
+    # backpressure (issue 20): a paused reader holds its writer back through the
+    # sidecars, and readers' progress is counted by the fexit programs, whose
+    # target's arguments differ between kernels (6.18 dropped addr_len)
+    "tests/test_backpressure.py",
 ]
 
 # Run inside a kernel expected to refuse the programs: doctor must name the

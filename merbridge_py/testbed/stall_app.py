@@ -3,7 +3,7 @@ many bytes does the path accept from a writer while its reader is paused,
 and do they all arrive, in order, once it reads again?
 
     python -m merbridge_py.testbed.stall_app serve --port 9310 [--ack-every N]
-    python -m merbridge_py.testbed.stall_app write --host 10.0.0.2 --port 9310 \
+    python -m merbridge_py.testbed.stall_app offer --host 10.0.0.2 --port 9310 \
         --total BYTES [--rate BYTES_PER_S] [--seconds S] [--idle-seconds S] [--ack-every N]
 
 serve: accepts one connection at a time. Paused (the default): prints
@@ -13,7 +13,7 @@ bytes it read (a reader that keeps up, in lock step with its writer). Either
 way it prints one JSON line per connection: bytes read, whether they were
 the expected stream in order, and the offset of the first wrong byte.
 
-write: connects and offers --total bytes of the stream, at --rate bytes per
+offer: connects and offers --total bytes of the stream, at --rate bytes per
 second (0: as fast as the socket takes them), through a non-blocking socket
 so that what the path accepts is what it holds: it stops offering after
 --seconds, or once nothing was accepted for --idle-seconds (the path holds
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--ack-every", type=int, default=0)
-    w = sub.add_parser("write")
+    w = sub.add_parser("offer")
     w.add_argument("--host", required=True)
     w.add_argument("--port", type=int, required=True)
     w.add_argument("--total", type=int, required=True)
