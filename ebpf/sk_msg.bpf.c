@@ -53,9 +53,10 @@ static __always_inline int sending_bulk(struct send_state *st, __u32 size)
  * unread, this socket sends through TCP for good, as a bulk sender does: TCP's
  * flow control then holds the writer back, and byte order is kept for the
  * same reasons (see above). One message may overshoot the limit: a message is
- * never split. Without the tracing program (a kernel that cannot attach it)
- * nothing is ever counted as read, and every spliced socket goes to TCP after
- * backlog_bytes: safe, less spliced (the agent says so in status and doctor). */
+ * never split. Without the tracing program (a kernel that refuses it) nothing
+ * would ever be counted as read: the agent then either keeps the limit (every
+ * spliced socket goes to TCP after backlog_bytes) or sets it to 0 and lowers
+ * the bulk threshold instead (merbridge_py/datapath.py, BACKLOG_FALLBACK_ENV). */
 static __always_inline int peer_backlog_full(struct send_state *st, const struct sock_tuple *peer)
 {
     struct datapath_config *cfg = datapath_config();
