@@ -268,6 +268,11 @@ struct peer_backlog {
     __u64 consumed;
 };
 MB_TABLE("lru_hash", struct sock_tuple, struct peer_backlog, peer_backlogs, MAX_CONNECTIONS);
+/* backlog_keys: a spliced socket's real tuple -> its sock_pairs key, where the
+ * two differ (a proxy-to-pod leg is keyed with the ports the other end sees
+ * across the receiving pod's REDIRECT, sockops.bpf.c): the reader side finds
+ * the socket by what its struct sock says. */
+MB_TABLE("lru_hash", struct sock_tuple, struct sock_tuple, backlog_keys, MAX_CONNECTIONS);
 MB_TABLE("percpu_array", int, __u64, counters, CNT_MAX);
 
 /* bcc 0.26 declares bpf_get_socket_cookie as returning u32; the kernel returns u64. */

@@ -67,7 +67,8 @@ static __always_inline void reader_took(struct sock *sk, int flags, int copied)
     } else {
         return;
     }
-    struct peer_backlog *b = peer_backlogs.lookup(&t);
+    struct sock_tuple *key = backlog_keys.lookup(&t);
+    struct peer_backlog *b = peer_backlogs.lookup(key ? key : &t);
     if (b)
         __sync_fetch_and_add(&b->consumed, (__u64)copied);
 }

@@ -181,6 +181,7 @@ MAPS = {
     "config": (ct.c_uint32, DatapathConfig),
     "counters": (ct.c_uint32, ct.c_uint64),
     "peer_backlogs": (SockTuple, PeerBacklog),
+    "backlog_keys": (SockTuple, SockTuple),
 }
 SOCKHASH_MAPS = ("sock_pairs",)
 
