@@ -39,6 +39,26 @@ def redirect_to_peer_program(map_fd: int) -> bytes:
             + kp._mov_imm(0, kp.SK_PASS) + kp._exit())
 
 
+def sockhash_with_programs(sk_msg_code, stream_verdict: bool, fds: list[int]) -> int:
+    """A two-slot sockhash with an sk_msg program (sk_msg_code(map_fd) gives
+    its instructions) and, if asked, a stream verdict that passes every
+    segment; every fd it opens goes into `fds`. Returns the map's fd."""
+    m = map_create(MapType.SOCKHASH, 4, 4, 2)
+    fds.append(m)
+    p, log = kp.prog_load(kp.PROG_TYPE_SK_MSG, sk_msg_code(m), kp.ATTACH_SK_MSG_VERDICT)
+    if p < 0:
+        raise SystemExit(log)
+    fds.append(p)
+    prog_attach(m, p, kp.ATTACH_SK_MSG_VERDICT)
+    if stream_verdict:
+        q, log = kp.prog_load(kp.PROG_TYPE_SK_SKB, kp.pass_program(), kp.ATTACH_SK_SKB_STREAM_VERDICT)
+        if q < 0:
+            raise SystemExit(log)
+        fds.append(q)
+        prog_attach(m, q, kp.ATTACH_SK_SKB_STREAM_VERDICT)
+    return m
+
+
 class Pair:
     """A loopback pair set up as one mode has it."""
 
@@ -51,20 +71,9 @@ class Pair:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if msg is None:
             return
-        m = map_create(MapType.SOCKHASH, 4, 4, 2)
-        self.fds.append(m)
-        code = redirect_to_peer_program(m) if msg == "redirect" else kp.pass_program()
-        p, log = kp.prog_load(kp.PROG_TYPE_SK_MSG, code, kp.ATTACH_SK_MSG_VERDICT)
-        if p < 0:
-            raise SystemExit(log)
-        self.fds.append(p)
-        prog_attach(m, p, kp.ATTACH_SK_MSG_VERDICT)
-        if stream_verdict:
-            q, log = kp.prog_load(kp.PROG_TYPE_SK_SKB, kp.pass_program(), kp.ATTACH_SK_SKB_STREAM_VERDICT)
-            if q < 0:
-                raise SystemExit(log)
-            self.fds.append(q)
-            prog_attach(m, q, kp.ATTACH_SK_SKB_STREAM_VERDICT)
+        m = sockhash_with_programs(
+            lambda m: redirect_to_peer_program(m) if msg == "redirect" else kp.pass_program(),
+            stream_verdict, self.fds)
         kp._sockhash_update(m, self.server.getsockname()[1], self.client.fileno())
         kp._sockhash_update(m, self.client.getsockname()[1], self.server.fileno())
 

@@ -195,6 +195,7 @@ enum counter {
     CNT_SPLICE_SKIPPED,          /* sockets not spliced: their destination's connections are short-lived */
     CNT_SPLICE_BULK,             /* spliced sockets switched to TCP: they carry bulk data */
     CNT_PEER_NAME,               /* getpeername of a rewritten connection answered with its original destination */
+    CNT_SPLICE_BUSY,             /* sockets not spliced: another program's sockmap holds them (-EBUSY; sockops.bpf.c) */
     CNT_SPLICE_BACKPRESSURE,     /* spliced sockets switched to TCP: their peer held too many unread bytes */
     CNT_MAX,
 };

@@ -54,7 +54,18 @@ static __always_inline int should_splice(__u64 netns, const struct addr *dst_ip,
     return 1;
 }
 
-static __always_inline void join_sock_pairs(struct bpf_sock_ops *skops, struct sock_tuple *key)
+/* -EBUSY (asm-generic/errno-base.h), not included to keep includes UAPI-only. */
+#define SOCKHASH_BUSY (-16)
+
+/* 1 if the socket joined sock_pairs. A socket carries one sk_msg program and
+ * one stream verdict program: when another program's sockmap or sockhash
+ * holds it already with its own (Envoy's sockmap socket interface,
+ * OpenTelemetry's eBPF instrumentation), the kernel refuses ours with -EBUSY
+ * (net/core/sock_map.c, sock_map_link; the same on 6.1, 6.12 and 6.18). Such
+ * a socket is not spliced: its sends run the other program, and a peer of
+ * ours that did join finds no entry for it, so the peer's redirect misses
+ * and it sends through TCP for good (sk_msg.bpf.c). Counted, not an error. */
+static __always_inline int join_sock_pairs(struct bpf_sock_ops *skops, struct sock_tuple *key)
 {
     /* backpressure: a reused 4-tuple's unread count starts from zero (sk_msg.bpf.c),
      * and a key that is not the socket's own tuple is findable from it */
@@ -64,10 +75,12 @@ static __always_inline void join_sock_pairs(struct bpf_sock_ops *skops, struct s
         backlog_keys.update(&own, key);
     /* bcc rewrites map methods into statements: keep the call on its own. */
     long err = sock_pairs.sock_hash_update(skops, key, BPF_ANY);
-    if (err == 0)
+    if (err == 0) {
         count(CNT_SOCKHASH_INSERT, 1);
-    else
-        count(CNT_ERR_SOCKHASH_INSERT, 1);
+        return 1;
+    }
+    count(err == SOCKHASH_BUSY ? CNT_SPLICE_BUSY : CNT_ERR_SOCKHASH_INSERT, 1);
+    return 0;
 }
 
 static __always_inline int adaptive(void)
@@ -145,8 +158,15 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
             count(CNT_ERR_MAP_UPDATE, 1);
             return;
         }
-        if (spliced)
-            join_sock_pairs(skops, &t);
+        if (spliced && !join_sock_pairs(skops, &t)) {
+            /* Not spliced after all: tell the server end, whose callback
+             * reads the record after this one returns (it waits for the ACK
+             * this end sends then), so that it stays out of sock_pairs too
+             * and receives through TCP as any unspliced socket does. */
+            struct original_dst *record = original_dst.lookup(&t);
+            if (record)
+                record->flags &= ~ODST_SPLICED;
+        }
         return;
     }
     /* The inbound leg, proxy -> its own app. Its lifetime is learnt from this

@@ -193,6 +193,20 @@ def map_info(fd: int) -> MapInfo:
     return info
 
 
+class _ProgInfoHead(ct.Structure):
+    """The head of struct bpf_prog_info: the kernel fills what fits in info_len."""
+
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8)]
+
+
+def prog_id(fd: int) -> int:
+    """The kernel's id of a loaded program (what prog_query lists)."""
+    info = _ProgInfoHead()
+    bpf(Cmd.OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=_addr(info)),
+        "reading program info")
+    return info.id
+
+
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
     return bpf(Cmd.MAP_CREATE, _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size,
                                               max_entries=max_entries), "creating a map")

@@ -159,7 +159,8 @@ class Counter(enum.IntEnum):
     SPLICE_SKIPPED = 12
     SPLICE_BULK = 13
     PEER_NAME = 14
-    SPLICE_BACKPRESSURE = 15
+    SPLICE_BUSY = 15
+    SPLICE_BACKPRESSURE = 16
 
 
 class PeerBacklog(ct.Structure):

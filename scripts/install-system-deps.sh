@@ -18,6 +18,10 @@ packages=(
   stress-ng          # benchmark --busy: background CPU load on a node (merbridge_py/bench/busy.py)
   bpftool            # benchmarks/bpf_cost.py: our programs' run time per request
   nginx-light        # the benchmark's app (the Python test app would dominate the figures)
+  nginx              # the nginx binary itself (nginx-light adds modules); tests/test_fionread_apps.py
+                     # sends it large request bodies (it sizes reads with FIONREAD under edge-triggered epoll)
+  openjdk-17-jre-headless  # tests/test_fionread_apps.py: a Java app sizing its reads with InputStream.available()
+                           # (FIONREAD); `java Prog.java` works with the JRE alone (its module image has jdk.compiler)
   podman runc mmdebstrap  # `make image` without a Docker daemon or registry, and the container test
                           # (runc: crun, podman's default, refuses hybrid cgroup hosts)
   # `make test-kernels` (merbridge_py/kernels): boots Debian's other kernels under

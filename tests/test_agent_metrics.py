@@ -119,3 +119,19 @@ def test_pod_counts_follow_the_latest_observed_pods():
     text = generate_latest(metrics.registry)
     assert sample(text, "merbridge_pods_accelerated") == 1
     assert sample(text, "merbridge_pods_skipped", '{reason="no_sidecar"}') is None
+
+
+def test_every_kernel_counter_slot_is_exported_and_splice_skips_say_why():
+    """A slot added to enum counter without a metric would be counted and never seen."""
+    assert set(metrics_module._KERNEL_COUNTERS) == set(Slot)
+    metrics, dp = AgentMetrics(), CountingDatapath(0)
+    counted = {slot: 10 + slot.value for slot in Slot}
+    dp.counters = lambda: {slot.name.lower(): n for slot, n in counted.items()}
+    metrics.datapath = dp
+    text = generate_latest(metrics.registry)
+    # sockets another program's sockmap holds (-EBUSY; ebpf/sockops.bpf.c)
+    assert sample(text, "merbridge_splice_skipped_total", '{reason="busy"}') == counted[Slot.SPLICE_BUSY]
+    assert sample(text, "merbridge_splice_skipped_total", '{reason="short_lived"}') == counted[Slot.SPLICE_SKIPPED]
+    assert sample(text, "merbridge_splice_skipped_total", '{reason="bulk"}') == counted[Slot.SPLICE_BULK]
+    assert sample(text, "merbridge_datapath_errors_total", '{kind="sockhash_insert"}') == \
+        counted[Slot.ERR_SOCKHASH_INSERT]

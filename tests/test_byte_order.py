@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from merbridge_py import sandbox
+from merbridge_py.kernel_probes import SPLICE_MODE_ENV, SPLICE_OFF, SPLICE_SK_MSG, probe_kernel
 
 pytestmark = pytest.mark.bpf
 
@@ -53,7 +54,13 @@ def node(tmp_path_factory):
             n.start_app(pod)
             n.start_sidecar(pod)
         n.write_pods_file()
-        n.start_agent("--splice", "always")
+        with pytest.MonkeyPatch.context() as env:
+            # Where the kernel probes turn splicing off (6.1 in the kernel matrix: FIONREAD hides
+            # redirected bytes), the agent would splice nothing and this would test plain TCP: force
+            # the splice, as tests/test_datapath.py does, so the kernel's sockmap ordering is tested.
+            if probe_kernel().splice_mode == SPLICE_OFF:
+                env.setenv(SPLICE_MODE_ENV, SPLICE_SK_MSG)
+            n.start_agent("--splice", "always")
         yield n
     finally:
         n.close()

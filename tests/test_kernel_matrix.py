@@ -4,6 +4,12 @@ mounts. No VM here; `make test-kernels` boots them."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from merbridge_py.kernels import initramfs, matrix, packages, vm
@@ -197,3 +203,96 @@ def test_the_probes_line_of_a_guest_is_found_and_its_command_prints_it():
     assert matrix.probes_line(console) == "kernel probes: fionread_redirected invisible; splice mode off: why"
     assert matrix.probes_line("no such line") == ""
     assert matrix.PROBES_MARK in matrix.probes_command("/venv/bin/python")
+
+
+def test_chosen_tests_replace_the_list_and_a_missing_file_is_an_error(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("")
+    chosen = ["tests/test_a.py::test_x[ebpf-same-node]", "tests/test_a.py", "tests/test_a.py"]
+    assert matrix.chosen_tests(chosen, tmp_path) == (["tests/test_a.py::test_x[ebpf-same-node]", "tests/test_a.py"], [])
+    with pytest.raises(matrix.NodeIdError, match="tests/test_b.py does not exist: nothing to run"):
+        matrix.chosen_tests(["tests/test_a.py", "tests/test_b.py::test_y"], tmp_path)
+    with pytest.raises(matrix.NodeIdError, match="not a pytest node id under tests/: -k"):
+        matrix.chosen_tests(["-k"], tmp_path)
+    # none chosen: the matrix's own list, files not there yet left out with a note
+    kept, notes = matrix.chosen_tests([], tmp_path)
+    assert kept == [] and len(notes) == len(matrix.KERNEL_TESTS)
+
+
+def test_cli_test_option_runs_only_the_chosen_node_ids(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from merbridge_py.kernels import cli
+    seen = {}
+
+    def fake_run_matrix(cache, project, out, only, update, echo, tests):
+        seen.update(only=only, tests=tests)
+        return [matrix.host_row()]
+
+    monkeypatch.setattr(matrix, "run_matrix", fake_run_matrix)
+    chosen = ["tests/test_peer_name.py::test_untouched_sockets_show_the_kernels_peer", "tests/test_loader.py"]
+    args = ["--json", str(tmp_path / "m.json"), "--only", "6.12.118"]
+    r = CliRunner().invoke(cli.test_kernels, args + [a for t in chosen for a in ("--test", t)])
+    assert r.exit_code == 0, r.output
+    assert seen == {"only": ["6.12.118"], "tests": chosen}
+    assert json.loads((tmp_path / "m.json").read_text())["tests"] == chosen   # the report names what ran
+    r = CliRunner().invoke(cli.test_kernels, args + ["--test", "tests/test_not_there.py"])
+    assert r.exit_code == 2 and "test_not_there.py does not exist" in r.output
+    assert seen["tests"] == chosen, "an unknown node id must stop the run before any VM"
+
+
+def test_the_guest_runs_pytest_then_reports_its_compiles_keeping_pytests_status():
+    command = matrix.with_compile_report(matrix.pytest_command("/v/bin/python", ["tests/test_a.py::t[x y]"]))
+    assert command.startswith("/v/bin/python -m pytest -q") and "--durations=0" in command
+    assert "'tests/test_a.py::t[x y]'; status=$?;" in command and command.endswith("exit $status")
+    assert f"sed 's/^/{matrix.COMPILE_MARK} /' {matrix.COMPILE_LOG}" in command
+    env = matrix.guest_env()
+    assert env[matrix.COMPILE_LOG_ENV] == matrix.COMPILE_LOG
+    assert (Path(env["PYTHONPATH"]) / "sitecustomize.py").is_file()
+
+
+def test_compile_times_and_their_share_of_the_wall_time():
+    console = ("..\n"
+               f'{matrix.COMPILE_MARK} {{"seconds": 31.5, "ok": true, "program": "loader.py", "test": "t (setup)"}}\r\n'
+               f'{matrix.COMPILE_MARK} {{"seconds": 12.25, "ok": false, "program": "pytest", "test": "u (call)"}}\n'
+               f'{matrix.COMPILE_MARK} {{"seconds": 4\n'          # cut by the console: not counted
+               "MERBRIDGE-VM-EXIT-STATUS: 0\n")
+    assert matrix.compile_times(console) == [31.5, 12.25]
+    row = matrix.KernelResult("6.1 newest", "6.1.0-57-amd64", "p", "pass", "passed", True, seconds=175.0,
+                              counts={"passed": 3}, compiles=2, compile_seconds=43.75)
+    assert matrix.format_compiles(row) == "2: 44 s (25%)"
+    assert matrix.format_compiles(matrix.host_row()) == "-"
+    assert "2: 44 s (25%)" in matrix.table([matrix.host_row(), row]).splitlines()[-1]
+
+
+def test_the_guest_compile_timer_records_each_bcc_compile_and_never_breaks_one(tmp_path):
+    """guest/sitecustomize.py against a stand-in bcc package (the real one needs
+    root and seconds per compile): one line per BPF(), the failed one too."""
+    fake = tmp_path / "site" / "bcc"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "class BPF:\n"
+        "    def __init__(self, text=b''):\n"
+        "        if b'bad' in text:\n"
+        "            raise Exception('compile failed')\n"
+        "        self.text = text\n")
+    log = tmp_path / "compiles.jsonl"
+    program = ("import os, bcc\n"
+               "os.environ['PYTEST_CURRENT_TEST'] = 'tests/test_a.py::t (call)'\n"
+               "assert bcc.BPF(text=b'ok').text == b'ok'\n"
+               "try:\n    bcc.BPF(text=b'bad')\nexcept Exception as e:\n    print(e)\n")
+    env = {**os.environ, "PYTHONPATH": f"{matrix.GUEST_SITE}:{tmp_path / 'site'}", matrix.COMPILE_LOG_ENV: str(log)}
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "compile failed\n", done.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["ok"], r["test"]) for r in records] == [(True, "tests/test_a.py::t (call)"),
+                                                         (False, "tests/test_a.py::t (call)")]
+    assert all(isinstance(r["seconds"], float) for r in records)
+    # an unwritable log loses the measurement, never the compile; without the variable nothing is wrapped
+    env[matrix.COMPILE_LOG_ENV] = str(tmp_path / "no" / "such" / "dir" / "log")
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    del env[matrix.COMPILE_LOG_ENV]
+    done = subprocess.run([sys.executable, "-c", "import bcc; print(bcc.BPF.__init__.__name__)"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "__init__\n", done.stderr

@@ -56,6 +56,14 @@ def test_bad_pod_specs_are_refused():
         topology.plan("tb", [PodSpec("a", node=3)], nodes=2)
     with pytest.raises(ValueError, match="pod name"):
         topology.plan("tb", [PodSpec("A_b")])
+    with pytest.raises(ValueError, match=r"app_ports \[9300\] are not all among its ports \[8080\]"):
+        topology.plan("tb", [PodSpec("a", app_ports=(9300,))])
+
+
+def test_app_ports_leave_declared_ports_to_a_test_app():
+    _, pods, _ = topology.plan("tb", [PodSpec("a", ports=(8080, 9300), app_ports=(8080,)), PodSpec("b")])
+    assert (pods[0].ports, pods[0].bed_app_ports) == ([8080, 9300], [8080])
+    assert pods[1].bed_app_ports == pods[1].ports == [8080]
 
 
 @pytest.mark.parametrize("ports", [(0,), (70000,), ("8080",)])

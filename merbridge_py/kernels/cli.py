@@ -17,6 +17,10 @@ examples:
   merbridge-py test-kernels                   # every kernel: 6.1, two 6.12s, 5.10 as the refusal
   merbridge-py test-kernels --only 6.12.118   # one kernel (a label or release substring)
   merbridge-py test-kernels --no-update       # resolve names from the apt lists already here
+  merbridge-py test-kernels --only 6.1.0 --test tests/test_peer_name.py \\
+      --test 'tests/test_byte_order.py::test_inbound_leg_writes_right_after_connect_arrive_in_order[idle]'
+                                              # chosen tests only (node ids), not the list in matrix.py
+  make test-kernels KERNELS_ARGS='--only 6.12.100 --test tests/test_kernel_probes.py'
 """
 
 
@@ -29,7 +33,11 @@ examples:
               show_default=True)
 @click.option("--only", multiple=True, help="run only kernels whose label or release contains this")
 @click.option("--update/--no-update", default=True, help="refresh bullseye's private apt lists first")
-def test_kernels(cache, out, json_path, only, update):
+@click.option("--test", "chosen", multiple=True, metavar="NODEID",
+              help="run this pytest node id (tests/FILE.py[::TEST[PARAMS]]) in each kernel expected to pass, "
+                   "instead of the matrix's list (KERNEL_TESTS in merbridge_py/kernels/matrix.py); repeatable. "
+                   "5.10's refusal check stays as it is")
+def test_kernels(cache, out, json_path, only, update, chosen):
     """Boot Debian's kernels under QEMU (software emulation) and run the kernel tests in each.
 
     Nothing is installed on the host: each kernel package is downloaded, unpacked
@@ -37,10 +45,14 @@ def test_kernels(cache, out, json_path, only, update):
     Exits 1 when a kernel expected to pass fails or 5.10 is not refused."""
     if not PROJECT.joinpath("tests").is_dir():
         raise click.ClickException(f"{PROJECT} has no tests/: run from a source checkout")
-    rows = matrix.run_matrix(cache, PROJECT, out, list(only), update, echo=click.echo)
+    try:
+        tests = matrix.chosen_tests(list(chosen), PROJECT)[0]
+    except matrix.NodeIdError as e:
+        raise click.BadParameter(str(e), param_hint="--test") from None
+    rows = matrix.run_matrix(cache, PROJECT, out, list(only), update, echo=click.echo, tests=list(chosen))
     click.echo("")
     click.echo(matrix.table(rows))
-    matrix.write_json(rows, json_path, matrix.existing_tests(matrix.KERNEL_TESTS, PROJECT)[0])
+    matrix.write_json(rows, json_path, tests)
     click.echo(f"\nwritten: {json_path}")
     booted = [r for r in rows if r.label != "host"]
     bad = [r for r in booted if not r.ok]

@@ -25,6 +25,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from .client import format_address
+
 MAX_BYTES = 1 << 31
 CHUNK = b"x" * 65536
 
@@ -41,12 +43,6 @@ class _Server6(_Server):
     def server_bind(self):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         super().server_bind()
-
-
-def format_peer(address: tuple) -> str:
-    """"ip:port", or "[ip]:port" for IPv6 (a socket address tuple of either family)."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _handler(pod: str):
@@ -71,7 +67,7 @@ def _handler(pod: str):
         def do_GET(self):
             url = urlsplit(self.path)
             if url.path == "/whoami":
-                peer = format_peer(self.client_address)
+                peer = format_address(self.client_address)
                 port = self.connection.getsockname()[1]
                 self._send(200, json.dumps({"pod": pod, "peer": peer, "port": port}).encode())
             elif url.path == "/":

@@ -45,6 +45,7 @@ def target_address(host: str, family: str | None) -> str:
 
 
 def format_address(address: tuple) -> str:
+    """"ip:port", or "[ip]:port" for IPv6 (a socket address tuple of either family)."""
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

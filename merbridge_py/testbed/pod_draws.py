@@ -11,15 +11,27 @@ ranges are drawn from the bed's own address plan (topology.py: pod IPs
 range covers some of the bed's pods and misses others. The slot must be the
 one the bed will get (`next_slot`); the caller checks it got that slot.
 
+Some meshed pods also capture DNS (Istio's ISTIO_META_DNS_CAPTURE proxy
+metadata, so the bed runs Istio's DNS proxy in them), and `userns_per_node`
+more run in their own user namespace (hostUsers: false; istio-init, proxy
+uid 1337 inside: a uid from another range has no id inside the pod's
+65536-id user namespace).
+
 Probes (for a bed that is up): for each meshed pod, one destination inside
 each address range of its annotations, a few drawn at random (meshed pods,
 their Service IPs, a plain pod outside the mesh, the pod itself), and
 inbound requests to it from a plain pod; ports from the ports the pods
-serve, one nobody serves, the default status port and the pod's own.
+serve, one nobody serves, the default status port and the pod's own. Then
+issue 20's kinds: some of those outbound requests again from a v4-mapped
+AF_INET6 socket and again as the pod's proxy uid (which must go out
+directly), DNS lookups of a mesh name and an outside name over drawn
+transports (also as the proxy, in a pod that captures DNS), and on a
+dual-stack bed native IPv6 requests out of and into the pod.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -33,6 +45,9 @@ SERVED_PORTS = (8080, 9090)     # every drawn pod serves these
 UNSERVED_PORT = 7070            # nobody listens: refused, directly or behind a sidecar
 STATUS_PORTS = ("15020", "15030")   # Istio's default and a moved status port
 OTHER_PROXY_UID = 1000720000    # an OpenShift-style uid from a namespace's range
+DNS_CAPTURE = {"proxy.istio.io/config": 'proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: "true"\n'}
+DNS_NAMES = ("mesh.dns.test", "outside.dns.test")   # one the DNS proxy answers, one only the server knows
+DNS_TRANSPORTS = ("unconnected", "connected", "tcp", "unconnected6", "connected6", "tcp6")
 
 
 def next_slot() -> int:
@@ -122,24 +137,42 @@ def draw_mesh_defaults(rng: random.Random, plan: AddressPlan) -> dict[str, str]:
     return mesh
 
 
-def draw_install(rng: random.Random, plan: AddressPlan) -> dict:
-    """PodSpec install options: rules backend, istio-cni or istio-init,
-    mesh-wide defaults, proxy uid (the pod's own, else the mesh's)."""
-    return {"rules": rng.choice(("iptables", "nftables")), "cni": rng.random() < 0.4,
+def draw_install(rng: random.Random, plan: AddressPlan, rules: str | None = None) -> dict:
+    """PodSpec install options: rules backend (`rules`, else drawn),
+    istio-init or istio-cni, mesh-wide defaults, proxy uid (the pod's own,
+    else the mesh's)."""
+    drawn = rng.choice(("iptables", "nftables"))
+    return {"rules": rules or drawn, "cni": rng.random() < 0.4,
             "mesh_defaults": draw_mesh_defaults(rng, plan),
             "proxy_uid": OTHER_PROXY_UID if rng.random() < 0.25 else None}
 
 
 def draw_pods(rng: random.Random, slot: int, meshed_per_node: int, nodes: int = 2,
-              plain_per_node: int = 1) -> list[PodSpec]:
-    """`meshed_per_node` drawn meshed pods and `plain_per_node` plain pods
-    (outside the mesh) per node, in the order topology.plan numbers them."""
-    plan = AddressPlan(slot, nodes, meshed_per_node + plain_per_node)
+              plain_per_node: int = 1, userns_per_node: int = 0, dns_capture: float = 0.25,
+              rules: str | None = None) -> list[PodSpec]:
+    """`meshed_per_node` drawn meshed pods, `userns_per_node` drawn meshed pods
+    in their own user namespace and `plain_per_node` plain pods (outside the
+    mesh) per node, in the order topology.plan numbers them. `dns_capture`:
+    the odds that a pod captures DNS (never a user-namespaced one: the bed's
+    DNS proxy files are not laid out for it; nor Istio's nftables rules
+    under istio-cni, which capture all DNS, a case the bed does not model).
+    `rules`: every pod's rules backend (a dual-stack bed needs "iptables"),
+    else drawn."""
+    plan = AddressPlan(slot, nodes, meshed_per_node + userns_per_node + plain_per_node)
     specs = []
     for node in range(nodes):
         for i in range(meshed_per_node):
-            specs.append(PodSpec(f"m{node}x{i}", node=node, annotations=draw_annotations(rng, plan),
-                                 ports=SERVED_PORTS, **draw_install(rng, plan)))
+            annotations, install = draw_annotations(rng, plan), draw_install(rng, plan, rules)
+            if rng.random() < dns_capture and not (install["rules"] == "nftables" and install["cni"]):
+                annotations.update(DNS_CAPTURE)
+            specs.append(PodSpec(f"m{node}x{i}", node=node, annotations=annotations, ports=SERVED_PORTS,
+                                 **install))
+        for i in range(userns_per_node):
+            install = draw_install(rng, plan, rules)
+            mesh = {k: v for k, v in install["mesh_defaults"].items() if k != "proxyUID"}
+            specs.append(PodSpec(f"u{node}x{i}", node=node, annotations=draw_annotations(rng, plan),
+                                 ports=SERVED_PORTS, rules=install["rules"], cni=False, mesh_defaults=mesh,
+                                 host_users=False))
         for i in range(plain_per_node):
             specs.append(PodSpec(f"plain{node}x{i}", node=node, meshed=False, ports=SERVED_PORTS))
     return specs
@@ -153,6 +186,7 @@ def describe_pod(spec: PodSpec) -> str:
     ann = " ".join(f"{short.get(k, k)}={v!r}" for k, v in sorted(spec.annotations.items()))
     mesh = " ".join(f"{k}={v!r}" for k, v in sorted((spec.mesh_defaults or {}).items()))
     install = f"{spec.rules or 'iptables'} {'istio-cni' if spec.cni else 'istio-init'}"
+    install += "" if spec.host_users else " hostUsers=false"
     uid = f" uid {spec.proxy_uid}" if spec.proxy_uid is not None else ""
     return (f"{spec.name} node{spec.node} {install}{uid}; annotations: {ann or '-'}; "
             f"mesh: {mesh or '-'}")
@@ -173,21 +207,32 @@ def _port_pool(pod: Pod) -> list[int]:
     return sorted({*SERVED_PORTS, UNSERVED_PORT, int(ii.DEFAULT_STATUS_PORT), status})
 
 
-def draw_probes(rng: random.Random, pods: list[Pod], random_outbound: int = 5, inbound: int = 3) -> list[Probe]:
+def draw_probes(rng: random.Random, pods: list[Pod], random_outbound: int = 5, inbound: int = 3,
+                v4_mapped: int = 1, as_proxy: int = 1, lookups: int = 1, ipv6: int = 2,
+                nameservers: dict[str, str] | None = None) -> list[Probe]:
     """Probes for every meshed pod of a bed that is up (see the module's
-    docstring). Deterministic for a given rng state and pod list."""
+    docstring). Deterministic for a given rng state and pod list. Per meshed
+    pod: `v4_mapped` and `as_proxy` of its outbound probes are repeated in
+    that way, `lookups` DNS queries go to its node's nameserver
+    (`nameservers`: node name -> address; no DNS probes without it), and on
+    a dual-stack bed `ipv6` native IPv6 requests go out of it and `inbound`
+    of them (at most 1) into it."""
+    from .dns import captures_dns
     meshed = [p for p in pods if p.meshed]
     plain = [p for p in pods if not p.meshed]
     # every address a request can go to, with the pod behind it
     targets = [(p.ip, p, "pod") for p in pods] + [(p.service_ip, p, "service") for p in pods]
+    targets6 = [(p.ip6, p, "IPv6 pod") for p in pods if p.ip6] + \
+        [(p.service_ip6, p, "IPv6 service") for p in pods if p.service_ip6]
     probes: list[Probe] = []
 
-    def add(client: Pod, address: str, server: Pod, kind: str, port: int | None = None) -> None:
+    def add(client: Pod, address: str, server: Pod, kind: str, port: int | None = None, **how) -> None:
         port = port if port is not None else rng.choice(_port_pool(server))
         mesh_word = "meshed" if server.meshed else "plain"
-        probes.append(Probe(client.name, address, port, f"{kind} of {mesh_word} {server.name}", server.name))
+        probes.append(Probe(client.name, address, port, f"{kind} of {mesh_word} {server.name}", server.name, **how))
 
     for pod in meshed:
+        first = len(probes)
         # one destination inside every range the pod's annotations or mesh defaults name
         ranges = [pod.annotations.get(name, "") for name in (ii.ANN_INCLUDE_OUTBOUND_IP_RANGES,
                                                              ii.ANN_EXCLUDE_OUTBOUND_IP_RANGES)]
@@ -206,6 +251,24 @@ def draw_probes(rng: random.Random, pods: list[Pod], random_outbound: int = 5, i
             add(pod, server.ip, server, "pod")
         address, kind = rng.choice(((pod.ip, "pod"), (pod.service_ip, "service")))
         add(pod, address, pod, f"own {kind}", rng.choice(SERVED_PORTS))
+        outbound = probes[first:]
+        for _ in range(v4_mapped):
+            probes.append(dataclasses.replace(rng.choice(outbound), family="v4-mapped"))
+        for _ in range(as_proxy):
+            probes.append(dataclasses.replace(rng.choice(outbound), proxy=True))
+        if pod.ip6 and targets6:
+            for _ in range(ipv6):
+                address, server, kind = rng.choice([t for t in targets6 if t[1] is not pod])
+                add(pod, address, server, kind, family="inet6")
+            for _ in range(min(inbound, 1) if plain else 0):
+                add(rng.choice([p for p in plain if p.ip6] or plain), pod.ip6, pod, "IPv6 inbound to pod",
+                    family="inet6")
+        if nameservers:
+            server = nameservers[pod.node]
+            kinds = [False] * lookups + ([True] if lookups and captures_dns(pod) else [])
+            for proxy in kinds:
+                probes.append(Probe(pod.name, server, 53, "nameserver", None, proxy=proxy,
+                                    dns_name=rng.choice(DNS_NAMES), dns_how=rng.choice(DNS_TRANSPORTS)))
         for _ in range(inbound if plain else 0):
             add(rng.choice(plain), pod.ip, pod, "inbound to pod")
     return probes

@@ -105,6 +105,9 @@ class Testbed:
         self.agents: dict[str, str] = agents or {}     # node name -> metrics address of its agent
         self.workdir = state.workdir(name)
         self.status_word = "up"      # "creating" until up() has finished
+        # Test only: the agents this object starts run with this deliberately
+        # wrong policy (testbed/mutant_agent.py), to show a test can fail.
+        self.agent_mutant: str | None = None
         self._children: dict[int, subprocess.Popen] = {}
 
     # --- life cycle -------------------------------------------------------------
@@ -363,12 +366,12 @@ class Testbed:
         for pod in self.pods:
             ready_file(pod.name).unlink(missing_ok=True)
             if self.app == "nginx":
-                argv = nginx_app.argv(self.workdir, pod.name, pod.ports, ready_file(pod.name), log_of(pod.name),
+                argv = nginx_app.argv(self.workdir, pod.name, pod.bed_app_ports, ready_file(pod.name), log_of(pod.name),
                                       ipv6=bool(pod.ip6))
             else:
                 argv = [sys.executable, "-m", "merbridge_py.testbed.app", "--name", pod.name,
                         "--ready-file", str(ready_file(pod.name))]
-                for port in pod.ports:
+                for port in pod.bed_app_ports:
                     argv += ["--port", str(port)]
                 if pod.ip6:
                     argv.append("--ipv6")
@@ -393,7 +396,9 @@ class Testbed:
 
     def _spawn_agent(self, node: Node) -> ProcessRecord:
         addr = f"127.0.0.1:{_free_loopback_port()}"
-        argv = [sys.executable, "-m", "merbridge_py.cli", "run", "--cgroup", node.cgroup,
+        command = ["merbridge_py.cli"] if self.agent_mutant is None else \
+            ["merbridge_py.testbed.mutant_agent", self.agent_mutant]
+        argv = [sys.executable, "-m", *command, "run", "--cgroup", node.cgroup,
                 "--pods-file", str(self.pods_file(node)), "--bpffs", node.bpffs,
                 "--metrics-addr", addr, "--admin-socket", str(self.admin_socket(node)), "--node-name", node.name]
         # In the root network namespace (the agent needs only the cgroup and

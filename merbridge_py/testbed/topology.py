@@ -84,6 +84,10 @@ class PodSpec:
     meshed: bool = True
     annotations: dict[str, str] = field(default_factory=dict)
     ports: tuple[int, ...] = (APP_PORT,)
+    # The ports the bed's own app serves (None: all of `ports`). The others are
+    # still declared (the sidecars give them Service clusters and mTLS), and a
+    # test serves them with an app of its own (tests/test_fionread_apps.py).
+    app_ports: tuple[int, ...] | None = None
     # How Istio was installed for this pod (None: the bed's value, see Testbed.up):
     rules: str | None = None                  # "iptables" (istio-iptables) or "nftables" (native nftables)
     cni: bool | None = None                   # istio-cni (istio-validation) instead of istio-init
@@ -131,6 +135,12 @@ class Pod:
     proxy_uid: int = 1337
     proxy_gid: int = 1337
     host_users: bool = True   # False: its own user namespace (PodSpec.host_users)
+    app_ports: list[int] | None = None   # PodSpec.app_ports
+
+    @property
+    def bed_app_ports(self) -> list[int]:
+        """The ports the bed's own app listens on."""
+        return self.ports if self.app_ports is None else self.app_ports
 
     def host_id(self, inner: int) -> int:
         """The host's view of uid/gid `inner` of this pod's processes."""
@@ -214,13 +224,16 @@ def plan(name: str, specs: list[PodSpec], nodes: int | None = None,
         if i >= MAX_PODS_PER_NODE:
             raise ValueError(f"more than {MAX_PODS_PER_NODE} pods on node {s.node}")
         per_node[s.node] = i + 1
+        if s.app_ports is not None and not set(s.app_ports) <= set(s.ports):
+            raise ValueError(f"pod {s.name}: app_ports {list(s.app_ports)} are not all among its ports {list(s.ports)}")
         pods.append(Pod(name=s.name, node=f"node{s.node}", ip=f"{net}.{s.node}.{10 + i}", netns=f"{pfx}pod-{s.name}",
                         meshed=s.meshed, cgroup=str(cg / f"node{s.node}" / s.name), annotations=dict(s.annotations),
                         ports=list(s.ports), veth=f"p{i}", service_ip=f"10.96.{s.node}.{10 + i}",
                         rules=s.rules or "iptables", cni=bool(s.cni), mesh_defaults=dict(s.mesh_defaults or {}),
                         proxy_uid=1337 if s.proxy_uid is None else s.proxy_uid,
                         proxy_gid=(1337 if s.proxy_uid is None else s.proxy_uid) if s.proxy_gid is None
-                        else s.proxy_gid, host_users=s.host_users))
+                        else s.proxy_gid, host_users=s.host_users,
+                        app_ports=None if s.app_ports is None else list(s.app_ports)))
         if dual:
             pods[-1].ip6 = _v6("fd10", slot, s.node, 10 + i)
             pods[-1].service_ip6 = _v6("fd96", slot, s.node, 10 + i)

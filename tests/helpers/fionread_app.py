@@ -6,12 +6,18 @@ can stall on; they are counted.
 
     python fionread_app.py serve --port 9300
     python fionread_app.py client --host IP --port 9300 --up N --down N
+    python fionread_app.py put-get --host IP --port 9302 --path /upload/x --bytes N
 
 Protocol, one exchange per connection: the client sends "up N down M\\n" and
 N bytes; the server reads them with the checks, answers its counts as one
 JSON line, then sends M bytes, which the client reads with the checks. The
 client prints {"up": server's counts, "down": its own} as JSON. The bytes
 are a pattern depending on the offset, so a reordering shows as corruption.
+
+put-get: an HTTP client for a WebDAV-enabled server (nginx's dav_methods PUT):
+PUT N pattern bytes to --path, then GET them back on the same connection,
+reading the response with the checks. Prints {"put_status", "put_seconds",
+"get_status", "down": its counts} as JSON.
 """
 
 import argparse
@@ -22,6 +28,7 @@ import socket
 import struct
 import termios
 import threading
+import time
 
 CHUNK = 1 << 16
 
@@ -79,6 +86,26 @@ class CheckedReader:
             self.offset += len(take)
             self.bytes += len(take)
 
+    def raw(self, n: int) -> bytes:
+        """n bytes, unchecked (an HTTP response body that is not the pattern)."""
+        while len(self.buf) < n:
+            if not self._fill():
+                raise EOFError(f"connection closed {n - len(self.buf)} bytes before the end of a body")
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def http_head(self) -> tuple[int, dict[str, str]]:
+        """An HTTP response's status and headers (names lowercased)."""
+        status = int(self.line().split()[1])
+        headers = {}
+        while True:
+            line = self.line().rstrip(b"\r")
+            if not line:
+                return status, headers
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+
     def counts(self) -> dict:
         return {"bytes": self.bytes, "readable": self.readable, "zero_while_data": self.zero_while_data,
                 "corrupt_chunks": self.corrupt}
@@ -122,6 +149,26 @@ def client(host: str, port: int, up: int, down: int) -> dict:
         return {"up": server_counts, "down": reader.counts()}
 
 
+def put_get(host: str, port: int, path: str, n: int) -> dict:
+    with socket.create_connection((host, port), timeout=300) as sock:
+        started = time.monotonic()
+        sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {n}\r\n\r\n".encode())
+        send_pattern(sock, n)
+        reader = CheckedReader(sock)
+        put_status, headers = reader.http_head()
+        reader.raw(int(headers.get("content-length", 0)))
+        put_seconds = time.monotonic() - started
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        get_status, headers = reader.http_head()
+        length = int(headers.get("content-length", 0))
+        if get_status == 200:
+            reader.payload(length)
+        else:
+            reader.raw(length)
+        return {"put_status": put_status, "put_seconds": round(put_seconds, 3), "get_status": get_status,
+                "down": reader.counts()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -132,9 +179,16 @@ def main() -> None:
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--up", type=int, default=0)
     c.add_argument("--down", type=int, default=0)
+    h = sub.add_parser("put-get")
+    h.add_argument("--host", required=True)
+    h.add_argument("--port", type=int, required=True)
+    h.add_argument("--path", required=True)
+    h.add_argument("--bytes", type=int, required=True)
     args = parser.parse_args()
     if args.cmd == "serve":
         serve(args.port)
+    elif args.cmd == "put-get":
+        print(json.dumps(put_get(args.host, args.port, args.path, args.bytes)))
     else:
         print(json.dumps(client(args.host, args.port, args.up, args.down)))
 
