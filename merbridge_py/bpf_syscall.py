@@ -175,11 +175,14 @@ def prog_query(target_fd: int, attach_type: int, capacity: int = 64) -> list[int
     return list(ids[: attr.prog_cnt])
 
 
-def tracing_attach(prog_fd: int, what: str) -> int:
+def tracing_attach(prog_fd: int, what: str, tracepoint: str | None = None) -> int:
     """Attach a loaded fentry/fexit program to the kernel function it was
-    loaded for; returns the link's fd, which holds the attachment: closing it
-    (or the process ending) detaches the program."""
-    return bpf(Cmd.RAW_TRACEPOINT_OPEN, _RawTracepointAttr(prog_fd=prog_fd), f"attaching {what}")
+    loaded for, or a raw tracepoint program to `tracepoint`; returns the
+    link's fd, which holds the attachment: closing it (or the process ending)
+    detaches the program."""
+    name = ct.create_string_buffer(tracepoint.encode()) if tracepoint else None
+    attr = _RawTracepointAttr(name=_addr(name) if name is not None else 0, prog_fd=prog_fd)
+    return bpf(Cmd.RAW_TRACEPOINT_OPEN, attr, f"attaching {what}")
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:

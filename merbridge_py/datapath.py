@@ -68,8 +68,34 @@ BACKLOG_BYTES_ENV = "MERBRIDGE_BACKLOG_BYTES"   # 0: no limit (as before backpre
 BACKLOG_FALLBACK_ENV = "MERBRIDGE_BACKLOG_FALLBACK"
 BACKLOG_FALLBACKS = ("bulk", "budget")
 FALLBACK_BULK_BYTES = 8 << 20
-TRACING_SOURCE = "tcp_bpf_recvmsg.bpf.c"
-TRACING_PROGRAMS = ("kretfunc__tcp_bpf_recvmsg", "kretfunc__tcp_bpf_recvmsg_parser")
+
+
+@dataclass(frozen=True)
+class ReaderHook:
+    """One way of counting what spliced sockets' readers take (backpressure):
+    its source (compiled with READER_PROGRESS_HEADER), its programs as bcc
+    names them, bcc's program type for them, and what attaching one needs
+    (a tracepoint's name, or None: the kernel function it was loaded for)."""
+
+    kind: str
+    source: str
+    programs: tuple[str, ...]
+    prog_type: str      # name in bcc's BPF (TRACING, RAW_TRACEPOINT)
+    tracepoint: str | None = None
+
+
+READER_PROGRESS_HEADER = "reader_progress.h"
+# Tried in this order by the loader, which pins the first one the kernel takes;
+# never both (a read would count twice). fexit runs only on sockets in a
+# sockmap; the tracepoint on every socket read of the node, but loads where
+# fexit is refused (ebpf/sock_recv_length.bpf.c).
+READER_HOOKS = (
+    ReaderHook("fexit on tcp_bpf_recvmsg", "tcp_bpf_recvmsg.bpf.c",
+               ("kretfunc__tcp_bpf_recvmsg", "kretfunc__tcp_bpf_recvmsg_parser"), "TRACING"),
+    ReaderHook("tracepoint sock_recv_length", "sock_recv_length.bpf.c",
+               ("raw_tracepoint__sock_recv_length",), "RAW_TRACEPOINT", tracepoint="sock_recv_length"),
+)
+READER_PROGRAMS = {name: hook for hook in READER_HOOKS for name in hook.programs}
 
 
 @dataclass(frozen=True)
@@ -150,7 +176,7 @@ def layout_version(directory: Path | None = None) -> str:
 
 def program_text(directory: Path | None = None, sources: tuple[str, ...] | None = None) -> str:
     """The exact C text compiled: the shared header, then one file per hook
-    (or `sources`: the tracing module's, TRACING_SOURCE). bcc only takes
+    (or `sources`: a reader hook's, READER_HOOKS). bcc only takes
     programs and map rewrites from its main file, so the files are joined
     here; #line markers keep compiler errors pointing at them."""
     d = directory or ebpf_dir()
@@ -159,7 +185,7 @@ def program_text(directory: Path | None = None, sources: tuple[str, ...] | None 
         sources = tuple(dict.fromkeys(h.source for h in HOOKS))   # a file may hold several hooks
     for name in (HEADER,) + sources:
         body = (d / name).read_text()
-        body = re.sub(r'^#include "merbridge\.h"\s*$', "", body, flags=re.M)
+        body = re.sub(r'^#include "(merbridge\.h|reader_progress\.h)"\s*$', "", body, flags=re.M)
         body = body.replace("#pragma once", "")
         parts.append(f'#line 1 "{d / name}"\n{body}')
     return "\n".join(parts)
@@ -299,7 +325,7 @@ class Datapath:
         self.maps_dir = self.bpffs_dir / f"maps-{layout_version()}{size}"
         self.adopted_maps = False     # the maps were a predecessor's, taken over
         self._created_maps_dir = False
-        # Backpressure's reader side (TRACING_PROGRAMS): fds of the loaded
+        # Backpressure's reader side (READER_HOOKS): fds of the loaded
         # programs, of their links once attached, and why not, when not.
         self.tracing_progs: dict[str, int] = {}
         self.tracing_links: list[int] = []
@@ -328,9 +354,8 @@ class Datapath:
                 for hook in HOOKS:
                     progs[hook.function] = obj_get(staging / hook.function)
                 self.tracing_error = self.loader_result.get("tracing_error")
-                if not self.tracing_error:
-                    for name in TRACING_PROGRAMS:
-                        self.tracing_progs[name] = obj_get(staging / name)
+                for name in self.loader_result.get("tracing_programs", []):
+                    self.tracing_progs[name] = obj_get(staging / name)
             except DatapathError:
                 for fd in [*progs.values(), *self.tracing_progs.values()]:
                     os.close(fd)
@@ -387,12 +412,12 @@ class Datapath:
 
     def _attach_tracing(self) -> None:
         """Attach backpressure's reader side, all or none; a failure is not
-        fatal (see TRACING_PROGRAMS) but said in status, doctor and a metric."""
+        fatal (see READER_HOOKS) but said in status, doctor and a metric."""
         if self.tracing_links:
             return
         try:
             for name, fd in self.tracing_progs.items():
-                self.tracing_links.append(bpf_syscall.tracing_attach(fd, name))
+                self.tracing_links.append(bpf_syscall.tracing_attach(fd, name, READER_PROGRAMS[name].tracepoint))
         except OSError as e:
             self._detach_tracing()
             self.tracing_error = f"attaching {e}"
@@ -408,11 +433,14 @@ class Datapath:
 
     @property
     def backlog_tracing(self) -> str:
-        """"attached", "not attached" (before attach, after detach) or
+        """"attached: <which reader hook>", "not attached" (before attach, after detach) or
         "unavailable: <why>; <what the agent does instead>"."""
         if self.tracing_error:
             return f"unavailable: {self.tracing_error}; {self.backlog_fallback_text()}"
-        return "attached" if self.tracing_links else "not attached"
+        if not self.tracing_links:
+            return "not attached"
+        kinds = sorted({READER_PROGRAMS[name].kind for name in self.tracing_progs})
+        return f"attached: {', '.join(kinds)}"
 
     def backlog_limits(self) -> tuple[int, int]:
         """(backlog_bytes, bulk_bytes) for the config map: the settings, or

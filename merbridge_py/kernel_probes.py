@@ -348,9 +348,9 @@ def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf")) -> ProbeResult:
         return ProbeResult(name, "error", f"cannot make a scratch directory under {bpffs_root}: {e.strerror}")
     try:
         loaded = run_loader(scratch / "maps", scratch / "progs", get_profile("istio").cflags())
-        # backpressure's reader side is optional (datapath.TRACING_PROGRAMS): said, never a failure
+        # backpressure's reader side is optional (datapath.READER_HOOKS): said, never a failure
         tracing = (f"; {TRACING_UNAVAILABLE}: {loaded['tracing_error']}" if loaded.get("tracing_error") else
-                   "; backpressure's reader tracing (fexit) loaded and attached")
+                   f"; backpressure's reader tracing loaded and attached ({loaded.get('reader_tracing')})")
         return ProbeResult(name, "ok", f"all {len(HOOKS)} programs compiled, passed the verifier and loaded{tracing}")
     except DatapathError as e:
         missing = missing_helpers(str(e))

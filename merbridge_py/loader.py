@@ -86,45 +86,65 @@ def kernel_function_arguments(names: tuple[str, ...]) -> int:
     return next(iter(counts.values()))
 
 
-def compile_tracing(maps_dir: Path, cflags: list[str]):
-    """The second module: backpressure's fexit programs (datapath.TRACING_PROGRAMS),
-    on the maps the first one pinned. bcc attaches kretfunc__ programs as it
-    loads them; that attachment ends with this process (the agent makes its own)."""
+def compile_reader_hook(hook, maps_dir: Path, cflags: list[str]):
+    """One of backpressure's reader hooks (datapath.READER_HOOKS), compiled
+    as its own module on the maps the first one pinned. bcc attaches
+    kretfunc__ and raw_tracepoint__ programs as it loads them (a tracepoint
+    the kernel lacks fails here); that attachment ends with this process (the
+    agent makes its own)."""
     from bcc import BPF
 
-    from .datapath import TRACING_PROGRAMS, TRACING_SOURCE, program_text
-    arguments = kernel_function_arguments(tuple(name.removeprefix("kretfunc__") for name in TRACING_PROGRAMS))
-    bpf = BPF(text=program_text(sources=(TRACING_SOURCE,)).encode(),
-              cflags=list(cflags) + [f'-DMB_MAPS_DIR="{maps_dir}"', f"-DRECVMSG_ARGUMENTS={arguments}"])
+    from .datapath import READER_PROGRESS_HEADER, program_text
+    defines = [f'-DMB_MAPS_DIR="{maps_dir}"']
+    if hook.prog_type == "TRACING":
+        functions = tuple(name.removeprefix("kretfunc__") for name in hook.programs)
+        defines.append(f"-DRECVMSG_ARGUMENTS={kernel_function_arguments(functions)}")
+    bpf = BPF(text=program_text(sources=(READER_PROGRESS_HEADER, hook.source)).encode(),
+              cflags=list(cflags) + defines)
     try:
-        fns = {name: bpf.load_func(name.encode(), BPF.TRACING) for name in TRACING_PROGRAMS}
+        fns = {name: bpf.load_func(name.encode(), getattr(BPF, hook.prog_type)) for name in hook.programs}
     except BaseException:
         bpf.cleanup()
         raise
     return bpf, fns
 
 
+def _refusal(hook, e: Exception) -> str:
+    """One line on why a reader hook did not load."""
+    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if reason == "Need super-user privileges to run":   # bcc's words for EPERM, misleading as root
+        reason = (f"the kernel refused to load it ({TRACING_REFUSED}: kernel lockdown or a security "
+                  "module forbids such programs here)")
+    return f"{hook.kind}: {reason}"
+
+
 def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
     from . import kheaders
-    from .datapath import obj_pin
+    from .datapath import READER_HOOKS, obj_pin
     headers = kheaders.find()
     headers.apply()
     started = time.monotonic()
     bpf, fns = compile_programs(maps_dir, cflags)
     tracing, tracing_error = None, None
+    tracing_programs, reader_tracing, refusals = [], None, []
     try:
         pin_dir.mkdir(parents=True, exist_ok=False)
         for name, fn in fns.items():
             obj_pin(fn.fd, pin_dir / name)
-        try:   # optional: without it the datapath still works (datapath.TRACING_PROGRAMS)
-            tracing, tracing_fns = compile_tracing(maps_dir, cflags)
+        # Optional: without a reader hook the datapath still works (datapath.READER_HOOKS).
+        # The first hook the kernel takes is pinned, never two (a read would count twice).
+        for hook in READER_HOOKS:
+            try:
+                tracing, tracing_fns = compile_reader_hook(hook, maps_dir, cflags)
+            except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; the reason goes to the agent
+                refusals.append(_refusal(hook, e))
+                continue
             for name, fn in tracing_fns.items():
                 obj_pin(fn.fd, pin_dir / name)
-        except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; the reason goes to the agent
-            tracing_error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            if tracing_error == "Need super-user privileges to run":   # bcc's words for EPERM, misleading as root
-                tracing_error = (f"the kernel refused to load an fexit program ({TRACING_REFUSED}: kernel "
-                                 "lockdown or a security module forbids tracing programs here)")
+            tracing_programs, reader_tracing = sorted(tracing_fns), hook.kind
+            break
+        else:
+            tracing_error = "; ".join(refusals)
     finally:
         bpf.cleanup()   # closes our fds; the pins keep programs and maps alive
         if tracing is not None:
@@ -133,6 +153,11 @@ def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
     result = {"headers": headers.description, "programs": sorted(fns), "seconds": round(time.monotonic() - started, 3),
               "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_kb": usage.ru_maxrss,
               **_rss_split()}
+    result["tracing_programs"] = tracing_programs
+    if reader_tracing:
+        result["reader_tracing"] = reader_tracing
+    if refusals:
+        result["reader_hooks_refused"] = refusals   # also those refused before the one that loaded
     if tracing_error:
         result["tracing_error"] = tracing_error
     return result

@@ -190,7 +190,7 @@ BACKLOG_TRACING_STATES = ("attached", "not_attached", "unavailable")
 
 
 def _backlog_tracing_family(dp):
-    """Whether backpressure counts what readers take (datapath.TRACING_PROGRAMS);
+    """Whether backpressure counts what readers take (datapath.READER_HOOKS);
     "unavailable": every spliced socket goes to TCP after the backlog limit."""
     state = getattr(dp, "backlog_tracing", "not attached").split(":")[0].replace(" ", "_")
     fam = GaugeMetricFamily("merbridge_backlog_tracing", "1 for the state of backpressure's reader-side "

@@ -68,7 +68,7 @@ def status(admin_socket, as_json):
     if st.get("kernel"):
         click.echo(f"splice mode: {st['kernel']['splice_mode']} ({st['kernel']['why']})")
     if st.get("backlog_tracing"):   # issue 20, backpressure: whether readers' progress is counted
-        note = ("" if st["backlog_tracing"] == "attached" else
+        note = ("" if st["backlog_tracing"].startswith("attached") else
                 "; every spliced socket goes to TCP after the backlog limit" if
                 st["backlog_tracing"].startswith("unavailable") else "")
         click.echo(f"backpressure: reader tracing {st['backlog_tracing']}{note}")
