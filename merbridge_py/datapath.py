@@ -403,12 +403,21 @@ class Datapath:
             os.close(prog_fd)
         if stale:
             log.info("replaced %d programs left attached by a previous agent", len(stale))
-        self._attach_tracing()
+        if self._counts_readers():
+            self._attach_tracing()
         self._unpin_programs()
         self._remove_other_maps_dirs()
         self._pinned = True          # from here on the pins under bpffs_dir are ours to remove
         self._pin_programs()
         self._pins_complete = True
+
+    def _counts_readers(self) -> bool:
+        """Whether backpressure's reader hook should run: only while this node
+        splices. In iptables mode (and where splicing is off) it would only
+        cost: the tracepoint runs on every socket read of the node. Sockets
+        spliced before a switch to iptables keep their backlog limit; with
+        their reads no longer counted they go to TCP sooner, never later."""
+        return self.mode == "ebpf" and self.splice_allowed and self.splice != "never"
 
     def _attach_tracing(self) -> None:
         """Attach backpressure's reader side, all or none; a failure is not
@@ -614,12 +623,15 @@ class Datapath:
                     raise DatapathError("; ".join(errors))
             self.mode = mode
             self._write_config()
+            self._detach_tracing()
         else:
             self.mode = mode
             self._write_config()
             if self.attached:
                 for hook in redirecting:
                     self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
+                if self._counts_readers():
+                    self._attach_tracing()
         log.info("datapath mode is now %s", mode)
 
     # --- state ----------------------------------------------------------------------
