@@ -30,7 +30,10 @@ BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
 # Our programs. The kernel keeps 15 characters of a name; bpftool prints the
 # full one when the program has BTF. Both are matched on those 15.
-PROGRAMS = ("sock4_connect", "sockops", "sk_msg_splice", "sockopt_original_dst")
+PROGRAMS = ("sock4_connect", "sockops", "sk_msg_splice", "sockopt_original_dst",
+            # backpressure's reader hook, whichever the kernel took (datapath.READER_HOOKS): the
+            # tracepoint runs on every socket read of the node, so its cost is per read, everywhere
+            "raw_tracepoint__sock_recv_length", "kretfunc__tcp_bpf_recvmsg", "kretfunc__tcp_bpf_recvmsg_parser")
 NAME_LEN = 15
 LOADS = {
     "keep-alive, 1 connection": ["-c1", "-t1"],

@@ -162,6 +162,9 @@ struct datapath_config {
     __u32 bulk_bytes;           /* a socket sending more than this within bulk_window_ns is bulk */
     __u64 bulk_window_ns;
     __u64 short_memory_ns;      /* adaptive: that verdict holds while the last short one closed less than this ago */
+    __u32 backlog_bytes;        /* a sender whose peer holds more unread redirected bytes than this goes to TCP;
+                                 * 0: no limit (sk_msg.bpf.c, "Backpressure") */
+    __u32 pad;
 };
 
 /* Per spliced socket, in socket-local storage (freed with the socket). */
@@ -171,6 +174,8 @@ struct send_state {
     __u16 bulk;          /* 1: sends go through TCP from now on (bulk sender) */
     __u16 missed;        /* 1: sends go through TCP from now on (a redirect found no peer) */
     __u64 established_ns;  /* inbound leg's client end: its lifetime is learnt at close */
+    __u32 backpressure;  /* 1: sends go through TCP from now on (its peer stopped reading) */
+    __u32 pad;
 };
 
 /* Counters, one slot each in the per-CPU array datapath_counters. */
@@ -191,6 +196,7 @@ enum counter {
     CNT_SPLICE_BULK,             /* spliced sockets switched to TCP: they carry bulk data */
     CNT_PEER_NAME,               /* getpeername of a rewritten connection answered with its original destination */
     CNT_SPLICE_BUSY,             /* sockets not spliced: another program's sockmap holds them (-EBUSY; sockops.bpf.c) */
+    CNT_SPLICE_BACKPRESSURE,     /* spliced sockets switched to TCP: their peer held too many unread bytes */
     CNT_MAX,
 };
 
@@ -251,6 +257,23 @@ BPF_ANNOTATE_KV_PAIR(send_states, int, struct send_state);
 /* dest_profiles: how recent connections to a destination went, per leg. */
 MB_TABLE("lru_hash", struct dest_key, struct dest_profile, dest_profiles, MAX_DESTINATIONS);
 MB_TABLE("array", int, struct datapath_config, config, 1);
+/* ---- Backpressure (issue 20; ebpf/sk_msg.bpf.c, ebpf/tcp_bpf_recvmsg.bpf.c) ------
+ * peer_backlogs: a spliced socket's own tuple (as in sock_pairs) -> the bytes
+ * redirected into its ingress queue and the bytes its reader took out. The
+ * sender adds the first (it finds the entry by its peer's tuple), a tracing
+ * program on the reader's recvmsg the second. Reset when the socket joins
+ * sock_pairs (a reused 4-tuple starts from zero); LRU, so entries of closed
+ * sockets age out without a close callback. */
+struct peer_backlog {
+    __u64 redirected;
+    __u64 consumed;
+};
+MB_TABLE("lru_hash", struct sock_tuple, struct peer_backlog, peer_backlogs, MAX_CONNECTIONS);
+/* backlog_keys: a spliced socket's real tuple -> its sock_pairs key, where the
+ * two differ (a proxy-to-pod leg is keyed with the ports the other end sees
+ * across the receiving pod's REDIRECT, sockops.bpf.c): the reader side finds
+ * the socket by what its struct sock says. */
+MB_TABLE("lru_hash", struct sock_tuple, struct sock_tuple, backlog_keys, MAX_CONNECTIONS);
 MB_TABLE("percpu_array", int, __u64, counters, CNT_MAX);
 
 /* bcc 0.26 declares bpf_get_socket_cookie as returning u32; the kernel returns u64. */

@@ -43,12 +43,65 @@ static __always_inline int sending_bulk(struct send_state *st, __u32 size)
     return 0;
 }
 
+/* ---- Backpressure (issue 20) ----------------------------------------------
+ * A redirect puts bytes into the peer's ingress queue whatever its receive
+ * buffer holds: a reader that stops reading would let a writer of any rate
+ * (bulk detection only catches fast ones) fill kernel memory. So the bytes a
+ * socket redirects are counted against its peer (peer_backlogs, keyed by the
+ * peer's tuple), the bytes the peer's reader takes are counted by
+ * tcp_bpf_recvmsg.bpf.c, and once the peer holds more than backlog_bytes
+ * unread, this socket sends through TCP for good, as a bulk sender does: TCP's
+ * flow control then holds the writer back, and byte order is kept for the
+ * same reasons (see above). One message may overshoot the limit: a message is
+ * never split. Without the tracing program (a kernel that refuses it) nothing
+ * would ever be counted as read: the agent then either keeps the limit (every
+ * spliced socket goes to TCP after backlog_bytes) or sets it to 0 and lowers
+ * the bulk threshold instead (merbridge_py/datapath.py, BACKLOG_FALLBACK_ENV). */
+static __always_inline int peer_backlog_full(struct send_state *st, const struct sock_tuple *peer)
+{
+    struct datapath_config *cfg = datapath_config();
+    if (!cfg || !cfg->backlog_bytes || !st)
+        return 0;
+    if (st->backpressure)
+        return 1;
+    struct peer_backlog *b = peer_backlogs.lookup((struct sock_tuple *)peer);
+    if (!b)
+        return 0;
+    __u64 redirected = b->redirected, consumed = b->consumed;
+    /* consumed can pass redirected: a reader also reads bytes that came
+     * through TCP (after this socket switched, or a miss), and those count too */
+    if (consumed < redirected && redirected - consumed > cfg->backlog_bytes) {
+        st->backpressure = 1;
+        count(CNT_SPLICE_BACKPRESSURE, 1);
+        return 1;
+    }
+    return 0;
+}
+
+static __always_inline void peer_backlog_add(const struct sock_tuple *peer, __u64 size)
+{
+    struct datapath_config *cfg = datapath_config();
+    if (!cfg || !cfg->backlog_bytes)
+        return;
+    struct peer_backlog *b = peer_backlogs.lookup((struct sock_tuple *)peer);
+    if (!b) {
+        struct peer_backlog fresh = {.redirected = size};
+        if (peer_backlogs.insert((struct sock_tuple *)peer, &fresh) == 0)
+            return;
+        b = peer_backlogs.lookup((struct sock_tuple *)peer);   /* inserted meanwhile by another sender */
+        if (!b)
+            return;
+    }
+    __sync_fetch_and_add(&b->redirected, size);
+}
+/* ---- end of backpressure ---- */
+
 int sk_msg_splice(struct sk_msg_md *msg)
 {
     __u64 size = msg->size;
     struct bpf_sock *sk = msg->sk;   /* read once: the verifier tracks the null check on this copy */
     struct send_state *st = sk ? send_states.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
-    if (st && st->missed)
+    if (st && (st->missed || st->backpressure))
         return SK_PASS;
     if (sending_bulk(st, (__u32)size))
         return SK_PASS;
@@ -61,8 +114,11 @@ int sk_msg_splice(struct sk_msg_md *msg)
     int inet = msg->family == AF_INET;
     ADDR_FROM_CTX(&peer.local_ip, inet, msg, remote_ip4, remote_ip6);
     ADDR_FROM_CTX(&peer.remote_ip, inet, msg, local_ip4, local_ip6);
+    if (peer_backlog_full(st, &peer))
+        return SK_PASS;
     long verdict = sock_pairs.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
     if (verdict == SK_PASS) {
+        peer_backlog_add(&peer, size);
         count(CNT_SPLICE_MSGS, 1);
         count(CNT_SPLICE_BYTES, size);
     } else {

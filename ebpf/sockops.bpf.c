@@ -67,6 +67,12 @@ static __always_inline int should_splice(__u64 netns, const struct addr *dst_ip,
  * and it sends through TCP for good (sk_msg.bpf.c). Counted, not an error. */
 static __always_inline int join_sock_pairs(struct bpf_sock_ops *skops, struct sock_tuple *key)
 {
+    /* backpressure: a reused 4-tuple's unread count starts from zero (sk_msg.bpf.c),
+     * and a key that is not the socket's own tuple is findable from it */
+    peer_backlogs.delete(key);
+    struct sock_tuple own = own_tuple(skops);
+    if (own.local_port != key->local_port || own.remote_port != key->remote_port)
+        backlog_keys.update(&own, key);
     /* bcc rewrites map methods into statements: keep the call on its own. */
     long err = sock_pairs.sock_hash_update(skops, key, BPF_ANY);
     if (err == 0) {

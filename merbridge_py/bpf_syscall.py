@@ -37,6 +37,7 @@ class Cmd(enum.IntEnum):
     PROG_GET_FD_BY_ID = 13
     OBJ_GET_INFO_BY_FD = 15
     PROG_QUERY = 16
+    RAW_TRACEPOINT_OPEN = 17     # also attaches fentry/fexit programs (ebpf/tcp_bpf_recvmsg.bpf.c)
 
 
 class AttachType(enum.IntEnum):
@@ -91,6 +92,10 @@ class _QueryAttr(ct.Structure):
     _fields_ = [("target_fd", ct.c_uint32), ("attach_type", ct.c_uint32), ("query_flags", ct.c_uint32),
                 ("attach_flags", ct.c_uint32), ("prog_ids", ct.c_uint64), ("prog_cnt", ct.c_uint32),
                 ("pad", ct.c_uint32)]
+
+
+class _RawTracepointAttr(ct.Structure):
+    _fields_ = [("name", ct.c_uint64), ("prog_fd", ct.c_uint32), ("pad", ct.c_uint32), ("cookie", ct.c_uint64)]
 
 
 class _GetByIdAttr(ct.Structure):
@@ -168,6 +173,16 @@ def prog_query(target_fd: int, attach_type: int, capacity: int = 64) -> list[int
     attr = _QueryAttr(target_fd=target_fd, attach_type=attach_type, prog_ids=_addr(ids), prog_cnt=capacity)
     bpf(Cmd.PROG_QUERY, attr, f"querying attached programs ({_attach_name(attach_type)})")
     return list(ids[: attr.prog_cnt])
+
+
+def tracing_attach(prog_fd: int, what: str, tracepoint: str | None = None) -> int:
+    """Attach a loaded fentry/fexit program to the kernel function it was
+    loaded for, or a raw tracepoint program to `tracepoint`; returns the
+    link's fd, which holds the attachment: closing it (or the process ending)
+    detaches the program."""
+    name = ct.create_string_buffer(tracepoint.encode()) if tracepoint else None
+    attr = _RawTracepointAttr(name=_addr(name) if name is not None else 0, prog_fd=prog_fd)
+    return bpf(Cmd.RAW_TRACEPOINT_OPEN, attr, f"attaching {what}")
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:

@@ -46,6 +46,56 @@ BULK_WINDOW_NS = 1_000_000_000
 # Tests (and kernels in slow virtual machines, where nothing reaches 64 MiB/s)
 # lower the threshold to reach the bulk path on purpose (docs/kernel-behaviour.md).
 BULK_BYTES_ENV = "MERBRIDGE_BULK_BYTES"
+# Backpressure (ebpf/sk_msg.bpf.c): a spliced socket whose peer holds more than
+# this many redirected bytes unread sends through TCP from then on, whatever
+# its rate. TCP would let a stalled reader hold its receive buffer (up to
+# tcp_rmem's 6 MiB by default) plus the writer's send buffer; this adds at most
+# this much per spliced leg, and a reader that keeps up never gets near it.
+BACKLOG_BYTES = 2 << 20
+BACKLOG_BYTES_ENV = "MERBRIDGE_BACKLOG_BYTES"   # 0: no limit (as before backpressure)
+# The reader's side of that count: fexit programs on the recvmsg of sockets in
+# a sockmap, compiled as a second module so a kernel that cannot attach them
+# still runs everything else (then every spliced socket goes to TCP after
+# BACKLOG_BYTES: nothing is ever counted as read).
+# What the agent does where the kernel refuses them (this project's own test
+# machines: kernel lockdown, EPERM), MERBRIDGE_BACKLOG_FALLBACK:
+#   "bulk" (default): no backlog limit, and bulk detection from FALLBACK_BULK_BYTES
+#     per window: writers faster than that are held back, slower ones not (as
+#     before backpressure), and long-lived connections stay spliced;
+#   "budget": keep the limit; nothing is ever counted as read, so every spliced
+#     socket goes to TCP after BACKLOG_BYTES: bounded at any rate, but busy
+#     long-lived connections lose splicing.
+BACKLOG_FALLBACK_ENV = "MERBRIDGE_BACKLOG_FALLBACK"
+BACKLOG_FALLBACKS = ("bulk", "budget")
+FALLBACK_BULK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class ReaderHook:
+    """One way of counting what spliced sockets' readers take (backpressure):
+    its source (compiled with READER_PROGRESS_HEADER), its programs as bcc
+    names them, bcc's program type for them, and what attaching one needs
+    (a tracepoint's name, or None: the kernel function it was loaded for)."""
+
+    kind: str
+    source: str
+    programs: tuple[str, ...]
+    prog_type: str      # name in bcc's BPF (TRACING, RAW_TRACEPOINT)
+    tracepoint: str | None = None
+
+
+READER_PROGRESS_HEADER = "reader_progress.h"
+# Tried in this order by the loader, which pins the first one the kernel takes;
+# never both (a read would count twice). fexit runs only on sockets in a
+# sockmap; the tracepoint on every socket read of the node, but loads where
+# fexit is refused (ebpf/sock_recv_length.bpf.c).
+READER_HOOKS = (
+    ReaderHook("fexit on tcp_bpf_recvmsg", "tcp_bpf_recvmsg.bpf.c",
+               ("kretfunc__tcp_bpf_recvmsg", "kretfunc__tcp_bpf_recvmsg_parser"), "TRACING"),
+    ReaderHook("tracepoint sock_recv_length", "sock_recv_length.bpf.c",
+               ("raw_tracepoint__sock_recv_length",), "RAW_TRACEPOINT", tracepoint="sock_recv_length"),
+)
+READER_PROGRAMS = {name: hook for hook in READER_HOOKS for name in hook.programs}
 
 
 @dataclass(frozen=True)
@@ -124,15 +174,18 @@ def layout_version(directory: Path | None = None) -> str:
     return hashlib.sha256((directory or ebpf_dir()).joinpath(HEADER).read_bytes()).hexdigest()[:12]
 
 
-def program_text(directory: Path | None = None) -> str:
-    """The exact C text compiled: the shared header, then one file per hook.
-    bcc only takes programs and map rewrites from its main file, so the files
-    are joined here; #line markers keep compiler errors pointing at them."""
+def program_text(directory: Path | None = None, sources: tuple[str, ...] | None = None) -> str:
+    """The exact C text compiled: the shared header, then one file per hook
+    (or `sources`: a reader hook's, READER_HOOKS). bcc only takes
+    programs and map rewrites from its main file, so the files are joined
+    here; #line markers keep compiler errors pointing at them."""
     d = directory or ebpf_dir()
     parts = []
-    for name in (HEADER,) + tuple(dict.fromkeys(h.source for h in HOOKS)):   # a file may hold several hooks
+    if sources is None:
+        sources = tuple(dict.fromkeys(h.source for h in HOOKS))   # a file may hold several hooks
+    for name in (HEADER,) + sources:
         body = (d / name).read_text()
-        body = re.sub(r'^#include "merbridge\.h"\s*$', "", body, flags=re.M)
+        body = re.sub(r'^#include "(merbridge\.h|reader_progress\.h)"\s*$', "", body, flags=re.M)
         body = body.replace("#pragma once", "")
         parts.append(f'#line 1 "{d / name}"\n{body}')
     return "\n".join(parts)
@@ -272,6 +325,11 @@ class Datapath:
         self.maps_dir = self.bpffs_dir / f"maps-{layout_version()}{size}"
         self.adopted_maps = False     # the maps were a predecessor's, taken over
         self._created_maps_dir = False
+        # Backpressure's reader side (READER_HOOKS): fds of the loaded
+        # programs, of their links once attached, and why not, when not.
+        self.tracing_progs: dict[str, int] = {}
+        self.tracing_links: list[int] = []
+        self.tracing_error: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -295,9 +353,13 @@ class Datapath:
             try:
                 for hook in HOOKS:
                     progs[hook.function] = obj_get(staging / hook.function)
+                self.tracing_error = self.loader_result.get("tracing_error")
+                for name in self.loader_result.get("tracing_programs", []):
+                    self.tracing_progs[name] = obj_get(staging / name)
             except DatapathError:
-                for fd in progs.values():
+                for fd in [*progs.values(), *self.tracing_progs.values()]:
                     os.close(fd)
+                self.tracing_progs = {}
                 raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)   # the fds keep the programs loaded now
@@ -341,11 +403,68 @@ class Datapath:
             os.close(prog_fd)
         if stale:
             log.info("replaced %d programs left attached by a previous agent", len(stale))
+        if self._counts_readers():
+            self._attach_tracing()
         self._unpin_programs()
         self._remove_other_maps_dirs()
         self._pinned = True          # from here on the pins under bpffs_dir are ours to remove
         self._pin_programs()
         self._pins_complete = True
+
+    def _counts_readers(self) -> bool:
+        """Whether backpressure's reader hook should run: only while this node
+        splices. In iptables mode (and where splicing is off) it would only
+        cost: the tracepoint runs on every socket read of the node. Sockets
+        spliced before a switch to iptables keep their backlog limit; with
+        their reads no longer counted they go to TCP sooner, never later."""
+        return self.mode == "ebpf" and self.splice_allowed and self.splice != "never"
+
+    def _attach_tracing(self) -> None:
+        """Attach backpressure's reader side, all or none; a failure is not
+        fatal (see READER_HOOKS) but said in status, doctor and a metric."""
+        if self.tracing_links:
+            return
+        try:
+            for name, fd in self.tracing_progs.items():
+                self.tracing_links.append(bpf_syscall.tracing_attach(fd, name, READER_PROGRAMS[name].tracepoint))
+        except OSError as e:
+            self._detach_tracing()
+            self.tracing_error = f"attaching {e}"
+            self._write_config()   # the fallback's limits
+        if self.tracing_error:
+            log.warning("backpressure cannot count what readers take (%s); %s", self.tracing_error,
+                        self.backlog_fallback_text())
+
+    def _detach_tracing(self) -> None:
+        for fd in self.tracing_links:
+            os.close(fd)
+        self.tracing_links = []
+
+    @property
+    def backlog_tracing(self) -> str:
+        """"attached: <which reader hook>", "not attached" (before attach, after detach) or
+        "unavailable: <why>; <what the agent does instead>"."""
+        if self.tracing_error:
+            return f"unavailable: {self.tracing_error}; {self.backlog_fallback_text()}"
+        if not self.tracing_links:
+            return "not attached"
+        kinds = sorted({READER_PROGRAMS[name].kind for name in self.tracing_progs})
+        return f"attached: {', '.join(kinds)}"
+
+    def backlog_limits(self) -> tuple[int, int]:
+        """(backlog_bytes, bulk_bytes) for the config map: the settings, or
+        the fallback's where readers' progress cannot be counted."""
+        backlog, bulk = backlog_bytes(), bulk_bytes()
+        if backlog and self.tracing_error and backlog_fallback() == "bulk":
+            return 0, min(bulk, FALLBACK_BULK_BYTES)
+        return backlog, bulk
+
+    def backlog_fallback_text(self) -> str:
+        backlog, bulk = self.backlog_limits()
+        if backlog:
+            return f"fallback budget: every spliced socket goes to TCP after {backlog} bytes"
+        return (f"fallback bulk: no backlog limit; spliced sockets sending more than {bulk} bytes within "
+                f"{BULK_WINDOW_NS / 1e9:g} s go to TCP (slower writers are not held back)")
 
     def _attach(self, target_fd: int, hook: "Hook", flags: int) -> None:
         try:
@@ -382,6 +501,7 @@ class Datapath:
                 except OSError as e:
                     log.error("detaching %s: %s", SK_SKB_HOOK.function, e)
             self.attached = False
+        self._detach_tracing()
         # Only our own pins: before attach() the pins are a crashed predecessor's,
         # the one handle a later agent has to find and detach its programs.
         self._pins_complete = False
@@ -415,6 +535,9 @@ class Datapath:
 
     def close(self, drain_seconds: float = 0.0) -> None:
         self.detach(drain_seconds)
+        for fd in self.tracing_progs.values():
+            os.close(fd)
+        self.tracing_progs = {}
         if self.bpf is not None:
             self.bpf.close()
             self.bpf = None
@@ -500,12 +623,15 @@ class Datapath:
                     raise DatapathError("; ".join(errors))
             self.mode = mode
             self._write_config()
+            self._detach_tracing()
         else:
             self.mode = mode
             self._write_config()
             if self.attached:
                 for hook in redirecting:
                     self._attach(self._cgroup_fd, hook, bpf_syscall.BPF_F_ALLOW_MULTI)
+                if self._counts_readers():
+                    self._attach_tracing()
         log.info("datapath mode is now %s", mode)
 
     # --- state ----------------------------------------------------------------------
@@ -513,10 +639,12 @@ class Datapath:
     def _write_config(self) -> None:
         splicing = self.mode == "ebpf" and self.splice_allowed
         policy = SPLICE_POLICIES[self.splice] if splicing else layout.SplicePolicy.NEVER
+        backlog, bulk = self.backlog_limits()
         self.bpf["config"].update(0, layout.DatapathConfig(
             splice=policy, rewrite_inbound_port=int(self.rewrite_inbound_port),
             short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
-            bulk_bytes=bulk_bytes(), bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS))
+            bulk_bytes=bulk, bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS,
+            backlog_bytes=backlog))
 
     def pod_policy_value(self, pod_ip: str, outbound, inbound, fields=None) -> layout.PodPolicyValue:
         """The pod_policy entry set_pod writes for these arguments (the audit
@@ -683,6 +811,29 @@ def bulk_bytes() -> int:
     return value
 
 
+def backlog_bytes() -> int:
+    """BACKLOG_BYTES, or MERBRIDGE_BACKLOG_BYTES (0 turns backpressure off)."""
+    text = os.environ.get(BACKLOG_BYTES_ENV)
+    if not text:
+        return BACKLOG_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 32:
+        raise DatapathError(f"{BACKLOG_BYTES_ENV}={text!r}: expected the unread bytes a spliced socket's peer may "
+                            f"hold, 0 (no limit) to {(1 << 32) - 1}")
+    return value
+
+
+def backlog_fallback() -> str:
+    """MERBRIDGE_BACKLOG_FALLBACK: "bulk" (default) or "budget"."""
+    value = os.environ.get(BACKLOG_FALLBACK_ENV) or BACKLOG_FALLBACKS[0]
+    if value not in BACKLOG_FALLBACKS:
+        raise DatapathError(f"{BACKLOG_FALLBACK_ENV}={value!r}: expected one of {', '.join(BACKLOG_FALLBACKS)}")
+    return value
+
+
 LOADER_PIN_DIR = "loading"
 LOADER_TIMEOUT = 120.0
 # Overrides LOADER_TIMEOUT (seconds) on machines that compile far slower: the
@@ -794,6 +945,10 @@ def leave_attached(dp: Datapath) -> None:
     and the next agent adopts the maps and replaces the programs. Only this
     process's handles are closed."""
     dp.attached = False
+    dp._detach_tracing()   # held by this process's link fds only: the successor attaches its own
+    for fd in dp.tracing_progs.values():
+        os.close(fd)
+    dp.tracing_progs = {}
     dp._pinned = dp._pins_complete = False
     dp._created_maps_dir = False      # ours or not, the maps are the successor's now
     if dp._cgroup_fd is not None:

@@ -159,7 +159,7 @@ def check_headers() -> Check:
         return Check("kernel headers", False, str(e).split(". Fix:")[0], str(e).split("Fix: ")[-1])
 
 
-def check_programs_load() -> Check:
+def check_programs_load() -> Check | list[Check]:
     """Every hook and helper the programs use, by compiling and verifying them."""
     from .kernel_probes import probe_programs_load
     from .datapath import _fs_type_of, _mounts
@@ -167,7 +167,14 @@ def check_programs_load() -> Check:
         return Check("programs load", False, "not tried: /sys/fs/bpf is not a bpffs", "mount -t bpf bpf /sys/fs/bpf")
     r = probe_programs_load()
     if r.ok:
-        return Check("programs load", True, r.explanation)
+        from .kernel_probes import TRACING_UNAVAILABLE
+        if TRACING_UNAVAILABLE not in r.explanation:
+            return Check("programs load", True, r.explanation)
+        return [Check("programs load", True, r.explanation),
+                Check("backpressure reader tracing", True, "unavailable (the line above says why)",
+                      "the datapath works; backpressure cannot see readers' progress, so the agent falls back "
+                      "(MERBRIDGE_BACKLOG_FALLBACK: by default bulk detection from 8 MiB per second; `status` "
+                      "says which)", note=True)]
     if r.result == "missing":
         return Check("programs load", False, r.explanation,
                      "this kernel lacks a hook or helper the datapath needs: pods stay on iptables here; move the "

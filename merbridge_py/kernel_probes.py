@@ -328,6 +328,9 @@ def missing_helpers(verifier_log: str) -> list[str]:
     return seen
 
 
+TRACING_UNAVAILABLE = "backpressure's reader tracing (fexit) unavailable"
+
+
 def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf")) -> ProbeResult:
     """Compile and verify every program of the datapath, as the agent does at
     start (the loader child, into throwaway pins): the one sure test that
@@ -344,8 +347,11 @@ def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf")) -> ProbeResult:
     except OSError as e:
         return ProbeResult(name, "error", f"cannot make a scratch directory under {bpffs_root}: {e.strerror}")
     try:
-        run_loader(scratch / "maps", scratch / "progs", get_profile("istio").cflags())
-        return ProbeResult(name, "ok", f"all {len(HOOKS)} programs compiled, passed the verifier and loaded")
+        loaded = run_loader(scratch / "maps", scratch / "progs", get_profile("istio").cflags())
+        # backpressure's reader side is optional (datapath.READER_HOOKS): said, never a failure
+        tracing = (f"; {TRACING_UNAVAILABLE}: {loaded['tracing_error']}" if loaded.get("tracing_error") else
+                   f"; backpressure's reader tracing loaded and attached ({loaded.get('reader_tracing')})")
+        return ProbeResult(name, "ok", f"all {len(HOOKS)} programs compiled, passed the verifier and loaded{tracing}")
     except DatapathError as e:
         missing = missing_helpers(str(e))
         return ProbeResult(name, "missing" if missing else "error", str(e))

@@ -136,6 +136,8 @@ class DatapathConfig(ct.Structure):
         ("bulk_bytes", ct.c_uint32),
         ("bulk_window_ns", ct.c_uint64),
         ("short_memory_ns", ct.c_uint64),
+        ("backlog_bytes", ct.c_uint32),        # backpressure: unread bytes a peer may hold (0: no limit)
+        ("pad", ct.c_uint32),
     ]
 
 
@@ -158,6 +160,13 @@ class Counter(enum.IntEnum):
     SPLICE_BULK = 13
     PEER_NAME = 14
     SPLICE_BUSY = 15
+    SPLICE_BACKPRESSURE = 16
+
+
+class PeerBacklog(ct.Structure):
+    """struct peer_backlog: bytes redirected into a spliced socket and bytes its reader took."""
+
+    _fields_ = [("redirected", ct.c_uint64), ("consumed", ct.c_uint64)]
 
 
 COUNTER_SLOTS = len(Counter)
@@ -172,6 +181,8 @@ MAPS = {
     "dest_profiles": (DestKey, DestProfile),
     "config": (ct.c_uint32, DatapathConfig),
     "counters": (ct.c_uint32, ct.c_uint64),
+    "peer_backlogs": (SockTuple, PeerBacklog),
+    "backlog_keys": (SockTuple, SockTuple),
 }
 SOCKHASH_MAPS = ("sock_pairs",)
 

@@ -18,7 +18,9 @@ verifier printed) and the exit status is 1, with no program pin left behind.
 from __future__ import annotations
 
 import argparse
+import ctypes as ct
 import json
+import os
 import resource
 import shutil
 import sys
@@ -43,23 +45,122 @@ def compile_programs(maps_dir: Path, cflags: list[str]):
     return bpf, fns
 
 
+TRACING_REFUSED = "EPERM"
+
+
+class _BtfType(ct.Structure):
+    _fields_ = [("name_off", ct.c_uint32), ("info", ct.c_uint32), ("type", ct.c_uint32)]
+
+
+BTF_KIND_FUNC = 12
+
+
+def kernel_function_arguments(names: tuple[str, ...]) -> int:
+    """How many arguments these kernel functions take, from the running
+    kernel's BTF (through libbpf, which bcc loads anyway). An fexit program
+    finds the return value after the arguments, and recvmsg handlers lost
+    their last one (addr_len) in 6.18; they must all agree."""
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    lib.btf__load_vmlinux_btf.restype = ct.c_void_p
+    lib.btf__find_by_name_kind.argtypes = [ct.c_void_p, ct.c_char_p, ct.c_uint32]
+    lib.btf__find_by_name_kind.restype = ct.c_int
+    lib.btf__type_by_id.argtypes = [ct.c_void_p, ct.c_uint32]
+    lib.btf__type_by_id.restype = ct.POINTER(_BtfType)
+    lib.btf__free.argtypes = [ct.c_void_p]
+    btf = lib.btf__load_vmlinux_btf()
+    if not btf:
+        raise RuntimeError(f"this kernel has no readable BTF (/sys/kernel/btf/vmlinux): "
+                           f"{os.strerror(ct.get_errno())}")
+    try:
+        counts = {}
+        for name in names:
+            func_id = lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC)
+            if func_id < 0:
+                raise RuntimeError(f"{name} is not in this kernel's BTF")
+            proto = lib.btf__type_by_id(btf, lib.btf__type_by_id(btf, func_id).contents.type)
+            counts[name] = proto.contents.info & 0xffff   # vlen: the number of parameters
+    finally:
+        lib.btf__free(btf)
+    if len(set(counts.values())) != 1:
+        raise RuntimeError(f"the recvmsg handlers take different arguments here: {counts}")
+    return next(iter(counts.values()))
+
+
+def compile_reader_hook(hook, maps_dir: Path, cflags: list[str]):
+    """One of backpressure's reader hooks (datapath.READER_HOOKS), compiled
+    as its own module on the maps the first one pinned. bcc attaches
+    kretfunc__ and raw_tracepoint__ programs as it loads them (a tracepoint
+    the kernel lacks fails here); that attachment ends with this process (the
+    agent makes its own)."""
+    from bcc import BPF
+
+    from .datapath import READER_PROGRESS_HEADER, program_text
+    defines = [f'-DMB_MAPS_DIR="{maps_dir}"']
+    if hook.prog_type == "TRACING":
+        functions = tuple(name.removeprefix("kretfunc__") for name in hook.programs)
+        defines.append(f"-DRECVMSG_ARGUMENTS={kernel_function_arguments(functions)}")
+    bpf = BPF(text=program_text(sources=(READER_PROGRESS_HEADER, hook.source)).encode(),
+              cflags=list(cflags) + defines)
+    try:
+        fns = {name: bpf.load_func(name.encode(), getattr(BPF, hook.prog_type)) for name in hook.programs}
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return bpf, fns
+
+
+def _refusal(hook, e: Exception) -> str:
+    """One line on why a reader hook did not load."""
+    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if reason == "Need super-user privileges to run":   # bcc's words for EPERM, misleading as root
+        reason = (f"the kernel refused to load it ({TRACING_REFUSED}: kernel lockdown or a security "
+                  "module forbids such programs here)")
+    return f"{hook.kind}: {reason}"
+
+
 def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
     from . import kheaders
-    from .datapath import obj_pin
+    from .datapath import READER_HOOKS, obj_pin
     headers = kheaders.find()
     headers.apply()
     started = time.monotonic()
     bpf, fns = compile_programs(maps_dir, cflags)
+    tracing, tracing_error = None, None
+    tracing_programs, reader_tracing, refusals = [], None, []
     try:
         pin_dir.mkdir(parents=True, exist_ok=False)
         for name, fn in fns.items():
             obj_pin(fn.fd, pin_dir / name)
+        # Optional: without a reader hook the datapath still works (datapath.READER_HOOKS).
+        # The first hook the kernel takes is pinned, never two (a read would count twice).
+        for hook in READER_HOOKS:
+            try:
+                tracing, tracing_fns = compile_reader_hook(hook, maps_dir, cflags)
+            except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; the reason goes to the agent
+                refusals.append(_refusal(hook, e))
+                continue
+            for name, fn in tracing_fns.items():
+                obj_pin(fn.fd, pin_dir / name)
+            tracing_programs, reader_tracing = sorted(tracing_fns), hook.kind
+            break
+        else:
+            tracing_error = "; ".join(refusals)
     finally:
         bpf.cleanup()   # closes our fds; the pins keep programs and maps alive
+        if tracing is not None:
+            tracing.cleanup()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"headers": headers.description, "programs": sorted(fns), "seconds": round(time.monotonic() - started, 3),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_kb": usage.ru_maxrss,
-            **_rss_split()}
+    result = {"headers": headers.description, "programs": sorted(fns), "seconds": round(time.monotonic() - started, 3),
+              "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_kb": usage.ru_maxrss,
+              **_rss_split()}
+    result["tracing_programs"] = tracing_programs
+    if reader_tracing:
+        result["reader_tracing"] = reader_tracing
+    if refusals:
+        result["reader_hooks_refused"] = refusals   # also those refused before the one that loaded
+    if tracing_error:
+        result["tracing_error"] = tracing_error
+    return result
 
 
 def _rss_split() -> dict:

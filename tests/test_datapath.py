@@ -303,13 +303,21 @@ def test_mode_switch_keeps_established_connections(agent):
         r = CliRunner().invoke(main, ["toggle", mode, "--node", "--admin-socket", str(agent.admin_socket)])
         assert r.exit_code == 0, r.output
 
+    def reader_hook():   # backpressure's reader hook runs only while the node splices (its cost is per read)
+        status = CliRunner().invoke(main, ["status", "--json", "--admin-socket", str(agent.admin_socket)])
+        return json.loads(status.output)["backlog_tracing"]
+
+    counted = reader_hook()
     toggle("iptables")
     # no iptables rules on this node: the iptables path is the direct path
     assert ask(agent, "a", b.ip, 8080)[1].startswith(f"{a.ip}:")
     status = CliRunner().invoke(main, ["status", "--json", "--admin-socket", str(agent.admin_socket)])
     assert json.loads(status.output)["mode"] == "iptables"
+    if counted.startswith("attached"):
+        assert reader_hook() == "not attached"
     toggle("ebpf")
     assert ask(agent, "a", b.ip, 8080)[1].startswith("127.0.0.6:")
+    assert reader_hook() == counted
     out, err = held.communicate(timeout=30)
     answers = out.splitlines()
     assert held.returncode == 0, err

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from merbridge_py import bpf_syscall, layout
-from merbridge_py.datapath import HOOKS, Datapath, DatapathError, run_loader
+from merbridge_py.datapath import (BACKLOG_BYTES, FALLBACK_BULK_BYTES, HOOKS, READER_HOOKS, Datapath, DatapathError,
+                                   run_loader)
 from merbridge_py.mesh import ISTIO
 
 LLVM_MARKERS = ("libbcc", "libLLVM", "libclang")
@@ -43,7 +44,13 @@ def test_datapath_state_through_bpf_syscalls(bpffs):
         assert not (bpffs / "loading").exists(), "the loader's program pins must be gone once opened"
         assert dp.loader_result["programs"] == sorted(h.function for h in HOOKS)
         config = dp.bpf["config"].lookup(0)
-        assert (config.splice, config.bulk_bytes) == (layout.SplicePolicy.ADAPTIVE, 64 << 20)
+        assert config.splice == layout.SplicePolicy.ADAPTIVE
+        # backpressure's limits, or its fallback where this kernel refuses the fexit programs
+        assert (config.backlog_bytes, config.bulk_bytes) == \
+            ((0, FALLBACK_BULK_BYTES) if dp.tracing_error else (BACKLOG_BYTES, 64 << 20)), dp.tracing_error
+        assert sorted(dp.tracing_progs) == dp.loader_result["tracing_programs"]
+        assert (dp.tracing_error is None) == (dp.loader_result["tracing_programs"] in
+                                              [sorted(hook.programs) for hook in READER_HOOKS]), dp.loader_result
         dp.set_pod(0x1234_5678_9abc, "10.9.8.7", [], [])
         assert dp.pod_entries() == [(0x1234_5678_9abc, "10.9.8.7")]
         assert dp.map_sizes() == {"pod_policy": 1, "local_pod_ip": 1, "connect_original_dst": 0,
@@ -76,6 +83,11 @@ def test_a_failed_compile_is_one_line_and_leaves_nothing(bpffs):
     assert dp.bpf is None and not bpffs.exists()
 
 
+def tracepoint_exists(name: str) -> bool:
+    with open("/proc/kallsyms") as f:
+        return any(line.rstrip().endswith(f" __tracepoint_{name}") for line in f)
+
+
 @pytest.mark.bpf
 def test_loader_reports_its_peak_and_cleans_its_pins_on_failure(bpffs):
     bpffs.mkdir()
@@ -85,7 +97,11 @@ def test_loader_reports_its_peak_and_cleans_its_pins_on_failure(bpffs):
         assert not (bpffs / "loading").exists()
         (bpffs / "maps").mkdir(exist_ok=True)   # bcc may have made it before the compile failed
         report = run_loader(bpffs / "maps", bpffs / "loading", ISTIO.cflags())
-        assert sorted(p.name for p in (bpffs / "loading").iterdir()) == report["programs"]
+        tracing = report["tracing_programs"]   # one reader hook's programs, or none (tracing_error says why)
+        assert bool(tracing) != bool(report.get("tracing_error")), report
+        if tracepoint_exists("sock_recv_length"):   # 6.4+: the tracepoint loads where fexit is refused
+            assert tracing, report
+        assert sorted(p.name for p in (bpffs / "loading").iterdir()) == sorted(report["programs"] + tracing)
         assert report["peak_rss_kb"] > 0 and report["elapsed"] >= report["seconds"]
     finally:
         shutil.rmtree(bpffs)

@@ -322,7 +322,8 @@ def admin_routes(agent, metrics, is_serving, modes) -> Routes:
     def status(_body):
         body = {"attached": is_serving(), "ready": agent.ready.is_set(), "mode": modes.mode, "pods": agent.status(),
                 "source_error": getattr(metrics.source, "last_error", None),
-                "kernel": metrics.kernel.to_json() if getattr(metrics, "kernel", None) is not None else None}
+                "kernel": metrics.kernel.to_json() if getattr(metrics, "kernel", None) is not None else None,
+                "backlog_tracing": getattr(getattr(metrics, "datapath", None), "backlog_tracing", None)}
         body.update(modes.status())   # mode, its origin and since when, whether the ConfigMap was read (issue 18)
         return 200, json.dumps(body, indent=2).encode(), JSON
 

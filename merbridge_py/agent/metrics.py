@@ -45,6 +45,7 @@ _KERNEL_COUNTERS = {
     Slot.SPLICE_BULK: ("merbridge_splice_skipped", {"reason": "bulk"}),
     Slot.PEER_NAME: ("merbridge_peer_names_shown", {}),
     Slot.SPLICE_BUSY: ("merbridge_splice_skipped", {"reason": "busy"}),
+    Slot.SPLICE_BACKPRESSURE: ("merbridge_splice_skipped", {"reason": "backpressure"}),
 }
 _HELP = {
     "merbridge_redirects": "Connections redirected by the connect hook",
@@ -55,7 +56,8 @@ _HELP = {
     "merbridge_sockhash_inserts": "Sockets put into the sockhash",
     "merbridge_datapath_errors": "Errors in the kernel datapath, by kind",
     "merbridge_splice_skipped": "Sockets not spliced (short-lived destination; busy: another program's sockmap "
-                                "holds the socket) or switched back to TCP (bulk sender)",
+                                "holds the socket) or switched back to TCP (bulk sender, or backpressure: its "
+                                "peer held too many unread bytes)",
     "merbridge_peer_names_shown": "getpeername() calls on rewritten connections answered with the original destination",
 }
 
@@ -169,6 +171,7 @@ class AgentMetrics:
         for event, n in dp.dns_counters().items():
             dns.add_metric([event.removeprefix("dns_")], n)
         yield dns
+        yield _backlog_tracing_family(dp)
         census = self.map_census   # None until the census thread's first walk
         if census is not None:
             occupancy = GaugeMetricFamily("merbridge_map_entries", "Entries in each datapath map, as of the latest "
@@ -181,6 +184,21 @@ class AgentMetrics:
                                     "scrape)", value=round(time.monotonic() - census.taken_at, 3))
             yield GaugeMetricFamily("merbridge_map_census_seconds", "How long the latest walk of every datapath "
                                     "map took", value=round(census.seconds, 4))
+
+
+BACKLOG_TRACING_STATES = ("attached", "not_attached", "unavailable")
+
+
+def _backlog_tracing_family(dp):
+    """Whether backpressure counts what readers take (datapath.READER_HOOKS);
+    "unavailable": every spliced socket goes to TCP after the backlog limit."""
+    state = getattr(dp, "backlog_tracing", "not attached").split(":")[0].replace(" ", "_")
+    fam = GaugeMetricFamily("merbridge_backlog_tracing", "1 for the state of backpressure's reader-side "
+                            "programs (unavailable: every spliced socket goes to TCP after the backlog limit; "
+                            "see `merbridge-py status`)", labels=["state"])
+    for s in BACKLOG_TRACING_STATES:
+        fam.add_metric([s], 1 if s == state else 0)
+    return fam
 
 
 def _kernel_families(kernel):

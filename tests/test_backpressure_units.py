@@ -1,0 +1,84 @@
+"""The pure Python of backpressure (issue 20): the stall app's stream and its
+check, the backlog limit's setting, and the tracing state's metric."""
+
+from __future__ import annotations
+
+import pytest
+
+from merbridge_py import datapath
+from merbridge_py.agent.metrics import _backlog_tracing_family
+from merbridge_py.testbed.stall_app import StreamCheck, stream_bytes
+
+
+def test_stream_bytes_name_their_position():
+    whole = stream_bytes(0, 4096)
+    assert len(whole) == 4096
+    assert whole[8:16] == (1).to_bytes(8, "little")
+    for offset, length in ((0, 1), (3, 17), (4000, 96), (7, 1)):
+        assert stream_bytes(offset, length) == whole[offset:offset + length]
+
+
+def test_stream_check_finds_the_first_wrong_byte():
+    check = StreamCheck()
+    for offset, length in ((0, 100), (100, 3), (103, 5000)):
+        check.feed(stream_bytes(offset, length))
+    assert check.result() == {"bytes": 5103, "in_order": True, "first_bad": None}
+    swapped = StreamCheck()
+    swapped.feed(stream_bytes(0, 64))
+    swapped.feed(stream_bytes(128, 64))   # a chunk overtook the one before it
+    swapped.feed(stream_bytes(64, 64))
+    assert swapped.result() == {"bytes": 192, "in_order": False, "first_bad": 64}
+
+
+def test_backlog_bytes_setting(monkeypatch):
+    monkeypatch.delenv(datapath.BACKLOG_BYTES_ENV, raising=False)
+    assert datapath.backlog_bytes() == datapath.BACKLOG_BYTES
+    monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, "0")
+    assert datapath.backlog_bytes() == 0   # no limit
+    monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, "1048576")
+    assert datapath.backlog_bytes() == 1 << 20
+    for bad in ("-1", "4294967296", "2MiB"):
+        monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, bad)
+        with pytest.raises(datapath.DatapathError, match="MERBRIDGE_BACKLOG_BYTES"):
+            datapath.backlog_bytes()
+
+
+class _FakeDatapath:
+    def __init__(self, state):
+        self.backlog_tracing = state
+
+
+@pytest.mark.parametrize("state,expected", [("attached", "attached"), ("not attached", "not_attached"),
+                                            ("unavailable: attaching tcp_bpf_recvmsg: No such process",
+                                             "unavailable")])
+def test_backlog_tracing_metric(state, expected):
+    family = _backlog_tracing_family(_FakeDatapath(state))
+    values = {s.labels["state"]: s.value for s in family.samples}
+    assert values == {s: (1 if s == expected else 0) for s in ("attached", "not_attached", "unavailable")}
+
+
+def test_backlog_tracing_state_of_a_datapath():
+    from merbridge_py.mesh import ISTIO
+    dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
+    assert dp.backlog_tracing == "not attached"
+    dp.tracing_error = "tcp_bpf_recvmsg not in this kernel's BTF"
+    assert dp.backlog_tracing.startswith("unavailable: tcp_bpf_recvmsg not in this kernel's BTF; fallback ")
+
+
+def test_the_fallback_where_readers_progress_cannot_be_counted(monkeypatch):
+    from merbridge_py.mesh import ISTIO
+    for name in (datapath.BACKLOG_BYTES_ENV, datapath.BULK_BYTES_ENV, datapath.BACKLOG_FALLBACK_ENV):
+        monkeypatch.delenv(name, raising=False)
+    dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
+    assert dp.backlog_limits() == (datapath.BACKLOG_BYTES, datapath.BULK_BYTES)
+    dp.tracing_error = "the kernel refused to load an fexit program (EPERM: ...)"
+    assert dp.backlog_limits() == (0, datapath.FALLBACK_BULK_BYTES)     # default: a lower bulk threshold
+    assert "fallback bulk" in dp.backlog_tracing
+    monkeypatch.setenv(datapath.BULK_BYTES_ENV, "1048576")                 # never raised by the fallback
+    assert dp.backlog_limits() == (0, 1 << 20)
+    monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "budget")
+    assert dp.backlog_limits() == (datapath.BACKLOG_BYTES, 1 << 20)
+    assert "fallback budget" in dp.backlog_tracing
+    monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "none")
+    with pytest.raises(datapath.DatapathError, match="MERBRIDGE_BACKLOG_FALLBACK"):
+        dp.backlog_limits()
