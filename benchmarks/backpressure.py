@@ -22,8 +22,9 @@ per-socket `ss -m` does not show.
 The port (9310) is not declared on the pods, so Envoy carries it as plain
 TCP (PassthroughCluster, one upstream connection per downstream one). The
 agents run with the product's defaults (bulk detection at 64 MiB within 1 s,
-backlog limit datapath.BACKLOG_BYTES) unless MERBRIDGE_* say otherwise in the
-environment. Prints one JSON document; exits 1 if any byte was lost or
+backlog limit datapath.BACKLOG_BYTES; where the kernel refuses the fexit
+programs, the budget fallback) unless MERBRIDGE_* say otherwise in the
+environment (MERBRIDGE_BACKLOG_FALLBACK=bulk for the other fallback). Prints one JSON document; exits 1 if any byte was lost or
 reordered, or a run failed.
 """
 

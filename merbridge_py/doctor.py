@@ -173,8 +173,9 @@ def check_programs_load() -> Check | list[Check]:
         return [Check("programs load", True, r.explanation),
                 Check("backpressure reader tracing", True, "unavailable (the line above says why)",
                       "the datapath works; backpressure cannot see readers' progress, so the agent falls back "
-                      "(MERBRIDGE_BACKLOG_FALLBACK: by default bulk detection from 8 MiB per second; `status` "
-                      "says which)", note=True)]
+                      "(MERBRIDGE_BACKLOG_FALLBACK: by default a 2 MiB budget per spliced socket, after which it "
+                      "goes to TCP; `bulk`: bulk detection from 8 MiB per second, slower writers not held "
+                      "back; `status` says which)", note=True)]
     if r.result == "missing":
         return Check("programs load", False, r.explanation,
                      "this kernel lacks a hook or helper the datapath needs: pods stay on iptables here; move the "

@@ -72,13 +72,19 @@ def test_the_fallback_where_readers_progress_cannot_be_counted(monkeypatch):
     dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
     assert dp.backlog_limits() == (datapath.BACKLOG_BYTES, datapath.BULK_BYTES)
     dp.tracing_error = "the kernel refused to load an fexit program (EPERM: ...)"
-    assert dp.backlog_limits() == (0, datapath.FALLBACK_BULK_BYTES)     # default: a lower bulk threshold
+    # default: the budget, the limit kept (bounded at any writer rate)
+    assert dp.backlog_limits() == (datapath.BACKLOG_BYTES, datapath.BULK_BYTES)
+    assert "fallback budget: every spliced socket goes to TCP after 2097152 bytes" in dp.backlog_tracing
+    monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "bulk")           # opt-in: a lower bulk threshold
+    assert dp.backlog_limits() == (0, datapath.FALLBACK_BULK_BYTES)
     assert "fallback bulk" in dp.backlog_tracing
     monkeypatch.setenv(datapath.BULK_BYTES_ENV, "1048576")                 # never raised by the fallback
     assert dp.backlog_limits() == (0, 1 << 20)
     monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "budget")
     assert dp.backlog_limits() == (datapath.BACKLOG_BYTES, 1 << 20)
     assert "fallback budget" in dp.backlog_tracing
+    monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "")                  # empty: the default
+    assert dp.backlog_limits() == (datapath.BACKLOG_BYTES, 1 << 20)
     monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "none")
     with pytest.raises(datapath.DatapathError, match="MERBRIDGE_BACKLOG_FALLBACK"):
         dp.backlog_limits()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from merbridge_py import bpf_syscall, layout
-from merbridge_py.datapath import (BACKLOG_BYTES, FALLBACK_BULK_BYTES, HOOKS, READER_HOOKS, Datapath, DatapathError,
-                                   run_loader)
+from merbridge_py.datapath import (BACKLOG_BYTES, BACKLOG_FALLBACK_ENV, FALLBACK_BULK_BYTES, HOOKS, READER_HOOKS,
+                                   Datapath, DatapathError, run_loader)
 from merbridge_py.mesh import ISTIO
 
 LLVM_MARKERS = ("libbcc", "libLLVM", "libclang")
@@ -45,9 +45,11 @@ def test_datapath_state_through_bpf_syscalls(bpffs):
         assert dp.loader_result["programs"] == sorted(h.function for h in HOOKS)
         config = dp.bpf["config"].lookup(0)
         assert config.splice == layout.SplicePolicy.ADAPTIVE
-        # backpressure's limits, or its fallback where this kernel refuses the fexit programs
+        # backpressure's limits; where this kernel refuses the fexit programs, the fallback's: the
+        # default (budget) keeps them, the opt-in (bulk) drops the limit for a lower bulk threshold
+        bulk_fallback = dp.tracing_error and os.environ.get(BACKLOG_FALLBACK_ENV) == "bulk"
         assert (config.backlog_bytes, config.bulk_bytes) == \
-            ((0, FALLBACK_BULK_BYTES) if dp.tracing_error else (BACKLOG_BYTES, 64 << 20)), dp.tracing_error
+            ((0, FALLBACK_BULK_BYTES) if bulk_fallback else (BACKLOG_BYTES, 64 << 20)), dp.tracing_error
         assert sorted(dp.tracing_progs) == dp.loader_result["tracing_programs"]
         assert (dp.tracing_error is None) == (dp.loader_result["tracing_programs"] in
                                               [sorted(hook.programs) for hook in READER_HOOKS]), dp.loader_result

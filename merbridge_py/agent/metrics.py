@@ -191,11 +191,12 @@ BACKLOG_TRACING_STATES = ("attached", "not_attached", "unavailable")
 
 def _backlog_tracing_family(dp):
     """Whether backpressure counts what readers take (datapath.READER_HOOKS);
-    "unavailable": every spliced socket goes to TCP after the backlog limit."""
+    "unavailable": the agent's fallback (MERBRIDGE_BACKLOG_FALLBACK) instead:
+    by default every spliced socket goes to TCP after the backlog limit."""
     state = getattr(dp, "backlog_tracing", "not attached").split(":")[0].replace(" ", "_")
     fam = GaugeMetricFamily("merbridge_backlog_tracing", "1 for the state of backpressure's reader-side "
-                            "programs (unavailable: every spliced socket goes to TCP after the backlog limit; "
-                            "see `merbridge-py status`)", labels=["state"])
+                            "programs (unavailable: the agent falls back, by default every spliced socket goes to TCP "
+                            "after the backlog limit; `merbridge-py status` says which)", labels=["state"])
     for s in BACKLOG_TRACING_STATES:
         fam.add_metric([s], 1 if s == state else 0)
     return fam

@@ -68,10 +68,8 @@ def status(admin_socket, as_json):
     if st.get("kernel"):
         click.echo(f"splice mode: {st['kernel']['splice_mode']} ({st['kernel']['why']})")
     if st.get("backlog_tracing"):   # issue 20, backpressure: whether readers' progress is counted
-        note = ("" if st["backlog_tracing"].startswith("attached") else
-                "; every spliced socket goes to TCP after the backlog limit" if
-                st["backlog_tracing"].startswith("unavailable") else "")
-        click.echo(f"backpressure: reader tracing {st['backlog_tracing']}{note}")
+        # "unavailable: <why>; <the fallback the agent took>" says it all (datapath.backlog_tracing)
+        click.echo(f"backpressure: reader tracing {st['backlog_tracing']}")
     if "mode_origin" in st:   # issue 18: where the mode came from, and whether the ConfigMap was read
         cm = st.get("configmap") or {}
         read = ("not watched (no Kubernetes source)" if not cm.get("watched") else
