@@ -37,7 +37,7 @@ class Cmd(enum.IntEnum):
     PROG_GET_FD_BY_ID = 13
     OBJ_GET_INFO_BY_FD = 15
     PROG_QUERY = 16
-    RAW_TRACEPOINT_OPEN = 17     # also attaches fentry/fexit programs (ebpf/tcp_bpf_recvmsg.bpf.c)
+    RAW_TRACEPOINT_OPEN = 17     # raw tracepoints, and fentry/fexit programs (datapath.READER_HOOKS)
 
 
 class AttachType(enum.IntEnum):

@@ -53,12 +53,12 @@ BULK_BYTES_ENV = "MERBRIDGE_BULK_BYTES"
 # this much per spliced leg, and a reader that keeps up never gets near it.
 BACKLOG_BYTES = 2 << 20
 BACKLOG_BYTES_ENV = "MERBRIDGE_BACKLOG_BYTES"   # 0: no limit (as before backpressure)
-# The reader's side of that count: fexit programs on the recvmsg of sockets in
-# a sockmap, compiled as a second module so a kernel that cannot attach them
-# still runs everything else (then every spliced socket goes to TCP after
-# BACKLOG_BYTES: nothing is ever counted as read).
-# What the agent does where the kernel refuses them (this project's own test
-# machines: kernel lockdown, EPERM), MERBRIDGE_BACKLOG_FALLBACK:
+# The reader's side of that count: a reader hook (READER_HOOKS below: fexit on
+# the recvmsg of sockets in a sockmap, else the sock_recv_length tracepoint),
+# compiled as a module of its own so a kernel that takes neither still runs
+# everything else.
+# What the agent does where the kernel takes neither (a kernel before 6.4 that
+# refuses fexit, e.g. under kernel lockdown), MERBRIDGE_BACKLOG_FALLBACK:
 #   "budget" (default): keep the limit; nothing is ever counted as read, so
 #     every spliced socket goes to TCP after BACKLOG_BYTES: bounded at any
 #     writer rate, as TCP is (issue 20: an app or operator must not tell us

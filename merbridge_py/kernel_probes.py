@@ -328,7 +328,7 @@ def missing_helpers(verifier_log: str) -> list[str]:
     return seen
 
 
-TRACING_UNAVAILABLE = "backpressure's reader tracing (fexit) unavailable"
+TRACING_UNAVAILABLE = "backpressure's reader tracing unavailable"
 
 
 def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf")) -> ProbeResult:
