@@ -110,7 +110,6 @@ struct original_dst {
     __u16 port;      /* host order */
     __u16 flags;     /* ODST_* */
     __u32 pad;
-    __u64 established_ns;  /* when the client end was established (adaptive splicing learns lifetimes) */
 };
 
 /* The connection is a proxy's to a same-node pod; that pod's iptables rule
@@ -122,7 +121,7 @@ struct original_dst {
 enum splice_policy {
     SPLICE_NEVER = 0,
     SPLICE_ALWAYS = 1,
-    SPLICE_ADAPTIVE = 2,   /* not for destinations whose recent connections were all short-lived */
+    SPLICE_ADAPTIVE = 2,   /* not for destinations whose recent connections were all short (sockops.bpf.c) */
 };
 
 /* The legs of a meshed request whose lifetimes are learnt: the app's
@@ -147,7 +146,7 @@ struct dest_key {
 };
 
 struct dest_profile {
-    __u32 short_streak;  /* consecutive short-lived connections; a long one removes the entry */
+    __u32 short_streak;  /* consecutive short connections; a long one removes the entry */
     __u32 pad;
     __u64 last_short_ns; /* when the last short one closed: the verdict expires */
 };
@@ -157,7 +156,8 @@ struct datapath_config {
     __u32 splice;               /* enum splice_policy */
     __u32 rewrite_inbound_port; /* 1: the connect hook sends a proxy's connection to a same-node
                                  * pod to its inbound port itself; 0: that pod's Istio rule does */
-    __u64 short_conn_ns;        /* adaptive: a connection that lived less than this was short */
+    __u32 short_msgs;           /* adaptive: a connection whose client end sent fewer messages was short */
+    __u32 pad;
     __u32 short_streak;         /* adaptive: this many short ones in a row and new ones are not spliced */
     __u32 bulk_bytes;           /* a socket sending more than this within bulk_window_ns is bulk */
     __u64 bulk_window_ns;
@@ -170,7 +170,8 @@ struct send_state {
     __u32 window_bytes;
     __u16 bulk;          /* 1: sends go through TCP from now on (bulk sender) */
     __u16 missed;        /* 1: sends go through TCP from now on (a redirect found no peer) */
-    __u64 established_ns;  /* inbound leg's client end: its lifetime is learnt at close */
+    __u32 redirected_msgs;  /* messages sk_msg redirected (saturating): adaptive splicing learns from them */
+    __u32 pad;
 };
 
 /* Counters, one slot each in the per-CPU array datapath_counters. */
@@ -250,6 +251,12 @@ struct send_states_table_t send_states = {.flags = BPF_F_NO_PREALLOC};
 BPF_ANNOTATE_KV_PAIR(send_states, int, struct send_state);
 /* dest_profiles: how recent connections to a destination went, per leg. */
 MB_TABLE("lru_hash", struct dest_key, struct dest_profile, dest_profiles, MAX_DESTINATIONS);
+/* inbound_leg_spliced: the inbound leg's client end (its own tuple, from
+ * 127.0.0.6) -> 1 if it joined sock_pairs, else 0; its server end follows
+ * (sockops.bpf.c). The other legs carry that in original_dst (ODST_SPLICED).
+ * Deleted when the server end reads it or the client end closes; LRU as a
+ * backstop for connections whose client end has no close callback. */
+MB_TABLE("lru_hash", struct sock_tuple, __u32, inbound_leg_spliced, MAX_CONNECTIONS);
 MB_TABLE("array", int, struct datapath_config, config, 1);
 MB_TABLE("percpu_array", int, __u64, counters, CNT_MAX);
 

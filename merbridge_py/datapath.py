@@ -30,9 +30,10 @@ HEADER = "merbridge.h"
 
 SPLICE_POLICIES = {p.name.lower(): p for p in layout.SplicePolicy}
 # Adaptive splicing (ebpf/sockops.bpf.c): this many connections in a row from
-# a pod to a destination on one leg, each shorter than this, and that pod's new
-# ones to it are not spliced on that leg.
-SHORT_CONNECTION_NS = 5_000_000
+# a pod to a destination on one leg, each short (its client end sent fewer than
+# SHORT_MESSAGES messages: one request, perhaps written in two sends), and that
+# pod's new ones to it are not spliced on that leg.
+SHORT_MESSAGES = 3
 SHORT_STREAK = 4
 SHORT_MEMORY_NS = 1_000_000_000   # ...while the last short one closed less than this ago
 # Bulk detection (ebpf/sk_msg.bpf.c): a spliced socket sending more than this
@@ -515,7 +516,7 @@ class Datapath:
         policy = SPLICE_POLICIES[self.splice] if splicing else layout.SplicePolicy.NEVER
         self.bpf["config"].update(0, layout.DatapathConfig(
             splice=policy, rewrite_inbound_port=int(self.rewrite_inbound_port),
-            short_conn_ns=SHORT_CONNECTION_NS, short_streak=SHORT_STREAK,
+            short_msgs=SHORT_MESSAGES, short_streak=SHORT_STREAK,
             bulk_bytes=bulk_bytes(), bulk_window_ns=BULK_WINDOW_NS, short_memory_ns=SHORT_MEMORY_NS))
 
     def pod_policy_value(self, pod_ip: str, outbound, inbound, fields=None) -> layout.PodPolicyValue:
