@@ -251,9 +251,9 @@ struct send_states_table_t send_states = {.flags = BPF_F_NO_PREALLOC};
 BPF_ANNOTATE_KV_PAIR(send_states, int, struct send_state);
 /* dest_profiles: how recent connections to a destination went, per leg. */
 MB_TABLE("lru_hash", struct dest_key, struct dest_profile, dest_profiles, MAX_DESTINATIONS);
-/* inbound_leg_spliced: the inbound leg's client end (its own tuple, from
- * 127.0.0.6) -> 1 if it joined sock_pairs, else 0; its server end follows
- * (sockops.bpf.c). The other legs carry that in original_dst (ODST_SPLICED).
+/* inbound_leg_spliced: an entry (value 1) for each inbound leg whose client
+ * end (key: its own tuple, from 127.0.0.6) joined sock_pairs; its server end
+ * joins only if it finds one (sockops.bpf.c). The other legs carry that in original_dst (ODST_SPLICED).
  * Deleted when the server end reads it or the client end closes; LRU as a
  * backstop for connections whose client end has no close callback. */
 MB_TABLE("lru_hash", struct sock_tuple, __u32, inbound_leg_spliced, MAX_CONNECTIONS);

@@ -213,9 +213,10 @@ static __always_inline void active_established(struct bpf_sock_ops *skops)
     __u32 spliced = !sent_before_established(skops) &&
                     should_splice(bpf_get_netns_cookie(skops), &t.remote_ip, t.remote_port, LEG_INBOUND) &&
                     join_sock_pairs(skops, &t);
-    /* Written whatever the decision, over any entry a connection with the
-     * same 4-tuple left behind. */
-    inbound_leg_spliced.update(&t, &spliced);
+    if (spliced)
+        inbound_leg_spliced.update(&t, &spliced);
+    else
+        inbound_leg_spliced.delete(&t);   /* one a connection with the same 4-tuple may have left behind */
 }
 
 /* Server side: a proxy listener accepting a connection we redirected (its
@@ -247,13 +248,10 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops)
         .local_ip = t.remote_ip, .remote_ip = t.local_ip,
         .local_port = t.remote_port, .remote_port = t.local_port,
     };
-    __u32 *client_spliced = inbound_leg_spliced.lookup(&client);
-    if (!client_spliced)
+    if (!inbound_leg_spliced.lookup(&client))
         return;
-    __u32 spliced = *client_spliced;
     inbound_leg_spliced.delete(&client);
-    if (spliced)
-        join_sock_pairs(skops, &t);
+    join_sock_pairs(skops, &t);
 }
 
 /* A socket we redirected is closing: forget its records (sock_pairs drops
