@@ -124,17 +124,17 @@ enum splice_policy {
     SPLICE_ADAPTIVE = 2,   /* not for destinations whose recent connections were all short (sockops.bpf.c) */
 };
 
-/* The legs of a meshed request whose lifetimes are learnt: the app's
- * connection to its proxy, the proxy's to the destination pod, and the
- * receiving proxy's to its own app (from 127.0.0.6), which is on the
- * destination's node and so often the only leg that node sees. */
+/* The legs of a meshed request, each learnt on its own (what its connections
+ * carried): the app's connection to its proxy, the proxy's to the destination
+ * pod, and the receiving proxy's to its own app (from 127.0.0.6), which is on
+ * the destination's node and so often the only leg that node sees. */
 enum leg {
     LEG_APP = 0,
     LEG_PROXY = 1,
     LEG_INBOUND = 2,
 };
 
-/* Lifetimes are learnt per client pod as well (the network namespace of the
+/* Connections are learnt per client pod as well (the network namespace of the
  * leg's client end): one pod's burst of short connections must not leave
  * another pod's long-lived connection to the same destination unspliced. */
 struct dest_key {

@@ -23,7 +23,7 @@
  * Its blind spot: a connection whose client sends one request and then only
  * receives (a server push, a download) counts as short.
  *
- * Lifetimes are learnt per leg (enum leg): a proxy may pool its upstream
+ * Connections are learnt per leg (enum leg): a proxy may pool its upstream
  * connections while the app opens one per request; and per client pod
  * (struct dest_key). The client end of each leg decides, and the server end
  * follows that decision (ODST_SPLICED, inbound_leg_spliced), so a leg is
