@@ -17,11 +17,15 @@
  * (README, "One defect of ours found"). A lifetime in round trips does too,
  * since a one-request connection's life is the proxy's and the app's
  * processing time, not the loopback round trip. The count of sends is the
- * same on a quiet and on a busy node, and the same whether the connection
- * was spliced (sk_msg counts the redirected sends) or not (TCP counts the
- * data segments sent): the measure does not depend on the decision it feeds.
- * Its blind spot: a connection whose client sends one request and then only
- * receives (a server push, a download) counts as short.
+ * same on a quiet and on a busy node, and for sends of up to one segment the
+ * same whether the connection was spliced (sk_msg counts the redirected
+ * sends) or not (TCP counts the data segments sent): the measure does not
+ * depend on the decision it feeds. (A larger send counts once spliced and
+ * once per segment through TCP: a one-request upload of a few segments is
+ * short while spliced and long when not, so such a destination is spliced
+ * on at least one connection in five.) Its blind spot: a connection whose
+ * client sends one request and then only receives (a server push, a
+ * download) counts as short.
  *
  * Connections are learnt per leg (enum leg): a proxy may pool its upstream
  * connections while the app opens one per request; and per client pod
