@@ -22,8 +22,10 @@
  * sends) or not (TCP counts the data segments sent): the measure does not
  * depend on the decision it feeds. (A larger send counts once spliced and
  * once per segment through TCP: a one-request upload of a few segments is
- * short while spliced and long when not, so such a destination is spliced
- * on at least one connection in five.) Its blind spot: a connection whose
+ * short while spliced and long when not, so such a destination's
+ * connections are spliced four times in five when they run one after
+ * another: four short ones, then one unspliced and long that clears the
+ * verdict.) Its blind spot: a connection whose
  * client sends one request and then only receives (a server push, a
  * download) counts as short.
  *
