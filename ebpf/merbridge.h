@@ -110,7 +110,6 @@ struct original_dst {
     __u16 port;      /* host order */
     __u16 flags;     /* ODST_* */
     __u32 pad;
-    __u64 established_ns;  /* when the client end was established (adaptive splicing learns lifetimes) */
 };
 
 /* The connection is a proxy's to a same-node pod; that pod's iptables rule
@@ -122,20 +121,20 @@ struct original_dst {
 enum splice_policy {
     SPLICE_NEVER = 0,
     SPLICE_ALWAYS = 1,
-    SPLICE_ADAPTIVE = 2,   /* not for destinations whose recent connections were all short-lived */
+    SPLICE_ADAPTIVE = 2,   /* not for destinations whose recent connections were all short (sockops.bpf.c) */
 };
 
-/* The legs of a meshed request whose lifetimes are learnt: the app's
- * connection to its proxy, the proxy's to the destination pod, and the
- * receiving proxy's to its own app (from 127.0.0.6), which is on the
- * destination's node and so often the only leg that node sees. */
+/* The legs of a meshed request, each learnt on its own (what its connections
+ * carried): the app's connection to its proxy, the proxy's to the destination
+ * pod, and the receiving proxy's to its own app (from 127.0.0.6), which is on
+ * the destination's node and so often the only leg that node sees. */
 enum leg {
     LEG_APP = 0,
     LEG_PROXY = 1,
     LEG_INBOUND = 2,
 };
 
-/* Lifetimes are learnt per client pod as well (the network namespace of the
+/* Connections are learnt per client pod as well (the network namespace of the
  * leg's client end): one pod's burst of short connections must not leave
  * another pod's long-lived connection to the same destination unspliced. */
 struct dest_key {
@@ -147,7 +146,7 @@ struct dest_key {
 };
 
 struct dest_profile {
-    __u32 short_streak;  /* consecutive short-lived connections; a long one removes the entry */
+    __u32 short_streak;  /* consecutive short connections; a long one removes the entry */
     __u32 pad;
     __u64 last_short_ns; /* when the last short one closed: the verdict expires */
 };
@@ -157,14 +156,15 @@ struct datapath_config {
     __u32 splice;               /* enum splice_policy */
     __u32 rewrite_inbound_port; /* 1: the connect hook sends a proxy's connection to a same-node
                                  * pod to its inbound port itself; 0: that pod's Istio rule does */
-    __u64 short_conn_ns;        /* adaptive: a connection that lived less than this was short */
+    __u32 short_msgs;           /* adaptive: a connection whose client end sent fewer messages was short */
+    __u32 pad0;
     __u32 short_streak;         /* adaptive: this many short ones in a row and new ones are not spliced */
     __u32 bulk_bytes;           /* a socket sending more than this within bulk_window_ns is bulk */
     __u64 bulk_window_ns;
     __u64 short_memory_ns;      /* adaptive: that verdict holds while the last short one closed less than this ago */
     __u32 backlog_bytes;        /* a sender whose peer holds more unread redirected bytes than this goes to TCP;
                                  * 0: no limit (sk_msg.bpf.c, "Backpressure") */
-    __u32 pad;
+    __u32 pad1;
 };
 
 /* Per spliced socket, in socket-local storage (freed with the socket). */
@@ -173,9 +173,8 @@ struct send_state {
     __u32 window_bytes;
     __u16 bulk;          /* 1: sends go through TCP from now on (bulk sender) */
     __u16 missed;        /* 1: sends go through TCP from now on (a redirect found no peer) */
-    __u64 established_ns;  /* inbound leg's client end: its lifetime is learnt at close */
+    __u32 redirected_msgs;  /* messages sk_msg redirected (saturating): adaptive splicing learns from them */
     __u32 backpressure;  /* 1: sends go through TCP from now on (its peer stopped reading) */
-    __u32 pad;
 };
 
 /* Counters, one slot each in the per-CPU array datapath_counters. */
@@ -256,6 +255,12 @@ struct send_states_table_t send_states = {.flags = BPF_F_NO_PREALLOC};
 BPF_ANNOTATE_KV_PAIR(send_states, int, struct send_state);
 /* dest_profiles: how recent connections to a destination went, per leg. */
 MB_TABLE("lru_hash", struct dest_key, struct dest_profile, dest_profiles, MAX_DESTINATIONS);
+/* inbound_leg_spliced: an entry (value 1) for each inbound leg whose client
+ * end (key: its own tuple, from 127.0.0.6) joined sock_pairs; its server end
+ * joins only if it finds one (sockops.bpf.c). The other legs carry that in original_dst (ODST_SPLICED).
+ * Deleted when the server end reads it or the client end closes; LRU as a
+ * backstop for connections whose client end has no close callback. */
+MB_TABLE("lru_hash", struct sock_tuple, __u32, inbound_leg_spliced, MAX_CONNECTIONS);
 MB_TABLE("array", int, struct datapath_config, config, 1);
 /* ---- Backpressure (issue 20; ebpf/sk_msg.bpf.c, ebpf/tcp_bpf_recvmsg.bpf.c) ------
  * peer_backlogs: a spliced socket's own tuple (as in sock_pairs) -> the bytes

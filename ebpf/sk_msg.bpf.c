@@ -119,6 +119,8 @@ int sk_msg_splice(struct sk_msg_md *msg)
     long verdict = sock_pairs.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
     if (verdict == SK_PASS) {
         peer_backlog_add(&peer, size);
+        if (st && st->redirected_msgs != 0xffffffff)
+            st->redirected_msgs++;   /* adaptive splicing: what the connection did (sockops.bpf.c) */
         count(CNT_SPLICE_MSGS, 1);
         count(CNT_SPLICE_BYTES, size);
     } else {

@@ -98,7 +98,6 @@ class OriginalDst(ct.Structure):
         ("port", ct.c_uint16),  # host order
         ("flags", ct.c_uint16),  # ODST_* in merbridge.h
         ("pad", ct.c_uint32),
-        ("established_ns", ct.c_uint64),
     ]
 
 
@@ -131,13 +130,14 @@ class DatapathConfig(ct.Structure):
     _fields_ = [
         ("splice", ct.c_uint32),               # SplicePolicy
         ("rewrite_inbound_port", ct.c_uint32),
-        ("short_conn_ns", ct.c_uint64),
+        ("short_msgs", ct.c_uint32),
+        ("pad0", ct.c_uint32),
         ("short_streak", ct.c_uint32),
         ("bulk_bytes", ct.c_uint32),
         ("bulk_window_ns", ct.c_uint64),
         ("short_memory_ns", ct.c_uint64),
         ("backlog_bytes", ct.c_uint32),        # backpressure: unread bytes a peer may hold (0: no limit)
-        ("pad", ct.c_uint32),
+        ("pad1", ct.c_uint32),
     ]
 
 
@@ -179,6 +179,7 @@ MAPS = {
     "connect_original_dst": (ct.c_uint64, OriginalDst),
     "original_dst": (SockTuple, OriginalDst),
     "dest_profiles": (DestKey, DestProfile),
+    "inbound_leg_spliced": (SockTuple, ct.c_uint32),
     "config": (ct.c_uint32, DatapathConfig),
     "counters": (ct.c_uint32, ct.c_uint64),
     "peer_backlogs": (SockTuple, PeerBacklog),

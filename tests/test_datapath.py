@@ -187,21 +187,57 @@ def test_many_short_connections_all_succeed_and_leak_nothing(agent):
     assert {m: after[m] for m in per_connection} == {m: before[m] for m in per_connection}
 
 
-def test_adaptive_splicing_skips_short_lived_destinations_until_the_verdict_expires(agent):
-    """After a burst of short connections, a long one to the same destination
-    from the same pod is redirected but not spliced (the documented blind
-    spot); a second later the verdict has expired and it is spliced again."""
+SHORT_SKIPPED = ("merbridge_splice_skipped_total", '{reason="short_lived"}')
+
+
+def test_adaptive_splicing_skips_short_destinations_until_a_long_connection_or_expiry(agent):
+    """After a burst of one-request connections, a long one to the same
+    destination from the same pod is redirected but not spliced (the documented
+    blind spot); once it has closed, having sent 300 messages, or a second after
+    the last short one, the destination's connections are spliced again."""
     a, b = agent.pods["a"], agent.pods["b"]
-    skipped = metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}')
+    skipped = metric(agent, *SHORT_SKIPPED)
     r = agent.client(a, "churn_then_ask", b.ip, 8080, 50, 300)
     assert r.returncode == 0, r.stderr
-    assert metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}') > skipped + 50
+    # One request per connection is short however long it took: from the fifth
+    # connection on, each of its three legs (app, proxy, inbound) is skipped.
+    assert metric(agent, *SHORT_SKIPPED) > skipped + 50
     unspliced = int(r.stdout.split("segs=")[1])
     assert unspliced > 300, r.stdout     # every message crossed the app and proxy legs as TCP
-    time.sleep(1.5)                      # the verdict lasts a second after the last short connection
+    time.sleep(1.5)   # lets the sidecar close its legs of that connection; the verdict is gone either way
     before = agent.tcp_out_segs(a)
     assert ask(agent, "a", b.ip, 8080, 300)[0] == "b"
     assert agent.tcp_out_segs(a) - before < 40
+
+
+def test_adaptive_splicing_counts_messages_not_time(agent):
+    """One-request connections held open 20 ms each are still short: what
+    makes a connection short is what it sent, not how long it lived (this was
+    a 5 ms lifetime, so the same load was short on a quiet node and long on a
+    busy one). With the wall-clock test none of these is skipped."""
+    a, b = agent.pods["a"], agent.pods["b"]
+    skipped = metric(agent, *SHORT_SKIPPED)
+    r = agent.client(a, "churn", b.ip, 8080, 30, 20, timeout=300)
+    assert r.stdout.strip() == "ok=30 failed=0", r.stdout + r.stderr
+    # 4 connections to learn, then each of the others skipped on its three legs
+    assert metric(agent, *SHORT_SKIPPED) - skipped > 30
+
+
+def test_adaptive_splicing_server_end_follows_client_end(agent):
+    """Both ends of a leg decide together: the client end decides, the server
+    end follows its decision (also on the inbound leg, sidecar -> app, whose
+    ends used to consult the destination's verdict each on its own, and could
+    disagree when a short connection closed between their two callbacks). So
+    a skipped connection counts one skip per leg, three per request, and puts
+    nothing into the sockhash; the old code counted the inbound leg twice."""
+    a, b = agent.pods["a"], agent.pods["b"]
+    r = agent.client(a, "churn", b.ip, 8080, 20)   # every leg's verdict learnt
+    assert r.stdout.strip() == "ok=20 failed=0", r.stdout + r.stderr
+    skipped, inserts = metric(agent, *SHORT_SKIPPED), metric(agent, "merbridge_sockhash_inserts_total")
+    r = agent.client(a, "churn", b.ip, 8080, 40)
+    assert r.stdout.strip() == "ok=40 failed=0", r.stdout + r.stderr
+    assert metric(agent, "merbridge_sockhash_inserts_total") == inserts
+    assert metric(agent, *SHORT_SKIPPED) - skipped == 3 * 40
 
 
 def test_one_pods_short_connections_do_not_stop_another_pods_splicing(agent):
@@ -210,17 +246,17 @@ def test_one_pods_short_connections_do_not_stop_another_pods_splicing(agent):
     a, b, e = (agent.pods[k] for k in "abe")
     churner = agent.client_background(a, "churn", b.ip, 8080, 100000)
     try:
-        skipped = metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}')
+        skipped = metric(agent, *SHORT_SKIPPED)
         deadline = time.monotonic() + 10
-        while metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}') < skipped + 20:
+        while metric(agent, *SHORT_SKIPPED) < skipped + 20:
             assert time.monotonic() < deadline, "pod a's short connections were never recognised"
             time.sleep(0.05)
-        during = metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}')
+        during = metric(agent, *SHORT_SKIPPED)
         before = agent.tcp_out_segs(e)
         assert ask(agent, "e", b.ip, 8080, 300)[0] == "b"
         assert agent.tcp_out_segs(e) - before < 40
         # a's connections were still being skipped meanwhile
-        assert metric(agent, "merbridge_splice_skipped_total", '{reason="short_lived"}') > during
+        assert metric(agent, *SHORT_SKIPPED) > during
     finally:
         churner.kill()
         churner.wait()

@@ -106,3 +106,27 @@ def test_pooled_legs_are_spliced_in_ebpf_mode_only(bed):
         assert sent < requests / 10, sent
     else:
         assert sent >= 2 * requests, sent   # at least the app's response and the sidecar's, per request
+
+
+
+def test_one_request_connections_are_short_on_every_leg_also_over_mtls(bed):
+    """A client connection per request to a TCP port: each gets its own upstream
+    through both sidecars (mTLS between them) and to the app, so every leg of it
+    carries one request. In ebpf mode adaptive splicing calls each leg short by
+    what its client end sent (on the mTLS leg: the handshake's flights, the
+    request and the TLS close), so once learnt, every leg of every connection is
+    skipped: three per request. In iptables mode (and where the kernel probes
+    turned splicing off) nothing is spliced, so nothing is skipped either."""
+    def skipped() -> float:
+        if bed.mode != "ebpf":
+            return 0.0   # no agent on the nodes
+        return bed.agent_metrics(bed.nodes[0]).get('merbridge_splice_skipped_total{reason="short_lived"}', 0.0)
+
+    splicing = bed.mode == "ebpf" and \
+        bed.agent_metrics(bed.nodes[0]).get('merbridge_splice_mode{mode="off"}', 0) != 1
+    results = bed.requests("a", "b", port=TCP_PORT, count=10, new_connection=True)   # every leg's verdict learnt
+    assert {(r["status"], r["body"]["pod"]) for r in results} == {(200, "b")}
+    before = skipped()
+    results = bed.requests("a", "b", port=TCP_PORT, count=20, new_connection=True)
+    assert {(r["status"], r["body"]["pod"]) for r in results} == {(200, "b")}
+    assert skipped() - before == (3 * 20 if splicing else 0)

@@ -68,7 +68,8 @@ examples:
 @click.option("--log-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True)
 @click.option("--splice", type=click.Choice(["adaptive", "always", "never"]), default="adaptive", show_default=True,
               help="Which same-node sockets are spliced: all but those whose pod's recent connections to the same "
-                   "destination were short-lived (adaptive), all, or none (redirect and SO_ORIGINAL_DST only).")
+                   "destination were short, a few messages sent (adaptive); all; or none (redirect and "
+                   "SO_ORIGINAL_DST only).")
 @click.option("--inbound-redirect", type=click.Choice(["iptables", "ebpf"]), default="iptables", show_default=True,
               help="Who moves a proxy's connection to a same-node pod onto that pod's inbound port: the pod's own "
                    "Istio rule (conntrack-identical to iptables mode), or the connect hook (for pods without "

@@ -55,9 +55,9 @@ _HELP = {
     "merbridge_splice_misses": "Spliced sockets whose peer was not in the sockhash: they send through TCP from then on",
     "merbridge_sockhash_inserts": "Sockets put into the sockhash",
     "merbridge_datapath_errors": "Errors in the kernel datapath, by kind",
-    "merbridge_splice_skipped": "Sockets not spliced (short-lived destination; busy: another program's sockmap "
-                                "holds the socket) or switched back to TCP (bulk sender, or backpressure: its "
-                                "peer held too many unread bytes)",
+    "merbridge_splice_skipped": "Sockets not spliced (short: the destination's recent connections carried few "
+                                "messages; busy: another program's sockmap holds the socket) or switched back to "
+                                "TCP (bulk sender, or backpressure: its peer held too many unread bytes)",
     "merbridge_peer_names_shown": "getpeername() calls on rewritten connections answered with the original destination",
 }
 

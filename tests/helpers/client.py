@@ -2,7 +2,8 @@
 
     python client.py ask HOST PORT [N]      N requests on one connection; prints each answer
     python client.py bulk HOST PORT BYTES   sends BYTES through the app's echo, checks them; prints seconds
-    python client.py churn HOST PORT N      N connections of one request each; prints "ok=<n> failed=<n>"
+    python client.py churn HOST PORT N [MS] N connections of one request each, each held open MS
+                                            milliseconds after its answer; prints "ok=<n> failed=<n>"
     python client.py hold HOST PORT N MS    N requests on one connection, MS milliseconds apart
     python client.py churn_then_ask HOST PORT N M
                                             churn N, then ask M on one connection at once; prints the
@@ -68,7 +69,7 @@ def bulk(host: str, port: int, size: int) -> None:
     sys.exit(0 if ok else 1)
 
 
-def churn(host: str, port: int, n: int) -> None:
+def churn(host: str, port: int, n: int, hold_ms: int = 0) -> None:
     ok = failed = 0
     for _ in range(n):
         try:
@@ -78,6 +79,7 @@ def churn(host: str, port: int, n: int) -> None:
                     ok += 1
                 else:
                     failed += 1
+                time.sleep(hold_ms / 1000)
         except OSError:
             failed += 1
     print(f"ok={ok} failed={failed}", flush=True)
