@@ -58,6 +58,13 @@ KERNEL_TESTS = [
     #   one-node bed, small and bulk-tripping bodies, by the class below: the splice mode the
     #   probes picked keeps FIONREAD right on this kernel
     "tests/test_fionread_apps.py::TestSameNode",
+    # - backpressure at any rate: a paused reader holds its writer back through the sidecars, and a
+    #   reader in lock step stays spliced: readers' progress counted by the fexit programs on
+    #   tcp_bpf_recvmsg(_parser), whose arguments differ between kernels (6.18 dropped addr_len);
+    #   this project's own host refuses fexit (lockdown), so only the VMs test the counted path.
+    #   Measured alone in the VMs on 2026-12-07 (load 1-1.7): 6.12.100 145 s wall, the test 128 s;
+    #   6.12.118 174 s wall, the test 159 s (its one-node bed and agent: two compiles, 51 s / 85 s)
+    "tests/test_backpressure.py",
 ]
 
 # Run inside a kernel expected to refuse the programs: doctor must name the
