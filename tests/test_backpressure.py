@@ -31,6 +31,7 @@ import uuid
 
 import pytest
 
+from helpers.reader_hooks import a_reader_hook_must_load
 from merbridge_py import kernel_probes, sandbox
 from merbridge_py.loader import TRACING_REFUSED
 from merbridge_py.testbed import Testbed
@@ -80,15 +81,19 @@ def tcp_buffer_max(tb: Testbed, pod: str) -> int:
 
 
 def reader_tracing(tb: Testbed) -> str:
-    """"attached", or "unavailable" where the kernel refuses fexit programs
-    (this test's own host: lockdown integrity mode); any other reason is a bug."""
+    """"attached", or "unavailable" where the kernel may refuse both reader
+    hooks (before 6.4, fexit refused under lockdown); any other reason, or
+    the fallback on a kernel that must take a hook, is a bug."""
     m = tb.agent_metrics("node0")
-    if m['merbridge_backlog_tracing{state="attached"}'] == 1:
-        return "attached"
-    assert m['merbridge_backlog_tracing{state="unavailable"}'] == 1, m
     status = subprocess.run([sys.executable, "-m", "merbridge_py.cli", "status", "--json", "--admin-socket",
                              str(tb.admin_socket("node0"))], capture_output=True, text=True, timeout=60)
     tracing = json.loads(status.stdout)["backlog_tracing"]
+    print(f"backpressure: reader tracing {tracing}")   # which hook, in the VMs' logs too
+    if m['merbridge_backlog_tracing{state="attached"}'] == 1:
+        return "attached"
+    must = a_reader_hook_must_load()
+    assert must is None, f"no reader hook attached ({tracing}) although {must}"
+    assert m['merbridge_backlog_tracing{state="unavailable"}'] == 1, m
     assert f"({TRACING_REFUSED}:" in tracing, tracing
     return "unavailable"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.reader_hooks import tracepoint_exists
 from merbridge_py import bpf_syscall, layout
 from merbridge_py.datapath import (BACKLOG_BYTES, BACKLOG_FALLBACK_ENV, FALLBACK_BULK_BYTES, HOOKS, READER_HOOKS,
                                    Datapath, DatapathError, run_loader)
@@ -83,11 +84,6 @@ def test_a_failed_compile_is_one_line_and_leaves_nothing(bpffs):
     assert str(e.value).startswith("compiling or loading the eBPF programs failed: ")
     assert "\n" not in str(e.value)
     assert dp.bpf is None and not bpffs.exists()
-
-
-def tracepoint_exists(name: str) -> bool:
-    with open("/proc/kallsyms") as f:
-        return any(line.rstrip().endswith(f" __tracepoint_{name}") for line in f)
 
 
 @pytest.mark.bpf
