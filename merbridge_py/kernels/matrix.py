@@ -58,6 +58,10 @@ KERNEL_TESTS = [
     #   one-node bed, small and bulk-tripping bodies, by the class below: the splice mode the
     #   probes picked keeps FIONREAD right on this kernel
     "tests/test_fionread_apps.py::TestSameNode",
+    # Not in the list: issue 20's 256 MiB up and down through Envoy with mTLS STRICT, both modes,
+    # same-node and cross-node (tests/test_big_transfer_e2e.py) took 8 min per kernel here (transfers
+    # at 6-11 MiB/s under emulation, two more compiles); run by hand with --test in each VM, results
+    # in docs/kernels.md ("256 MiB transfers through Envoy")
 ]
 
 # Run inside a kernel expected to refuse the programs: doctor must name the
