@@ -86,8 +86,11 @@ def test_256_mib_each_way_through_envoy_mtls(bed, dst):
     done = bed.exec_in("a", [sys.executable, str(APP), "client", "--host", server.ip, "--port", str(PORT),
                              "--up", str(TRANSFER), "--down", str(TRANSFER), "--stream", "offsets"],
                        timeout=600 * timeout_scale())
+    result = json.loads(done.stdout) if done.stdout.strip() else {}
+    assert "send_error" not in result, (
+        f"{bed.mode}: the client app's send() failed ({result.get('send_error')}) after {result.get('sent')} of "
+        f"{TRANSFER} bytes, {result.get('seconds')} s into the upload", result)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
 
     # the client app's view of its own connection, right after connect and after the transfers
     dialled = f"{server.ip}:{PORT}"

@@ -12,7 +12,9 @@ Protocol, one exchange per connection: the client sends "up N down M\\n" and
 N bytes; the server reads them with the checks, answers its counts as one
 JSON line, then sends M bytes, which the client reads with the checks. The
 client prints {"up": server's counts, "down": its own, "peer" and "local":
-its socket's getpeername() and getsockname()} as JSON. The bytes are a
+its socket's getpeername() and getsockname()} as JSON; when a send of the
+upload fails, {"send_error", "sent": bytes sent before, "seconds", "peer",
+"local"}. The bytes are a
 pattern depending on the offset, so a reordering shows as corruption; with
 "stream offsets" (the request line "up N down M stream offsets") every
 4 KiB block starts with its own offset, so no block of the stream equals
@@ -30,6 +32,7 @@ import json
 import select
 import socket
 import struct
+import sys
 import termios
 import threading
 import time
@@ -144,12 +147,14 @@ class CheckedReader:
         return counts
 
 
-def send_pattern(sock: socket.socket, n: int, stream=pattern) -> None:
-    sent = 0
+def send_pattern(sock: socket.socket, n: int, stream=pattern, progress: dict | None = None) -> None:
+    """Send n bytes of `stream`; `progress["sent"]` says how far it got (when a send fails)."""
+    progress = {} if progress is None else progress
+    progress["sent"] = sent = 0
     while sent < n:
         chunk = stream(sent, min(CHUNK, n - sent))
         sock.sendall(chunk)
-        sent += len(chunk)
+        progress["sent"] = sent = sent + len(chunk)
 
 
 def serve_one(conn: socket.socket) -> None:
@@ -186,7 +191,13 @@ def client(host: str, port: int, up: int, down: int, stream: str = "pattern") ->
         peer, local = format_address(sock.getpeername()), format_address(sock.getsockname())
         request = f"up {up} down {down}" + (f" stream {stream}" if stream != "pattern" else "")
         sock.sendall(f"{request}\n".encode())
-        send_pattern(sock, up, STREAMS[stream])
+        progress, started = {}, time.monotonic()
+        try:
+            send_pattern(sock, up, STREAMS[stream], progress)
+        except OSError as e:
+            # an error the app sees (ENOMEM from a redirect, a reset): said with how far it got
+            return {"send_error": str(e), "sent": progress["sent"], "seconds": round(time.monotonic() - started, 3),
+                    "peer": peer, "local": local}
         reader = CheckedReader(sock, STREAMS[stream])
         server_counts = json.loads(reader.line())
         reader.payload(down)
@@ -236,7 +247,10 @@ def main() -> None:
     elif args.cmd == "put-get":
         print(json.dumps(put_get(args.host, args.port, args.path, args.bytes)))
     else:
-        print(json.dumps(client(args.host, args.port, args.up, args.down, args.stream)))
+        result = client(args.host, args.port, args.up, args.down, args.stream)
+        print(json.dumps(result), flush=True)
+        if "send_error" in result:
+            sys.exit(f"the upload failed after {result['sent']} of {args.up} bytes: {result['send_error']}")
 
 
 if __name__ == "__main__":
