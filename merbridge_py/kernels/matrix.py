@@ -61,10 +61,17 @@ KERNEL_TESTS = [
     # - backpressure at any rate: a paused reader holds its writer back through the sidecars, and a
     #   reader in lock step stays spliced: readers' progress counted by the fexit programs on
     #   tcp_bpf_recvmsg(_parser), whose arguments differ between kernels (6.18 dropped addr_len);
-    #   this project's own host refuses fexit (lockdown), so only the VMs test the counted path.
+    #   this project's own host refuses fexit (lockdown) and counts with the sock_recv_length
+    #   tracepoint instead, so only the VMs test the fexit path.
     #   Measured alone in the VMs on 2026-12-07 (load 1-1.7): 6.12.100 145 s wall, the test 128 s;
     #   6.12.118 174 s wall, the test 159 s (its one-node bed and agent: two compiles, 51 s / 85 s)
     "tests/test_backpressure.py",
+    # Not in the list: issue 20's 256 MiB up and down through Envoy with mTLS STRICT, both modes,
+    # same-node and cross-node (tests/test_big_transfer_e2e.py) took 4-8 min per kernel here
+    # (transfers at 7-12 MiB/s under emulation, two more compiles). Run by hand with --test in each
+    # VM: passed on 6.1 (splicing off); on 6.12.100 and 6.12.118 its ebpf half fails, the client's
+    # send() gets ENOMEM (before backpressure was merged; rerun with it: docs/kernels.md). Figures: docs/kernels.md ("256 MiB
+    # transfers through Envoy")
 ]
 
 # Run inside a kernel expected to refuse the programs: doctor must name the

@@ -5,14 +5,20 @@ A moment where FIONREAD said 0 while recv() returned data is a lie an app
 can stall on; they are counted.
 
     python fionread_app.py serve --port 9300
-    python fionread_app.py client --host IP --port 9300 --up N --down N
+    python fionread_app.py client --host IP --port 9300 --up N --down N [--stream offsets]
     python fionread_app.py put-get --host IP --port 9302 --path /upload/x --bytes N
 
 Protocol, one exchange per connection: the client sends "up N down M\\n" and
 N bytes; the server reads them with the checks, answers its counts as one
 JSON line, then sends M bytes, which the client reads with the checks. The
-client prints {"up": server's counts, "down": its own} as JSON. The bytes
-are a pattern depending on the offset, so a reordering shows as corruption.
+client prints {"up": server's counts, "down": its own, "peer" and "local":
+its socket's getpeername() and getsockname()} as JSON; when a send of the
+upload fails, {"send_error", "sent": bytes sent before, "seconds", "peer",
+"local"}. The bytes are a
+pattern depending on the offset, so a reordering shows as corruption; with
+"stream offsets" (the request line "up N down M stream offsets") every
+4 KiB block starts with its own offset, so no block of the stream equals
+another and a displaced, lost or repeated block is caught wherever it is.
 
 put-get: an HTTP client for a WebDAV-enabled server (nginx's dav_methods PUT):
 PUT N pattern bytes to --path, then GET them back on the same connection,
@@ -26,6 +32,7 @@ import json
 import select
 import socket
 import struct
+import sys
 import termios
 import threading
 import time
@@ -45,12 +52,34 @@ def pattern(offset: int, n: int) -> bytes:
     return _BLOCK[start:start + n]
 
 
+# The pattern's period (a prime) is long but finite: a block displaced by a
+# multiple of it would compare equal. This stream names its own offsets: each
+# OFFSET_BLOCK-byte block starts with its offset (8 bytes, big-endian), the
+# pattern fills the rest.
+OFFSET_BLOCK = 4096
+
+
+def offset_stream(offset: int, n: int) -> bytes:
+    """Bytes offset..offset+n of the self-naming stream."""
+    first = offset - offset % OFFSET_BLOCK
+    parts = []
+    for block in range(first, offset + n, OFFSET_BLOCK):
+        parts.append(block.to_bytes(8, "big"))
+        parts.append(pattern(block + 8, OFFSET_BLOCK - 8))
+    return b"".join(parts)[offset - first:offset - first + n]
+
+
+STREAMS = {"pattern": pattern, "offsets": offset_stream}
+
+
 class CheckedReader:
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buf = sock, bytearray()
+    def __init__(self, sock: socket.socket, stream=pattern):
+        self.sock, self.buf, self.stream = sock, bytearray(), stream
         self.readable = self.zero_while_data = self.bytes = 0
         self.offset = 0          # of the checked payload
         self.corrupt = 0
+        self.first_corrupt = None    # the offset of the first chunk that differed
+        self.started = self.finished = None
 
     def _fill(self) -> bool:
         select.select([self.sock], [], [])
@@ -76,15 +105,19 @@ class CheckedReader:
 
     def payload(self, n: int) -> None:
         """Read and check n pattern bytes."""
+        self.started = time.monotonic()
         while self.bytes < n:
             if not self.buf and not self._fill():
                 break
             take = bytes(self.buf[:min(n - self.bytes, CHUNK)])
             del self.buf[:len(take)]
-            if take != pattern(self.offset, len(take)):
+            if take != self.stream(self.offset, len(take)):
                 self.corrupt += 1
+                if self.first_corrupt is None:
+                    self.first_corrupt = self.offset
             self.offset += len(take)
             self.bytes += len(take)
+        self.finished = time.monotonic()
 
     def raw(self, n: int) -> bytes:
         """n bytes, unchecked (an HTTP response body that is not the pattern)."""
@@ -107,16 +140,21 @@ class CheckedReader:
             headers[name.strip().lower()] = value.strip()
 
     def counts(self) -> dict:
-        return {"bytes": self.bytes, "readable": self.readable, "zero_while_data": self.zero_while_data,
-                "corrupt_chunks": self.corrupt}
+        counts = {"bytes": self.bytes, "readable": self.readable, "zero_while_data": self.zero_while_data,
+                  "corrupt_chunks": self.corrupt, "first_corrupt_offset": self.first_corrupt}
+        if self.started is not None:
+            counts["seconds"] = round(self.finished - self.started, 3)
+        return counts
 
 
-def send_pattern(sock: socket.socket, n: int) -> None:
-    sent = 0
+def send_pattern(sock: socket.socket, n: int, stream=pattern, progress: dict | None = None) -> None:
+    """Send n bytes of `stream`; `progress["sent"]` says how far it got (when a send fails)."""
+    progress = {} if progress is None else progress
+    progress["sent"] = sent = 0
     while sent < n:
-        chunk = pattern(sent, min(CHUNK, n - sent))
+        chunk = stream(sent, min(CHUNK, n - sent))
         sock.sendall(chunk)
-        sent += len(chunk)
+        progress["sent"] = sent = sent + len(chunk)
 
 
 def serve_one(conn: socket.socket) -> None:
@@ -124,9 +162,11 @@ def serve_one(conn: socket.socket) -> None:
         reader = CheckedReader(conn)
         words = reader.line().split()
         up, down = int(words[1]), int(words[3])
+        # "up N down M" or "up N down M stream NAME"
+        reader.stream = stream = STREAMS[words[5].decode()] if len(words) >= 6 else pattern
         reader.payload(up)
         conn.sendall(json.dumps(reader.counts()).encode() + b"\n")
-        send_pattern(conn, down)
+        send_pattern(conn, down, stream)
         conn.shutdown(socket.SHUT_WR)
         conn.recv(1)             # the client closes first
 
@@ -139,14 +179,30 @@ def serve(port: int) -> None:
         threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
 
 
-def client(host: str, port: int, up: int, down: int) -> dict:
+def format_address(address: tuple) -> str:
+    """"ip:port", or "[ip]:port" for IPv6 (merbridge_py.testbed.client's format; this file runs alone)."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def client(host: str, port: int, up: int, down: int, stream: str = "pattern") -> dict:
     with socket.create_connection((host, port), timeout=120) as sock:
-        sock.sendall(f"up {up} down {down}\n".encode())
-        send_pattern(sock, up)
-        reader = CheckedReader(sock)
+        # what the app sees of its own connection, asked as a Go or Java runtime would, right after connect
+        peer, local = format_address(sock.getpeername()), format_address(sock.getsockname())
+        request = f"up {up} down {down}" + (f" stream {stream}" if stream != "pattern" else "")
+        sock.sendall(f"{request}\n".encode())
+        progress, started = {}, time.monotonic()
+        try:
+            send_pattern(sock, up, STREAMS[stream], progress)
+        except OSError as e:
+            # an error the app sees (ENOMEM from a redirect, a reset): said with how far it got
+            return {"send_error": str(e), "sent": progress["sent"], "seconds": round(time.monotonic() - started, 3),
+                    "peer": peer, "local": local}
+        reader = CheckedReader(sock, STREAMS[stream])
         server_counts = json.loads(reader.line())
         reader.payload(down)
-        return {"up": server_counts, "down": reader.counts()}
+        return {"up": server_counts, "down": reader.counts(), "peer": peer, "local": local,
+                "peer_after": format_address(sock.getpeername())}
 
 
 def put_get(host: str, port: int, path: str, n: int) -> dict:
@@ -179,6 +235,7 @@ def main() -> None:
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--up", type=int, default=0)
     c.add_argument("--down", type=int, default=0)
+    c.add_argument("--stream", choices=sorted(STREAMS), default="pattern")
     h = sub.add_parser("put-get")
     h.add_argument("--host", required=True)
     h.add_argument("--port", type=int, required=True)
@@ -190,7 +247,10 @@ def main() -> None:
     elif args.cmd == "put-get":
         print(json.dumps(put_get(args.host, args.port, args.path, args.bytes)))
     else:
-        print(json.dumps(client(args.host, args.port, args.up, args.down)))
+        result = client(args.host, args.port, args.up, args.down, args.stream)
+        print(json.dumps(result), flush=True)
+        if "send_error" in result:
+            sys.exit(f"the upload failed after {result['sent']} of {args.up} bytes: {result['send_error']}")
 
 
 if __name__ == "__main__":
