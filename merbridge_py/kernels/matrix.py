@@ -70,7 +70,7 @@ KERNEL_TESTS = [
     # same-node and cross-node (tests/test_big_transfer_e2e.py) took 4-8 min per kernel here
     # (transfers at 7-12 MiB/s under emulation, two more compiles). Run by hand with --test in each
     # VM: passed on 6.1 (splicing off); on 6.12.100 and 6.12.118 its ebpf half fails, the client's
-    # send() gets ENOMEM (before backpressure was merged; rerun with it: docs/kernels.md). Figures: docs/kernels.md ("256 MiB
+    # send() gets ENOMEM (before backpressure was merged; with it, 4 of 4 on both: docs/kernels.md). Figures: docs/kernels.md ("256 MiB
     # transfers through Envoy")
 ]
 
