@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import uuid
+from unittest import mock
 
 import pytest
 
@@ -57,18 +58,10 @@ def bed():
         # backpressure is about spliced sockets: where FIONREAD rules splicing out (6.1), force it
         # (this app sizes no read with FIONREAD)
         env[kernel_probes.SPLICE_MODE_ENV] = kernel_probes.SPLICE_SK_MSG
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)   # the agents inherit it
-    try:
+    with mock.patch.dict(os.environ, env):   # the agents inherit it; restored afterwards
         with Testbed.up(f"bp{os.getpid() % 10000}{uuid.uuid4().hex[:3]}", nodes=1,
                         pods=[PodSpec("a", node=0), PodSpec("b", node=0)], mode="ebpf") as tb:
             yield tb
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def tcp_buffer_max(tb: Testbed, pod: str) -> int:
