@@ -357,7 +357,8 @@ class Datapath:
         staging = self.bpffs_dir / LOADER_PIN_DIR
         shutil.rmtree(staging, ignore_errors=True)   # a loader's whose agent died before taking them
         try:
-            self.loader_result = run_loader(self.maps_dir, staging, self.compile_flags())
+            self.loader_result = run_loader(self.maps_dir, staging, self.compile_flags(),
+                                            reader_hook=self.reader_hook_needed)
             progs = {}
             try:
                 for hook in HOOKS:
@@ -426,7 +427,19 @@ class Datapath:
         cost: the tracepoint runs on every socket read of the node. Sockets
         spliced before a switch to iptables keep their backlog limit; with
         their reads no longer counted they go to TCP sooner, never later."""
-        return self.mode == "ebpf" and self.splice_allowed and self.splice != "never"
+        return self.mode == "ebpf" and self.reader_hook_needed
+
+    @property
+    def reader_hook_needed(self) -> bool:
+        """False where this node never splices (the kernel probes ruled it out,
+        or --splice never): neither changes while the agent runs, so the
+        loader does not compile a reader hook that could never attach."""
+        return self.splice_allowed and self.splice != "never"
+
+    def _no_splicing_reason(self) -> str:
+        if not self.splice_allowed:
+            return "the kernel probes turned splicing off"
+        return "the splice setting is never"
 
     def _attach_tracing(self) -> None:
         """Attach backpressure's reader side, all or none; a failure is not
@@ -451,8 +464,11 @@ class Datapath:
 
     @property
     def backlog_tracing(self) -> str:
-        """"attached: <which reader hook>", "not attached" (before attach, after detach) or
+        """"attached: <which reader hook>", "not attached" (before attach, after detach),
+        "not needed: <why this node never splices>" or
         "unavailable: <why>; <what the agent does instead>"."""
+        if not self.reader_hook_needed:
+            return f"not needed: this node does not splice ({self._no_splicing_reason()})"
         if self.tracing_error:
             return f"unavailable: {self.tracing_error}; {self.backlog_fallback_text()}"
         if not self.tracing_links:
@@ -863,12 +879,13 @@ def loader_timeout() -> float:
     return seconds
 
 
-def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
+def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str], reader_hook: bool = True) -> dict:
     """Compile, load and pin the programs in a child process (merbridge_py/
     loader.py): bcc and LLVM live and die there. Returns its report, plus
-    `elapsed` (seconds, as this process saw it)."""
+    `elapsed` (seconds, as this process saw it). `reader_hook`: False skips
+    backpressure's reader hook (Datapath.reader_hook_needed)."""
     argv = [sys.executable, "-m", "merbridge_py.loader", "--maps-dir", str(maps_dir), "--pin-dir", str(pin_dir),
-            "--", *cflags]
+            *([] if reader_hook else ["--no-reader-hook"]), "--", *cflags]
     timeout = loader_timeout()
     started = time.monotonic()
     try:

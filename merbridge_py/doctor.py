@@ -167,9 +167,13 @@ def check_programs_load() -> Check | list[Check]:
         return Check("programs load", False, "not tried: /sys/fs/bpf is not a bpffs", "mount -t bpf bpf /sys/fs/bpf")
     r = probe_programs_load()
     if r.ok:
-        from .kernel_probes import TRACING_UNAVAILABLE
+        from .kernel_probes import SPLICE_OFF, TRACING_UNAVAILABLE
         if TRACING_UNAVAILABLE not in r.explanation:
             return Check("programs load", True, r.explanation)
+        if _kernel_behaviour().splice_mode == SPLICE_OFF:   # no fallback: nothing is spliced to hold back
+            return [Check("programs load", True, r.explanation),
+                    Check("backpressure reader tracing", True, "not needed: this node does not splice (splice "
+                          "mode off below), so the agent compiles no reader hook and no fallback applies")]
         return [Check("programs load", True, r.explanation),
                 Check("backpressure reader tracing", True, "unavailable (the line above says why)",
                       "the datapath works; backpressure cannot see readers' progress, so the agent falls back "
@@ -186,8 +190,8 @@ def check_programs_load() -> Check | list[Check]:
 
 def check_fionread() -> list[Check]:
     """The FIONREAD probes and the splice mode the agent will pick from them."""
-    from .kernel_probes import SPLICE_OFF, SPLICE_SK_MSG, probe_kernel
-    k = probe_kernel()
+    from .kernel_probes import SPLICE_OFF, SPLICE_SK_MSG
+    k = _kernel_behaviour()
     checks = []
     for p in k.probes:
         failed = p.result == "error"
@@ -208,6 +212,16 @@ def check_fionread() -> list[Check]:
     return checks
 
 
+_probed: list = []   # the kernel probes, run once per `doctor` (two checks read them)
+
+
+def _kernel_behaviour():
+    from .kernel_probes import probe_kernel
+    if not _probed:
+        _probed.append(probe_kernel())
+    return _probed[0]
+
+
 CHECKS = (check_kernel, check_bpf_syscall, check_cgroup2, check_bpffs, check_sockhash, check_netns_cookie,
           check_helpers, check_bcc, check_headers, check_programs_load, check_fionread)
 
@@ -215,6 +229,7 @@ CHECKS = (check_kernel, check_bpf_syscall, check_cgroup2, check_bpffs, check_soc
 @click.command(epilog="\b\nexamples:\n  merbridge-py doctor      # run every check; exit 0 when all pass")
 def doctor():
     """Check that this node can run the eBPF datapath."""
+    _probed.clear()
     failed = 0
     for fn in CHECKS:
         found = fn()

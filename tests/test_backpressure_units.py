@@ -49,12 +49,14 @@ class _FakeDatapath:
 
 
 @pytest.mark.parametrize("state,expected", [("attached", "attached"), ("not attached", "not_attached"),
+                                            ("not needed: this node does not splice (x)", "not_needed"),
                                             ("unavailable: attaching tcp_bpf_recvmsg: No such process",
                                              "unavailable")])
 def test_backlog_tracing_metric(state, expected):
     family = _backlog_tracing_family(_FakeDatapath(state))
     values = {s.labels["state"]: s.value for s in family.samples}
-    assert values == {s: (1 if s == expected else 0) for s in ("attached", "not_attached", "unavailable")}
+    assert values == {s: (1 if s == expected else 0) for s in ("attached", "not_attached", "not_needed",
+                                                                "unavailable")}
 
 
 def test_backlog_tracing_state_of_a_datapath():
@@ -63,6 +65,33 @@ def test_backlog_tracing_state_of_a_datapath():
     assert dp.backlog_tracing == "not attached"
     dp.tracing_error = "tcp_bpf_recvmsg not in this kernel's BTF"
     assert dp.backlog_tracing.startswith("unavailable: tcp_bpf_recvmsg not in this kernel's BTF; fallback ")
+
+
+def test_no_reader_hook_is_needed_where_the_node_never_splices(monkeypatch):
+    """Said as such, never as a failure with a fallback; and the loader is
+    told not to compile one."""
+    from merbridge_py import kernel_probes
+    from merbridge_py.mesh import ISTIO
+    off = kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_OFF, "FIONREAD misses redirected bytes")
+    for dp, why in ((datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused", kernel=off),
+                     "the kernel probes turned splicing off"),
+                    (datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused", splice="never"),
+                     "the splice setting is never")):
+        assert not dp.reader_hook_needed and not dp._counts_readers()
+        dp.tracing_error = "whatever the loader said"   # even so: not needed is what matters
+        assert dp.backlog_tracing == f"not needed: this node does not splice ({why})"
+    assert datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused").reader_hook_needed
+    argvs = []
+
+    def fake_run(argv, **_):
+        argvs.append(argv)
+        raise datapath.DatapathError("stop here")
+    monkeypatch.setattr(datapath.subprocess, "run", fake_run)
+    for reader_hook in (True, False):
+        with pytest.raises(datapath.DatapathError):
+            datapath.run_loader("/m", "/p", ["-DX=1"], reader_hook=reader_hook)
+    assert ("--no-reader-hook" in argvs[0], "--no-reader-hook" in argvs[1]) == (False, True)
+    assert argvs[1][-2:] == ["--", "-DX=1"]
 
 
 def test_the_fallback_where_readers_progress_cannot_be_counted(monkeypatch):

@@ -15,6 +15,7 @@ from helpers.reader_hooks import tracepoint_exists
 from merbridge_py import bpf_syscall, layout
 from merbridge_py.datapath import (BACKLOG_BYTES, BACKLOG_FALLBACK_ENV, FALLBACK_BULK_BYTES, HOOKS, READER_HOOKS,
                                    Datapath, DatapathError, run_loader)
+from merbridge_py.kernel_probes import SPLICE_OFF, KernelBehaviour
 from merbridge_py.mesh import ISTIO
 
 LLVM_MARKERS = ("libbcc", "libLLVM", "libclang")
@@ -69,6 +70,23 @@ def test_datapath_state_through_bpf_syscalls(bpffs):
     finally:
         dp.close()
     assert not bpffs.exists(), "a load that never attached must not leave the maps it created"
+
+
+@pytest.mark.bpf
+def test_no_reader_hook_is_compiled_where_the_node_never_splices(bpffs):
+    """Splicing off (the kernel probes on 6.1, or --splice never): no reader
+    hook could ever attach, so the loader does not spend a compile on one."""
+    off = KernelBehaviour([], SPLICE_OFF, "FIONREAD misses redirected bytes")
+    dp = Datapath(ISTIO, Path("/nonexistent"), bpffs, kernel=off)
+    dp.load()
+    try:
+        assert dp.loader_result["tracing_programs"] == [] and dp.loader_result["reader_hook_skipped"]
+        assert "tracing_error" not in dp.loader_result and dp.tracing_error is None and not dp.tracing_progs
+        assert dp.backlog_tracing == ("not needed: this node does not splice "
+                                      "(the kernel probes turned splicing off)")
+    finally:
+        dp.close()
+    assert not bpffs.exists()
 
 
 class _BrokenFlags(Datapath):
