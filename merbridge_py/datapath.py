@@ -339,6 +339,7 @@ class Datapath:
         self.tracing_progs: dict[str, int] = {}
         self.tracing_links: list[int] = []
         self.tracing_error: str | None = None
+        self._attach_failed = False   # tracing_error came from attaching (a later attach may clear it)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -452,7 +453,16 @@ class Datapath:
         except OSError as e:
             self._detach_tracing()
             self.tracing_error = f"attaching {e}"
+            self._attach_failed = True
             self._write_config()   # the fallback's limits
+        else:
+            if self._attach_failed and self.tracing_links:
+                # an earlier attach failed (e.g. before a switch to iptables), this one worked:
+                # readers' progress is counted again, so the fallback's limits go
+                self._attach_failed = False
+                self.tracing_error = None
+                self._write_config()
+                log.info("backpressure counts what readers take again (%s)", self.backlog_tracing)
         if self.tracing_error:
             log.warning("backpressure cannot count what readers take (%s); %s", self.tracing_error,
                         self.backlog_fallback_text())

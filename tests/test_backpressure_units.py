@@ -94,6 +94,38 @@ def test_no_reader_hook_is_needed_where_the_node_never_splices(monkeypatch):
     assert argvs[1][-2:] == ["--", "-DX=1"]
 
 
+def test_a_later_attach_clears_the_tracing_error(monkeypatch):
+    """A failed attach of the reader hook (the fallback's limits written)
+    does not stay forever: the next attach that works counts readers again."""
+    import os
+
+    from merbridge_py import bpf_syscall
+    from merbridge_py.mesh import ISTIO
+    for name in (datapath.BACKLOG_BYTES_ENV, datapath.BULK_BYTES_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "bulk")
+    dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
+    written = []
+    monkeypatch.setattr(dp, "_write_config", lambda: written.append(dp.backlog_limits()))
+    dp.tracing_progs = {"raw_tracepoint__sock_recv_length": -1}
+    answers = [OSError(16, "Device or resource busy")]
+
+    def tracing_attach(prog_fd, name, tracepoint):
+        if answers:
+            raise answers.pop()
+        return os.open("/dev/null", os.O_RDONLY)   # stands for the link fd
+    monkeypatch.setattr(bpf_syscall, "tracing_attach", tracing_attach)
+    dp._attach_tracing()
+    assert dp.backlog_tracing.startswith("unavailable: attaching ") and not dp.tracing_links
+    assert written == [(0, datapath.FALLBACK_BULK_BYTES)]
+    dp._attach_tracing()
+    try:
+        assert dp.tracing_error is None and dp.backlog_tracing == "attached: tracepoint sock_recv_length"
+        assert written[-1] == (datapath.BACKLOG_BYTES, datapath.BULK_BYTES)   # the fallback's limits gone
+    finally:
+        dp._detach_tracing()
+
+
 def test_the_fallback_where_readers_progress_cannot_be_counted(monkeypatch):
     from merbridge_py.mesh import ISTIO
     for name in (datapath.BACKLOG_BYTES_ENV, datapath.BULK_BYTES_ENV, datapath.BACKLOG_FALLBACK_ENV):
