@@ -869,6 +869,15 @@ def backlog_fallback() -> str:
     return value
 
 
+def check_settings() -> None:
+    """Every environment setting above, checked at agent start: a typo in one
+    read only where no reader hook loads (the fallback) would otherwise go
+    unnoticed until then."""
+    bulk_bytes()
+    backlog_bytes()
+    backlog_fallback()
+
+
 LOADER_PIN_DIR = "loading"
 LOADER_TIMEOUT = 120.0
 # Overrides LOADER_TIMEOUT (seconds) on machines that compile far slower: the

@@ -126,6 +126,23 @@ def test_a_later_attach_clears_the_tracing_error(monkeypatch):
         dp._detach_tracing()
 
 
+@pytest.mark.parametrize("name,value", [(datapath.BACKLOG_FALLBACK_ENV, "bluk"), (datapath.BACKLOG_BYTES_ENV, "2MiB"),
+                                        (datapath.BULK_BYTES_ENV, "0")])
+def test_a_wrong_setting_stops_the_agent_at_start(monkeypatch, tmp_path, name, value):
+    """Even the fallback's, which is read only where no reader hook loads:
+    a typo is one clear error at start, not a surprise on some kernel."""
+    from click.testing import CliRunner
+
+    from merbridge_py.cli import main
+    for other in (datapath.BACKLOG_FALLBACK_ENV, datapath.BACKLOG_BYTES_ENV, datapath.BULK_BYTES_ENV):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, value)
+    (tmp_path / "pods.yaml").write_text("")
+    result = CliRunner().invoke(main, ["run", "--cgroup", str(tmp_path), "--pods-file", str(tmp_path / "pods.yaml")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {name}={value!r}: expected "), result.output
+
+
 def test_the_fallback_where_readers_progress_cannot_be_counted(monkeypatch):
     from merbridge_py.mesh import ISTIO
     for name in (datapath.BACKLOG_BYTES_ENV, datapath.BULK_BYTES_ENV, datapath.BACKLOG_FALLBACK_ENV):
