@@ -832,33 +832,30 @@ class Datapath:
         return sizes
 
 
-def bulk_bytes() -> int:
-    """BULK_BYTES, or the tests' lower threshold from MERBRIDGE_BULK_BYTES."""
-    text = os.environ.get(BULK_BYTES_ENV)
+def _env_bytes(name: str, default: int, minimum: int, what: str) -> int:
+    """A byte count from environment variable `name` (unset or empty:
+    `default`), `minimum` to 2**32-1 (a u32 in the config map)."""
+    text = os.environ.get(name)
     if not text:
-        return BULK_BYTES
+        return default
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if not 0 < value < 1 << 32:
-        raise DatapathError(f"{BULK_BYTES_ENV}={text!r}: expected bytes per bulk window, 1 to {(1 << 32) - 1}")
+    if not minimum <= value < 1 << 32:
+        raise DatapathError(f"{name}={text!r}: expected {what}, {minimum}{' (no limit)' if minimum == 0 else ''} "
+                            f"to {(1 << 32) - 1}")
     return value
+
+
+def bulk_bytes() -> int:
+    """BULK_BYTES, or the tests' lower threshold from MERBRIDGE_BULK_BYTES."""
+    return _env_bytes(BULK_BYTES_ENV, BULK_BYTES, 1, "bytes per bulk window")
 
 
 def backlog_bytes() -> int:
     """BACKLOG_BYTES, or MERBRIDGE_BACKLOG_BYTES (0 turns backpressure off)."""
-    text = os.environ.get(BACKLOG_BYTES_ENV)
-    if not text:
-        return BACKLOG_BYTES
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 1 << 32:
-        raise DatapathError(f"{BACKLOG_BYTES_ENV}={text!r}: expected the unread bytes a spliced socket's peer may "
-                            f"hold, 0 (no limit) to {(1 << 32) - 1}")
-    return value
+    return _env_bytes(BACKLOG_BYTES_ENV, BACKLOG_BYTES, 0, "the unread bytes a spliced socket's peer may hold")
 
 
 def backlog_fallback() -> str:

@@ -170,6 +170,12 @@ def check_programs_load() -> Check | list[Check]:
         from .kernel_probes import SPLICE_OFF, TRACING_UNAVAILABLE
         if TRACING_UNAVAILABLE not in r.explanation:
             return Check("programs load", True, r.explanation)
+        from .datapath import (BACKLOG_BYTES, BACKLOG_FALLBACK_ENV, BULK_WINDOW_NS, FALLBACK_BULK_BYTES,
+                               DatapathError, backlog_bytes)
+        try:
+            budget = backlog_bytes()   # the node's setting, as the agent will read it
+        except DatapathError:
+            budget = BACKLOG_BYTES     # the agent refuses to start then: not this check's to say
         if _kernel_behaviour().splice_mode == SPLICE_OFF:   # no fallback: nothing is spliced to hold back
             return [Check("programs load", True, r.explanation),
                     Check("backpressure reader tracing", True, "not needed: this node does not splice (splice "
@@ -177,9 +183,9 @@ def check_programs_load() -> Check | list[Check]:
         return [Check("programs load", True, r.explanation),
                 Check("backpressure reader tracing", True, "unavailable (the line above says why)",
                       "the datapath works; backpressure cannot see readers' progress, so the agent falls back "
-                      "(MERBRIDGE_BACKLOG_FALLBACK: by default a 2 MiB budget per spliced socket, after which it "
-                      "goes to TCP; `bulk`: bulk detection from 8 MiB per second, slower writers not held "
-                      "back; `status` says which)", note=True)]
+                      f"({BACKLOG_FALLBACK_ENV}: by default a {_mib(budget)} budget per spliced socket, after "
+                      f"which it goes to TCP; `bulk`: bulk detection from {_mib(FALLBACK_BULK_BYTES)} per "
+                      f"{BULK_WINDOW_NS / 1e9:g} s, slower writers not held back; `status` says which)", note=True)]
     if r.result == "missing":
         return Check("programs load", False, r.explanation,
                      "this kernel lacks a hook or helper the datapath needs: pods stay on iptables here; move the "
@@ -210,6 +216,10 @@ def check_fionread() -> list[Check]:
                f"a kernel whose probes both show visible (tested: {KERNEL_WITH_BOTH_RIGHT}) needs no extra program")
     checks.append(Check("splice mode", True, f"{k.splice_mode}: {k.why}", fix, note=bool(fix)))
     return checks
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 _probed: list = []   # the kernel probes, run once per `doctor` (two checks read them)
