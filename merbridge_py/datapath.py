@@ -375,6 +375,8 @@ class Datapath:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)   # the fds keep the programs loaded now
             self.bpf = _open_maps(self.maps_dir, progs)
+            if self.adopted_maps:
+                self._credit_reads_while_no_agent_ran()
         except DatapathError:
             self._forget_fresh_maps()
             raise
@@ -382,6 +384,33 @@ class Datapath:
                  "its peak RSS %d MB)", self.loader_result.get("elapsed", 0), self.loader_result.get("seconds", 0),
                  self.loader_result.get("headers", "?"), self.loader_result.get("peak_rss_kb", 0) // 1024)
         self._write_config()
+
+    def _credit_reads_while_no_agent_ran(self) -> None:
+        """The reader hook ends with the agent that attached it, while sk_msg
+        keeps counting redirected bytes: reads done between two agents were
+        never counted, so every spliced socket would look that much further
+        behind and go to TCP early. Count everything redirected so far as read
+        (each entry's consumed raised to its redirected): the limit errs late,
+        by at most what was really unread at the restart, never early.
+        Racing senders' additions to redirected may be lost in the rewrite;
+        that too errs late, by one message per socket."""
+        backlogs = self.bpf["peer_backlogs"]
+        credited = 0
+        for key, backlog in list(backlogs.items()):
+            if backlog.consumed >= backlog.redirected:
+                continue
+            try:
+                backlogs.update(key, layout.PeerBacklog(redirected=backlog.redirected, consumed=backlog.redirected),
+                                bpf_syscall.BPF_EXIST)
+            except OSError as e:
+                if e.errno != errno.ENOENT:   # ENOENT: gone meanwhile (its socket closed, or LRU)
+                    # not fatal: those sockets only go to TCP early, as before this credit
+                    log.warning("crediting reads in peer_backlogs: %s", e.strerror)
+                    return
+                continue
+            credited += 1
+        if credited:
+            log.info("counted as read what %d spliced sockets received while no agent ran", credited)
 
     def attach(self) -> None:
         """Attach to the cgroup (next to any other tool's programs), replacing a

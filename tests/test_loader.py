@@ -89,6 +89,32 @@ def test_no_reader_hook_is_compiled_where_the_node_never_splices(bpffs):
     assert not bpffs.exists()
 
 
+@pytest.mark.bpf
+def test_a_successor_counts_as_read_what_was_redirected_while_no_agent_ran(bpffs):
+    """No reader hook runs between two agents: a successor taking over the
+    maps credits those reads, so no spliced socket goes to TCP early."""
+    off = KernelBehaviour([], SPLICE_OFF, "one compile each is enough here")
+    first = Datapath(ISTIO, Path("/nonexistent"), bpffs, kernel=off)
+    first.load()
+    try:
+        behind = layout.SockTuple(layout.Addr.of("10.0.0.1"), layout.Addr.of("10.0.0.2"), 3, 4)
+        ahead = layout.SockTuple(layout.Addr.of("10.0.0.5"), layout.Addr.of("10.0.0.6"), 7, 8)   # read TCP bytes too
+        backlogs = first.bpf["peer_backlogs"]
+        backlogs.update(behind, layout.PeerBacklog(redirected=5 << 20, consumed=1 << 20))
+        backlogs.update(ahead, layout.PeerBacklog(redirected=10, consumed=20))
+        successor = Datapath(ISTIO, Path("/nonexistent"), bpffs, kernel=off)
+        successor.load()
+        try:
+            assert successor.adopted_maps
+            read = {(k.local_ip.text(), v.redirected, v.consumed) for k, v in successor.bpf["peer_backlogs"].items()}
+            assert read == {("10.0.0.1", 5 << 20, 5 << 20), ("10.0.0.5", 10, 20)}, read
+        finally:
+            successor.close()
+    finally:
+        first.close()
+    assert not bpffs.exists()
+
+
 class _BrokenFlags(Datapath):
     def compile_flags(self) -> list[str]:
         return []   # merbridge.h refuses to compile without the mesh's constants
