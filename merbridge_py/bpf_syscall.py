@@ -70,6 +70,7 @@ class MapType(enum.IntEnum):
 PER_CPU_MAP_TYPES = (MapType.PERCPU_HASH, MapType.PERCPU_ARRAY, MapType.LRU_PERCPU_HASH)
 BPF_F_ALLOW_MULTI = 2   # share a cgroup hook with other tools' programs (Cilium, ...)
 BPF_ANY = 0
+BPF_EXIST = 2           # update only an entry that is still there
 
 
 # --- attr layouts (union bpf_attr, one struct per command group) -------------------

@@ -339,6 +339,7 @@ class Datapath:
         self.tracing_progs: dict[str, int] = {}
         self.tracing_links: list[int] = []
         self.tracing_error: str | None = None
+        self._attach_failed = False   # tracing_error came from attaching (a later attach may clear it)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -357,7 +358,8 @@ class Datapath:
         staging = self.bpffs_dir / LOADER_PIN_DIR
         shutil.rmtree(staging, ignore_errors=True)   # a loader's whose agent died before taking them
         try:
-            self.loader_result = run_loader(self.maps_dir, staging, self.compile_flags())
+            self.loader_result = run_loader(self.maps_dir, staging, self.compile_flags(),
+                                            reader_hook=self.reader_hook_needed)
             progs = {}
             try:
                 for hook in HOOKS:
@@ -373,6 +375,8 @@ class Datapath:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)   # the fds keep the programs loaded now
             self.bpf = _open_maps(self.maps_dir, progs)
+            if self.adopted_maps:
+                self._credit_reads_while_no_agent_ran()
         except DatapathError:
             self._forget_fresh_maps()
             raise
@@ -380,6 +384,33 @@ class Datapath:
                  "its peak RSS %d MB)", self.loader_result.get("elapsed", 0), self.loader_result.get("seconds", 0),
                  self.loader_result.get("headers", "?"), self.loader_result.get("peak_rss_kb", 0) // 1024)
         self._write_config()
+
+    def _credit_reads_while_no_agent_ran(self) -> None:
+        """The reader hook ends with the agent that attached it, while sk_msg
+        keeps counting redirected bytes: reads done between two agents were
+        never counted, so every spliced socket would look that much further
+        behind and go to TCP early. Count everything redirected so far as read
+        (each entry's consumed raised to its redirected): the limit errs late,
+        by at most what was really unread at the restart, never early.
+        Racing senders' additions to redirected may be lost in the rewrite;
+        that too errs late, by one message per socket."""
+        backlogs = self.bpf["peer_backlogs"]
+        credited = 0
+        for key, backlog in list(backlogs.items()):
+            if backlog.consumed >= backlog.redirected:
+                continue
+            try:
+                backlogs.update(key, layout.PeerBacklog(redirected=backlog.redirected, consumed=backlog.redirected),
+                                bpf_syscall.BPF_EXIST)
+            except OSError as e:
+                if e.errno != errno.ENOENT:   # ENOENT: gone meanwhile (its socket closed, or LRU)
+                    # not fatal: those sockets only go to TCP early, as before this credit
+                    log.warning("crediting reads in peer_backlogs: %s", e.strerror)
+                    return
+                continue
+            credited += 1
+        if credited:
+            log.info("counted as read what %d spliced sockets received while no agent ran", credited)
 
     def attach(self) -> None:
         """Attach to the cgroup (next to any other tool's programs), replacing a
@@ -426,7 +457,19 @@ class Datapath:
         cost: the tracepoint runs on every socket read of the node. Sockets
         spliced before a switch to iptables keep their backlog limit; with
         their reads no longer counted they go to TCP sooner, never later."""
-        return self.mode == "ebpf" and self.splice_allowed and self.splice != "never"
+        return self.mode == "ebpf" and self.reader_hook_needed
+
+    @property
+    def reader_hook_needed(self) -> bool:
+        """False where this node never splices (the kernel probes ruled it out,
+        or --splice never): neither changes while the agent runs, so the
+        loader does not compile a reader hook that could never attach."""
+        return self.splice_allowed and self.splice != "never"
+
+    def _no_splicing_reason(self) -> str:
+        if not self.splice_allowed:
+            return "the kernel probes turned splicing off"
+        return "the splice setting is never"
 
     def _attach_tracing(self) -> None:
         """Attach backpressure's reader side, all or none; a failure is not
@@ -439,7 +482,16 @@ class Datapath:
         except OSError as e:
             self._detach_tracing()
             self.tracing_error = f"attaching {e}"
+            self._attach_failed = True
             self._write_config()   # the fallback's limits
+        else:
+            if self._attach_failed and self.tracing_links:
+                # an earlier attach failed (e.g. before a switch to iptables), this one worked:
+                # readers' progress is counted again, so the fallback's limits go
+                self._attach_failed = False
+                self.tracing_error = None
+                self._write_config()
+                log.info("backpressure counts what readers take again (%s)", self.backlog_tracing)
         if self.tracing_error:
             log.warning("backpressure cannot count what readers take (%s); %s", self.tracing_error,
                         self.backlog_fallback_text())
@@ -451,8 +503,11 @@ class Datapath:
 
     @property
     def backlog_tracing(self) -> str:
-        """"attached: <which reader hook>", "not attached" (before attach, after detach) or
+        """"attached: <which reader hook>", "not attached" (before attach, after detach),
+        "not needed: <why this node never splices>" or
         "unavailable: <why>; <what the agent does instead>"."""
+        if not self.reader_hook_needed:
+            return f"not needed: this node does not splice ({self._no_splicing_reason()})"
         if self.tracing_error:
             return f"unavailable: {self.tracing_error}; {self.backlog_fallback_text()}"
         if not self.tracing_links:
@@ -806,33 +861,30 @@ class Datapath:
         return sizes
 
 
-def bulk_bytes() -> int:
-    """BULK_BYTES, or the tests' lower threshold from MERBRIDGE_BULK_BYTES."""
-    text = os.environ.get(BULK_BYTES_ENV)
+def _env_bytes(name: str, default: int, minimum: int, what: str) -> int:
+    """A byte count from environment variable `name` (unset or empty:
+    `default`), `minimum` to 2**32-1 (a u32 in the config map)."""
+    text = os.environ.get(name)
     if not text:
-        return BULK_BYTES
+        return default
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if not 0 < value < 1 << 32:
-        raise DatapathError(f"{BULK_BYTES_ENV}={text!r}: expected bytes per bulk window, 1 to {(1 << 32) - 1}")
+    if not minimum <= value < 1 << 32:
+        raise DatapathError(f"{name}={text!r}: expected {what}, {minimum}{' (no limit)' if minimum == 0 else ''} "
+                            f"to {(1 << 32) - 1}")
     return value
+
+
+def bulk_bytes() -> int:
+    """BULK_BYTES, or the tests' lower threshold from MERBRIDGE_BULK_BYTES."""
+    return _env_bytes(BULK_BYTES_ENV, BULK_BYTES, 1, "bytes per bulk window")
 
 
 def backlog_bytes() -> int:
     """BACKLOG_BYTES, or MERBRIDGE_BACKLOG_BYTES (0 turns backpressure off)."""
-    text = os.environ.get(BACKLOG_BYTES_ENV)
-    if not text:
-        return BACKLOG_BYTES
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 1 << 32:
-        raise DatapathError(f"{BACKLOG_BYTES_ENV}={text!r}: expected the unread bytes a spliced socket's peer may "
-                            f"hold, 0 (no limit) to {(1 << 32) - 1}")
-    return value
+    return _env_bytes(BACKLOG_BYTES_ENV, BACKLOG_BYTES, 0, "the unread bytes a spliced socket's peer may hold")
 
 
 def backlog_fallback() -> str:
@@ -841,6 +893,15 @@ def backlog_fallback() -> str:
     if value not in BACKLOG_FALLBACKS:
         raise DatapathError(f"{BACKLOG_FALLBACK_ENV}={value!r}: expected one of {', '.join(BACKLOG_FALLBACKS)}")
     return value
+
+
+def check_settings() -> None:
+    """Every environment setting above, checked at agent start: a typo in one
+    read only where no reader hook loads (the fallback) would otherwise go
+    unnoticed until then."""
+    bulk_bytes()
+    backlog_bytes()
+    backlog_fallback()
 
 
 LOADER_PIN_DIR = "loading"
@@ -863,12 +924,13 @@ def loader_timeout() -> float:
     return seconds
 
 
-def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
+def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str], reader_hook: bool = True) -> dict:
     """Compile, load and pin the programs in a child process (merbridge_py/
     loader.py): bcc and LLVM live and die there. Returns its report, plus
-    `elapsed` (seconds, as this process saw it)."""
+    `elapsed` (seconds, as this process saw it). `reader_hook`: False skips
+    backpressure's reader hook (Datapath.reader_hook_needed)."""
     argv = [sys.executable, "-m", "merbridge_py.loader", "--maps-dir", str(maps_dir), "--pin-dir", str(pin_dir),
-            "--", *cflags]
+            *([] if reader_hook else ["--no-reader-hook"]), "--", *cflags]
     timeout = loader_timeout()
     started = time.monotonic()
     try:

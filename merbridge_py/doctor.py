@@ -167,15 +167,25 @@ def check_programs_load() -> Check | list[Check]:
         return Check("programs load", False, "not tried: /sys/fs/bpf is not a bpffs", "mount -t bpf bpf /sys/fs/bpf")
     r = probe_programs_load()
     if r.ok:
-        from .kernel_probes import TRACING_UNAVAILABLE
+        from .kernel_probes import SPLICE_OFF, TRACING_UNAVAILABLE
         if TRACING_UNAVAILABLE not in r.explanation:
             return Check("programs load", True, r.explanation)
+        from .datapath import (BACKLOG_BYTES, BACKLOG_FALLBACK_ENV, BULK_WINDOW_NS, FALLBACK_BULK_BYTES,
+                               DatapathError, backlog_bytes)
+        try:
+            budget = backlog_bytes()   # the node's setting, as the agent will read it
+        except DatapathError:
+            budget = BACKLOG_BYTES     # the agent refuses to start then: not this check's to say
+        if _kernel_behaviour().splice_mode == SPLICE_OFF:   # no fallback: nothing is spliced to hold back
+            return [Check("programs load", True, r.explanation),
+                    Check("backpressure reader tracing", True, "not needed: this node does not splice (splice "
+                          "mode off below), so the agent compiles no reader hook and no fallback applies")]
         return [Check("programs load", True, r.explanation),
                 Check("backpressure reader tracing", True, "unavailable (the line above says why)",
                       "the datapath works; backpressure cannot see readers' progress, so the agent falls back "
-                      "(MERBRIDGE_BACKLOG_FALLBACK: by default a 2 MiB budget per spliced socket, after which it "
-                      "goes to TCP; `bulk`: bulk detection from 8 MiB per second, slower writers not held "
-                      "back; `status` says which)", note=True)]
+                      f"({BACKLOG_FALLBACK_ENV}: by default a {_mib(budget)} budget per spliced socket, after "
+                      f"which it goes to TCP; `bulk`: bulk detection from {_mib(FALLBACK_BULK_BYTES)} per "
+                      f"{BULK_WINDOW_NS / 1e9:g} s, slower writers not held back; `status` says which)", note=True)]
     if r.result == "missing":
         return Check("programs load", False, r.explanation,
                      "this kernel lacks a hook or helper the datapath needs: pods stay on iptables here; move the "
@@ -186,8 +196,8 @@ def check_programs_load() -> Check | list[Check]:
 
 def check_fionread() -> list[Check]:
     """The FIONREAD probes and the splice mode the agent will pick from them."""
-    from .kernel_probes import SPLICE_OFF, SPLICE_SK_MSG, probe_kernel
-    k = probe_kernel()
+    from .kernel_probes import SPLICE_OFF, SPLICE_SK_MSG
+    k = _kernel_behaviour()
     checks = []
     for p in k.probes:
         failed = p.result == "error"
@@ -208,6 +218,20 @@ def check_fionread() -> list[Check]:
     return checks
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+_probed: list = []   # the kernel probes, run once per `doctor` (two checks read them)
+
+
+def _kernel_behaviour():
+    from .kernel_probes import probe_kernel
+    if not _probed:
+        _probed.append(probe_kernel())
+    return _probed[0]
+
+
 CHECKS = (check_kernel, check_bpf_syscall, check_cgroup2, check_bpffs, check_sockhash, check_netns_cookie,
           check_helpers, check_bcc, check_headers, check_programs_load, check_fionread)
 
@@ -215,6 +239,7 @@ CHECKS = (check_kernel, check_bpf_syscall, check_cgroup2, check_bpffs, check_soc
 @click.command(epilog="\b\nexamples:\n  merbridge-py doctor      # run every check; exit 0 when all pass")
 def doctor():
     """Check that this node can run the eBPF datapath."""
+    _probed.clear()
     failed = 0
     for fn in CHECKS:
         found = fn()

@@ -329,13 +329,15 @@ def missing_helpers(verifier_log: str) -> list[str]:
 
 
 TRACING_UNAVAILABLE = "backpressure's reader tracing unavailable"
+TRACING_NOT_NEEDED = "backpressure's reader hook not compiled: not needed, this node does not splice"
 
 
-def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf")) -> ProbeResult:
+def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf"), reader_hook: bool = True) -> ProbeResult:
     """Compile and verify every program of the datapath, as the agent does at
     start (the loader child, into throwaway pins): the one sure test that
     this kernel offers every hook and helper they use. A refusal names the
-    missing helper from the verifier's log."""
+    missing helper from the verifier's log. `reader_hook`: False where the
+    node does not splice (backpressure's reader hook is not needed there)."""
     import shutil
     import tempfile
 
@@ -347,9 +349,11 @@ def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf")) -> ProbeResult:
     except OSError as e:
         return ProbeResult(name, "error", f"cannot make a scratch directory under {bpffs_root}: {e.strerror}")
     try:
-        loaded = run_loader(scratch / "maps", scratch / "progs", get_profile("istio").cflags())
+        loaded = run_loader(scratch / "maps", scratch / "progs", get_profile("istio").cflags(),
+                            reader_hook=reader_hook)
         # backpressure's reader side is optional (datapath.READER_HOOKS): said, never a failure
-        tracing = (f"; {TRACING_UNAVAILABLE}: {loaded['tracing_error']}" if loaded.get("tracing_error") else
+        tracing = (f"; {TRACING_NOT_NEEDED}" if not reader_hook else
+                   f"; {TRACING_UNAVAILABLE}: {loaded['tracing_error']}" if loaded.get("tracing_error") else
                    f"; backpressure's reader tracing loaded and attached ({loaded.get('reader_tracing')})")
         return ProbeResult(name, "ok", f"all {len(HOOKS)} programs compiled, passed the verifier and loaded{tracing}")
     except DatapathError as e:
@@ -433,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     behaviour = probe_kernel()
     out = behaviour.to_json()
     if args.all:
-        out["probes"] += [asdict(probe_order_after_tcp()), asdict(probe_programs_load())]
+        out["probes"] += [asdict(probe_order_after_tcp()),
+                          asdict(probe_programs_load(reader_hook=behaviour.splice_mode != SPLICE_OFF))]
     print(json.dumps(out, indent=2))
     return 0
 

@@ -118,7 +118,10 @@ def _refusal(hook, e: Exception) -> str:
     return f"{hook.kind}: {reason}"
 
 
-def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
+def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str], reader_hook: bool = True) -> dict:
+    """`reader_hook`: False where the node never splices, so no reader hook
+    could ever attach (datapath.Datapath.reader_hook_needed); each one costs a
+    compile (20-45 s in the kernel matrix's emulated VMs)."""
     from . import kheaders
     from .datapath import READER_HOOKS, obj_pin
     headers = kheaders.find()
@@ -133,7 +136,7 @@ def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
             obj_pin(fn.fd, pin_dir / name)
         # Optional: without a reader hook the datapath still works (datapath.READER_HOOKS).
         # The first hook the kernel takes is pinned, never two (a read would count twice).
-        for hook in READER_HOOKS:
+        for hook in READER_HOOKS if reader_hook else ():
             try:
                 tracing, tracing_fns = compile_reader_hook(hook, maps_dir, cflags)
             except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; the reason goes to the agent
@@ -144,7 +147,8 @@ def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
             tracing_programs, reader_tracing = sorted(tracing_fns), hook.kind
             break
         else:
-            tracing_error = "; ".join(refusals)
+            if reader_hook:
+                tracing_error = "; ".join(refusals)
     finally:
         bpf.cleanup()   # closes our fds; the pins keep programs and maps alive
         if tracing is not None:
@@ -154,6 +158,8 @@ def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str]) -> dict:
               "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_kb": usage.ru_maxrss,
               **_rss_split()}
     result["tracing_programs"] = tracing_programs
+    if not reader_hook:
+        result["reader_hook_skipped"] = True   # not needed: the node never splices
     if reader_tracing:
         result["reader_tracing"] = reader_tracing
     if refusals:
@@ -181,10 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maps-dir", type=Path, required=True, help="bpffs directory of the pinned maps")
     parser.add_argument("--pin-dir", type=Path, required=True,
                         help="bpffs directory to create for the program pins (must not exist)")
+    parser.add_argument("--no-reader-hook", action="store_true",
+                        help="do not compile backpressure's reader hook (the node never splices)")
     parser.add_argument("cflags", nargs="*", help="-D defines for the compiler (after --)")
     args = parser.parse_args(argv)
     try:
-        result = load_and_pin(args.maps_dir, args.pin_dir, args.cflags)
+        result = load_and_pin(args.maps_dir, args.pin_dir, args.cflags, reader_hook=not args.no_reader_hook)
     except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; every failure is one line for the agent
         if args.pin_dir.exists():
             shutil.rmtree(args.pin_dir, ignore_errors=True)

@@ -49,12 +49,14 @@ class _FakeDatapath:
 
 
 @pytest.mark.parametrize("state,expected", [("attached", "attached"), ("not attached", "not_attached"),
+                                            ("not needed: this node does not splice (x)", "not_needed"),
                                             ("unavailable: attaching tcp_bpf_recvmsg: No such process",
                                              "unavailable")])
 def test_backlog_tracing_metric(state, expected):
     family = _backlog_tracing_family(_FakeDatapath(state))
     values = {s.labels["state"]: s.value for s in family.samples}
-    assert values == {s: (1 if s == expected else 0) for s in ("attached", "not_attached", "unavailable")}
+    assert values == {s: (1 if s == expected else 0) for s in ("attached", "not_attached", "not_needed",
+                                                                "unavailable")}
 
 
 def test_backlog_tracing_state_of_a_datapath():
@@ -63,6 +65,82 @@ def test_backlog_tracing_state_of_a_datapath():
     assert dp.backlog_tracing == "not attached"
     dp.tracing_error = "tcp_bpf_recvmsg not in this kernel's BTF"
     assert dp.backlog_tracing.startswith("unavailable: tcp_bpf_recvmsg not in this kernel's BTF; fallback ")
+
+
+def test_no_reader_hook_is_needed_where_the_node_never_splices(monkeypatch):
+    """Said as such, never as a failure with a fallback; and the loader is
+    told not to compile one."""
+    from merbridge_py import kernel_probes
+    from merbridge_py.mesh import ISTIO
+    off = kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_OFF, "FIONREAD misses redirected bytes")
+    for dp, why in ((datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused", kernel=off),
+                     "the kernel probes turned splicing off"),
+                    (datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused", splice="never"),
+                     "the splice setting is never")):
+        assert not dp.reader_hook_needed and not dp._counts_readers()
+        dp.tracing_error = "whatever the loader said"   # even so: not needed is what matters
+        assert dp.backlog_tracing == f"not needed: this node does not splice ({why})"
+    assert datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused").reader_hook_needed
+    argvs = []
+
+    def fake_run(argv, **_):
+        argvs.append(argv)
+        raise datapath.DatapathError("stop here")
+    monkeypatch.setattr(datapath.subprocess, "run", fake_run)
+    for reader_hook in (True, False):
+        with pytest.raises(datapath.DatapathError):
+            datapath.run_loader("/m", "/p", ["-DX=1"], reader_hook=reader_hook)
+    assert ("--no-reader-hook" in argvs[0], "--no-reader-hook" in argvs[1]) == (False, True)
+    assert argvs[1][-2:] == ["--", "-DX=1"]
+
+
+def test_a_later_attach_clears_the_tracing_error(monkeypatch):
+    """A failed attach of the reader hook (the fallback's limits written)
+    does not stay forever: the next attach that works counts readers again."""
+    import os
+
+    from merbridge_py import bpf_syscall
+    from merbridge_py.mesh import ISTIO
+    for name in (datapath.BACKLOG_BYTES_ENV, datapath.BULK_BYTES_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(datapath.BACKLOG_FALLBACK_ENV, "bulk")
+    dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
+    written = []
+    monkeypatch.setattr(dp, "_write_config", lambda: written.append(dp.backlog_limits()))
+    dp.tracing_progs = {"raw_tracepoint__sock_recv_length": -1}
+    answers = [OSError(16, "Device or resource busy")]
+
+    def tracing_attach(prog_fd, name, tracepoint):
+        if answers:
+            raise answers.pop()
+        return os.open("/dev/null", os.O_RDONLY)   # stands for the link fd
+    monkeypatch.setattr(bpf_syscall, "tracing_attach", tracing_attach)
+    dp._attach_tracing()
+    assert dp.backlog_tracing.startswith("unavailable: attaching ") and not dp.tracing_links
+    assert written == [(0, datapath.FALLBACK_BULK_BYTES)]
+    dp._attach_tracing()
+    try:
+        assert dp.tracing_error is None and dp.backlog_tracing == "attached: tracepoint sock_recv_length"
+        assert written[-1] == (datapath.BACKLOG_BYTES, datapath.BULK_BYTES)   # the fallback's limits gone
+    finally:
+        dp._detach_tracing()
+
+
+@pytest.mark.parametrize("name,value", [(datapath.BACKLOG_FALLBACK_ENV, "bluk"), (datapath.BACKLOG_BYTES_ENV, "2MiB"),
+                                        (datapath.BULK_BYTES_ENV, "0")])
+def test_a_wrong_setting_stops_the_agent_at_start(monkeypatch, tmp_path, name, value):
+    """Even the fallback's, which is read only where no reader hook loads:
+    a typo is one clear error at start, not a surprise on some kernel."""
+    from click.testing import CliRunner
+
+    from merbridge_py.cli import main
+    for other in (datapath.BACKLOG_FALLBACK_ENV, datapath.BACKLOG_BYTES_ENV, datapath.BULK_BYTES_ENV):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, value)
+    (tmp_path / "pods.yaml").write_text("")
+    result = CliRunner().invoke(main, ["run", "--cgroup", str(tmp_path), "--pods-file", str(tmp_path / "pods.yaml")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {name}={value!r}: expected "), result.output
 
 
 def test_the_fallback_where_readers_progress_cannot_be_counted(monkeypatch):

@@ -45,6 +45,43 @@ def test_doctor_names_a_missing_helper_and_the_kernel_to_move_to(monkeypatch):
     assert "fix: this kernel lacks a hook or helper" in r.output and "6.12.118" in r.output
 
 
+def test_doctor_says_no_reader_hook_is_needed_where_the_node_does_not_splice(monkeypatch):
+    """A kernel that refuses the reader hooks and does not splice (6.1 under
+    lockdown): nothing failed and no fallback applies."""
+    from merbridge_py import doctor as doctor_mod, kernel_probes
+    loaded = kernel_probes.ProbeResult("programs_load", "ok", "all 9 programs compiled, passed the verifier and "
+                                       f"loaded; {kernel_probes.TRACING_UNAVAILABLE}: fexit: EPERM")
+    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda: loaded)
+    monkeypatch.setattr(kernel_probes, "probe_kernel",
+                        lambda: kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_OFF, "FIONREAD lies"))
+    monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))
+    monkeypatch.setattr("merbridge_py.datapath._fs_type_of", lambda *_: "bpf")
+    r = CliRunner().invoke(main, ["doctor"])
+    assert r.exit_code == 0, r.output
+    assert "[ok  ] backpressure reader tracing: not needed: this node does not splice" in r.output
+    assert "[note]" not in r.output and "MERBRIDGE_BACKLOG_FALLBACK" not in r.output
+
+
+def test_doctor_states_the_fallbacks_limits_from_the_datapaths(monkeypatch):
+    """The budget and the bulk threshold doctor names are those the agent uses."""
+    from merbridge_py import datapath, doctor as doctor_mod, kernel_probes
+    loaded = kernel_probes.ProbeResult("programs_load", "ok", "all 9 programs compiled, passed the verifier and "
+                                       f"loaded; {kernel_probes.TRACING_UNAVAILABLE}: fexit: EPERM")
+    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda: loaded)
+    monkeypatch.setattr(kernel_probes, "probe_kernel",
+                        lambda: kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_SK_MSG, "FIONREAD right"))
+    monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))
+    monkeypatch.setattr("merbridge_py.datapath._fs_type_of", lambda *_: "bpf")
+    monkeypatch.delenv(datapath.BACKLOG_BYTES_ENV, raising=False)
+    r = CliRunner().invoke(main, ["doctor"])
+    assert "[note] backpressure reader tracing: unavailable" in r.output, r.output
+    assert "a 2 MiB budget per spliced socket" in r.output and "bulk detection from 8 MiB per 1 s" in r.output
+    monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, str(3 << 19))
+    monkeypatch.setattr(datapath, "FALLBACK_BULK_BYTES", 4 << 20)
+    r = CliRunner().invoke(main, ["doctor"])
+    assert "a 1.5 MiB budget per spliced socket" in r.output and "bulk detection from 4 MiB per 1 s" in r.output
+
+
 def test_doctor_says_what_to_expect_when_the_kernel_hides_redirected_bytes(monkeypatch):
     """6.1's answer: no splicing, and which kernel to move to for it."""
     from merbridge_py import doctor as doctor_mod, kernel_probes

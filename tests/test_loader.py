@@ -15,6 +15,7 @@ from helpers.reader_hooks import tracepoint_exists
 from merbridge_py import bpf_syscall, layout
 from merbridge_py.datapath import (BACKLOG_BYTES, BACKLOG_FALLBACK_ENV, FALLBACK_BULK_BYTES, HOOKS, READER_HOOKS,
                                    Datapath, DatapathError, run_loader)
+from merbridge_py.kernel_probes import SPLICE_OFF, KernelBehaviour
 from merbridge_py.mesh import ISTIO
 
 LLVM_MARKERS = ("libbcc", "libLLVM", "libclang")
@@ -69,6 +70,49 @@ def test_datapath_state_through_bpf_syscalls(bpffs):
     finally:
         dp.close()
     assert not bpffs.exists(), "a load that never attached must not leave the maps it created"
+
+
+@pytest.mark.bpf
+def test_no_reader_hook_is_compiled_where_the_node_never_splices(bpffs):
+    """Splicing off (the kernel probes on 6.1, or --splice never): no reader
+    hook could ever attach, so the loader does not spend a compile on one."""
+    off = KernelBehaviour([], SPLICE_OFF, "FIONREAD misses redirected bytes")
+    dp = Datapath(ISTIO, Path("/nonexistent"), bpffs, kernel=off)
+    dp.load()
+    try:
+        assert dp.loader_result["tracing_programs"] == [] and dp.loader_result["reader_hook_skipped"]
+        assert "tracing_error" not in dp.loader_result and dp.tracing_error is None and not dp.tracing_progs
+        assert dp.backlog_tracing == ("not needed: this node does not splice "
+                                      "(the kernel probes turned splicing off)")
+    finally:
+        dp.close()
+    assert not bpffs.exists()
+
+
+@pytest.mark.bpf
+def test_a_successor_counts_as_read_what_was_redirected_while_no_agent_ran(bpffs):
+    """No reader hook runs between two agents: a successor taking over the
+    maps credits those reads, so no spliced socket goes to TCP early."""
+    off = KernelBehaviour([], SPLICE_OFF, "one compile each is enough here")
+    first = Datapath(ISTIO, Path("/nonexistent"), bpffs, kernel=off)
+    first.load()
+    try:
+        behind = layout.SockTuple(layout.Addr.of("10.0.0.1"), layout.Addr.of("10.0.0.2"), 3, 4)
+        ahead = layout.SockTuple(layout.Addr.of("10.0.0.5"), layout.Addr.of("10.0.0.6"), 7, 8)   # read TCP bytes too
+        backlogs = first.bpf["peer_backlogs"]
+        backlogs.update(behind, layout.PeerBacklog(redirected=5 << 20, consumed=1 << 20))
+        backlogs.update(ahead, layout.PeerBacklog(redirected=10, consumed=20))
+        successor = Datapath(ISTIO, Path("/nonexistent"), bpffs, kernel=off)
+        successor.load()
+        try:
+            assert successor.adopted_maps
+            read = {(k.local_ip.text(), v.redirected, v.consumed) for k, v in successor.bpf["peer_backlogs"].items()}
+            assert read == {("10.0.0.1", 5 << 20, 5 << 20), ("10.0.0.5", 10, 20)}, read
+        finally:
+            successor.close()
+    finally:
+        first.close()
+    assert not bpffs.exists()
 
 
 class _BrokenFlags(Datapath):

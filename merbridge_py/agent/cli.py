@@ -88,7 +88,8 @@ examples:
 def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_socket, on_sigterm, daemonset, mesh,
         namespace, log_format, splice, inbound_redirect, print_ebpf, max_connections, installed_rules, audit_interval):
     """Load the eBPF datapath and keep it in step with this node's pods."""
-    from ..datapath import Datapath, DatapathError, ensure_bpffs, leave_attached, open_cgroup, program_text
+    from ..datapath import (Datapath, DatapathError, check_settings, ensure_bpffs, leave_attached, open_cgroup,
+                            program_text)
     from ..kheaders import HeadersNotFound
     from ..mesh import get_profile
     from .http import parse_addr
@@ -108,6 +109,10 @@ def run(cgroup, pods_file, kubeconfig, node_name, bpffs, metrics_addr, admin_soc
         parse_addr(metrics_addr)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--metrics-addr")
+    try:  # every environment setting of the datapath, also those read only later or on some kernels
+        check_settings()
+    except DatapathError as e:
+        raise click.ClickException(str(e))
     source_factory = _source_factory(pods_file, kubeconfig, node_name)
     try:  # fail on a wrong --cgroup before spending a second compiling
         os.close(open_cgroup(cgroup))

@@ -186,17 +186,19 @@ class AgentMetrics:
                                     "map took", value=round(census.seconds, 4))
 
 
-BACKLOG_TRACING_STATES = ("attached", "not_attached", "unavailable")
+BACKLOG_TRACING_STATES = ("attached", "not_attached", "not_needed", "unavailable")
 
 
 def _backlog_tracing_family(dp):
     """Whether backpressure counts what readers take (datapath.READER_HOOKS);
     "unavailable": the agent's fallback (MERBRIDGE_BACKLOG_FALLBACK) instead:
-    by default every spliced socket goes to TCP after the backlog limit."""
+    by default every spliced socket goes to TCP after the backlog limit;
+    "not_needed": the node does not splice, so nothing is held back."""
     state = getattr(dp, "backlog_tracing", "not attached").split(":")[0].replace(" ", "_")
     fam = GaugeMetricFamily("merbridge_backlog_tracing", "1 for the state of backpressure's reader-side "
                             "programs (unavailable: the agent falls back, by default every spliced socket goes to TCP "
-                            "after the backlog limit; `merbridge-py status` says which)", labels=["state"])
+                            "after the backlog limit; not_needed: the node does not splice; "
+                            "`merbridge-py status` says which)", labels=["state"])
     for s in BACKLOG_TRACING_STATES:
         fam.add_metric([s], 1 if s == state else 0)
     return fam
