@@ -453,23 +453,23 @@ class Datapath:
 
     def _counts_readers(self) -> bool:
         """Whether backpressure's reader hook should run: only while this node
-        splices. In iptables mode (and where splicing is off) it would only
-        cost: the tracepoint runs on every socket read of the node. Sockets
-        spliced before a switch to iptables keep their backlog limit; with
-        their reads no longer counted they go to TCP sooner, never later."""
+        splices under a backlog limit. In iptables mode (and where no reader
+        hook is needed, why_no_reader_hook) it would only cost: the tracepoint
+        runs on every socket read of the node. Sockets spliced before a switch
+        to iptables keep their backlog limit; with their reads no longer
+        counted they go to TCP sooner, never later."""
         return self.mode == "ebpf" and self.reader_hook_needed
 
     @property
     def reader_hook_needed(self) -> bool:
-        """False where this node never splices (the kernel probes ruled it out,
-        or --splice never): neither changes while the agent runs, so the
-        loader does not compile a reader hook that could never attach."""
-        return self.splice_allowed and self.splice != "never"
+        """False where nothing would use a reader hook (why_no_reader_hook):
+        nothing there changes while the agent runs, so the loader does not
+        compile one."""
+        return self.no_reader_hook_reason is None
 
-    def _no_splicing_reason(self) -> str:
-        if not self.splice_allowed:
-            return "the kernel probes turned splicing off"
-        return "the splice setting is never"
+    @property
+    def no_reader_hook_reason(self) -> str | None:
+        return why_no_reader_hook(self.kernel.splice_mode if self.kernel is not None else None, self.splice)
 
     def _attach_tracing(self) -> None:
         """Attach backpressure's reader side, all or none; a failure is not
@@ -504,10 +504,11 @@ class Datapath:
     @property
     def backlog_tracing(self) -> str:
         """"attached: <which reader hook>", "not attached" (before attach, after detach),
-        "not needed: <why this node never splices>" or
+        "not needed: <why, from why_no_reader_hook>" or
         "unavailable: <why>; <what the agent does instead>"."""
-        if not self.reader_hook_needed:
-            return f"not needed: this node does not splice ({self._no_splicing_reason()})"
+        no_reader_hook = self.no_reader_hook_reason
+        if no_reader_hook:
+            return f"not needed: {no_reader_hook}"
         if self.tracing_error:
             return f"unavailable: {self.tracing_error}; {self.backlog_fallback_text()}"
         if not self.tracing_links:
@@ -887,6 +888,26 @@ def backlog_bytes() -> int:
     return _env_bytes(BACKLOG_BYTES_ENV, BACKLOG_BYTES, 0, "the unread bytes a spliced socket's peer may hold")
 
 
+def why_no_reader_hook(splice_mode: str | None, splice: str) -> str | None:
+    """Why this node needs none of backpressure's reader hooks (READER_HOOKS),
+    or None when it needs one: the one rule the agent, `doctor` and the
+    kernel probes follow. `splice_mode`: what the kernel probes picked
+    (kernel_probes.KernelBehaviour.splice_mode; None: not probed, sk_msg);
+    `splice`: the --splice setting. A reader hook only costs where nothing
+    reads its counts: a compile at start, and the sock_recv_length
+    tracepoint runs on every socket read of the node. Nothing reads them
+    where the node never splices, nor where the backlog limit is off.
+    Raises DatapathError for a bad MERBRIDGE_BACKLOG_BYTES."""
+    from .kernel_probes import SPLICE_OFF
+    if splice_mode == SPLICE_OFF:
+        return "this node does not splice (the kernel probes turned splicing off)"
+    if splice == "never":
+        return "this node does not splice (the splice setting is never)"
+    if backlog_bytes() == 0:
+        return f"no backlog limit ({BACKLOG_BYTES_ENV}=0)"
+    return None
+
+
 def backlog_fallback() -> str:
     """MERBRIDGE_BACKLOG_FALLBACK: "budget" (default) or "bulk"."""
     value = os.environ.get(BACKLOG_FALLBACK_ENV) or BACKLOG_FALLBACKS[0]
@@ -928,7 +949,7 @@ def run_loader(maps_dir: Path, pin_dir: Path, cflags: list[str], reader_hook: bo
     """Compile, load and pin the programs in a child process (merbridge_py/
     loader.py): bcc and LLVM live and die there. Returns its report, plus
     `elapsed` (seconds, as this process saw it). `reader_hook`: False skips
-    backpressure's reader hook (Datapath.reader_hook_needed)."""
+    backpressure's reader hook (why_no_reader_hook)."""
     argv = [sys.executable, "-m", "merbridge_py.loader", "--maps-dir", str(maps_dir), "--pin-dir", str(pin_dir),
             *([] if reader_hook else ["--no-reader-hook"]), "--", *cflags]
     timeout = loader_timeout()

@@ -160,26 +160,29 @@ def check_headers() -> Check:
 
 
 def check_programs_load() -> Check | list[Check]:
-    """Every hook and helper the programs use, by compiling and verifying them."""
-    from .kernel_probes import probe_programs_load
-    from .datapath import _fs_type_of, _mounts
+    """Every hook and helper the programs use, by compiling and verifying them;
+    backpressure's reader hook only where the node needs one, as the agent
+    does (datapath.why_no_reader_hook)."""
+    from .datapath import DatapathError, _fs_type_of, _mounts, why_no_reader_hook
+    from .kernel_probes import TRACING_UNAVAILABLE, probe_programs_load
     if _fs_type_of(Path("/sys/fs/bpf"), _mounts()) != "bpf":
         return Check("programs load", False, "not tried: /sys/fs/bpf is not a bpffs", "mount -t bpf bpf /sys/fs/bpf")
-    r = probe_programs_load()
+    try:
+        # "adaptive": the agent's default --splice (doctor cannot know a DaemonSet's)
+        no_reader_hook = why_no_reader_hook(_kernel_behaviour().splice_mode, "adaptive")
+    except DatapathError as e:   # a bad MERBRIDGE_BACKLOG_BYTES
+        return Check("programs load", False, f"not tried: {e}", "correct the setting: the agent refuses to start "
+                     "with it")
+    r = probe_programs_load(no_reader_hook=no_reader_hook)
     if r.ok:
-        from .kernel_probes import SPLICE_OFF, TRACING_UNAVAILABLE
+        if no_reader_hook:   # no fallback either: nothing reads the counts
+            return [Check("programs load", True, r.explanation),
+                    Check("backpressure reader tracing", True, f"not needed: {no_reader_hook}, so the agent "
+                          "compiles no reader hook and no fallback applies")]
         if TRACING_UNAVAILABLE not in r.explanation:
             return Check("programs load", True, r.explanation)
-        from .datapath import (BACKLOG_BYTES, BACKLOG_FALLBACK_ENV, BULK_WINDOW_NS, FALLBACK_BULK_BYTES,
-                               DatapathError, backlog_bytes)
-        try:
-            budget = backlog_bytes()   # the node's setting, as the agent will read it
-        except DatapathError:
-            budget = BACKLOG_BYTES     # the agent refuses to start then: not this check's to say
-        if _kernel_behaviour().splice_mode == SPLICE_OFF:   # no fallback: nothing is spliced to hold back
-            return [Check("programs load", True, r.explanation),
-                    Check("backpressure reader tracing", True, "not needed: this node does not splice (splice "
-                          "mode off below), so the agent compiles no reader hook and no fallback applies")]
+        from .datapath import BACKLOG_FALLBACK_ENV, BULK_WINDOW_NS, FALLBACK_BULK_BYTES, backlog_bytes
+        budget = backlog_bytes()   # the node's setting, as the agent will read it (checked above)
         return [Check("programs load", True, r.explanation),
                 Check("backpressure reader tracing", True, "unavailable (the line above says why)",
                       "the datapath works; backpressure cannot see readers' progress, so the agent falls back "

@@ -329,15 +329,16 @@ def missing_helpers(verifier_log: str) -> list[str]:
 
 
 TRACING_UNAVAILABLE = "backpressure's reader tracing unavailable"
-TRACING_NOT_NEEDED = "backpressure's reader hook not compiled: not needed, this node does not splice"
+TRACING_NOT_NEEDED = "backpressure's reader hook not compiled: not needed"
 
 
-def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf"), reader_hook: bool = True) -> ProbeResult:
+def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf"), no_reader_hook: str | None = None) -> ProbeResult:
     """Compile and verify every program of the datapath, as the agent does at
     start (the loader child, into throwaway pins): the one sure test that
     this kernel offers every hook and helper they use. A refusal names the
-    missing helper from the verifier's log. `reader_hook`: False where the
-    node does not splice (backpressure's reader hook is not needed there)."""
+    missing helper from the verifier's log. `no_reader_hook`: why this node
+    needs no reader hook of backpressure's (datapath.why_no_reader_hook), so
+    none is compiled, as the agent does; None: it needs one."""
     import shutil
     import tempfile
 
@@ -350,9 +351,9 @@ def probe_programs_load(bpffs_root: Path = Path("/sys/fs/bpf"), reader_hook: boo
         return ProbeResult(name, "error", f"cannot make a scratch directory under {bpffs_root}: {e.strerror}")
     try:
         loaded = run_loader(scratch / "maps", scratch / "progs", get_profile("istio").cflags(),
-                            reader_hook=reader_hook)
+                            reader_hook=no_reader_hook is None)
         # backpressure's reader side is optional (datapath.READER_HOOKS): said, never a failure
-        tracing = (f"; {TRACING_NOT_NEEDED}" if not reader_hook else
+        tracing = (f"; {TRACING_NOT_NEEDED}: {no_reader_hook}" if no_reader_hook else
                    f"; {TRACING_UNAVAILABLE}: {loaded['tracing_error']}" if loaded.get("tracing_error") else
                    f"; backpressure's reader tracing loaded and attached ({loaded.get('reader_tracing')})")
         return ProbeResult(name, "ok", f"all {len(HOOKS)} programs compiled, passed the verifier and loaded{tracing}")
@@ -437,8 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     behaviour = probe_kernel()
     out = behaviour.to_json()
     if args.all:
-        out["probes"] += [asdict(probe_order_after_tcp()),
-                          asdict(probe_programs_load(reader_hook=behaviour.splice_mode != SPLICE_OFF))]
+        from .datapath import DatapathError, why_no_reader_hook
+        try:
+            # "adaptive": the agent's default --splice (the probes cannot know a DaemonSet's)
+            no_reader_hook = why_no_reader_hook(behaviour.splice_mode, "adaptive")
+        except DatapathError as e:   # a bad MERBRIDGE_BACKLOG_BYTES
+            parser.error(str(e))
+        out["probes"] += [asdict(probe_order_after_tcp()), asdict(probe_programs_load(no_reader_hook=no_reader_hook))]
     print(json.dumps(out, indent=2))
     return 0
 

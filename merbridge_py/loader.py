@@ -119,8 +119,8 @@ def _refusal(hook, e: Exception) -> str:
 
 
 def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str], reader_hook: bool = True) -> dict:
-    """`reader_hook`: False where the node never splices, so no reader hook
-    could ever attach (datapath.Datapath.reader_hook_needed); each one costs a
+    """`reader_hook`: False where nothing would use a reader hook (the node
+    never splices, or has no backlog limit: datapath.why_no_reader_hook); each one costs a
     compile (20-45 s in the kernel matrix's emulated VMs)."""
     from . import kheaders
     from .datapath import READER_HOOKS, obj_pin
@@ -159,7 +159,7 @@ def load_and_pin(maps_dir: Path, pin_dir: Path, cflags: list[str], reader_hook: 
               **_rss_split()}
     result["tracing_programs"] = tracing_programs
     if not reader_hook:
-        result["reader_hook_skipped"] = True   # not needed: the node never splices
+        result["reader_hook_skipped"] = True   # not needed (datapath.why_no_reader_hook)
     if reader_tracing:
         result["reader_tracing"] = reader_tracing
     if refusals:
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pin-dir", type=Path, required=True,
                         help="bpffs directory to create for the program pins (must not exist)")
     parser.add_argument("--no-reader-hook", action="store_true",
-                        help="do not compile backpressure's reader hook (the node never splices)")
+                        help="do not compile backpressure's reader hook (not needed: the node never splices, "
+                             "or has no backlog limit)")
     parser.add_argument("cflags", nargs="*", help="-D defines for the compiler (after --)")
     args = parser.parse_args(argv)
     try:

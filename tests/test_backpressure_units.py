@@ -59,8 +59,9 @@ def test_backlog_tracing_metric(state, expected):
                                                                 "unavailable")}
 
 
-def test_backlog_tracing_state_of_a_datapath():
+def test_backlog_tracing_state_of_a_datapath(monkeypatch):
     from merbridge_py.mesh import ISTIO
+    monkeypatch.delenv(datapath.BACKLOG_BYTES_ENV, raising=False)
     dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
     assert dp.backlog_tracing == "not attached"
     dp.tracing_error = "tcp_bpf_recvmsg not in this kernel's BTF"
@@ -80,6 +81,7 @@ def test_no_reader_hook_is_needed_where_the_node_never_splices(monkeypatch):
         assert not dp.reader_hook_needed and not dp._counts_readers()
         dp.tracing_error = "whatever the loader said"   # even so: not needed is what matters
         assert dp.backlog_tracing == f"not needed: this node does not splice ({why})"
+    monkeypatch.delenv(datapath.BACKLOG_BYTES_ENV, raising=False)
     assert datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused").reader_hook_needed
     argvs = []
 
@@ -92,6 +94,37 @@ def test_no_reader_hook_is_needed_where_the_node_never_splices(monkeypatch):
             datapath.run_loader("/m", "/p", ["-DX=1"], reader_hook=reader_hook)
     assert ("--no-reader-hook" in argvs[0], "--no-reader-hook" in argvs[1]) == (False, True)
     assert argvs[1][-2:] == ["--", "-DX=1"]
+
+
+def test_no_reader_hook_is_needed_without_a_backlog_limit(monkeypatch):
+    """MERBRIDGE_BACKLOG_BYTES=0: nothing reads the counts, and the tracepoint
+    would run on every socket read of the node for nothing."""
+    from merbridge_py.mesh import ISTIO
+    monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, "0")
+    dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
+    assert not dp.reader_hook_needed and not dp._counts_readers()
+    assert dp.backlog_tracing == "not needed: no backlog limit (MERBRIDGE_BACKLOG_BYTES=0)"
+    assert {s.labels["state"] for s in _backlog_tracing_family(dp).samples if s.value} == {"not_needed"}
+
+
+@pytest.mark.parametrize("splice_mode,splice,backlog,why", [
+    ("sk_msg", "adaptive", "", None),                          # the usual node: counts are read
+    ("sk_msg+stream_verdict", "always", "1048576", None),
+    (None, "adaptive", "", None),                              # not probed: sk_msg
+    ("off", "adaptive", "", "this node does not splice (the kernel probes turned splicing off)"),
+    ("off", "adaptive", "0", "this node does not splice (the kernel probes turned splicing off)"),
+    ("sk_msg", "never", "", "this node does not splice (the splice setting is never)"),
+    ("sk_msg", "adaptive", "0", "no backlog limit (MERBRIDGE_BACKLOG_BYTES=0)"),
+])
+def test_why_no_reader_hook(monkeypatch, splice_mode, splice, backlog, why):
+    monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, backlog)
+    assert datapath.why_no_reader_hook(splice_mode, splice) == why
+
+
+def test_why_no_reader_hook_refuses_a_bad_backlog_setting(monkeypatch):
+    monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, "2MiB")
+    with pytest.raises(datapath.DatapathError, match="MERBRIDGE_BACKLOG_BYTES"):
+        datapath.why_no_reader_hook("sk_msg", "adaptive")
 
 
 def test_a_later_attach_clears_the_tracing_error(monkeypatch):

@@ -36,7 +36,9 @@ def test_doctor_names_a_missing_helper_and_the_kernel_to_move_to(monkeypatch):
     refused = kernel_probes.ProbeResult(
         "programs_load", "missing", "compiling or loading the eBPF programs failed: this kernel lacks "
         "bpf_get_netns_cookie (helper #122), which the programs use (Failed to load BPF program b'sockops')")
-    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda: refused)
+    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda no_reader_hook=None: refused)
+    monkeypatch.setattr(kernel_probes, "probe_kernel",
+                        lambda: kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_SK_MSG, "FIONREAD right"))
     monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))
     monkeypatch.setattr("merbridge_py.datapath._fs_type_of", lambda *_: "bpf")
     r = CliRunner().invoke(main, ["doctor"])
@@ -51,7 +53,7 @@ def test_doctor_says_no_reader_hook_is_needed_where_the_node_does_not_splice(mon
     from merbridge_py import doctor as doctor_mod, kernel_probes
     loaded = kernel_probes.ProbeResult("programs_load", "ok", "all 9 programs compiled, passed the verifier and "
                                        f"loaded; {kernel_probes.TRACING_UNAVAILABLE}: fexit: EPERM")
-    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda: loaded)
+    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda no_reader_hook=None: loaded)
     monkeypatch.setattr(kernel_probes, "probe_kernel",
                         lambda: kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_OFF, "FIONREAD lies"))
     monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))
@@ -62,12 +64,35 @@ def test_doctor_says_no_reader_hook_is_needed_where_the_node_does_not_splice(mon
     assert "[note]" not in r.output and "MERBRIDGE_BACKLOG_FALLBACK" not in r.output
 
 
+def test_doctor_says_no_reader_hook_is_needed_without_a_backlog_limit(monkeypatch):
+    """MERBRIDGE_BACKLOG_BYTES=0: nothing reads the counts, so the programs-load
+    probe compiles no reader hook (as the agent) and no fallback applies."""
+    from merbridge_py import datapath, doctor as doctor_mod, kernel_probes
+    asked = []
+
+    def probe_programs_load(no_reader_hook=None):
+        asked.append(no_reader_hook)
+        return kernel_probes.ProbeResult("programs_load", "ok", "all 9 programs compiled, passed the verifier and "
+                                         f"loaded; {kernel_probes.TRACING_NOT_NEEDED}: {no_reader_hook}")
+    monkeypatch.setattr(kernel_probes, "probe_programs_load", probe_programs_load)
+    monkeypatch.setattr(kernel_probes, "probe_kernel",
+                        lambda: kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_SK_MSG, "FIONREAD right"))
+    monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))
+    monkeypatch.setattr("merbridge_py.datapath._fs_type_of", lambda *_: "bpf")
+    monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, "0")
+    r = CliRunner().invoke(main, ["doctor"])
+    assert r.exit_code == 0, r.output
+    assert asked == ["no backlog limit (MERBRIDGE_BACKLOG_BYTES=0)"]
+    assert "[ok  ] backpressure reader tracing: not needed: no backlog limit (MERBRIDGE_BACKLOG_BYTES=0)" in r.output
+    assert "[note]" not in r.output and "MERBRIDGE_BACKLOG_FALLBACK" not in r.output
+
+
 def test_doctor_states_the_fallbacks_limits_from_the_datapaths(monkeypatch):
     """The budget and the bulk threshold doctor names are those the agent uses."""
     from merbridge_py import datapath, doctor as doctor_mod, kernel_probes
     loaded = kernel_probes.ProbeResult("programs_load", "ok", "all 9 programs compiled, passed the verifier and "
                                        f"loaded; {kernel_probes.TRACING_UNAVAILABLE}: fexit: EPERM")
-    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda: loaded)
+    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda no_reader_hook=None: loaded)
     monkeypatch.setattr(kernel_probes, "probe_kernel",
                         lambda: kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_SK_MSG, "FIONREAD right"))
     monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))

@@ -193,11 +193,12 @@ def _backlog_tracing_family(dp):
     """Whether backpressure counts what readers take (datapath.READER_HOOKS);
     "unavailable": the agent's fallback (MERBRIDGE_BACKLOG_FALLBACK) instead:
     by default every spliced socket goes to TCP after the backlog limit;
-    "not_needed": the node does not splice, so nothing is held back."""
+    "not_needed": the node does not splice, or has no backlog limit
+    (datapath.why_no_reader_hook), so nothing reads the counts."""
     state = getattr(dp, "backlog_tracing", "not attached").split(":")[0].replace(" ", "_")
     fam = GaugeMetricFamily("merbridge_backlog_tracing", "1 for the state of backpressure's reader-side "
                             "programs (unavailable: the agent falls back, by default every spliced socket goes to TCP "
-                            "after the backlog limit; not_needed: the node does not splice; "
+                            "after the backlog limit; not_needed: the node does not splice or has no backlog limit; "
                             "`merbridge-py status` says which)", labels=["state"])
     for s in BACKLOG_TRACING_STATES:
         fam.add_metric([s], 1 if s == state else 0)
