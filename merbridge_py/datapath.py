@@ -339,7 +339,6 @@ class Datapath:
         self.tracing_progs: dict[str, int] = {}
         self.tracing_links: list[int] = []
         self.tracing_error: str | None = None
-        self._attach_failed = False   # tracing_error came from attaching (a later attach may clear it)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -482,13 +481,13 @@ class Datapath:
         except OSError as e:
             self._detach_tracing()
             self.tracing_error = f"attaching {e}"
-            self._attach_failed = True
             self._write_config()   # the fallback's limits
         else:
-            if self._attach_failed and self.tracing_links:
-                # an earlier attach failed (e.g. before a switch to iptables), this one worked:
-                # readers' progress is counted again, so the fallback's limits go
-                self._attach_failed = False
+            if self.tracing_error and self.tracing_links:
+                # An error with links attached came from an earlier attach (e.g. before a switch
+                # to iptables): the loader's means no reader program loaded, so none could
+                # attach. This one worked: readers' progress is counted again, the fallback's
+                # limits go.
                 self.tracing_error = None
                 self._write_config()
                 log.info("backpressure counts what readers take again (%s)", self.backlog_tracing)

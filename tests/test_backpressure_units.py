@@ -159,6 +159,22 @@ def test_a_later_attach_clears_the_tracing_error(monkeypatch):
         dp._detach_tracing()
 
 
+def test_the_loaders_tracing_error_stays_through_attaches(monkeypatch):
+    """The loader's error means no reader program loaded: attaching finds
+    nothing to attach, and the fallback stays (unlike a failed attach's)."""
+    from merbridge_py import bpf_syscall
+    from merbridge_py.mesh import ISTIO
+    monkeypatch.delenv(datapath.BACKLOG_BYTES_ENV, raising=False)
+    dp = datapath.Datapath(ISTIO, "/sys/fs/cgroup", "/sys/fs/bpf/unused")
+    monkeypatch.setattr(dp, "_write_config", lambda: pytest.fail("nothing changed, nothing to write"))
+    monkeypatch.setattr(bpf_syscall, "tracing_attach", lambda *_: pytest.fail("no program to attach"))
+    dp.tracing_error = "fexit: EPERM; sock_recv_length: not in this kernel"   # as load() takes it from the loader
+    for _ in range(2):
+        dp._attach_tracing()
+        assert dp.tracing_error.startswith("fexit: EPERM") and not dp.tracing_links
+        assert dp.backlog_tracing.startswith("unavailable: fexit: EPERM")
+
+
 @pytest.mark.parametrize("name,value", [(datapath.BACKLOG_FALLBACK_ENV, "bluk"), (datapath.BACKLOG_BYTES_ENV, "2MiB"),
                                         (datapath.BULK_BYTES_ENV, "0")])
 def test_a_wrong_setting_stops_the_agent_at_start(monkeypatch, tmp_path, name, value):
