@@ -159,17 +159,18 @@ def check_headers() -> Check:
         return Check("kernel headers", False, str(e).split(". Fix:")[0], str(e).split("Fix: ")[-1])
 
 
-def check_programs_load() -> Check | list[Check]:
+def check_programs_load(kernel) -> Check | list[Check]:
     """Every hook and helper the programs use, by compiling and verifying them;
     backpressure's reader hook only where the node needs one, as the agent
-    does (datapath.why_no_reader_hook)."""
+    does (datapath.why_no_reader_hook). `kernel`: kernel_probes.probe_kernel()'s
+    answer."""
     from .datapath import DatapathError, _fs_type_of, _mounts, why_no_reader_hook
     from .kernel_probes import TRACING_UNAVAILABLE, probe_programs_load
     if _fs_type_of(Path("/sys/fs/bpf"), _mounts()) != "bpf":
         return Check("programs load", False, "not tried: /sys/fs/bpf is not a bpffs", "mount -t bpf bpf /sys/fs/bpf")
     try:
         # "adaptive": the agent's default --splice (doctor cannot know a DaemonSet's)
-        no_reader_hook = why_no_reader_hook(_kernel_behaviour().splice_mode, "adaptive")
+        no_reader_hook = why_no_reader_hook(kernel.splice_mode, "adaptive")
     except DatapathError as e:   # a bad MERBRIDGE_BACKLOG_BYTES
         return Check("programs load", False, f"not tried: {e}", "correct the setting: the agent refuses to start "
                      "with it")
@@ -197,27 +198,27 @@ def check_programs_load() -> Check | list[Check]:
     return Check("programs load", False, r.explanation, "see the loader's message above")
 
 
-def check_fionread() -> list[Check]:
-    """The FIONREAD probes and the splice mode the agent will pick from them."""
+def check_fionread(kernel) -> list[Check]:
+    """The FIONREAD probes and the splice mode the agent will pick from them
+    (`kernel`: kernel_probes.probe_kernel()'s answer)."""
     from .kernel_probes import SPLICE_OFF, SPLICE_SK_MSG
-    k = _kernel_behaviour()
     checks = []
-    for p in k.probes:
+    for p in kernel.probes:
         failed = p.result == "error"
         wrong = p.result == "invisible"
         checks.append(Check(f"probe {p.probe}", not failed, f"{p.result}: {p.explanation}",
                             "the probe could not run; the agent will not splice sockets" if failed else
                             "handled by the splice mode below" if wrong else "", note=wrong))
-    if k.splice_mode == SPLICE_SK_MSG:
+    if kernel.splice_mode == SPLICE_SK_MSG:
         fix = ""
-    elif k.splice_mode == SPLICE_OFF:
+    elif kernel.splice_mode == SPLICE_OFF:
         fix = ("no splicing on this node: connections are redirected without iptables, but bytes go through "
                f"TCP/IP in the pod. For splicing, move to a kernel whose probes both show visible "
                f"(tested: {KERNEL_WITH_BOTH_RIGHT})")
     else:
         fix = ("splicing with a stream verdict program; TCP-path bytes are counted through it. No fix needed; "
                f"a kernel whose probes both show visible (tested: {KERNEL_WITH_BOTH_RIGHT}) needs no extra program")
-    checks.append(Check("splice mode", True, f"{k.splice_mode}: {k.why}", fix, note=bool(fix)))
+    checks.append(Check("splice mode", True, f"{kernel.splice_mode}: {kernel.why}", fix, note=bool(fix)))
     return checks
 
 
@@ -225,27 +226,20 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
-_probed: list = []   # the kernel probes, run once per `doctor` (two checks read them)
-
-
-def _kernel_behaviour():
-    from .kernel_probes import probe_kernel
-    if not _probed:
-        _probed.append(probe_kernel())
-    return _probed[0]
-
-
 CHECKS = (check_kernel, check_bpf_syscall, check_cgroup2, check_bpffs, check_sockhash, check_netns_cookie,
           check_helpers, check_bcc, check_headers, check_programs_load, check_fionread)
+# The checks that read what the kernel probes found: given it, probed once per run.
+KERNEL_CHECKS = (check_programs_load, check_fionread)
 
 
 @click.command(epilog="\b\nexamples:\n  merbridge-py doctor      # run every check; exit 0 when all pass")
 def doctor():
     """Check that this node can run the eBPF datapath."""
-    _probed.clear()
+    from .kernel_probes import probe_kernel
+    kernel = probe_kernel() if any(fn in KERNEL_CHECKS for fn in CHECKS) else None
     failed = 0
     for fn in CHECKS:
-        found = fn()
+        found = fn(kernel) if fn in KERNEL_CHECKS else fn()
         for c in found if isinstance(found, list) else [found]:
             mark = "FAIL" if not c.ok else "note" if c.note else "ok  "
             click.echo(f"[{mark}] {c.name}: {c.detail}")
