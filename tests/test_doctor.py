@@ -47,19 +47,34 @@ def test_doctor_names_a_missing_helper_and_the_kernel_to_move_to(monkeypatch):
     assert "fix: this kernel lacks a hook or helper" in r.output and "6.12.118" in r.output
 
 
-def test_doctor_says_no_reader_hook_is_needed_where_the_node_does_not_splice(monkeypatch):
-    """A kernel that refuses the reader hooks and does not splice (6.1 under
-    lockdown): nothing failed and no fallback applies."""
+def _doctor_with_reader_hook_refused(monkeypatch, splice_mode: str):
+    """Run doctor's programs-load check on a node whose kernel refuses every
+    reader hook (6.1 under lockdown) and whose probes pick `splice_mode`.
+    Returns the command's result and what the probe was told (no_reader_hook)."""
     from merbridge_py import doctor as doctor_mod, kernel_probes
-    loaded = kernel_probes.ProbeResult("programs_load", "ok", "all 9 programs compiled, passed the verifier and "
-                                       f"loaded; {kernel_probes.TRACING_UNAVAILABLE}: fexit: EPERM")
-    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda no_reader_hook=None: loaded)
+    asked = []
+
+    def probe_programs_load(no_reader_hook=None):
+        asked.append(no_reader_hook)
+        tracing = (f"{kernel_probes.TRACING_NOT_NEEDED}: {no_reader_hook}" if no_reader_hook else
+                   f"{kernel_probes.TRACING_UNAVAILABLE}: fexit: EPERM")
+        return kernel_probes.ProbeResult("programs_load", "ok", "all 9 programs compiled, passed the verifier and "
+                                         f"loaded; {tracing}")
+    monkeypatch.setattr(kernel_probes, "probe_programs_load", probe_programs_load)
     monkeypatch.setattr(kernel_probes, "probe_kernel",
-                        lambda: kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_OFF, "FIONREAD lies"))
+                        lambda: kernel_probes.KernelBehaviour([], splice_mode, "as the test says"))
     monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))
     monkeypatch.setattr("merbridge_py.datapath._fs_type_of", lambda *_: "bpf")
-    r = CliRunner().invoke(main, ["doctor"])
+    return CliRunner().invoke(main, ["doctor"]), asked
+
+
+def test_doctor_says_no_reader_hook_is_needed_where_the_node_does_not_splice(monkeypatch):
+    """Splicing off: nothing failed, no reader hook compiled, no fallback applies."""
+    from merbridge_py import datapath, kernel_probes
+    monkeypatch.delenv(datapath.BACKLOG_BYTES_ENV, raising=False)
+    r, asked = _doctor_with_reader_hook_refused(monkeypatch, kernel_probes.SPLICE_OFF)
     assert r.exit_code == 0, r.output
+    assert asked == ["this node does not splice (the kernel probes turned splicing off)"]
     assert "[ok  ] backpressure reader tracing: not needed: this node does not splice" in r.output
     assert "[note]" not in r.output and "MERBRIDGE_BACKLOG_FALLBACK" not in r.output
 
@@ -67,20 +82,9 @@ def test_doctor_says_no_reader_hook_is_needed_where_the_node_does_not_splice(mon
 def test_doctor_says_no_reader_hook_is_needed_without_a_backlog_limit(monkeypatch):
     """MERBRIDGE_BACKLOG_BYTES=0: nothing reads the counts, so the programs-load
     probe compiles no reader hook (as the agent) and no fallback applies."""
-    from merbridge_py import datapath, doctor as doctor_mod, kernel_probes
-    asked = []
-
-    def probe_programs_load(no_reader_hook=None):
-        asked.append(no_reader_hook)
-        return kernel_probes.ProbeResult("programs_load", "ok", "all 9 programs compiled, passed the verifier and "
-                                         f"loaded; {kernel_probes.TRACING_NOT_NEEDED}: {no_reader_hook}")
-    monkeypatch.setattr(kernel_probes, "probe_programs_load", probe_programs_load)
-    monkeypatch.setattr(kernel_probes, "probe_kernel",
-                        lambda: kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_SK_MSG, "FIONREAD right"))
-    monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))
-    monkeypatch.setattr("merbridge_py.datapath._fs_type_of", lambda *_: "bpf")
+    from merbridge_py import datapath, kernel_probes
     monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, "0")
-    r = CliRunner().invoke(main, ["doctor"])
+    r, asked = _doctor_with_reader_hook_refused(monkeypatch, kernel_probes.SPLICE_SK_MSG)
     assert r.exit_code == 0, r.output
     assert asked == ["no backlog limit (MERBRIDGE_BACKLOG_BYTES=0)"]
     assert "[ok  ] backpressure reader tracing: not needed: no backlog limit (MERBRIDGE_BACKLOG_BYTES=0)" in r.output
@@ -89,21 +93,15 @@ def test_doctor_says_no_reader_hook_is_needed_without_a_backlog_limit(monkeypatc
 
 def test_doctor_states_the_fallbacks_limits_from_the_datapaths(monkeypatch):
     """The budget and the bulk threshold doctor names are those the agent uses."""
-    from merbridge_py import datapath, doctor as doctor_mod, kernel_probes
-    loaded = kernel_probes.ProbeResult("programs_load", "ok", "all 9 programs compiled, passed the verifier and "
-                                       f"loaded; {kernel_probes.TRACING_UNAVAILABLE}: fexit: EPERM")
-    monkeypatch.setattr(kernel_probes, "probe_programs_load", lambda no_reader_hook=None: loaded)
-    monkeypatch.setattr(kernel_probes, "probe_kernel",
-                        lambda: kernel_probes.KernelBehaviour([], kernel_probes.SPLICE_SK_MSG, "FIONREAD right"))
-    monkeypatch.setattr(doctor_mod, "CHECKS", (doctor_mod.check_programs_load,))
-    monkeypatch.setattr("merbridge_py.datapath._fs_type_of", lambda *_: "bpf")
+    from merbridge_py import datapath, kernel_probes
     monkeypatch.delenv(datapath.BACKLOG_BYTES_ENV, raising=False)
-    r = CliRunner().invoke(main, ["doctor"])
+    r, asked = _doctor_with_reader_hook_refused(monkeypatch, kernel_probes.SPLICE_SK_MSG)
+    assert asked == [None]   # a reader hook is needed: the probe compiles one
     assert "[note] backpressure reader tracing: unavailable" in r.output, r.output
     assert "a 2 MiB budget per spliced socket" in r.output and "bulk detection from 8 MiB per 1 s" in r.output
     monkeypatch.setenv(datapath.BACKLOG_BYTES_ENV, str(3 << 19))
     monkeypatch.setattr(datapath, "FALLBACK_BULK_BYTES", 4 << 20)
-    r = CliRunner().invoke(main, ["doctor"])
+    r, _ = _doctor_with_reader_hook_refused(monkeypatch, kernel_probes.SPLICE_SK_MSG)
     assert "a 1.5 MiB budget per spliced socket" in r.output and "bulk detection from 4 MiB per 1 s" in r.output
 
 
