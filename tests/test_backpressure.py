@@ -33,6 +33,7 @@ from unittest import mock
 import pytest
 
 from helpers.reader_hooks import a_reader_hook_must_load
+from helpers.splicing import probes_allow_splicing
 from merbridge_py import kernel_probes, sandbox
 from merbridge_py.loader import TRACING_REFUSED
 from merbridge_py.testbed import Testbed
@@ -54,7 +55,7 @@ APP = [sys.executable, "-m", "merbridge_py.testbed.stall_app"]
 @pytest.fixture(scope="module")
 def bed():
     env = {"MERBRIDGE_BACKLOG_BYTES": str(BACKLOG_BYTES), "MERBRIDGE_BULK_BYTES": str((1 << 32) - 1)}
-    if kernel_probes.probe_kernel().splice_mode == kernel_probes.SPLICE_OFF:
+    if not probes_allow_splicing():
         # backpressure is about spliced sockets: where FIONREAD rules splicing out (6.1), force it
         # (this app sizes no read with FIONREAD)
         env[kernel_probes.SPLICE_MODE_ENV] = kernel_probes.SPLICE_SK_MSG

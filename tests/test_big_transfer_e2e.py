@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from merbridge_py import kernel_probes, sandbox
+from helpers.splicing import probes_allow_splicing
+from merbridge_py import sandbox
 from merbridge_py.testbed import Testbed
 from merbridge_py.testbed.testbed import timeout_scale
 from merbridge_py.testbed.topology import APP_PORT, PodSpec
@@ -126,7 +127,7 @@ def test_256_mib_each_way_through_envoy_mtls(bed, dst):
         assert moved == 0, ("the connect hook did not take the connection: Istio's rule did", result)
         assert bed.agent_metrics(a.node).get(PEER_NAMES, 0) > shown, ("getpeername() was not answered by the "
                                                                         "agent's hook", result)
-        if kernel_probes.probe_kernel().splice_mode != kernel_probes.SPLICE_OFF:
+        if probes_allow_splicing():
             # the transfers took the splice, not only TCP, on each node (its leg of the connection)
             for n in before:
                 assert after[n].get(SPLICED, 0) > before[n].get(SPLICED, 0), (n, "nothing spliced", result)

@@ -35,7 +35,8 @@ from pathlib import Path
 import pytest
 
 from merbridge_py import sandbox
-from merbridge_py.kernel_probes import SPLICE_MODE_ENV, SPLICE_OFF, SPLICE_SK_MSG, probe_kernel
+from helpers.splicing import probes_allow_splicing
+from merbridge_py.kernel_probes import SPLICE_MODE_ENV, SPLICE_SK_MSG
 
 pytestmark = pytest.mark.bpf
 
@@ -58,7 +59,7 @@ def node(tmp_path_factory):
             # Where the kernel probes turn splicing off (6.1 in the kernel matrix: FIONREAD hides
             # redirected bytes), the agent would splice nothing and this would test plain TCP: force
             # the splice, as tests/test_datapath.py does, so the kernel's sockmap ordering is tested.
-            if probe_kernel().splice_mode == SPLICE_OFF:
+            if not probes_allow_splicing():
                 env.setenv(SPLICE_MODE_ENV, SPLICE_SK_MSG)
             n.start_agent("--splice", "always")
         yield n

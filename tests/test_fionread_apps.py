@@ -47,6 +47,7 @@ from unittest import mock
 
 import pytest
 
+from helpers.splicing import probes_allow_splicing
 from merbridge_py import kernel_probes, sandbox, system_programs
 from merbridge_py.testbed import Testbed
 from merbridge_py.testbed.testbed import timeout_scale
@@ -171,10 +172,6 @@ def _run_client(tb: Testbed, argv: list[str]) -> dict:
     return json.loads(done.stdout)
 
 
-def _splicing() -> bool:
-    return kernel_probes.probe_kernel().splice_mode != kernel_probes.SPLICE_OFF
-
-
 class _AppChecks:
     """The checks, for a bed in MODE whose client pod is "a" and destination pod is DST."""
 
@@ -194,7 +191,7 @@ class _AppChecks:
         assert bed.sidecar_tls_handshakes(self.DST)["inbound"] > tls_before, "no mTLS handshake: not through Envoy"
         if self.MODE == "iptables":
             assert not bed.agents, "an agent runs in the iptables bed"
-        elif body == "large" and _splicing():
+        elif body == "large" and probes_allow_splicing():
             for n in self.DST_NODES:
                 assert bed.agent_metrics(n).get(BULK, 0) > bulk_before[n], (n, "no socket went bulk", result)
         return result
