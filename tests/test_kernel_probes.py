@@ -222,3 +222,33 @@ def test_metrics_and_status_show_the_kernel_behaviour():
     finally:
         status_cmd.agent_request = orig
     assert "splice mode: sk_msg+stream_verdict (because)" in out
+
+
+@pytest.mark.parametrize("splice_mode,backlog,told", [
+    (kp.SPLICE_SK_MSG, "", None),
+    (kp.SPLICE_OFF, "", "this node does not splice (the kernel probes turned splicing off)"),
+    (kp.SPLICE_SK_MSG, "0", "no backlog limit (MERBRIDGE_BACKLOG_BYTES=0)"),
+])
+def test_all_compiles_a_reader_hook_only_where_the_agent_would(monkeypatch, capsys, splice_mode, backlog, told):
+    """`kernel_probes --all` follows datapath.why_no_reader_hook, as the agent does."""
+    import json
+    asked = []
+    monkeypatch.setenv("MERBRIDGE_BACKLOG_BYTES", backlog)
+    monkeypatch.setattr(kp, "probe_kernel", lambda: kp.KernelBehaviour([], splice_mode, "as the test says"))
+    monkeypatch.setattr(kp, "probe_order_after_tcp", lambda: kp.ProbeResult("order_after_tcp", "ok", "in order"))
+
+    def probe_programs_load(no_reader_hook=None):
+        asked.append(no_reader_hook)
+        return kp.ProbeResult("programs_load", "ok", "loaded")
+    monkeypatch.setattr(kp, "probe_programs_load", probe_programs_load)
+    assert kp.main(["--all"]) == 0
+    assert asked == [told]
+    assert [p["probe"] for p in json.loads(capsys.readouterr().out)["probes"]] == ["order_after_tcp", "programs_load"]
+
+
+def test_all_refuses_a_bad_backlog_setting(monkeypatch, capsys):
+    monkeypatch.setenv("MERBRIDGE_BACKLOG_BYTES", "2MiB")
+    monkeypatch.setattr(kp, "probe_kernel", lambda: kp.KernelBehaviour([], kp.SPLICE_SK_MSG, "as the test says"))
+    with pytest.raises(SystemExit) as exit_:
+        kp.main(["--all"])
+    assert exit_.value.code == 2 and "MERBRIDGE_BACKLOG_BYTES='2MiB': expected" in capsys.readouterr().err
