@@ -13,9 +13,9 @@ import pytest
 
 from helpers.reader_hooks import tracepoint_exists
 from merbridge_py import bpf_syscall, layout
-from merbridge_py.datapath import (BACKLOG_BYTES, BACKLOG_FALLBACK_ENV, FALLBACK_BULK_BYTES, HOOKS, READER_HOOKS,
-                                   Datapath, DatapathError, run_loader)
-from merbridge_py.kernel_probes import SPLICE_OFF, KernelBehaviour
+from merbridge_py.datapath import (BACKLOG_BYTES, BACKLOG_BYTES_ENV, BACKLOG_FALLBACK_ENV, FALLBACK_BULK_BYTES, HOOKS,
+                                   READER_HOOKS, Datapath, DatapathError, run_loader)
+from merbridge_py.kernel_probes import SPLICE_OFF, SPLICE_SK_MSG, KernelBehaviour
 from merbridge_py.mesh import ISTIO
 
 LLVM_MARKERS = ("libbcc", "libLLVM", "libclang")
@@ -73,17 +73,21 @@ def test_datapath_state_through_bpf_syscalls(bpffs):
 
 
 @pytest.mark.bpf
-def test_no_reader_hook_is_compiled_where_the_node_never_splices(bpffs):
+@pytest.mark.parametrize("splice_mode,backlog,why", [
+    (SPLICE_OFF, "", "this node does not splice (the kernel probes turned splicing off)"),
+    (SPLICE_SK_MSG, "0", "no backlog limit (MERBRIDGE_BACKLOG_BYTES=0)"),
+])
+def test_no_reader_hook_is_compiled_where_none_is_needed(bpffs, monkeypatch, splice_mode, backlog, why):
     """Splicing off (the kernel probes on 6.1, or --splice never): no reader
-    hook could ever attach, so the loader does not spend a compile on one."""
-    off = KernelBehaviour([], SPLICE_OFF, "FIONREAD misses redirected bytes")
-    dp = Datapath(ISTIO, Path("/nonexistent"), bpffs, kernel=off)
+    hook could ever attach; no backlog limit: nothing would read its counts.
+    Either way the loader does not spend a compile on one."""
+    monkeypatch.setenv(BACKLOG_BYTES_ENV, backlog)
+    dp = Datapath(ISTIO, Path("/nonexistent"), bpffs, kernel=KernelBehaviour([], splice_mode, "as the test says"))
     dp.load()
     try:
         assert dp.loader_result["tracing_programs"] == [] and dp.loader_result["reader_hook_skipped"]
         assert "tracing_error" not in dp.loader_result and dp.tracing_error is None and not dp.tracing_progs
-        assert dp.backlog_tracing == ("not needed: this node does not splice "
-                                      "(the kernel probes turned splicing off)")
+        assert dp.backlog_tracing == f"not needed: {why}"
     finally:
         dp.close()
     assert not bpffs.exists()
