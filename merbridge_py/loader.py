@@ -18,6 +18,7 @@ verifier printed) and the exit status is 1, with no program pin left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes as ct
 import json
 import os
@@ -52,38 +53,93 @@ class _BtfType(ct.Structure):
     _fields_ = [("name_off", ct.c_uint32), ("info", ct.c_uint32), ("type", ct.c_uint32)]
 
 
+class _BtfMember(ct.Structure):   # follows a struct's _BtfType, vlen times
+    _fields_ = [("name_off", ct.c_uint32), ("type", ct.c_uint32), ("offset", ct.c_uint32)]
+
+
+BTF_KIND_STRUCT = 4
+BTF_KIND_UNION = 5
 BTF_KIND_FUNC = 12
 
 
-def kernel_function_arguments(names: tuple[str, ...]) -> int:
-    """How many arguments these kernel functions take, from the running
-    kernel's BTF (through libbpf, which bcc loads anyway). An fexit program
-    finds the return value after the arguments, and recvmsg handlers lost
-    their last one (addr_len) in 6.18; they must all agree."""
+@contextlib.contextmanager
+def _vmlinux_btf():
+    """The running kernel's BTF through libbpf (which bcc loads anyway), and
+    the libbpf functions that read it."""
     lib = ct.CDLL("libbpf.so.1", use_errno=True)
     lib.btf__load_vmlinux_btf.restype = ct.c_void_p
     lib.btf__find_by_name_kind.argtypes = [ct.c_void_p, ct.c_char_p, ct.c_uint32]
     lib.btf__find_by_name_kind.restype = ct.c_int
     lib.btf__type_by_id.argtypes = [ct.c_void_p, ct.c_uint32]
     lib.btf__type_by_id.restype = ct.POINTER(_BtfType)
+    lib.btf__name_by_offset.argtypes = [ct.c_void_p, ct.c_uint32]
+    lib.btf__name_by_offset.restype = ct.c_char_p
     lib.btf__free.argtypes = [ct.c_void_p]
     btf = lib.btf__load_vmlinux_btf()
     if not btf:
         raise RuntimeError(f"this kernel has no readable BTF (/sys/kernel/btf/vmlinux): "
                            f"{os.strerror(ct.get_errno())}")
     try:
-        counts = {}
+        yield lib, btf
+    finally:
+        lib.btf__free(btf)
+
+
+def kernel_function_arguments(names: tuple[str, ...]) -> int:
+    """How many arguments these kernel functions take, from the running
+    kernel's BTF. An fexit program finds the return value after the
+    arguments, and recvmsg handlers lost their last one (addr_len) in 6.18;
+    they must all agree."""
+    counts = {}
+    with _vmlinux_btf() as (lib, btf):
         for name in names:
             func_id = lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC)
             if func_id < 0:
                 raise RuntimeError(f"{name} is not in this kernel's BTF")
             proto = lib.btf__type_by_id(btf, lib.btf__type_by_id(btf, func_id).contents.type)
             counts[name] = proto.contents.info & 0xffff   # vlen: the number of parameters
-    finally:
-        lib.btf__free(btf)
     if len(set(counts.values())) != 1:
         raise RuntimeError(f"the recvmsg handlers take different arguments here: {counts}")
     return next(iter(counts.values()))
+
+
+def kernel_struct_member_offset(struct: str, member: str) -> int:
+    """The byte offset of a non-bitfield member of a kernel struct (also one
+    inside the struct's anonymous unions and structs), from the running
+    kernel's BTF: struct sock's layout depends on the kernel's
+    configuration, so no fixed offset serves every kernel."""
+    with _vmlinux_btf() as (lib, btf):
+        struct_id = lib.btf__find_by_name_kind(btf, struct.encode(), BTF_KIND_STRUCT)
+        if struct_id < 0:
+            raise RuntimeError(f"struct {struct} is not in this kernel's BTF")
+        bits = _member_bit_offset(lib, btf, struct_id, member.encode())
+    if bits is None:
+        raise RuntimeError(f"struct {struct} has no member {member} in this kernel's BTF")
+    if bits < 0 or bits % 8:
+        raise RuntimeError(f"{struct}.{member} is a bitfield in this kernel's BTF")
+    return bits // 8
+
+
+def _member_bit_offset(lib, btf, type_id: int, member: bytes) -> int | None:
+    """`member`'s offset in bits in struct or union `type_id`, looking into
+    anonymous members; -1 for a bitfield, None where there is no such member."""
+    t = lib.btf__type_by_id(btf, type_id).contents
+    vlen, kind, kflag = t.info & 0xffff, (t.info >> 24) & 0x1f, t.info >> 31
+    if kind not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+        return None
+    members = ct.cast(ct.addressof(t) + ct.sizeof(_BtfType), ct.POINTER(_BtfMember))
+    for i in range(vlen):
+        m = members[i]
+        offset = m.offset & 0xffffff if kflag else m.offset
+        if kflag and m.offset >> 24:
+            offset = -1   # a bitfield: its size is in the top 8 bits
+        if m.name_off == 0:   # an anonymous struct or union: its members are the parent's
+            inner = _member_bit_offset(lib, btf, m.type, member)
+            if inner is not None:
+                return -1 if inner < 0 or offset < 0 else offset + inner
+        elif lib.btf__name_by_offset(btf, m.name_off) == member:
+            return offset
+    return None
 
 
 def compile_reader_hook(hook, maps_dir: Path, cflags: list[str]):
@@ -99,6 +155,8 @@ def compile_reader_hook(hook, maps_dir: Path, cflags: list[str]):
     if hook.prog_type == "TRACING":
         functions = tuple(name.removeprefix("kretfunc__") for name in hook.programs)
         defines.append(f"-DRECVMSG_ARGUMENTS={kernel_function_arguments(functions)}")
+    if hook.tracepoint:   # its pre-filter reads the socket's psock pointer (sock_recv_length.bpf.c)
+        defines.append(f"-DSK_USER_DATA_OFFSET={kernel_struct_member_offset('sock', 'sk_user_data')}")
     bpf = BPF(text=program_text(sources=(READER_PROGRESS_HEADER, hook.source)).encode(),
               cflags=list(cflags) + defines)
     try:

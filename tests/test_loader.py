@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers.reader_hooks import tracepoint_exists
-from merbridge_py import bpf_syscall, layout
+from merbridge_py import bpf_syscall, layout, loader
 from merbridge_py.datapath import (BACKLOG_BYTES, BACKLOG_BYTES_ENV, BACKLOG_FALLBACK_ENV, FALLBACK_BULK_BYTES, HOOKS,
                                    READER_HOOKS, Datapath, DatapathError, run_loader)
 from merbridge_py.kernel_probes import SPLICE_OFF, SPLICE_SK_MSG, KernelBehaviour
@@ -25,6 +25,29 @@ def test_cpu_list_length():
     assert bpf_syscall.cpu_list_length("0\n") == 1
     assert bpf_syscall.cpu_list_length("0-3\n") == 4
     assert bpf_syscall.cpu_list_length("0-3,8,10-11") == 7
+
+
+def test_struct_member_offsets_from_the_kernels_btf():
+    """The reader hooks read a socket's head at the offsets
+    ebpf/reader_progress.h declares (checked there against four kernels'
+    BTF) and, in the tracepoint, sk_user_data at the offset the loader reads
+    from BTF: both must agree with the running kernel, the kernel matrix runs
+    this on 6.1 and 6.12."""
+    head = {"skc_daddr": 0, "skc_rcv_saddr": 4, "skc_dport": 12, "skc_num": 14, "skc_family": 16,
+            "skc_v6_daddr": 56, "skc_v6_rcv_saddr": 72}
+    assert {name: loader.kernel_struct_member_offset("sock_common", name) for name in head} == head
+    # struct sock begins with its sock_common; sk_user_data lies well past it
+    assert loader.kernel_struct_member_offset("sock", "__sk_common") == 0
+    assert loader.kernel_struct_member_offset("sock", "sk_user_data") > 72
+
+
+def test_struct_member_offset_says_what_is_missing():
+    with pytest.raises(RuntimeError, match="struct sock has no member sk_no_such_member"):
+        loader.kernel_struct_member_offset("sock", "sk_no_such_member")
+    with pytest.raises(RuntimeError, match="struct no_such_struct_mbp is not in this kernel's BTF"):
+        loader.kernel_struct_member_offset("no_such_struct_mbp", "x")
+    with pytest.raises(RuntimeError, match="bitfield"):   # sk_kern_sock: a 1-bit field (6.1 to 6.18)
+        loader.kernel_struct_member_offset("sock", "sk_kern_sock")
 
 
 @pytest.fixture

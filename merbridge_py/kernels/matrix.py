@@ -29,6 +29,9 @@ KERNEL_TESTS = [
     # a failed compile reported in one line
     "tests/test_loader.py::test_datapath_state_through_bpf_syscalls",
     "tests/test_loader.py::test_a_failed_compile_is_one_line_and_leaves_nothing",
+    # the struct offsets the reader hooks use (ebpf/reader_progress.h's socket head, and
+    # sk_user_data from BTF) agree with this kernel's BTF: no compile, about a second
+    "tests/test_loader.py::test_struct_member_offsets_from_the_kernels_btf",
     # the datapath on one simulated node, the agent attaching and detaching every
     # program twice: 300 messages through both sidecars stay off TCP when spliced
     # and cross it when not (the sockmap behaviour that differs between kernels)
