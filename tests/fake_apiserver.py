@@ -230,7 +230,8 @@ class FakeApiServer:
             self._cond.notify_all()
 
     def drop_connections(self) -> None:
-        """Cut every open watch mid-stream (no terminating chunk)."""
+        """Cut every open watch mid-stream (no terminating chunk): the client has its
+        200 response and then loses the stream, so each drop is one broken watch to it."""
         with self._cond:
             for conn in self._watch_connections:
                 _shutdown(conn)
@@ -245,6 +246,7 @@ class FakeApiServer:
             self._cond.notify_all()
 
     def watch_count(self) -> int:
+        """Open watches: requests whose streaming response has started (headers sent)."""
         with self._cond:
             return len(self._watch_connections)
 
@@ -264,9 +266,18 @@ class FakeApiServer:
             if since not in ("", "0") and int(since) < self._oldest_watchable_rv and self._expire_with_http_status:
                 raise _Expired(since)
             drop_generation, bookmark_generation = self._drop_generation, self._bookmark_generation
-            self._watch_connections.add(handler.connection)
         try:
             handler.start_chunked()
+            # A watch counts as open (watch_count(), drop_connections()) only once its response headers
+            # are on the wire. Cut before that, the client sees "Remote end closed connection without
+            # response" and urllib3 retries the GET inside the same request, so the watcher never
+            # notices: a drop that tests count as a watch restart would be silently absorbed.
+            # A drop_connections() between the snapshot above and here still cuts this stream: _stream
+            # sees the new drop generation at once and ends it without a terminating chunk (so it is
+            # not registered: it is not open, and a later drop must not be spent on it).
+            with self._cond:
+                if self._drop_generation == drop_generation:
+                    self._watch_connections.add(handler.connection)
             if since in ("", "0"):   # "any version": start with the current state, as synthetic ADDED events
                 listed = self._list(resource, namespace, matches)
                 since = listed["metadata"]["resourceVersion"]
